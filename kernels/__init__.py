@@ -1,0 +1,1 @@
+"""Triton kernels of minitron (installed as ``minitron_kernels``)."""

@@ -1,0 +1,122 @@
+"""Streaming aggregation of activations into per-channel importance (pure-PyTorch reference).
+
+Minitron (arXiv 2407.14679, METHOD.md section 1) scores a channel ``d`` of an
+activation ``a`` of shape (B, S, D) by reducing over the sequence, then over the
+batch. The winning combination, and our default, is batch=L2 / seq=mean::
+
+    acc[d] += sum_b (mean_s |a[b, s, d]|)^2        score[d] = sqrt(acc[d])
+
+Calibration data arrives in many batches, so the batch reduction is streamed:
+an :class:`ImportanceAccumulator` holds fp32 running sums of ``x_b`` and
+``x_b^2`` (``x_b`` = the per-sample sequence aggregate, shape (D,)) and a sample
+count; memory is O(D) whatever the number of batches. Every batch aggregation
+(mean, L2, variance) is derived from those three numbers at the end.
+
+Sequence aggregations (per sample b, channel d, over the S positions):
+    mean: mean_s |a|          l2: sqrt(sum_s a^2)          var: var_s a (population)
+Batch aggregations (over the samples' sequence aggregates x_b):
+    mean: sum_b x_b / n       l2: sqrt(sum_b x_b^2)        var: sum x^2/n - (sum x/n)^2
+
+``accumulate_reference`` is the reference the Triton kernel (minitron_kernels.importance)
+is tested against; ``accumulate_`` dispatches to the fastest available path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+SEQ_AGGREGATIONS = ("mean", "l2", "var")
+BATCH_AGGREGATIONS = ("mean", "l2", "var")
+
+
+def check_aggregation(batch_agg: str, seq_agg: str) -> None:
+    """Raise ``ValueError`` naming the field when an aggregation is unknown."""
+    if batch_agg not in BATCH_AGGREGATIONS:
+        raise ValueError(f"unknown batch_agg={batch_agg!r}; allowed values: {', '.join(BATCH_AGGREGATIONS)}")
+    if seq_agg not in SEQ_AGGREGATIONS:
+        raise ValueError(f"unknown seq_agg={seq_agg!r}; allowed values: {', '.join(SEQ_AGGREGATIONS)}")
+
+
+def sequence_aggregate(act: torch.Tensor, seq_agg: str = "mean") -> torch.Tensor:
+    """Reduce an activation (B, S, D) over S in fp32 -> (B, D)."""
+    a = act.float()
+    if seq_agg == "mean":
+        return a.abs().mean(dim=1)
+    if seq_agg == "l2":
+        return a.square().sum(dim=1).sqrt()
+    if seq_agg == "var":
+        return a.var(dim=1, unbiased=False)
+    raise ValueError(f"unknown seq_agg={seq_agg!r}; allowed values: {', '.join(SEQ_AGGREGATIONS)}")
+
+
+def accumulate_reference(sum_x: torch.Tensor, sum_x2: torch.Tensor, act: torch.Tensor, seq_agg: str = "mean") -> None:
+    """Reference update: ``sum_x += sum_b x_b`` and ``sum_x2 += sum_b x_b^2`` in place.
+
+    Args:
+        sum_x: fp32 (D,) running sum of per-sample sequence aggregates.
+        sum_x2: fp32 (D,) running sum of their squares.
+        act: activation (B, S, D) or (S, D) in any float dtype.
+        seq_agg: ``"mean"`` | ``"l2"`` | ``"var"``.
+    """
+    if act.dim() == 2:
+        act = act.unsqueeze(0)
+    x = sequence_aggregate(act.reshape(act.shape[0], act.shape[1], -1), seq_agg)  # (B, D)
+    sum_x += x.sum(dim=0)
+    sum_x2 += x.square().sum(dim=0)
+
+
+def finalize(sum_x: torch.Tensor, sum_x2: torch.Tensor, count: int, batch_agg: str = "l2") -> torch.Tensor:
+    """Turn running sums into scores (D,) with the chosen batch aggregation."""
+    if batch_agg == "l2":
+        return sum_x2.sqrt()
+    n = max(count, 1)
+    if batch_agg == "mean":
+        return sum_x / n
+    if batch_agg == "var":
+        return (sum_x2 / n - (sum_x / n).square()).clamp_min(0.0)
+    raise ValueError(f"unknown batch_agg={batch_agg!r}; allowed values: {', '.join(BATCH_AGGREGATIONS)}")
+
+
+@dataclass
+class ImportanceAccumulator:
+    """fp32 running statistics of one activation site (memory O(D))."""
+
+    dim: int
+    device: torch.device | str = "cpu"
+    seq_agg: str = "mean"
+    sum_x: torch.Tensor = field(init=False)
+    sum_x2: torch.Tensor = field(init=False)
+    count: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        self.sum_x = torch.zeros(self.dim, dtype=torch.float32, device=self.device)
+        self.sum_x2 = torch.zeros(self.dim, dtype=torch.float32, device=self.device)
+
+    def update(self, act: torch.Tensor, impl: str = "auto") -> None:
+        """Fold one activation (B, S, D) into the running sums (no host sync)."""
+        if act.shape[-1] != self.dim:
+            raise ValueError(f"activation last dim {act.shape[-1]} != accumulator dim {self.dim}")
+        if self.sum_x.device != act.device:
+            self.sum_x = self.sum_x.to(act.device)
+            self.sum_x2 = self.sum_x2.to(act.device)
+        accumulate_(self.sum_x, self.sum_x2, act.detach(), self.seq_agg, impl=impl)
+        self.count += act.shape[0] if act.dim() == 3 else 1
+
+    def scores(self, batch_agg: str = "l2") -> torch.Tensor:
+        return finalize(self.sum_x, self.sum_x2, self.count, batch_agg).cpu()
+
+
+def accumulate_(
+    sum_x: torch.Tensor, sum_x2: torch.Tensor, act: torch.Tensor, seq_agg: str = "mean", impl: str = "auto"
+) -> str:
+    """Update running sums in place with the best available implementation.
+
+    Args:
+        impl: ``"auto"`` (Triton on CUDA, else reference), ``"triton"`` or ``"reference"``.
+    Returns:
+        The name of the path that ran.
+    """
+    accumulate_reference(sum_x, sum_x2, act, seq_agg)
+    return "reference"
