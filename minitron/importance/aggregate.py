@@ -120,3 +120,22 @@ def accumulate_(
     """
     accumulate_reference(sum_x, sum_x2, act, seq_agg)
     return "reference"
+
+
+def block_importance_reference(sum_cos: torch.Tensor, h_in: torch.Tensor, h_out: torch.Tensor) -> None:
+    """Reference: ``sum_cos += sum over rows of cos(h_in[row], h_out[row])`` in fp32, O(B*S) memory.
+
+    Args:
+        sum_cos: fp32 (1,) running sum.
+        h_in, h_out: decoder-layer input and output (B, S, D) in any float dtype.
+    """
+    cos = torch.nn.functional.cosine_similarity(
+        h_in.reshape(-1, h_in.shape[-1]).float(), h_out.reshape(-1, h_out.shape[-1]).float(), dim=-1
+    )  # (B*S,)
+    sum_cos += cos.sum()
+
+
+def block_importance_update_(sum_cos: torch.Tensor, h_in: torch.Tensor, h_out: torch.Tensor, impl: str = "auto") -> str:
+    """Accumulate the Block-Importance cosine sum of one layer; returns the path used."""
+    block_importance_reference(sum_cos, h_in.detach(), h_out.detach())
+    return "reference"
