@@ -1,22 +1,143 @@
-"""Distillation losses: fused linear (lm_head) + KL divergence. See :func:`linear_kd_loss`."""
+"""Distillation losses: fused linear (lm_head) + KL divergence (METHOD.md sections 4-5).
+
+:func:`linear_kd_loss` projects student and teacher hidden states through their lm_heads
+and returns the forward KL (or reverse KL / generalized JSD) per counted token, without
+materialising N x V logits on the ``chunked`` and ``triton`` paths:
+
+========  ==============================================================  =============
+impl      what runs                                                       memory
+========  ==============================================================  =============
+naive     full fp32 logits + plain autograd (the reference)               O(N * V)
+chunked   pure PyTorch, chunks of tokens, grads computed in forward       O(chunk * V)
+triton    as chunked, softmax/KL/grad-logits in Triton kernels            O(chunk * V)
+auto      triton for CUDA inputs when triton imports, else chunked
+========  ==============================================================  =============
+"""
 
 from __future__ import annotations
 
-from minitron.losses.reference import linear_kd_loss_naive
+import logging
 
-__all__ = ["linear_kd_loss", "last_impl", "linear_kd_loss_naive"]
+import torch
 
+from minitron.losses.fused import KDConfig, linear_kd_loss_fused
+from minitron.losses.reference import LOSSES, REDUCTIONS, keep_mask, linear_kd_loss_naive
+from minitron_kernels.fused_kl_reference import kd_chunk_reference, loss_kind
+
+__all__ = ["linear_kd_loss", "last_impl", "linear_kd_loss_naive", "IMPLS"]
+
+IMPLS = ("auto", "triton", "chunked", "naive")
+logger = logging.getLogger(__name__)
 _LAST_IMPL = "none"
+_LOGGED: set[str] = set()
 
 
 def last_impl() -> str:
-    """Name of the path the last :func:`linear_kd_loss` call used."""
+    """Name of the path (``naive`` | ``chunked`` | ``triton``) the last :func:`linear_kd_loss` call used."""
     return _LAST_IMPL
 
 
-def linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, *, impl: str = "auto",
-                   chunk_size: int = 1024, **kwargs):
-    """Linear + KD loss (temporary: only the naive path exists yet)."""
+def _triton_chunk_fn():
+    try:
+        from minitron_kernels.fused_kl import kd_chunk_triton
+    except ImportError:  # triton not installed
+        return None
+    return kd_chunk_triton
+
+
+def _resolve_impl(impl: str, device: torch.device):
+    if impl not in IMPLS:
+        raise ValueError(f"unknown impl={impl!r}; allowed values: {', '.join(IMPLS)}")
+    if impl == "auto":
+        fn = _triton_chunk_fn() if device.type == "cuda" else None
+        return ("triton", fn) if fn is not None else ("chunked", kd_chunk_reference)
+    if impl == "triton":
+        fn = _triton_chunk_fn()
+        if fn is None:
+            raise ImportError("impl='triton' needs the triton package (pip install triton)")
+        return "triton", fn
+    return impl, kd_chunk_reference
+
+
+def linear_kd_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    *,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    loss: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    reduction: str = "mean",
+    impl: str = "auto",
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """Fused lm_head projection + distillation divergence, averaged over counted tokens.
+
+    Per token (P = teacher, Q = student, softmax of logits / tau), times tau^2:
+    ``forward_kl`` KL(P||Q) = sum_v P (log P - log Q); ``reverse_kl`` KL(Q||P);
+    ``jsd`` beta KL(P||M) + (1-beta) KL(Q||M), M = beta P + (1-beta) Q (Liger convention:
+    beta=0 is forward KL, beta=1 reverse KL). If Vs != Vt the smaller side is padded with
+    ``-inf`` logits. Gradients flow to the student inputs only.
+
+    Args:
+        student_hidden: (N, Hs) final hidden states of the student (flatten batch and sequence).
+        student_weight: (Vs, Hs) student lm_head weight.
+        teacher_hidden: (N, Ht) teacher hidden states (no gradient).
+        teacher_weight: (Vt, Ht) teacher lm_head weight (no gradient).
+        student_bias, teacher_bias: optional (Vs,) / (Vt,) lm_head biases.
+        mask: optional (N,) bool, True = the token counts.
+        labels: optional (N,) ints; tokens whose label == ``ignore_index`` are dropped.
+        ignore_index: label value to drop.
+        loss: ``"forward_kl"`` | ``"reverse_kl"`` | ``"jsd"``.
+        beta: JSD mixing coefficient in [0, 1].
+        temperature: softmax temperature tau; the loss is scaled by tau^2.
+        top_k: if set, divergence over the teacher's top-k tokens only, both sides renormalised.
+        reduction: ``"mean"`` over counted tokens (0 if none) | ``"sum"`` | ``"none"`` (N,) fp32.
+        impl: ``"auto"`` | ``"triton"`` | ``"chunked"`` | ``"naive"``.
+        chunk_size: tokens per chunk for the chunked / triton paths.
+    Returns:
+        fp32 scalar loss, or (N,) per-token losses for ``reduction="none"`` (0 where masked).
+    Example:
+        >>> hs = torch.randn(6, 16, requires_grad=True)
+        >>> ws = torch.randn(100, 16, requires_grad=True)
+        >>> loss = linear_kd_loss(hs, ws, torch.randn(6, 32), torch.randn(100, 32), temperature=1.0)
+        >>> loss.backward(); last_impl()
+        'chunked'
+    """
     global _LAST_IMPL
-    _LAST_IMPL = "naive"
-    return linear_kd_loss_naive(student_hidden, student_weight, teacher_hidden, teacher_weight, **kwargs)
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss={loss!r}; allowed values: {', '.join(LOSSES)}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"unknown reduction={reduction!r}; allowed values: {', '.join(REDUCTIONS)}")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta={beta} must lie in [0, 1]")
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature} must be > 0")
+    if student_hidden.shape[0] != teacher_hidden.shape[0]:
+        raise ValueError(f"student has {student_hidden.shape[0]} tokens, teacher {teacher_hidden.shape[0]}")
+    name, chunk_fn = _resolve_impl(impl, student_hidden.device)
+    _LAST_IMPL = name
+    if name not in _LOGGED:
+        _LOGGED.add(name)
+        logger.info("linear_kd_loss: using the %s path", name)
+    kwargs = dict(loss=loss, beta=beta, temperature=temperature, top_k=top_k, reduction=reduction)
+    if name == "naive":
+        return linear_kd_loss_naive(
+            student_hidden, student_weight, teacher_hidden, teacher_weight,
+            student_bias=student_bias, teacher_bias=teacher_bias, mask=mask, labels=labels,
+            ignore_index=ignore_index, **kwargs,
+        )
+    keep = None
+    if mask is not None or labels is not None:
+        keep = keep_mask(student_hidden.shape[0], student_hidden.device, mask, labels, ignore_index)
+    cfg = KDConfig(loss_kind(loss, beta), beta, temperature, top_k, reduction, chunk_size, chunk_fn)
+    return linear_kd_loss_fused(
+        student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, keep, cfg
+    )

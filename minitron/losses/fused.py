@@ -1,0 +1,172 @@
+"""Chunked linear + KD loss: loss and gradients computed in the forward pass, never N x V.
+
+Tokens are processed in fixed chunks of ``chunk_size`` rows (ignored rows are dropped first
+with one ``nonzero()``). Per chunk: fp32 logits of student and teacher (c, V) from one GEMM
+each, then a chunk op returns the per-token loss and the gradient w.r.t. the student logits,
+which is immediately folded into fp32 accumulators ``grad_hidden`` (N, Hs),
+``grad_weight`` (Vs, Hs) and ``grad_bias`` (Vs,). Backward just scales them by the incoming
+scalar gradient (reduction ``mean``/``sum``); for ``reduction="none"`` the gradient depends
+on the per-token upstream gradient, so backward re-runs the loop with those row weights.
+
+The chunk op is either the pure-PyTorch :func:`minitron_kernels.fused_kl_reference.kd_chunk_reference`
+(``impl="chunked"``) or the Triton :func:`minitron_kernels.fused_kl.kd_chunk_triton`
+(``impl="triton"``). Precision: logits and all accumulators are fp32. For bf16/fp16 inputs on
+CUDA the GEMMs run in the input dtype with fp32 output (``torch.mm(..., out_dtype=float32)``,
+logits never rounded to bf16); elsewhere the weights are upcast to fp32 once per call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from minitron_kernels.fused_kl_reference import topk_mask_
+
+ChunkFn = Callable[..., tuple[torch.Tensor, "torch.Tensor | None"]]
+_HALF = (torch.float16, torch.bfloat16)
+
+
+@dataclass
+class KDConfig:
+    kind: int
+    beta: float
+    temperature: float
+    top_k: int | None
+    reduction: str
+    chunk_size: int
+    chunk_fn: ChunkFn
+
+
+class _Gemm:
+    """fp32-output GEMMs against one (V, H) weight, without rounding logits to the input dtype."""
+
+    def __init__(self, weight: torch.Tensor, act_dtype: torch.dtype) -> None:
+        self.native = weight.is_cuda and weight.dtype in _HALF and act_dtype == weight.dtype
+        self.w = weight if (self.native or weight.dtype == torch.float32) else weight.float()  # (V, H)
+
+    def act(self, h: torch.Tensor) -> torch.Tensor:
+        return h if self.native else h.float()
+
+    def logits(self, h: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        out = torch.mm(h, self.w.t(), out_dtype=torch.float32) if self.native else h @ self.w.t()  # (c, V)
+        return out if bias is None else out.add_(bias.float())
+
+    def grad_act(self, g: torch.Tensor) -> torch.Tensor:  # (c, V) fp32 -> (c, H) fp32
+        return torch.mm(g.to(self.w.dtype), self.w, out_dtype=torch.float32) if self.native else g @ self.w
+
+    def acc_grad_weight_(self, gw: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> None:  # gw (V, H) fp32
+        if self.native:
+            gw.add_(torch.mm(g.to(h.dtype).t(), h, out_dtype=torch.float32))
+        else:
+            gw.addmm_(g.t(), h)
+
+
+def kd_loop(
+    hs: torch.Tensor, ws: torch.Tensor, bs: torch.Tensor | None,
+    ht: torch.Tensor, wt: torch.Tensor, bt: torch.Tensor | None,
+    idx: torch.Tensor | None,  # (n,) kept rows, or None for all rows
+    cfg: KDConfig,
+    row_scale: float | torch.Tensor | None,  # None: loss only; float: same weight per row; (n,) tensor
+    need: tuple[bool, bool, bool] = (True, True, True),  # grads of (hidden, weight, bias)
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Run the chunk loop. Returns ``(per_token_loss (n,), grad_hidden (N, Hs), grad_weight, grad_bias)``."""
+    n = hs.shape[0] if idx is None else idx.numel()
+    dev = hs.device
+    gs, gt = _Gemm(ws, hs.dtype), _Gemm(wt, ht.dtype)
+    per_tok = torch.empty(n, dtype=torch.float32, device=dev)  # (n,)
+    want = row_scale is not None
+    gh = torch.zeros(hs.shape, dtype=torch.float32, device=dev) if want and need[0] else None  # (N, Hs)
+    gw = torch.zeros(ws.shape, dtype=torch.float32, device=dev) if want and need[1] else None  # (Vs, Hs)
+    gb = torch.zeros(ws.shape[0], dtype=torch.float32, device=dev) if want and need[2] and bs is not None else None
+    for i in range(0, n, cfg.chunk_size):
+        j = min(i + cfg.chunk_size, n)
+        if idx is None:
+            h_s, h_t = hs[i:j], ht[i:j]  # (c, Hs), (c, Ht) views
+        else:
+            rows = idx[i:j]
+            h_s, h_t = hs.index_select(0, rows), ht.index_select(0, rows)
+        h_s = gs.act(h_s)
+        s_logits = gs.logits(h_s, bs)  # (c, Vs) fp32
+        t_logits = gt.logits(gt.act(h_t), bt)  # (c, Vt) fp32
+        if cfg.top_k is not None:
+            topk_mask_(s_logits, t_logits, cfg.top_k)
+        scale = None
+        if want:
+            scale = row_scale[i:j] if torch.is_tensor(row_scale) else torch.full((j - i,), float(row_scale), device=dev)
+        loss_c, g = cfg.chunk_fn(s_logits, t_logits, scale, cfg.kind, cfg.beta, cfg.temperature)
+        per_tok[i:j] = loss_c
+        if g is None:
+            continue
+        if gh is not None:
+            if idx is None:
+                gh[i:j] = gs.grad_act(g)
+            else:
+                gh.index_copy_(0, rows, gs.grad_act(g))
+        if gw is not None:
+            gs.acc_grad_weight_(gw, g, h_s)
+        if gb is not None:
+            gb += g.sum(0)
+    return per_tok, gh, gw, gb
+
+
+def _reduce(per_tok: torch.Tensor, idx: torch.Tensor | None, n_total: int, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return per_tok.sum() / max(per_tok.numel(), 1)
+    if reduction == "sum":
+        return per_tok.sum()
+    if idx is None:
+        return per_tok
+    return per_tok.new_zeros(n_total).index_copy_(0, idx, per_tok)
+
+
+class LinearKDFunction(torch.autograd.Function):
+    """Autograd wrapper: gradients are computed in forward (mean/sum) and scaled in backward."""
+
+    @staticmethod
+    def forward(ctx, hs, ws, bs, ht, wt, bt, idx, cfg: KDConfig):  # type: ignore[override]
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2])
+        n_total = hs.shape[0]
+        ctx.cfg, ctx.need = cfg, need
+        if cfg.reduction == "none":  # gradient depends on the per-token grad_output: recompute in backward
+            per_tok, *_ = kd_loop(hs, ws, bs, ht, wt, bt, idx, cfg, None)
+            ctx.save_for_backward(hs, ws, bs, ht, wt, bt, idx)
+            return _reduce(per_tok, idx, n_total, "none")
+        n = n_total if idx is None else idx.numel()
+        scale = 1.0 / max(n, 1) if cfg.reduction == "mean" else 1.0
+        per_tok, gh, gw, gb = kd_loop(hs, ws, bs, ht, wt, bt, idx, cfg, scale, need)
+        ctx.save_for_backward(gh, gw, gb)
+        ctx.dtypes = (hs.dtype, ws.dtype, None if bs is None else bs.dtype)
+        return _reduce(per_tok, idx, n_total, cfg.reduction)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        cfg = ctx.cfg
+        if cfg.reduction == "none":
+            hs, ws, bs, ht, wt, bt, idx = ctx.saved_tensors
+            go = grad_out.float() if idx is None else grad_out.float().index_select(0, idx)  # (n,)
+            _, gh, gw, gb = kd_loop(hs, ws, bs, ht, wt, bt, idx, cfg, go, ctx.need)
+            dtypes = (hs.dtype, ws.dtype, None if bs is None else bs.dtype)
+        else:
+            gh, gw, gb = ctx.saved_tensors
+            dtypes = ctx.dtypes
+            go = grad_out.float()
+            gh, gw, gb = (None if g is None else g * go for g in (gh, gw, gb))
+        out = [None if g is None else g.to(dt) for g, dt in zip((gh, gw, gb), dtypes)]
+        return out[0], out[1], out[2], None, None, None, None, None
+
+
+def linear_kd_loss_fused(
+    hs: torch.Tensor, ws: torch.Tensor, bs: torch.Tensor | None,
+    ht: torch.Tensor, wt: torch.Tensor, bt: torch.Tensor | None,
+    keep: torch.Tensor | None, cfg: KDConfig,
+) -> torch.Tensor:
+    """Chunked loss with the given chunk op; ``keep`` (N,) bool or None (all rows count)."""
+    ht, wt = ht.detach(), wt.detach()
+    bt = None if bt is None else bt.detach()
+    idx = None if keep is None else keep.nonzero().squeeze(-1)  # the one host sync
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hs, ws, bs)):
+        return LinearKDFunction.apply(hs, ws, bs, ht, wt, bt, idx, cfg)
+    per_tok, *_ = kd_loop(hs, ws, bs, ht, wt, bt, idx, cfg, None)
+    return _reduce(per_tok, idx, hs.shape[0], cfg.reduction)
