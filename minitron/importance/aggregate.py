@@ -118,8 +118,37 @@ def accumulate_(
     Returns:
         The name of the path that ran.
     """
+    if _use_triton(impl, act):
+        from minitron_kernels.importance import accumulate_triton
+
+        accumulate_triton(sum_x, sum_x2, act, seq_agg)
+        return "triton"
     accumulate_reference(sum_x, sum_x2, act, seq_agg)
     return "reference"
+
+
+IMPLS = ("auto", "triton", "reference")
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _use_triton(impl: str, t: torch.Tensor) -> bool:
+    """``auto``: Triton for CUDA tensors when triton imports; ``triton`` forces it (CPU needs TRITON_INTERPRET=1)."""
+    if impl == "reference":
+        return False
+    if impl == "triton":
+        if not _triton_available():
+            raise ImportError("impl='triton' needs the triton package (pip install triton)")
+        return True
+    if impl == "auto":
+        return t.is_cuda and _triton_available()
+    raise ValueError(f"unknown impl={impl!r}; allowed values: {', '.join(IMPLS)}")
 
 
 def block_importance_reference(sum_cos: torch.Tensor, h_in: torch.Tensor, h_out: torch.Tensor) -> None:
@@ -136,6 +165,27 @@ def block_importance_reference(sum_cos: torch.Tensor, h_in: torch.Tensor, h_out:
 
 
 def block_importance_update_(sum_cos: torch.Tensor, h_in: torch.Tensor, h_out: torch.Tensor, impl: str = "auto") -> str:
-    """Accumulate the Block-Importance cosine sum of one layer; returns the path used."""
+    """Accumulate the Block-Importance cosine sum of one layer in place; returns the path used.
+
+    ``BI = 1 - sum_cos / n_rows`` once all calibration batches are in (ShortGPT / Minitron depth).
+
+    Args:
+        sum_cos: fp32 (1,) running sum of row cosines.
+        h_in, h_out: decoder-layer input and output (B, S, D), any float dtype.
+        impl: ``"auto"`` (Triton on CUDA when triton imports, else reference), ``"triton"``, ``"reference"``.
+    Returns:
+        ``"triton"`` or ``"reference"``.
+    Example:
+        >>> acc = torch.zeros(1)
+        >>> block_importance_update_(acc, torch.randn(2, 5, 8), torch.randn(2, 5, 8), impl="reference")
+        'reference'
+    """
+    if h_in.shape != h_out.shape:
+        raise ValueError(f"h_in {tuple(h_in.shape)} and h_out {tuple(h_out.shape)} differ")
+    if _use_triton(impl, h_in):
+        from minitron_kernels.importance import block_cos_sum_triton
+
+        block_cos_sum_triton(sum_cos, h_in.detach(), h_out.detach())
+        return "triton"
     block_importance_reference(sum_cos, h_in.detach(), h_out.detach())
     return "reference"

@@ -1,0 +1,157 @@
+"""Triton kernels for activation importance (Minitron, METHOD.md section 1).
+
+``accumulate_triton``: one pass over an activation (B, S, D) in its own dtype (no fp32 copy,
+no host sync). Grid (B, cdiv(D, BLOCK_D)); each program loops over S in tiles, reduces its
+(BLOCK_D,) slice of one sample to the sequence aggregate ``x_b`` in fp32 and atomically adds
+``x_b`` and ``x_b^2`` into the fp32 accumulators ``sum_x`` / ``sum_x2`` (D,).
+    mean: mean_s |a|      l2: sqrt(sum_s a^2)      var: population variance over s
+(``var`` merges per-tile mean / M2 with Chan's formula: one pass, no E[a^2] - E[a]^2 cancellation.)
+Reference: :func:`minitron.importance.aggregate.accumulate_reference`.
+
+``block_cos_sum_triton``: Block Importance (ShortGPT) numerator. Each program takes BLOCK_R
+rows of (h_in, h_out) (N, D), loops over D, computes cos per row in fp32 and atomically adds
+the block's sum into ``sum_cos`` (1,). O(N) extra memory at most, never N x N.
+Reference: :func:`minitron.importance.aggregate.block_importance_reference`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+SEQ_AGG_CODES = {"mean": 0, "l2": 1, "var": 2}
+
+
+@triton.jit
+def _seq_agg_kernel(
+    A, SUM_X, SUM_X2,  # A: (B, S, D) any float dtype; SUM_X, SUM_X2: (D,) fp32
+    S, D,
+    stride_b, stride_s, stride_d,
+    AGG: tl.constexpr,  # 0 mean|a|, 1 l2, 2 var
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+    mask_d = offs_d < D
+    A += b * stride_b
+    acc = tl.zeros((BLOCK_D,), tl.float32)  # sum|a| (mean), sum a^2 (l2), running M2 (var)
+    mean = tl.zeros((BLOCK_D,), tl.float32)  # running mean (var only)
+    for s0 in range(0, S, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)  # (BLOCK_S,)
+        m = (offs_s[:, None] < S) & mask_d[None, :]
+        ptrs = A + offs_s[:, None].to(tl.int64) * stride_s + offs_d[None, :] * stride_d
+        a = tl.load(ptrs, mask=m, other=0.0).to(tl.float32)  # (BLOCK_S, BLOCK_D)
+        if AGG == 0:
+            acc += tl.sum(tl.abs(a), axis=0)
+        elif AGG == 1:
+            acc += tl.sum(a * a, axis=0)
+        else:
+            n_old = s0 * 1.0
+            n_t = tl.minimum(S - s0, BLOCK_S) * 1.0
+            t_mean = tl.sum(a, axis=0) / n_t
+            dev = tl.where(m, a - t_mean[None, :], 0.0)
+            t_m2 = tl.sum(dev * dev, axis=0)
+            delta = t_mean - mean
+            n_new = n_old + n_t
+            mean += delta * (n_t / n_new)
+            acc += t_m2 + delta * delta * (n_old * n_t / n_new)
+    if AGG == 0:
+        x = acc / S
+    elif AGG == 1:
+        x = tl.sqrt(acc)
+    else:
+        x = acc / S
+    tl.atomic_add(SUM_X + offs_d, x, mask=mask_d)
+    tl.atomic_add(SUM_X2 + offs_d, x * x, mask=mask_d)
+
+
+def accumulate_triton(sum_x: torch.Tensor, sum_x2: torch.Tensor, act: torch.Tensor, seq_agg: str = "mean") -> None:
+    """In-place ``sum_x += sum_b x_b``, ``sum_x2 += sum_b x_b^2`` with one Triton pass over ``act``.
+
+    Args:
+        sum_x: fp32 (D,) contiguous running sum.
+        sum_x2: fp32 (D,) contiguous running sum of squares.
+        act: (B, S, D) or (S, D) activation, any float dtype and strides (extra trailing dims
+            are flattened into D like the reference).
+        seq_agg: ``"mean"`` | ``"l2"`` | ``"var"``.
+    Example:
+        >>> sx, sx2 = torch.zeros(64, device="cuda"), torch.zeros(64, device="cuda")
+        >>> accumulate_triton(sx, sx2, torch.randn(2, 16, 64, device="cuda", dtype=torch.bfloat16))
+    """
+    if seq_agg not in SEQ_AGG_CODES:
+        raise ValueError(f"unknown seq_agg={seq_agg!r}; allowed values: {', '.join(SEQ_AGG_CODES)}")
+    if act.dim() == 2:
+        act = act.unsqueeze(0)
+    if act.dim() != 3:
+        act = act.reshape(act.shape[0], act.shape[1], -1)
+    b, s, d = act.shape  # (B, S, D)
+    assert sum_x.dtype == torch.float32 and sum_x2.dtype == torch.float32
+    assert sum_x.is_contiguous() and sum_x2.is_contiguous() and sum_x.numel() == d
+    if b == 0 or s == 0:
+        return
+    block_d = min(128, triton.next_power_of_2(d))
+    block_s = min(64, triton.next_power_of_2(s))
+    grid = (b, triton.cdiv(d, block_d))
+    _seq_agg_kernel[grid](
+        act, sum_x, sum_x2, s, d, act.stride(0), act.stride(1), act.stride(2),
+        AGG=SEQ_AGG_CODES[seq_agg], BLOCK_S=block_s, BLOCK_D=block_d,
+    )
+
+
+@triton.jit
+def _block_cos_kernel(
+    X, Y, SUM_COS,  # X, Y: (N, D) any float dtype; SUM_COS: (1,) fp32
+    N, D,
+    stride_x, stride_y,
+    eps,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,)
+    mask_r = rows < N
+    rows64 = rows.to(tl.int64)
+    dot = tl.zeros((BLOCK_R,), tl.float32)
+    nx = tl.zeros((BLOCK_R,), tl.float32)
+    ny = tl.zeros((BLOCK_R,), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        m = mask_r[:, None] & (cols[None, :] < D)
+        x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        y = tl.load(Y + rows64[:, None] * stride_y + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        dot += tl.sum(x * y, axis=1)
+        nx += tl.sum(x * x, axis=1)
+        ny += tl.sum(y * y, axis=1)
+    # torch.nn.functional.cosine_similarity: x.y / (max(|x|, eps) * max(|y|, eps))
+    cos = dot / (tl.maximum(tl.sqrt(nx), eps) * tl.maximum(tl.sqrt(ny), eps))
+    cos = tl.where(mask_r, cos, 0.0)
+    tl.atomic_add(SUM_COS, tl.sum(cos, axis=0))
+
+
+def block_cos_sum_triton(sum_cos: torch.Tensor, h_in: torch.Tensor, h_out: torch.Tensor, eps: float = 1e-8) -> None:
+    """In-place ``sum_cos += sum over rows of cos(h_in[row], h_out[row])`` (rows = all leading dims).
+
+    Args:
+        sum_cos: fp32 (1,) running sum.
+        h_in, h_out: (B, S, D) (or any (..., D)) decoder-layer input / output, any float dtype.
+    Example:
+        >>> acc = torch.zeros(1, device="cuda")
+        >>> block_cos_sum_triton(acc, h, layer(h)[0]); bi = 1 - acc / h[..., 0].numel()
+    """
+    d = h_in.shape[-1]
+    x = h_in.reshape(-1, d)  # (N, D) view when possible
+    y = h_out.reshape(-1, d)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if y.stride(-1) != 1:
+        y = y.contiguous()
+    n = x.shape[0]
+    assert sum_cos.dtype == torch.float32 and sum_cos.numel() == 1
+    if n == 0:
+        return
+    block_d = min(256, triton.next_power_of_2(d))
+    block_r = 16
+    _block_cos_kernel[(triton.cdiv(n, block_r),)](
+        x, y, sum_cos, n, d, x.stride(0), y.stride(0), eps, BLOCK_R=block_r, BLOCK_D=block_d,
+    )
