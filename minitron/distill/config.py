@@ -1,0 +1,129 @@
+"""Configuration of a distillation run (:class:`DistillConfig`)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+LOGITS_LOSSES = ("forward_kl", "reverse_kl", "jsd")
+INTERMEDIATE_LOSSES = ("mse", "cosine")
+MIXED_PRECISION = ("auto", "bf16", "fp32")
+LOSS_IMPLS = ("auto", "triton", "chunked", "naive")
+PARALLEL = ("auto", "none", "ddp", "fsdp")
+
+
+@dataclass
+class DistillConfig:
+    """Hyper-parameters of :func:`minitron.distill.distill`.
+
+    Defaults follow the Minitron recipe (METHOD.md section 4): forward KL at tau = 1,
+    KD loss only (``clm_weight=0``), LR 1e-4 -> 1e-5 cosine with 100 warmup steps.
+
+    Args:
+        steps: optimizer steps to train (the run ends at global step ``steps``).
+        lr: peak learning rate (reached after ``warmup_steps`` of linear warmup).
+        min_lr: learning rate at the end of the cosine decay.
+        warmup_steps: linear warmup steps from 0 to ``lr``.
+        seq_len: tokens per training block.
+        batch_size: sequences per micro-step summed over all ranks (the global micro-batch);
+            each of ``world_size`` ranks gets a disjoint ``batch_size // world_size`` of it.
+        grad_accum: micro-steps per optimizer step (global batch = batch_size * grad_accum sequences).
+        logits_loss: ``"forward_kl"`` (KL(teacher || student)), ``"reverse_kl"`` or ``"jsd"``.
+        jsd_beta: mixture weight of the JSD (see :mod:`minitron.losses`).
+        temperature: softmax temperature tau of both distributions (loss scaled by tau^2).
+        top_k: if set, KL over the teacher's top-k tokens only (renormalised).
+        clm_weight: weight of the next-token cross-entropy on the data (0 = KD only).
+        kd_weight: weight of the logits KD loss (+ the scaled intermediate loss).
+        intermediate_layers: ``[(student_layer, teacher_layer), ...]`` decoder-layer indices whose
+            outputs are matched through a learned ``Linear(h_s, h_t)`` each; None = logits only.
+        intermediate_loss: ``"mse"`` or ``"cosine"`` (1 - cosine similarity).
+        output_dir: run directory: checkpoints/, latest, final/, metrics.jsonl, loss_curve.png.
+        save_every: checkpoint every this many optimizer steps (0/None = only at the end).
+        eval_every: evaluate every this many steps (0/None = only at the end, if eval data given).
+        eval_batches: at most this many eval micro-batches per evaluation (None = all).
+        keep_checkpoints: keep only the newest N step checkpoints (None = keep all).
+        resume: continue from ``output_dir/latest`` if it exists.
+        seed: seed of the student-side RNG and of the data order (a function of seed and step).
+        max_grad_norm: gradient clipping norm (None/0 = no clipping).
+        weight_decay: AdamW weight decay (not applied to biases and norm weights).
+        adam_betas: AdamW betas.
+        mixed_precision: ``"auto"`` (bf16 autocast on CUDA, fp32 on CPU), ``"bf16"`` or ``"fp32"``.
+        loss_impl: ``impl`` passed to :func:`minitron.losses.linear_kd_loss`.
+        ce_chunk_size: tokens per chunk of the chunked cross-entropy (the CLM term).
+        parallel: ``"auto"`` (DDP when torch.distributed is initialised / WORLD_SIZE > 1),
+            ``"none"``, ``"ddp"`` or ``"fsdp"`` (FSDP2 ``fully_shard`` on student and teacher layers).
+        log_every: write a metrics row every this many steps.
+        progress: show a tqdm progress bar (rank 0 only).
+        plot: write ``loss_curve.png`` after each evaluation and at the end.
+    """
+
+    steps: int = 1000
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    warmup_steps: int = 100
+    seq_len: int = 1024
+    batch_size: int = 8
+    grad_accum: int = 1
+    logits_loss: str = "forward_kl"
+    jsd_beta: float = 0.5
+    temperature: float = 1.0
+    top_k: int | None = None
+    clm_weight: float = 0.0
+    kd_weight: float = 1.0
+    intermediate_layers: list[tuple[int, int]] | None = None
+    intermediate_loss: str = "mse"
+    output_dir: str = "run/"
+    save_every: int | None = 500
+    eval_every: int | None = 500
+    eval_batches: int | None = None
+    keep_checkpoints: int | None = 3
+    resume: bool = True
+    seed: int = 0
+    max_grad_norm: float | None = 1.0
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    mixed_precision: str = "auto"
+    loss_impl: str = "auto"
+    ce_chunk_size: int = 1024
+    parallel: str = "auto"
+    log_every: int = 1
+    progress: bool = True
+    plot: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ValueError(f"DistillConfig: {msg}")
+
+        need(int(self.steps) >= 1, f"steps must be >= 1, got {self.steps}")
+        need(int(self.seq_len) >= 2, f"seq_len must be >= 2, got {self.seq_len}")
+        need(int(self.batch_size) >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        need(int(self.grad_accum) >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
+        need(self.lr > 0 and 0 <= self.min_lr <= self.lr, f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
+        need(int(self.warmup_steps) >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        need(self.logits_loss in LOGITS_LOSSES, f"logits_loss={self.logits_loss!r}; allowed: {', '.join(LOGITS_LOSSES)}")
+        need(self.intermediate_loss in INTERMEDIATE_LOSSES,
+             f"intermediate_loss={self.intermediate_loss!r}; allowed: {', '.join(INTERMEDIATE_LOSSES)}")
+        need(self.mixed_precision in MIXED_PRECISION,
+             f"mixed_precision={self.mixed_precision!r}; allowed: {', '.join(MIXED_PRECISION)}")
+        need(self.loss_impl in LOSS_IMPLS, f"loss_impl={self.loss_impl!r}; allowed: {', '.join(LOSS_IMPLS)}")
+        need(self.parallel in PARALLEL, f"parallel={self.parallel!r}; allowed: {', '.join(PARALLEL)}")
+        need(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
+        need(self.top_k is None or int(self.top_k) >= 1, f"top_k must be None or >= 1, got {self.top_k}")
+        need(self.clm_weight >= 0 and self.kd_weight >= 0 and (self.clm_weight > 0 or self.kd_weight > 0),
+             f"need clm_weight >= 0, kd_weight >= 0, not both 0; got {self.clm_weight}, {self.kd_weight}")
+        if self.intermediate_layers is not None:
+            pairs = [tuple(int(i) for i in p) for p in self.intermediate_layers]
+            need(len(pairs) > 0 and all(len(p) == 2 for p in pairs),
+                 "intermediate_layers must be a non-empty list of (student_layer, teacher_layer) pairs or None")
+            self.intermediate_layers = pairs  # type: ignore[assignment]
+        self.adam_betas = tuple(self.adam_betas)  # type: ignore[assignment]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable dict of the config."""
+        d = asdict(self)
+        if d["intermediate_layers"] is not None:
+            d["intermediate_layers"] = [list(p) for p in d["intermediate_layers"]]
+        d["adam_betas"] = list(d["adam_betas"])
+        return d

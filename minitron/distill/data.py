@@ -1,0 +1,104 @@
+"""Training/eval data for distillation: packed token blocks and a deterministic batch order.
+
+Packing is delegated to :func:`minitron.data.load_text_blocks` when available (the shared
+loader); a minimal fallback handles token-id tensors and lists of strings otherwise.
+The batch order is a pure function of ``(seed, step)``, so a resumed run sees exactly
+the batches the uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def _fallback_blocks(data: Any, tokenizer: Any, seq_len: int) -> torch.Tensor:
+    if isinstance(data, (list, tuple)) and all(isinstance(d, str) for d in data):
+        if tokenizer is None:
+            raise ValueError("a tokenizer is required to tokenise text data; pass tokenizer=")
+        stream: list[int] = []
+        for doc in data:
+            stream.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
+            if tokenizer.eos_token_id is not None:
+                stream.append(tokenizer.eos_token_id)
+        data = torch.tensor(stream, dtype=torch.long)
+    if not isinstance(data, torch.Tensor):
+        raise ValueError(f"unsupported data type {type(data).__name__}; pass a LongTensor of token ids or a list of strings")
+    if data.dim() == 2 and data.shape[1] == seq_len:
+        return data.long()
+    ids = data.long().reshape(-1)
+    n = ids.numel() // seq_len
+    return ids[: n * seq_len].view(n, seq_len)
+
+
+def load_blocks(data: Any, tokenizer: Any, seq_len: int, max_blocks: int | None = None) -> torch.Tensor:
+    """Turn any supported data kind into packed blocks of token ids.
+
+    Args:
+        data: a ``datasets.Dataset`` (``text`` or ``input_ids`` column), a list of strings, a path to
+            a ``.txt``/``.jsonl`` file (or a ``.pt`` file holding a LongTensor), or a LongTensor of
+            token ids (1-D stream or 2-D ``(n, seq_len)`` blocks).
+        tokenizer: Hugging Face tokenizer (not needed for token ids).
+        seq_len: tokens per block.
+        max_blocks: keep at most this many blocks.
+    Returns:
+        LongTensor (n_blocks, seq_len).
+    Raises:
+        ValueError: empty data or fewer than ``seq_len`` tokens.
+    Example:
+        >>> load_blocks(torch.arange(100), None, seq_len=10).shape
+        torch.Size([10, 10])
+    """
+    if isinstance(data, (str, os.PathLike)) and Path(data).suffix == ".pt":
+        data = torch.load(data, map_location="cpu", weights_only=True)
+    if isinstance(data, (list, tuple)) and len(data) == 0:
+        raise ValueError("empty data: the list of texts is empty; pass at least seq_len tokens of text")
+    if isinstance(data, torch.Tensor):
+        if data.numel() == 0:
+            raise ValueError("empty data: the token-id tensor has no elements")
+        if data.dtype.is_floating_point or data.dtype == torch.bool:
+            raise ValueError(f"token-id tensor must be an integer tensor, got dtype {data.dtype}")
+    try:
+        from minitron.data import load_text_blocks
+    except ImportError:  # shared loader not present: minimal local packing
+        blocks = _fallback_blocks(data, tokenizer, seq_len)
+        if max_blocks is not None:
+            blocks = blocks[:max_blocks]
+    else:
+        blocks = load_text_blocks(data, tokenizer, seq_len, max_blocks=max_blocks)
+    if blocks.shape[0] == 0:
+        raise ValueError(
+            f"empty data: fewer than seq_len={seq_len} tokens after tokenisation; provide more data or lower seq_len"
+        )
+    return blocks.long().contiguous()
+
+
+def batch_indices(n_blocks: int, seed: int, step: int, micro: int, batch_size: int, grad_accum: int) -> torch.Tensor:
+    """Block indices of one global micro-batch, a pure function of ``(seed, step, micro)``.
+
+    Sample ``k = (step * grad_accum + micro) * batch_size + j`` of the run is block
+    ``perm_e[k % n_blocks]`` with ``e = k // n_blocks`` the epoch and ``perm_e`` a
+    permutation seeded by ``(seed, e)``: every epoch visits each block once.
+
+    Args:
+        n_blocks: number of training blocks.
+        seed: run seed.
+        step: optimizer step (0-based).
+        micro: micro-step within the optimizer step (0 <= micro < grad_accum).
+        batch_size: global micro-batch size.
+        grad_accum: micro-steps per optimizer step.
+    Returns:
+        LongTensor (batch_size,) of block indices.
+    """
+    start = (step * grad_accum + micro) * batch_size
+    ks = torch.arange(start, start + batch_size)
+    out = torch.empty(batch_size, dtype=torch.long)
+    for epoch in torch.unique(ks // n_blocks).tolist():
+        sel = (ks // n_blocks) == epoch
+        g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
+        perm = torch.randperm(n_blocks, generator=g)
+        out[sel] = perm[ks[sel] % n_blocks]
+    return out
