@@ -1,0 +1,262 @@
+"""Fused linear + KD loss: chunked and Triton paths vs the naive fp32 reference.
+
+The Triton path runs on CUDA when available, else on CPU under TRITON_INTERPRET=1. The
+interpreter flag is read when triton is first imported, and tests/conftest.py imports
+transformers (which imports triton) before this module; so on CPU the Triton/Liger tests are
+skipped in-process and ``test_triton_paths_in_interpreter_subprocess`` re-runs them in a fresh
+pytest process started with TRITON_INTERPRET=1 (small shapes keep the interpreter fast).
+
+Tolerances (max |a - b| / max |b| over the whole tensor, ``_rel``):
+  fp32 inputs:       loss and every gradient 2e-5 (all paths accumulate in fp32; only
+                     summation order differs).
+  bf16/fp16 inputs:  loss 1e-4 (logits are fp32 on every path: CPU upcasts the weights,
+                     CUDA uses fp32-output GEMMs); gradients 1.5e-2, i.e. about two bf16 ulps:
+                     grads are returned in the input dtype (one rounding), and on CUDA the grad
+                     logits are rounded to bf16 before the dX / dW GEMMs (as autograd would do
+                     in a bf16 model).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from minitron.losses import last_impl, linear_kd_loss  # noqa: E402
+
+DEVICE = "cuda" if CUDA else "cpu"
+# the interpreter evaluates masked -inf lanes with numpy (inf - inf in discarded branches)
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
+N, HS, HT, V = 37, 24, 16, 1003  # odd shapes; chunk_size=10 does not divide N
+CHUNK = 10
+TOL = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (1e-4, 1.5e-2), torch.float16: (1e-4, 1.5e-2)}  # (loss, grad)
+
+
+def _have_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _triton_ok() -> bool:
+    """Triton kernels can run here: CUDA, or CPU with triton imported in interpreter mode."""
+    if not _have_triton():
+        return False
+    if CUDA:
+        return True
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(tl.zeros, InterpretedFunction)
+
+
+TRITON_OK = _triton_ok()
+IMPLS = ["chunked", pytest.param("triton", marks=pytest.mark.skipif(not TRITON_OK, reason="triton not runnable here"))]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+def _inputs(vs=V, vt=V, dtype=torch.float32, bias=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(DEVICE, dtype)  # noqa: E731
+    d = dict(
+        student_hidden=mk(N, HS).requires_grad_(),
+        student_weight=mk(vs, HS, scale=0.3).requires_grad_(),
+        teacher_hidden=mk(N, HT),
+        teacher_weight=mk(vt, HT, scale=0.3),
+    )
+    if bias:
+        d["student_bias"] = mk(vs, scale=0.5).requires_grad_()
+        d["teacher_bias"] = mk(vt, scale=0.5)
+    return d
+
+
+def _run(impl, inputs, **kw):
+    inp = {k: v.detach().clone().requires_grad_(v.requires_grad) for k, v in inputs.items()}
+    out = linear_kd_loss(**inp, impl=impl, chunk_size=CHUNK, **kw)
+    # non-uniform upstream gradient for reduction="none" (exercises the recompute path)
+    w = torch.linspace(0.5, 1.5, N, device=out.device) if out.dim() else 1.0
+    (out * w).sum().backward()
+    grads = {k: v.grad for k, v in inp.items() if v.requires_grad}
+    assert inp["teacher_hidden"].grad is None and inp["teacher_weight"].grad is None
+    return out.detach(), grads
+
+
+def _labels(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    lab = torch.randint(0, 100, (N,), generator=g)
+    lab[::3] = -100
+    lab[-4:] = -100
+    return lab.to(DEVICE)
+
+
+CASES = {
+    "forward_kl": dict(),
+    "labels_ignore_index": dict(labels="labels"),
+    "mask": dict(mask="mask"),
+    "temperature2": dict(temperature=2.0, labels="labels"),
+    "vocab_teacher_smaller": dict(vt=V - 97),  # teacher padded with -inf: forward KL finite
+    "vocab_student_smaller_reverse": dict(vs=V - 97, loss="reverse_kl"),  # student padded: reverse KL finite
+    "vocab_mismatch_jsd": dict(vs=V - 50, loss="jsd"),
+    "top_k": dict(top_k=17),
+    "top_k_temperature_jsd": dict(top_k=5, temperature=2.0, loss="jsd", beta=0.3),
+    "reverse_kl": dict(loss="reverse_kl"),
+    "jsd_beta_half": dict(loss="jsd", beta=0.5),
+    "reduction_sum": dict(reduction="sum", labels="labels"),
+    "reduction_none": dict(reduction="none", labels="labels"),
+    "reduction_none_jsd": dict(reduction="none", loss="jsd", beta=0.5),
+    "bias": dict(bias=True, loss="reverse_kl"),
+}
+
+
+def _case(name):
+    kw = dict(CASES[name])
+    shape = dict(vs=kw.pop("vs", V), vt=kw.pop("vt", V), bias=kw.pop("bias", False))
+    if kw.get("labels") == "labels":
+        kw["labels"] = _labels()
+    if kw.get("mask") == "mask":
+        kw["mask"] = _labels(seed=2) != -100
+    return shape, kw
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_naive_fp32(impl, case):
+    shape, kw = _case(case)
+    inputs = _inputs(**shape)
+    ref, ref_g = _run("naive", inputs, **kw)
+    out, g = _run(impl, inputs, **kw)
+    assert last_impl() == impl
+    tol_loss, tol_grad = TOL[torch.float32]
+    assert torch.isfinite(ref).all()
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    assert _rel(out, ref) <= tol_loss, (case, _rel(out, ref))
+    for k in ref_g:
+        assert g[k].dtype == inputs[k].dtype and g[k].shape == inputs[k].shape
+        assert _rel(g[k], ref_g[k]) <= tol_grad, (case, k, _rel(g[k], ref_g[k]))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_matches_naive_half(impl, dtype):
+    inputs = _inputs(dtype=dtype, vt=V - 3, bias=True)
+    kw = dict(labels=_labels(), temperature=2.0)
+    ref, ref_g = _run("naive", inputs, **kw)
+    out, g = _run(impl, inputs, **kw)
+    tol_loss, tol_grad = TOL[dtype]
+    assert _rel(out, ref) <= tol_loss
+    for k in ref_g:
+        assert g[k].dtype == dtype
+        assert _rel(g[k], ref_g[k]) <= tol_grad, (k, _rel(g[k], ref_g[k]))
+
+
+@pytest.mark.parametrize("impl", ["naive", *IMPLS])
+@pytest.mark.parametrize("loss", ["forward_kl", "jsd"])
+def test_all_masked_is_zero_without_nan(impl, loss):
+    inputs = _inputs(bias=True)
+    out, g = _run(impl, inputs, mask=torch.zeros(N, dtype=torch.bool, device=DEVICE), loss=loss)
+    assert out.item() == 0.0
+    for k, v in g.items():
+        assert v is not None and torch.isfinite(v).all() and v.abs().max().item() == 0.0, k
+    out, _ = _run(impl, inputs, labels=torch.full((N,), -100, device=DEVICE), reduction="none")
+    assert out.shape == (N,) and (out == 0).all()
+
+
+def test_naive_matches_kl_div_formula():
+    """Independent check of the reference: forward KL = F.kl_div(log q, log p, log_target) / n."""
+    inp = _inputs()
+    s = (inp["student_hidden"].float() @ inp["student_weight"].float().t()) / 2.0
+    t = (inp["teacher_hidden"].float() @ inp["teacher_weight"].float().t()) / 2.0
+    direct = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="sum") / N * 4.0
+    naive = linear_kd_loss(**inp, temperature=2.0, impl="naive")
+    assert _rel(naive, direct) <= 1e-6
+
+
+def test_naive_vocab_padding_is_minus_inf():
+    """Padding the smaller teacher vocab with -inf == a huge negative pad; zero padding would differ."""
+    inp = _inputs(vt=V - 97)
+    naive = linear_kd_loss(**inp, impl="naive")
+    s = inp["student_hidden"].float() @ inp["student_weight"].float().t()
+    t = inp["teacher_hidden"].float() @ inp["teacher_weight"].float().t()
+    direct = lambda pad: F.kl_div(  # noqa: E731
+        F.log_softmax(s, -1), F.log_softmax(F.pad(t, (0, 97), value=pad), -1), log_target=True, reduction="sum"
+    ) / N
+    assert _rel(naive, direct(-1e9)) <= 1e-6
+    assert _rel(naive, direct(0.0)) > 1e-2
+
+
+def test_naive_jsd_limits_and_topk_full():
+    inp = _inputs()
+    fwd = linear_kd_loss(**inp, impl="naive")
+    rev = linear_kd_loss(**inp, loss="reverse_kl", impl="naive")
+    assert linear_kd_loss(**inp, loss="jsd", beta=0.0, impl="naive").item() == pytest.approx(fwd.item(), rel=1e-6)
+    assert linear_kd_loss(**inp, loss="jsd", beta=1.0, impl="naive").item() == pytest.approx(rev.item(), rel=1e-6)
+    jsd = linear_kd_loss(**inp, loss="jsd", beta=0.5, impl="naive").item()
+    assert 0.0 < jsd < min(fwd.item(), rev.item())
+    assert linear_kd_loss(**inp, top_k=V, impl="naive").item() == pytest.approx(fwd.item(), rel=1e-6)
+
+
+def test_dispatch_and_errors():
+    inp = _inputs()
+    with torch.no_grad():
+        out = linear_kd_loss(**inp)  # no autograd: loss-only loop
+    assert last_impl() == ("triton" if CUDA and TRITON_OK else "chunked")
+    assert torch.isfinite(out)
+    for bad in (dict(impl="fast"), dict(loss="mse"), dict(reduction="avg"), dict(beta=1.5), dict(temperature=0.0)):
+        with pytest.raises(ValueError):
+            linear_kd_loss(**inp, **bad)
+
+
+@pytest.mark.parametrize("impl", ["naive", *IMPLS])
+@pytest.mark.parametrize("beta,tau", [(0.0, 1.0), (0.5, 2.0), (1.0, 1.0)])
+def test_liger_fused_linear_jsd(impl, beta, tau):
+    """Cross-check with Liger's LigerFusedLinearJSD (skipped when liger_kernel is absent).
+
+    Liger's conventions (checked in liger_kernel/ops/jsd.py and fused_linear_jsd.py): X = student
+    log-probs, Y = teacher log-probs, loss = beta KL(P||M) + (1-beta) KL(Q||M) with
+    M = beta P + (1-beta) Q, and beta=0 special-cased to forward KL(P_teacher || Q_student),
+    beta=1 to reverse KL; temperature divides both logits but the loss is NOT multiplied by
+    tau^2; mean over tokens whose label != ignore_index. So ours / tau^2 == Liger, for the
+    loss and for the student hidden / weight gradients.
+    """
+    pytest.importorskip("liger_kernel")
+    if not TRITON_OK:
+        pytest.skip("Liger needs triton (CUDA, or the interpreter on CPU: see the subprocess test)")
+    from liger_kernel.transformers import LigerFusedLinearJSD
+
+    inp = _inputs()
+    labels = _labels()
+    ours, g = _run(impl, inp, loss="jsd", beta=beta, temperature=tau, labels=labels)
+    lig_in = {k: v.detach().clone().requires_grad_(v.requires_grad) for k, v in inp.items()}
+    lig = LigerFusedLinearJSD(jsd_beta=beta, temperature=tau)(
+        lig_in["student_hidden"], lig_in["student_weight"], lig_in["teacher_hidden"], lig_in["teacher_weight"], labels
+    )
+    lig.backward()
+    scale = 1.0 / tau**2
+    assert _rel(ours * scale, lig.detach()) <= 2e-5
+    for k in ("student_hidden", "student_weight"):
+        assert _rel(g[k] * scale, lig_in[k].grad) <= 2e-5, k
+
+
+@pytest.mark.skipif(CUDA or TRITON_OK or not _have_triton(), reason="Triton tests already ran in-process")
+def test_triton_paths_in_interpreter_subprocess():
+    """Run this file's Triton and Liger tests in a fresh process with TRITON_INTERPRET=1."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "triton or liger"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=Path(__file__).parents[1])
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout
