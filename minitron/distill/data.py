@@ -34,6 +34,19 @@ def _fallback_blocks(data: Any, tokenizer: Any, seq_len: int) -> torch.Tensor:
     return ids[: n * seq_len].view(n, seq_len)
 
 
+def check_nonempty(data: Any) -> None:
+    """Raise ValueError for obviously empty data (empty list/tensor/dataset) or a float tensor."""
+    if isinstance(data, (list, tuple)) and len(data) == 0:
+        raise ValueError("empty data: the list of texts is empty; pass at least seq_len tokens of text")
+    if isinstance(data, torch.Tensor):
+        if data.numel() == 0:
+            raise ValueError("empty data: the token-id tensor has no elements")
+        if data.dtype.is_floating_point or data.dtype == torch.bool:
+            raise ValueError(f"token-id tensor must be an integer tensor, got dtype {data.dtype}")
+    if getattr(data, "column_names", None) is not None and len(data) == 0:
+        raise ValueError("empty data: the dataset has no rows")
+
+
 def load_blocks(data: Any, tokenizer: Any, seq_len: int, max_blocks: int | None = None) -> torch.Tensor:
     """Turn any supported data kind into packed blocks of token ids.
 
@@ -54,13 +67,7 @@ def load_blocks(data: Any, tokenizer: Any, seq_len: int, max_blocks: int | None 
     """
     if isinstance(data, (str, os.PathLike)) and Path(data).suffix == ".pt":
         data = torch.load(data, map_location="cpu", weights_only=True)
-    if isinstance(data, (list, tuple)) and len(data) == 0:
-        raise ValueError("empty data: the list of texts is empty; pass at least seq_len tokens of text")
-    if isinstance(data, torch.Tensor):
-        if data.numel() == 0:
-            raise ValueError("empty data: the token-id tensor has no elements")
-        if data.dtype.is_floating_point or data.dtype == torch.bool:
-            raise ValueError(f"token-id tensor must be an integer tensor, got dtype {data.dtype}")
+    check_nonempty(data)
     try:
         from minitron.data import load_text_blocks
     except ImportError:  # shared loader not present: minimal local packing

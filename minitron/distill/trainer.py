@@ -39,7 +39,7 @@ from minitron.distill.checkpoint import (
     TRAINER_STATE,
 )
 from minitron.distill.config import DistillConfig
-from minitron.distill.data import batch_indices, load_blocks
+from minitron.distill.data import batch_indices, check_nonempty, load_blocks
 from minitron.distill.losses import (
     IntermediateProjections,
     dynamic_alpha,
@@ -354,6 +354,8 @@ def distill(
     is_main = rank == 0
 
     _check_models(student, teacher, cfg)
+    for d in (train_data, eval_data):
+        check_nonempty(d)
     tokenizer = _resolve_tokenizer(student, tokenizer, [train_data, eval_data])
     train_blocks = load_blocks(train_data, tokenizer, cfg.seq_len)  # (n, T)
     eval_blocks = load_blocks(eval_data, tokenizer, cfg.seq_len) if eval_data is not None else None
@@ -482,6 +484,8 @@ def distill(
 
         bar = tqdm(total=cfg.steps, initial=step, desc="distill", dynamic_ncols=True)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
+    if eval_blocks is not None and step == 0 and cfg.steps > 0:  # baseline: KL to teacher before training
+        log(evaluate())
     keys = ("loss", "kd_loss", "ce_loss", "is_loss", "alpha")
     while step < cfg.steps:
         t0 = time.perf_counter()
