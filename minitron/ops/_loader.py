@@ -1,0 +1,137 @@
+"""Private: locate / build the ``minitron`` C++/CUDA extension (torch.ops.minitron.*).
+
+Order of attempts (first success wins, result cached for the process):
+
+1. ``import minitron._C`` -- prebuilt by ``setup.py`` (``pip install -e . --no-build-isolation``).
+2. JIT build with :func:`torch.utils.cpp_extension.load` (ninja) from the repo's ``csrc/``
+   into a cache dir (``$MINITRON_EXT_DIR`` or ``~/.cache/minitron/ext/<py>-<torch>-<cpu|cuXY>``).
+   CUDA sources are included only when ``torch.version.cuda`` and a CUDA toolkit (CUDA_HOME)
+   are both present. Nothing is ever downloaded.
+3. Give up: ``load_extension()`` returns ``None`` and callers use the pure-PyTorch fallback
+   (a single ``warnings.warn`` says so).
+
+``MINITRON_GATHER_BACKEND=torch`` skips 1-2 entirely (forces the fallback);
+``MINITRON_NO_JIT=1`` skips step 2 only.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import warnings
+from pathlib import Path
+from types import ModuleType
+from typing import Optional
+
+import torch
+
+_LOCK = threading.Lock()
+_STATE: dict = {"tried": False, "module": None, "error": None}
+
+CSRC_DIR = Path(__file__).resolve().parents[2] / "csrc"
+CPU_SOURCES = ["gather_cpu.cpp"]
+CUDA_SOURCES = ["gather_cuda.cpp", "gather_cuda_kernel.cu"]
+
+
+def forced_torch_fallback() -> bool:
+    """True when ``MINITRON_GATHER_BACKEND`` asks for the pure-PyTorch path."""
+    return os.environ.get("MINITRON_GATHER_BACKEND", "auto").strip().lower() in {
+        "torch",
+        "torch-fallback",
+        "fallback",
+    }
+
+
+def _cuda_build_possible() -> bool:
+    if not torch.version.cuda:
+        return False
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    return CUDA_HOME is not None
+
+
+def _cache_dir() -> Path:
+    env = os.environ.get("MINITRON_EXT_DIR")
+    if env:
+        return Path(env)
+    flavour = f"cu{torch.version.cuda.replace('.', '')}" if _cuda_build_possible() else "cpu"
+    tag = f"py{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__.split('+')[0]}-{flavour}"
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "minitron" / "ext" / tag
+
+
+def _jit_build() -> ModuleType:
+    from torch.utils.cpp_extension import load
+
+    if not all((CSRC_DIR / s).is_file() for s in CPU_SOURCES):
+        raise FileNotFoundError(f"C++ sources not found under {CSRC_DIR}")
+    sources = [str(CSRC_DIR / s) for s in CPU_SOURCES]
+    cflags = ["-O3", "-std=c++17"]
+    cuda_flags: list[str] = []
+    if _cuda_build_possible():
+        sources += [str(CSRC_DIR / s) for s in CUDA_SOURCES]
+        cflags.append("-DMINITRON_WITH_CUDA")
+        cuda_flags = ["-O3", "-std=c++17", "-DMINITRON_WITH_CUDA"]
+    build_dir = _cache_dir()
+    build_dir.mkdir(parents=True, exist_ok=True)
+    return load(
+        name="minitron_C_jit",
+        sources=sources,
+        extra_cflags=cflags,
+        extra_cuda_cflags=cuda_flags or None,
+        extra_include_paths=[str(CSRC_DIR)],
+        build_directory=str(build_dir),
+        verbose=os.environ.get("MINITRON_EXT_VERBOSE", "0") == "1",
+    )
+
+
+def load_extension() -> Optional[ModuleType]:
+    """Return the loaded extension module (ops registered), or ``None`` if unavailable."""
+    if forced_torch_fallback():
+        return None
+    if _STATE["tried"]:
+        return _STATE["module"]
+    with _LOCK:
+        if _STATE["tried"]:
+            return _STATE["module"]
+        mod = None
+        errors = []
+        try:
+            from minitron import _C as mod  # type: ignore[attr-defined,no-redef]
+        except ImportError as e:  # not prebuilt (or built for another torch)
+            errors.append(f"prebuilt minitron._C: {e}")
+            mod = None
+        if mod is None and os.environ.get("MINITRON_NO_JIT", "0") != "1":
+            try:
+                mod = _jit_build()
+            except Exception as e:  # compiler missing, build error, ...
+                errors.append(f"JIT build: {type(e).__name__}: {e}")
+                mod = None
+        if mod is None:
+            _STATE["error"] = "; ".join(errors) or "disabled by MINITRON_NO_JIT=1"
+            warnings.warn(
+                "minitron: C++ gather extension unavailable "
+                f"({_STATE['error'][:500]}); compact_ uses the slower pure-PyTorch fallback "
+                "(same results, chunked copies). Install a C++ compiler + ninja, or build with "
+                "`pip install -e . --no-build-isolation`.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        else:
+            from . import gather as _gather  # noqa: F401  (registers the fake impl)
+
+            _gather._register_fake()
+        _STATE["module"] = mod
+        _STATE["tried"] = True
+        return mod
+
+
+def has_kernel(device_type: str) -> bool:
+    """Whether ``minitron::compact_`` has a C++ kernel for ``device_type`` ('cpu'/'cuda')."""
+    if load_extension() is None:
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    if key is None:
+        return False
+    return bool(torch._C._dispatch_has_kernel_for_dispatch_key("minitron::compact_", key))
