@@ -50,20 +50,40 @@ def topk_mask_(s_logits: torch.Tensor, t_logits: torch.Tensor, top_k: int) -> No
     s_logits.masked_fill_(~keep[:, :vs], float("-inf"))
 
 
-def _xlog(a: torch.Tensor, la: torch.Tensor, lb: torch.Tensor) -> torch.Tensor:
-    """a * (la - lb) with 0 where a == 0 (forward only, no autograd)."""
-    return torch.where(a > 0, a * (la - lb), torch.zeros((), dtype=a.dtype, device=a.device))
+def _pad(x: torch.Tensor, v: int) -> torch.Tensor:
+    """(c, Vx) -> (c, v) with -inf columns appended (no copy when Vx == v)."""
+    if x.shape[1] == v:
+        return x
+    out = x.new_full((x.shape[0], v), float("-inf"))
+    out[:, : x.shape[1]] = x
+    return out
+
+
+def _log_softmax_(x: torch.Tensor, inv_tau: float) -> torch.Tensor:
+    """In-place log_softmax(x * inv_tau) over the last dim (one (c, V) temporary inside logsumexp)."""
+    x.mul_(inv_tau)
+    return x.sub_(torch.logsumexp(x, dim=-1, keepdim=True))
+
+
+def _xlog_(la: torch.Tensor, lb: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """New (c, V) buffer ``a * (la - lb)`` with 0 where a == 0 (no 0 * inf NaN)."""
+    out = torch.sub(la, lb)
+    out.mul_(a)
+    return out.masked_fill_(a == 0, 0.0)
 
 
 def kd_chunk_reference(
-    s_logits: torch.Tensor,  # (c, Vs) fp32
-    t_logits: torch.Tensor,  # (c, Vt) fp32
+    s_logits: torch.Tensor,  # (c, Vs) fp32, overwritten
+    t_logits: torch.Tensor,  # (c, Vt) fp32, overwritten
     row_scale: torch.Tensor | None,  # (c,) fp32, None -> no gradient
     kind: int = FORWARD_KL,
     beta: float = 0.5,
     temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token loss (c,) and grad logits (c, Vs) (``row_scale``-weighted), fp32.
+
+    Works in place on the chunk's logits buffers to keep the workspace at a few (c, V)
+    tensors (the chunked path owns them; pass clones to keep the inputs).
 
     Args:
         s_logits: student logits of the chunk, fp32 (may hold ``-inf`` from top-k masking).
@@ -74,31 +94,32 @@ def kd_chunk_reference(
         temperature: softmax temperature tau; the loss is multiplied by tau^2.
     Returns:
         ``(loss (c,), grad (c, Vs) or None)``.
+    Example:
+        >>> loss, grad = kd_chunk_reference(s.clone(), t.clone(), torch.full((s.shape[0],), 1 / n))
     """
     vs, vt = s_logits.shape[-1], t_logits.shape[-1]
     v = max(vs, vt)
     inv_tau = 1.0 / temperature
-    s = torch.full((s_logits.shape[0], v), float("-inf"), dtype=torch.float32, device=s_logits.device)  # (c, V)
-    t = torch.full_like(s, float("-inf"))  # (c, V)
-    s[:, :vs] = s_logits * inv_tau
-    t[:, :vt] = t_logits * inv_tau
-    log_q = torch.log_softmax(s, dim=-1)  # student
-    log_p = torch.log_softmax(t, dim=-1)  # teacher
-    q, p = log_q.exp(), log_p.exp()
+    want = row_scale is not None
+    log_q = _log_softmax_(_pad(s_logits, v), inv_tau)  # (c, V) student
+    log_p = _log_softmax_(_pad(t_logits, v), inv_tau)  # (c, V) teacher
     if kind == FORWARD_KL:
-        loss = _xlog(p, log_p, log_q).sum(-1)  # (c,)
-        grad = (q - p) if row_scale is not None else None
+        p = log_p.exp()  # (c, V)
+        loss = _xlog_(log_p, log_q, p).sum(-1)  # (c,)
+        grad = log_q.exp_().sub_(p) if want else None  # Q - P, in the student buffer
     elif kind == REVERSE_KL:
-        term = _xlog(q, log_q, log_p)  # (c, V)
-        loss = term.sum(-1)
-        grad = (term - q * loss[:, None]) if row_scale is not None else None
+        q = log_q.exp()
+        grad = _xlog_(log_q, log_p, q)  # Q (log Q - log P)
+        loss = grad.sum(-1)
+        grad = grad.sub_(q.mul_(loss[:, None])) if want else None
     else:
-        m = beta * p + (1.0 - beta) * q
-        log_m = m.log()
-        term_q = _xlog(q, log_q, log_m)  # (c, V)
-        kl_qm = term_q.sum(-1)  # (c,)
-        loss = beta * _xlog(p, log_p, log_m).sum(-1) + (1.0 - beta) * kl_qm
-        grad = (1.0 - beta) * (term_q - q * kl_qm[:, None]) if row_scale is not None else None
+        p, q = log_p.exp(), log_q.exp()
+        log_m = torch.mul(p, beta).add_(q, alpha=1.0 - beta).log_()  # M = beta P + (1 - beta) Q
+        loss_p = _xlog_(log_p, log_m, p).sum(-1)
+        grad = _xlog_(log_q, log_m, q)  # Q (log Q - log M)
+        kl_qm = grad.sum(-1)
+        loss = beta * loss_p + (1.0 - beta) * kl_qm
+        grad = grad.sub_(q.mul_(kl_qm[:, None])).mul_(1.0 - beta) if want else None
     if grad is not None:
-        grad = grad[:, :vs] * (temperature * row_scale[:, None])
+        grad = grad[:, :vs].mul_(temperature * row_scale[:, None])
     return loss * (temperature * temperature), grad
