@@ -57,8 +57,8 @@ class _Gemm:
         return torch.mm(g.to(self.w.dtype), self.w, out_dtype=torch.float32) if self.native else g @ self.w
 
     def acc_grad_weight_(self, gw: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> None:  # gw (V, H) fp32
-        if self.native:
-            gw.add_(torch.mm(g.to(h.dtype).t(), h, out_dtype=torch.float32))
+        if self.native:  # bf16 x bf16 -> fp32 accumulate straight into gw (no V x H temporary)
+            torch.addmm(gw, g.to(h.dtype).t(), h, out_dtype=torch.float32, out=gw)
         else:
             gw.addmm_(g.t(), h)
 
@@ -152,7 +152,8 @@ class LinearKDFunction(torch.autograd.Function):
             gh, gw, gb = ctx.saved_tensors
             dtypes = ctx.dtypes
             go = grad_out.float()
-            gh, gw, gb = (None if g is None else g * go for g in (gh, gw, gb))
+            # scale the saved fp32 grads in place: no second (Vs, Hs) buffer (backward runs once)
+            gh, gw, gb = (None if g is None else g.mul_(go) for g in (gh, gw, gb))
         out = [None if g is None else g.to(dt) for g, dt in zip((gh, gw, gb), dtypes)]
         return out[0], out[1], out[2], None, None, None, None, None
 
