@@ -88,11 +88,13 @@ def test_linear_cross_entropy_matches_full_logits(chunk):
         torch.testing.assert_close(a, r)
 
 
-@pytest.mark.parametrize("temperature,top_k,vs", [(1.0, None, 128), (2.0, 5, 128), (1.0, None, 136)])
-def test_trainer_kd_loss_equals_direct_logits_forward_kl(temperature, top_k, vs):
+@pytest.mark.parametrize("temperature,top_k,vs,kind", [(1.0, None, 128, "forward_kl"), (2.0, 5, 128, "forward_kl"),
+                                                       (1.0, None, 136, "forward_kl"), (1.0, None, 128, "reverse_kl")])
+def test_trainer_kd_loss_equals_direct_logits_kl(temperature, top_k, vs, kind):
     teacher = _tiny(seed=1)
     student = _tiny(vocab=vs, hidden=16, layers=1, heads=2, kv=1, inter=32, tie=True, seed=2)
-    cfg = DistillConfig(steps=1, seq_len=8, batch_size=2, temperature=temperature, top_k=top_k, warmup_steps=0)
+    cfg = DistillConfig(steps=1, seq_len=8, batch_size=2, temperature=temperature, top_k=top_k, warmup_steps=0,
+                        logits_loss=kind)
     mod = _DistillModule(student, teacher.eval().requires_grad_(False), cfg)
     x = torch.randint(0, 128, (2, 8))
     got = mod(x)["kd_loss"]
@@ -107,6 +109,8 @@ def test_trainer_kd_loss_equals_direct_logits_forward_kl(temperature, top_k, vs)
         idx = t.topk(top_k, -1).indices
         s, t = s.gather(-1, idx), t.gather(-1, idx)
     log_p, log_q = t.log_softmax(-1), s.log_softmax(-1)
+    if kind == "reverse_kl":  # KL(student || teacher)
+        log_p, log_q = log_q, log_p
     p = log_p.exp()
     kl = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)  # (B, T)
     ref = kl.mean() * temperature**2

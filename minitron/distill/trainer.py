@@ -96,9 +96,18 @@ class _DistillModule(nn.Module):
                     f"intermediate_layers pair ({s}, {t}) out of range: student has {len(s_layers)} layers, "
                     f"teacher has {len(t_layers)}"
                 )
-        for side, layers, idx in (("s", s_layers, {p[0] for p in pairs}), ("t", t_layers, {p[1] for p in pairs})):
-            for i in idx:
-                layers[i].register_forward_hook(self._capture_hook((side, i)))
+        self._hooks = [
+            layers[i].register_forward_hook(self._capture_hook((side, i)))
+            for side, layers, idx in (("s", s_layers, {p[0] for p in pairs}), ("t", t_layers, {p[1] for p in pairs}))
+            for i in sorted(idx)
+        ]
+
+    def remove_hooks(self) -> None:
+        """Detach the capture hooks from the user's models (called when training ends)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        self._captured.clear()
 
     def _capture_hook(self, key: tuple[str, int]) -> Callable:
         def hook(_mod: nn.Module, _inp: Any, out: Any) -> None:
@@ -477,82 +486,85 @@ def distill(
         if world > 1:
             dist.barrier()
 
-    # ---- loop ---------------------------------------------------------------------------
-    bar = None
-    if is_main and cfg.progress:
-        from tqdm.auto import tqdm
+    try:
+        # ---- loop ---------------------------------------------------------------------------
+        bar = None
+        if is_main and cfg.progress:
+            from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.steps, initial=step, desc="distill", dynamic_ncols=True)
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
-    if eval_blocks is not None and step == 0 and cfg.steps > 0:  # baseline: KL to teacher before training
-        log(evaluate())
-    keys = ("loss", "kd_loss", "ce_loss", "is_loss", "alpha")
-    while step < cfg.steps:
-        t0 = time.perf_counter()
-        acc = torch.zeros(len(keys), device=device)
-        for micro in range(cfg.grad_accum):
-            idx = batch_indices(train_blocks.shape[0], cfg.seed, step, micro, cfg.batch_size, cfg.grad_accum)
-            x = train_blocks[idx[rank * per_rank : (rank + 1) * per_rank]].to(device)  # (b, T)
-            sync = micro == cfg.grad_accum - 1 or mode != "ddp"
-            with (nullcontext() if sync else wrapped.no_sync()), autocast():
-                out = wrapped(x)
-                (out["loss"] / cfg.grad_accum).backward()
-            acc += torch.stack([out[k].detach().float() for k in keys]) / cfg.grad_accum
-        acc = _all_mean(acc, world).cpu()
-        vals = dict(zip(keys, acc.tolist()))
-        if not math.isfinite(vals["loss"]):
-            last = latest_checkpoint(out_dir)
+            bar = tqdm(total=cfg.steps, initial=step, desc="distill", dynamic_ncols=True)
+        tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
+        if eval_blocks is not None and step == 0 and cfg.steps > 0:  # baseline: KL to teacher before training
+            log(evaluate())
+        keys = ("loss", "kd_loss", "ce_loss", "is_loss", "alpha")
+        while step < cfg.steps:
+            t0 = time.perf_counter()
+            acc = torch.zeros(len(keys), device=device)
+            for micro in range(cfg.grad_accum):
+                idx = batch_indices(train_blocks.shape[0], cfg.seed, step, micro, cfg.batch_size, cfg.grad_accum)
+                x = train_blocks[idx[rank * per_rank : (rank + 1) * per_rank]].to(device)  # (b, T)
+                sync = micro == cfg.grad_accum - 1 or mode != "ddp"
+                with (nullcontext() if sync else wrapped.no_sync()), autocast():
+                    out = wrapped(x)
+                    (out["loss"] / cfg.grad_accum).backward()
+                acc += torch.stack([out[k].detach().float() for k in keys]) / cfg.grad_accum
+            acc = _all_mean(acc, world).cpu()
+            vals = dict(zip(keys, acc.tolist()))
+            if not math.isfinite(vals["loss"]):
+                last = latest_checkpoint(out_dir)
+                if bar is not None:
+                    bar.close()
+                raise NonFiniteLossError(
+                    f"non-finite training loss ({vals['loss']}) at step {step + 1} (kd={vals['kd_loss']}, "
+                    f"ce={vals['ce_loss']}, is={vals['is_loss']}); stopped before the optimizer update. Last good "
+                    f"checkpoint: {last if last is not None else 'none'}. Lower lr, check the data, or use fp32."
+                )
+            grad_norm = float("nan")
+            params = [p for _, p in train_params]
+            if cfg.max_grad_norm:
+                gn = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                grad_norm = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            dt = time.perf_counter() - t0
+            row = {"split": "train", "step": step, **vals, "lr": lr, "grad_norm": grad_norm,
+                   "tokens": step * tokens_per_step, "tokens_per_s": tokens_per_step / max(dt, 1e-9)}
+            if step % max(1, cfg.log_every) == 0:
+                log(row)
             if bar is not None:
-                bar.close()
-            raise NonFiniteLossError(
-                f"non-finite training loss ({vals['loss']}) at step {step + 1} (kd={vals['kd_loss']}, "
-                f"ce={vals['ce_loss']}, is={vals['is_loss']}); stopped before the optimizer update. Last good "
-                f"checkpoint: {last if last is not None else 'none'}. Lower lr, check the data, or use fp32."
-            )
-        grad_norm = float("nan")
-        params = [p for _, p in train_params]
-        if cfg.max_grad_norm:
-            gn = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            grad_norm = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        dt = time.perf_counter() - t0
-        row = {"split": "train", "step": step, **vals, "lr": lr, "grad_norm": grad_norm,
-               "tokens": step * tokens_per_step, "tokens_per_s": tokens_per_step / max(dt, 1e-9)}
-        if step % max(1, cfg.log_every) == 0:
-            log(row)
+                bar.update(1)
+                bar.set_postfix(loss=f"{vals['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+            last_step = step == cfg.steps
+            if eval_blocks is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or last_step):
+                ev = evaluate()
+                log(ev)
+                row.update({f"eval_{k}": v for k, v in ev.items() if k not in ("split", "step")})
+                if is_main and cfg.plot:
+                    plot_loss_curve(metrics_path, out_dir / "loss_curve.png")
+            if (cfg.save_every and step % cfg.save_every == 0) or last_step:
+                checkpoint()
+            for cb in callbacks or ():
+                cb(step, row, student)
         if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{vals['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
-        last_step = step == cfg.steps
-        if eval_blocks is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or last_step):
-            ev = evaluate()
-            log(ev)
-            row.update({f"eval_{k}": v for k, v in ev.items() if k not in ("split", "step")})
-            if is_main and cfg.plot:
+            bar.close()
+
+        # ---- final HF checkpoint --------------------------------------------------------------
+        final_state = _full_state(student)
+        if is_main:
+            def write_final(tmp: Path) -> None:
+                student.save_pretrained(tmp, state_dict=final_state)
+                if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+                    tokenizer.save_pretrained(tmp)
+
+            atomic_write_dir(out_dir / "final", write_final)
+            if cfg.plot:
                 plot_loss_curve(metrics_path, out_dir / "loss_curve.png")
-        if (cfg.save_every and step % cfg.save_every == 0) or last_step:
-            checkpoint()
-        for cb in callbacks or ():
-            cb(step, row, student)
-    if bar is not None:
-        bar.close()
-
-    # ---- final HF checkpoint --------------------------------------------------------------
-    final_state = _full_state(student)
-    if is_main:
-        def write_final(tmp: Path) -> None:
-            student.save_pretrained(tmp, state_dict=final_state)
-            if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
-                tokenizer.save_pretrained(tmp)
-
-        atomic_write_dir(out_dir / "final", write_final)
-        if cfg.plot:
-            plot_loss_curve(metrics_path, out_dir / "loss_curve.png")
-    if world > 1:
-        dist.barrier()
+        if world > 1:
+            dist.barrier()
+    finally:
+        module.remove_hooks()
     student.eval()
     return student
