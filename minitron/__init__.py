@@ -1,3 +1,21 @@
-"""minitron: Minitron-style structured pruning and distillation for Hugging Face causal LMs."""
+"""minitron: Minitron-style structured pruning and distillation for Hugging Face causal LMs.
+
+Example:
+    >>> import minitron
+    >>> small = minitron.prune(model, calib_texts, minitron.Target(hidden_size=3072, intermediate_size=9216))
+    >>> small.save_pretrained("out/")
+"""
+
+from .data import load_text_blocks
+from .importance.collect import ImportanceConfig, ImportanceScores, collect_importance, lm_loss, perplexity
+from .pruner import prune
+from .pruning import PrunePlan, Target, apply_plan, count_parameters, make_plan, random_plan
+from .sizing import target_for_budget, target_parameters
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "ImportanceConfig", "ImportanceScores", "PrunePlan", "Target", "apply_plan", "collect_importance",
+    "count_parameters", "lm_loss", "load_text_blocks", "make_plan", "perplexity", "prune", "random_plan",
+    "target_for_budget", "target_parameters",
+]

@@ -1,0 +1,123 @@
+"""``minitron.prune``: calibrate importance, pick what to keep, return a smaller model."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapters import get_adapter
+from .data import load_text_blocks
+from .importance.collect import ImportanceConfig, ImportanceScores, collect_importance
+from .pruning import Target, apply_plan, count_parameters, make_plan, random_plan
+from .sizing import target_for_budget
+
+logger = logging.getLogger(__name__)
+
+
+def _tokenizer_for(model: nn.Module, tokenizer: Any) -> Any:
+    if tokenizer is not None:
+        return tokenizer
+    from transformers import AutoTokenizer
+
+    source = getattr(model.config, "_name_or_path", "")
+    if not source:
+        raise ValueError("calibration text needs a tokenizer: pass tokenizer=... (the model has no local path)")
+    return AutoTokenizer.from_pretrained(source, local_files_only=True)
+
+
+def prune(
+    model: nn.Module,
+    calib_data: Any = None,
+    target: Target | None = None,
+    *,
+    params: float | None = None,
+    tokenizer: Any = None,
+    scores: ImportanceScores | None = None,
+    importance: ImportanceConfig | None = None,
+    seq_len: int = 256,
+    num_samples: int = 1024,
+    batch_agg: str | None = None,
+    depth_metric: str = "bi",
+    depth_mode: str = "scattered",
+    method: str = "activation",
+    seed: int = 0,
+    divisors: dict[str, int] | None = None,
+    inplace: bool = False,
+    progress: bool = True,
+    verbose: bool = True,
+) -> nn.Module:
+    """Prune a Hugging Face causal LM Minitron-style.
+
+    Args:
+        model: a supported ``*ForCausalLM`` (Llama, Mistral, Qwen2, Qwen3, Starcoder2).
+        calib_data: calibration text (Dataset, list of strings, .txt/.jsonl path) or token ids;
+            not needed when ``scores`` are given or ``method="random"``.
+        target: the architecture to reach; ``None`` fields keep the model's value.
+        params: instead of ``target``, a parameter budget (fraction <= 1 or absolute count),
+            resolved by :func:`minitron.sizing.target_for_budget`.
+        tokenizer: tokenizer for text data (default: loaded from the model's local path).
+        scores: precomputed :class:`ImportanceScores` (one calibration, many targets).
+        importance: aggregation / batching options for calibration.
+        seq_len: calibration block length in tokens.
+        num_samples: calibration blocks used (official default 1024).
+        batch_agg: batch aggregation override (``l2`` | ``mean`` | ``var``).
+        depth_metric: ``bi`` (Block Importance) or ``ppl`` (LM loss with the layer dropped).
+        depth_mode: ``scattered`` or ``contiguous`` layer removal.
+        method: ``activation`` (Minitron importance) or ``random`` (baseline of the same size).
+        seed: seed of the random baseline.
+        divisors: optional required divisors per target field, e.g. ``{"hidden_size": 64}``.
+        inplace: compact the model's own tensors (peak memory ~1x model); the input model then IS
+            the pruned model. Otherwise the input model is left untouched.
+        progress: tqdm bars during calibration.
+        verbose: print a one-line parameter summary.
+    Returns:
+        The pruned model, a standard model of the same class (``save_pretrained`` works).
+
+    Example:
+        >>> small = minitron.prune(model, ["text ..."], minitron.Target(hidden_size=192, intermediate_size=512),
+        ...                        tokenizer=tok)
+        >>> small.save_pretrained("out/")
+    """
+    get_adapter(model)
+    if method not in ("activation", "random"):
+        raise ValueError(f"unknown method={method!r}; allowed values: activation, random")
+    if target is not None and params is not None:
+        raise ValueError("give either target=Target(...) or params=<budget>, not both")
+    if target is None and params is None:
+        raise ValueError("nothing to prune: pass target=minitron.Target(...) or params=<fraction or count>")
+    if target is None:
+        target = target_for_budget(model, params)
+    target.validate(model.config, divisors)
+    if importance is not None and batch_agg is None:
+        batch_agg = importance.batch_agg
+
+    if method == "random":
+        plan = random_plan(model.config, target, seed)
+    else:
+        if scores is None:
+            if calib_data is None:
+                raise ValueError("empty calibration data: pass calib_data=... (or precomputed scores=...)")
+            importance = importance or ImportanceConfig(depth_ppl=depth_metric == "ppl")
+            if depth_metric == "ppl" and not importance.depth_ppl:
+                importance.depth_ppl = True
+            blocks = load_text_blocks(calib_data, None if isinstance(calib_data, torch.Tensor) else _tokenizer_for(model, tokenizer), seq_len, num_samples)
+            scores = collect_importance(model, blocks, importance, progress=progress)
+        scores.check_matches(model)
+        plan = make_plan(scores, target, model.config, batch_agg, depth_metric, depth_mode)
+
+    before = count_parameters(model)
+    pruned = apply_plan(model, plan, inplace=inplace)
+    after = count_parameters(pruned)
+    c = pruned.config
+    summary = (
+        f"minitron: {before / 1e6:.2f}M -> {after / 1e6:.2f}M parameters ({100 * after / before:.1f}%); "
+        f"hidden {c.hidden_size}, ffn {c.intermediate_size}, heads {c.num_attention_heads}/{c.num_key_value_heads} kv, "
+        f"head_dim {c.head_dim}, layers {c.num_hidden_layers}"
+    )
+    logger.info(summary)
+    if verbose:
+        print(summary)
+    return pruned

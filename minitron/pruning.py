@@ -1,0 +1,372 @@
+"""Structured pruning of a Hugging Face causal LM to a smaller homogeneous config.
+
+Given importance scores (:mod:`minitron.importance`), a :class:`Target` is turned
+into a :class:`PrunePlan` (sorted keep-indices per axis), and the plan is applied
+to every weight. The result is an ordinary model of the same class with a smaller
+config (``head_dim`` written explicitly, layers renumbered, tied embeddings
+re-tied), built on the meta device and filled with the gathered tensors, so no
+module attribute can disagree with the config.
+
+Axes (METHOD.md section 2):
+- hidden (embedding channels): one global selection for embed_tokens columns, all
+  norms, q/k/v/gate/up input columns, o/down output rows, final norm, lm_head columns;
+- MLP neurons: gate/up rows and down columns, per layer, same count everywhere;
+- attention heads: query heads ranked within each KV group, the same number kept
+  per group; q rows and o columns; K and V untouched;
+- depth: whole decoder layers, lowest scores first (scattered) or the best
+  contiguous block.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field, fields
+
+import torch
+from torch import nn
+
+from .adapters import FamilyAdapter, get_adapter, head_dim_of, kv_heads_of
+from .importance.collect import ImportanceScores
+from .ops.gather import compact_
+
+logger = logging.getLogger(__name__)
+
+DEPTH_MODES = ("scattered", "contiguous")
+
+
+@dataclass
+class Target:
+    """The pruned architecture; ``None`` keeps an axis as it is.
+
+    Args:
+        hidden_size: embedding / residual width.
+        intermediate_size: MLP width (FFN neurons).
+        num_attention_heads: query heads; a multiple of the model's KV heads.
+        num_hidden_layers: decoder layers kept.
+
+    Example:
+        >>> Target(hidden_size=3072, intermediate_size=9216)  # Llama-3.1-Minitron-4B-Width from 8B
+    """
+
+    hidden_size: int | None = None
+    intermediate_size: int | None = None
+    num_attention_heads: int | None = None
+    num_hidden_layers: int | None = None
+
+    def resolved(self, config) -> "Target":
+        """Fill ``None`` fields from ``config``."""
+        return Target(**{f.name: getattr(self, f.name) or getattr(config, f.name) for f in fields(self)})
+
+    def validate(self, config, divisors: dict[str, int] | None = None) -> None:
+        """Raise ``ValueError`` naming the field and the allowed values if the target is infeasible."""
+        kv = kv_heads_of(config)
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            current = int(getattr(config, f.name))
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{f.name}={value!r} must be a positive integer (allowed: 1..{current})")
+            if value > current:
+                raise ValueError(
+                    f"target larger than the model: {f.name}={value} > {current}; "
+                    f"pruning can only shrink it (allowed: 1..{current})"
+                )
+            div = (divisors or {}).get(f.name)
+            if div and value % div:
+                raise ValueError(
+                    f"{f.name}={value} is not divisible by the required divisor {div}; "
+                    f"use a multiple of {div} such as {max(div, value // div * div)}"
+                )
+        if self.num_attention_heads is not None and self.num_attention_heads % kv:
+            allowed = ", ".join(str(kv * m) for m in range(1, config.num_attention_heads // kv + 1))
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of num_key_value_heads={kv}: "
+                f"query heads are kept equally in every KV group (allowed: {allowed})"
+            )
+        t = self.resolved(config)
+        candidate = copy.deepcopy(config)
+        candidate.head_dim = head_dim_of(config)
+        for f in fields(self):
+            setattr(candidate, f.name, getattr(t, f.name))
+        if getattr(candidate, "layer_types", None) is not None:
+            candidate.layer_types = candidate.layer_types[: t.num_hidden_layers]
+        try:  # the config class's own checks, as from_pretrained will run them on the saved checkpoint
+            type(config).from_dict(candidate.to_dict())
+        except Exception as err:  # noqa: BLE001 - re-raised with the fix
+            if t.hidden_size % t.num_attention_heads:
+                ok = [h for h in range(t.num_attention_heads, config.hidden_size + 1, t.num_attention_heads)]
+                raise ValueError(
+                    f"hidden_size={t.hidden_size} is not divisible by num_attention_heads={t.num_attention_heads}, "
+                    f"which {type(config).__name__} requires; use a multiple of {t.num_attention_heads} "
+                    f"(e.g. {', '.join(map(str, ok[-3:]))})"
+                ) from err
+            raise ValueError(f"the pruned config is rejected by {type(config).__name__}: {err}") from err
+
+
+@dataclass
+class PrunePlan:
+    """Sorted keep-indices for every axis (``None`` = axis untouched).
+
+    ``heads[l]`` / ``mlp[l]`` are indexed by the ORIGINAL layer number ``l``.
+    """
+
+    hidden: torch.Tensor | None = None
+    mlp: dict[int, torch.Tensor] = field(default_factory=dict)
+    heads: dict[int, torch.Tensor] = field(default_factory=dict)
+    layers: torch.Tensor | None = None
+
+
+def _top_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
+    # stable tie-breaking: lower index first among equal scores
+    order = torch.sort(scores.float(), descending=True, stable=True).indices
+    return order[:k].sort().values
+
+
+def select_layers(depth_scores: torch.Tensor, keep: int, mode: str = "scattered") -> torch.Tensor:
+    """Pick ``keep`` layers to keep from per-layer scores (higher = more important).
+
+    ``scattered`` keeps the top-``keep`` layers; ``contiguous`` drops the block of
+    ``L - keep`` consecutive layers with the lowest total score.
+    """
+    n = depth_scores.numel()
+    if mode == "scattered":
+        return _top_sorted(depth_scores, keep)
+    if mode == "contiguous":
+        drop = n - keep
+        if drop == 0:
+            return torch.arange(n)
+        sums = torch.stack([depth_scores[s : s + drop].sum() for s in range(n - drop + 1)])
+        start = int(torch.argmin(sums))
+        return torch.cat([torch.arange(start), torch.arange(start + drop, n)])
+    raise ValueError(f"unknown depth_mode={mode!r}; allowed values: {', '.join(DEPTH_MODES)}")
+
+
+def make_plan(
+    scores: ImportanceScores,
+    target: Target,
+    config,
+    batch_agg: str | None = None,
+    depth_metric: str = "bi",
+    depth_mode: str = "scattered",
+) -> PrunePlan:
+    """Turn importance scores and a target into keep-indices.
+
+    Args:
+        scores: statistics from :func:`minitron.importance.collect_importance` for this model.
+        target: the architecture to reach (validated against ``config``).
+        config: the model's config.
+        batch_agg: batch aggregation (default: the one stored with the scores).
+        depth_metric: ``bi`` or ``ppl``.
+        depth_mode: ``scattered`` or ``contiguous``.
+    Returns:
+        A :class:`PrunePlan`.
+    """
+    t = target.resolved(config)
+    plan = PrunePlan()
+    n_layers = config.num_hidden_layers
+    if t.num_hidden_layers < n_layers:
+        plan.layers = select_layers(scores.depth(depth_metric), t.num_hidden_layers, depth_mode)
+    kept_layers = plan.layers.tolist() if plan.layers is not None else list(range(n_layers))
+    if t.hidden_size < config.hidden_size:
+        plan.hidden = _top_sorted(scores.hidden(batch_agg), t.hidden_size)
+    if t.intermediate_size < config.intermediate_size:
+        mlp = scores.mlp(batch_agg)  # (L, f)
+        plan.mlp = {l: _top_sorted(mlp[l], t.intermediate_size) for l in kept_layers}
+    if t.num_attention_heads < config.num_attention_heads:
+        kv = kv_heads_of(config)
+        group = config.num_attention_heads // kv  # query heads per KV head (HF repeat_kv layout)
+        keep_per_group = t.num_attention_heads // kv
+        heads = scores.heads(batch_agg).view(n_layers, kv, group)  # (L, kv, g)
+        for l in kept_layers:
+            within = torch.stack([_top_sorted(heads[l, g], keep_per_group) for g in range(kv)])  # (kv, g')
+            plan.heads[l] = (within + torch.arange(kv).unsqueeze(1) * group).flatten()
+    return plan
+
+
+def random_plan(config, target: Target, seed: int = 0) -> PrunePlan:
+    """A plan of the same shape as :func:`make_plan` with uniformly random channels, heads and layers.
+
+    The baseline that activation importance must beat.
+    """
+    g = torch.Generator().manual_seed(seed)
+    t = target.resolved(config)
+    pick = lambda n, k: torch.randperm(n, generator=g)[:k].sort().values  # noqa: E731
+    plan = PrunePlan()
+    n_layers = config.num_hidden_layers
+    if t.num_hidden_layers < n_layers:
+        plan.layers = pick(n_layers, t.num_hidden_layers)
+    kept_layers = plan.layers.tolist() if plan.layers is not None else list(range(n_layers))
+    if t.hidden_size < config.hidden_size:
+        plan.hidden = pick(config.hidden_size, t.hidden_size)
+    if t.intermediate_size < config.intermediate_size:
+        plan.mlp = {l: pick(config.intermediate_size, t.intermediate_size) for l in kept_layers}
+    if t.num_attention_heads < config.num_attention_heads:
+        kv = kv_heads_of(config)
+        group = config.num_attention_heads // kv
+        plan.heads = {
+            l: torch.cat([pick(group, t.num_attention_heads // kv) + g_ * group for g_ in range(kv)])
+            for l in kept_layers
+        }
+    return plan
+
+
+def _head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Row indices of the kept heads in a (n_heads * head_dim, ...) projection."""
+    return (heads.unsqueeze(1) * head_dim + torch.arange(head_dim)).flatten()
+
+
+def _weight_ops(adapter: FamilyAdapter, config, plan: PrunePlan) -> dict[str, list[tuple[int, torch.Tensor]]]:
+    """Map state-dict key (original names) -> list of (dim, keep-index) gathers to apply in order."""
+    ops: dict[str, list[tuple[int, torch.Tensor]]] = {}
+
+    def add(key: str, dim: int, index: torch.Tensor | None) -> None:
+        if index is not None:
+            ops.setdefault(key, []).append((dim, index))
+
+    hidden = plan.hidden
+    add(f"{adapter.embed}.weight", 1, hidden)
+    add(f"{adapter.lm_head}.weight", 1, hidden)
+    for suffix in ("weight", "bias"):
+        add(f"{adapter.final_norm}.{suffix}", 0, hidden)
+    head_dim = head_dim_of(config)
+    layer_ids = plan.layers.tolist() if plan.layers is not None else range(config.num_hidden_layers)
+    for l in layer_ids:
+        p = f"{adapter.layers}.{l}."
+        q_rows = _head_rows(plan.heads[l], head_dim) if l in plan.heads else None
+        mlp = plan.mlp.get(l)
+        for norm in adapter.layer_norms:
+            add(p + f"{norm}.weight", 0, hidden)
+            add(p + f"{norm}.bias", 0, hidden)
+        add(p + f"{adapter.q_proj}.weight", 0, q_rows)
+        add(p + f"{adapter.q_proj}.bias", 0, q_rows)
+        add(p + f"{adapter.o_proj}.weight", 1, q_rows)
+        for name in adapter.mlp_in:
+            add(p + f"{name}.weight", 0, mlp)
+            add(p + f"{name}.bias", 0, mlp)
+        add(p + f"{adapter.down_proj}.weight", 1, mlp)
+        for name in adapter.hidden_in:
+            add(p + f"{name}.weight", 1, hidden)
+        for name in adapter.hidden_out:
+            add(p + f"{name}.weight", 0, hidden)
+            add(p + f"{name}.bias", 0, hidden)
+    return ops
+
+
+def pruned_config(config, plan: PrunePlan):
+    """A deep copy of ``config`` with the pruned sizes, ``head_dim`` explicit and per-layer lists sliced."""
+    new = copy.deepcopy(config)
+    new.head_dim = head_dim_of(config)
+    if plan.hidden is not None:
+        new.hidden_size = int(plan.hidden.numel())
+    if plan.mlp:
+        new.intermediate_size = int(next(iter(plan.mlp.values())).numel())
+    if plan.heads:
+        new.num_attention_heads = int(next(iter(plan.heads.values())).numel())
+    new.num_key_value_heads = kv_heads_of(config)
+    if plan.layers is not None:
+        kept = plan.layers.tolist()
+        new.num_hidden_layers = len(kept)
+        if getattr(config, "layer_types", None) is not None:
+            new.layer_types = [config.layer_types[l] for l in kept]
+    return new
+
+
+def _gather(tensor: torch.Tensor, steps: list[tuple[int, torch.Tensor]], inplace: bool) -> torch.Tensor:
+    for i, (dim, index) in enumerate(steps):
+        index = index.to(tensor.device)
+        if i == 0 and not inplace:
+            tensor = tensor.index_select(dim, index)  # first step copies; later steps compact the copy
+        else:
+            tensor = compact_(tensor, dim, index)
+    return tensor
+
+
+def tied_embeddings(model: nn.Module) -> bool:
+    out = model.get_output_embeddings()
+    return out is not None and out.weight is model.get_input_embeddings().weight
+
+
+@torch.no_grad()
+def apply_plan(model: nn.Module, plan: PrunePlan, inplace: bool = False) -> nn.Module:
+    """Build the pruned model described by ``plan``.
+
+    Args:
+        model: a supported causal LM.
+        plan: keep-indices from :func:`make_plan` (or :func:`random_plan`).
+        inplace: compact the model's own tensors in place (peak memory ~1x model,
+            the input model object becomes the pruned model); otherwise the input is
+            left untouched and new tensors are allocated.
+    Returns:
+        The pruned model (the same object when ``inplace``).
+    """
+    adapter = get_adapter(model)
+    config = model.config
+    ops = _weight_ops(adapter, config, plan)
+    tied = tied_embeddings(model)
+    state = model.state_dict()
+    if tied:
+        state.pop(f"{adapter.lm_head}.weight", None)
+    kept = plan.layers.tolist() if plan.layers is not None else list(range(config.num_hidden_layers))
+    renumber = {old: new for new, old in enumerate(kept)}
+    layer_prefix = adapter.layers + "."
+
+    new_state: dict[str, torch.Tensor] = {}
+    for key in list(state):
+        tensor = state.pop(key)
+        new_key = key
+        if key.startswith(layer_prefix):
+            index, rest = key[len(layer_prefix):].split(".", 1)
+            if int(index) not in renumber:
+                continue
+            new_key = f"{layer_prefix}{renumber[int(index)]}.{rest}"
+        steps = ops.get(key)
+        if steps:
+            tensor = _gather(tensor, steps, inplace)
+        elif not inplace:
+            tensor = tensor.clone()
+        new_state[new_key] = tensor
+
+    new_config = pruned_config(config, plan)
+    with torch.device("meta"):
+        new_model = type(model)(new_config)
+    missing, unexpected = new_model.load_state_dict(new_state, strict=False, assign=True)
+    allowed_missing = {f"{adapter.lm_head}.weight"} if tied else set()
+    if set(missing) - allowed_missing or unexpected:
+        raise RuntimeError(f"pruned state does not fit the pruned config: missing={missing} unexpected={unexpected}")
+    if tied:
+        new_model.get_output_embeddings().weight = new_model.get_input_embeddings().weight
+    _copy_buffers(model, new_model, renumber, layer_prefix, clone=not inplace)
+    new_model.generation_config = copy.deepcopy(model.generation_config)
+    new_model.train(model.training)
+    if inplace:
+        model.__dict__.update(new_model.__dict__)
+        return model
+    return new_model
+
+
+def _copy_buffers(old: nn.Module, new: nn.Module, renumber: dict[int, int], layer_prefix: str, clone: bool) -> None:
+    """Non-persistent buffers (rotary inv_freq, ...) are not in the state dict: take them from the old model."""
+    inverse = {v: k for k, v in renumber.items()}
+    for name, buf in list(new.named_buffers()):
+        if not buf.is_meta:
+            continue
+        old_name = name
+        if name.startswith(layer_prefix):
+            index, rest = name[len(layer_prefix):].split(".", 1)
+            old_name = f"{layer_prefix}{inverse[int(index)]}.{rest}"
+        source = old.get_buffer(old_name)
+        module_name, _, attr = name.rpartition(".")
+        module = new.get_submodule(module_name) if module_name else new
+        module._buffers[attr] = source.clone() if clone else source
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of distinct parameters (tied weights counted once)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total

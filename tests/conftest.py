@@ -1,0 +1,59 @@
+"""Tiny random models of every supported family, built from configs (no downloads)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    Starcoder2Config,
+    Starcoder2ForCausalLM,
+)
+
+COMMON = dict(
+    vocab_size=101, hidden_size=48, intermediate_size=88, num_hidden_layers=4, num_attention_heads=6,
+    num_key_value_heads=2, max_position_embeddings=64,
+)
+
+FAMILIES = {
+    "llama": lambda: LlamaForCausalLM(LlamaConfig(**COMMON, tie_word_embeddings=True)),
+    "llama_mha_untied": lambda: LlamaForCausalLM(LlamaConfig(**{**COMMON, "num_key_value_heads": 6})),
+    "mistral": lambda: MistralForCausalLM(MistralConfig(**COMMON, sliding_window=None)),
+    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**COMMON, tie_word_embeddings=True)),
+    "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**COMMON, head_dim=8)),
+    "starcoder2": lambda: Starcoder2ForCausalLM(Starcoder2Config(**COMMON, use_bias=True)),
+}
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give norms, biases and weights non-trivial values so that a wrong index shows up."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g) if name.endswith("weight") else 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.08 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def make_model(family: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return randomize_(FAMILIES[family](), seed)
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def calib_ids() -> torch.Tensor:
+    return torch.randint(0, COMMON["vocab_size"], (10, 16), generator=torch.Generator().manual_seed(1))

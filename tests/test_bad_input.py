@@ -1,0 +1,99 @@
+"""Bad input raises a ValueError that names the field and the fix; nothing is modified."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import minitron
+from minitron.data import load_text_blocks
+from tests.conftest import make_model
+
+
+@pytest.fixture
+def model():
+    return make_model("llama")
+
+
+@pytest.mark.parametrize(
+    "target,match",
+    [
+        (minitron.Target(hidden_size=64), r"target larger than the model: hidden_size=64 > 48"),
+        (minitron.Target(intermediate_size=100), r"intermediate_size=100 > 88"),
+        (minitron.Target(num_hidden_layers=5), r"num_hidden_layers=5 > 4"),
+        (minitron.Target(num_attention_heads=3), r"num_attention_heads=3 is not a multiple of num_key_value_heads=2.*allowed: 2, 4, 6"),
+        (minitron.Target(hidden_size=0), r"hidden_size=0 must be a positive integer"),
+        (minitron.Target(hidden_size=44), r"hidden_size=44 is not divisible by num_attention_heads=6"),
+    ],
+)
+def test_infeasible_targets(model, calib_ids, target, match):
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        minitron.prune(model, calib_ids, target, seq_len=16, progress=False, verbose=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_required_divisor(model, calib_ids):
+    with pytest.raises(ValueError, match="hidden_size=42 is not divisible by the required divisor 8"):
+        minitron.prune(model, calib_ids, minitron.Target(hidden_size=42), divisors={"hidden_size": 8}, verbose=False)
+
+
+def test_unsupported_architecture_lists_supported(calib_ids):
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=101))
+    with pytest.raises(ValueError, match=r"unsupported architecture: model_type='gpt2'.*llama, mistral, qwen2, qwen3, starcoder2"):
+        minitron.prune(gpt2, calib_ids, minitron.Target(intermediate_size=16))
+
+
+def test_unknown_aggregation():
+    with pytest.raises(ValueError, match=r"unknown batch_agg='median'; allowed values: mean, l2, var"):
+        minitron.ImportanceConfig(batch_agg="median")
+    with pytest.raises(ValueError, match=r"unknown seq_agg='max'"):
+        minitron.ImportanceConfig(seq_agg="max")
+
+
+def test_empty_calibration_data(model):
+    with pytest.raises(ValueError, match="empty calibration"):
+        minitron.prune(model, torch.zeros(0, 16, dtype=torch.long), minitron.Target(hidden_size=36), seq_len=16, verbose=False)
+    with pytest.raises(ValueError, match="empty calibration"):
+        minitron.prune(model, None, minitron.Target(hidden_size=36), verbose=False)
+    with pytest.raises(ValueError, match="empty calibration"):
+        load_text_blocks(torch.arange(10), None, seq_len=16)
+
+
+def test_missing_target_and_unknown_depth_metric(model, calib_ids):
+    with pytest.raises(ValueError, match="nothing to prune"):
+        minitron.prune(model, calib_ids)
+    with pytest.raises(ValueError, match="unknown depth_mode='middle'"):
+        minitron.prune(model, calib_ids, minitron.Target(num_hidden_layers=2), seq_len=16, depth_mode="middle",
+                       progress=False, verbose=False)
+
+
+def test_missing_file():
+    with pytest.raises(FileNotFoundError, match="not found: /nonexistent/calib.txt"):
+        load_text_blocks("/nonexistent/calib.txt", None, 16)
+    with pytest.raises(FileNotFoundError, match="importance file not found"):
+        minitron.ImportanceScores.load("/nonexistent/scores.safetensors")
+
+
+class CharTokenizer:
+    eos_token_id = 0
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [1 + (ord(c) % 100) for c in text]}
+
+
+def test_data_kinds_pack_identically(tmp_path):
+    docs = ["first document " * 5, "second one " * 7, "third " * 9]
+    (tmp_path / "c.txt").write_text("\n\n".join(docs))
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs))
+    from datasets import Dataset
+
+    tok = CharTokenizer()
+    expected = load_text_blocks(docs, tok, 16)
+    assert expected.shape == (sum(len(d) + 1 for d in docs) // 16, 16)
+    for data in (tmp_path / "c.txt", str(tmp_path / "c.jsonl"), Dataset.from_dict({"text": docs})):
+        assert torch.equal(load_text_blocks(data, tok, 16), expected)
+    assert load_text_blocks(docs, tok, 16, max_blocks=2).shape == (2, 16)

@@ -1,0 +1,193 @@
+"""Pruned models equal masked originals; checkpoints round-trip; the input model is untouched."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import minitron
+from minitron.adapters import get_adapter
+from minitron.pruning import PrunePlan, Target, apply_plan, make_plan
+from tests.conftest import make_model
+
+ATOL = 1e-5
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+def scores_for(model, ids):
+    return minitron.collect_importance(model, ids, minitron.ImportanceConfig(batch_size=4), progress=False)
+
+
+def masked_reference(model, ids, plan: PrunePlan):
+    """Logits of the ORIGINAL model with dropped neurons/heads zeroed and dropped layers made identity."""
+    adapter = get_adapter(model)
+    layers = model.get_submodule(adapter.layers)
+    head_dim = model.config.head_dim if getattr(model.config, "head_dim", None) else model.config.hidden_size // model.config.num_attention_heads
+    handles = []
+
+    def zero_input(keep: torch.Tensor, width: int):
+        mask = torch.zeros(width)
+        mask[keep] = 1.0
+        return lambda module, args: (args[0] * mask,)
+
+    for l, layer in enumerate(layers):
+        if plan.layers is not None and l not in plan.layers.tolist():
+            handles.append(layer.register_forward_hook(
+                lambda m, args, kwargs, out: args[0] if args else kwargs["hidden_states"], with_kwargs=True))
+            continue
+        if l in plan.mlp:
+            down = layer.get_submodule(adapter.down_proj)
+            handles.append(down.register_forward_pre_hook(zero_input(plan.mlp[l], down.in_features)))
+        if l in plan.heads:
+            rows = (plan.heads[l].unsqueeze(1) * head_dim + torch.arange(head_dim)).flatten()
+            o_proj = layer.get_submodule(adapter.o_proj)
+            handles.append(o_proj.register_forward_pre_hook(zero_input(rows, o_proj.in_features)))
+    try:
+        return logits(model, ids)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        Target(intermediate_size=40),
+        Target(num_attention_heads=4),
+        Target(num_attention_heads=2),
+        Target(num_hidden_layers=2),
+        Target(intermediate_size=56, num_attention_heads=4, num_hidden_layers=3),
+    ],
+    ids=["mlp", "heads4", "heads2", "depth", "mlp+heads+depth"],
+)
+def test_pruned_equals_masked_original(family, calib_ids, target):
+    model = make_model(family)
+    if target.num_attention_heads and model.config.num_key_value_heads == 6:
+        target = Target(num_attention_heads=target.num_attention_heads * 3 if target.num_attention_heads == 2 else 6)
+    plan = make_plan(scores_for(model, calib_ids), target, model.config)
+    pruned = apply_plan(model, plan)
+    expected = masked_reference(model, calib_ids, plan)
+    torch.testing.assert_close(logits(pruned, calib_ids), expected, atol=ATOL, rtol=1e-4)
+
+
+def sliced_reference_state(model, plan: PrunePlan) -> dict[str, torch.Tensor]:
+    """Independent slicing of the original state dict along the hidden axis (rules written out by hand)."""
+    h = plan.hidden
+    out = {}
+    for key, t in model.state_dict().items():
+        if key.endswith("embed_tokens.weight") or key == "lm_head.weight":
+            t = t[:, h]
+        elif ("norm" in key and "q_norm" not in key and "k_norm" not in key):
+            t = t[h]
+        elif any(s in key for s in ("q_proj.weight", "k_proj.weight", "v_proj.weight", "gate_proj.weight",
+                                    "up_proj.weight", "c_fc.weight")):
+            t = t[:, h]
+        elif any(s in key for s in ("o_proj.weight", "down_proj.weight", "c_proj.weight")):
+            t = t[h, :]
+        elif any(s in key for s in ("o_proj.bias", "down_proj.bias", "c_proj.bias")):
+            t = t[h]
+        out[key] = t.clone()
+    return out
+
+
+def test_hidden_pruning_matches_sliced_reference(family, calib_ids):
+    model = make_model(family)
+    plan = make_plan(scores_for(model, calib_ids), Target(hidden_size=36), model.config)
+    assert plan.hidden.numel() == 36 and torch.all(plan.hidden[1:] > plan.hidden[:-1])
+    pruned = apply_plan(model, plan)
+    reference = copy.deepcopy(pruned)
+    reference.load_state_dict(sliced_reference_state(model, plan), strict=True)
+    torch.testing.assert_close(logits(pruned, calib_ids), logits(reference, calib_ids), atol=0, rtol=0)
+    if model.config.tie_word_embeddings:
+        assert pruned.lm_head.weight is pruned.model.embed_tokens.weight
+
+
+def test_all_axes_save_reload_and_generate(family, calib_ids, tmp_path):
+    model = make_model(family)
+    before = copy.deepcopy(model.state_dict())
+    mha = model.config.num_key_value_heads == 6
+    target = Target(hidden_size=36 if mha else 40, intermediate_size=64, num_attention_heads=6 if mha else 4,
+                    num_hidden_layers=3)
+    pruned = minitron.prune(model, calib_ids, target, seq_len=16, progress=False, verbose=False)
+    # the input model is untouched
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert model.config.hidden_size == 48 and model.config.num_hidden_layers == 4
+    c = pruned.config
+    assert (c.hidden_size, c.intermediate_size, c.num_hidden_layers) == (target.hidden_size, 64, 3)
+    assert c.head_dim == 8
+    assert [layer.self_attn.layer_idx for layer in pruned.model.layers] == [0, 1, 2]
+    if getattr(c, "layer_types", None) is not None:
+        assert len(c.layer_types) == 3
+
+    pruned.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(reloaded) is type(pruned)
+    torch.testing.assert_close(logits(reloaded, calib_ids), logits(pruned, calib_ids), atol=0, rtol=0)
+    assert (tmp_path / "model.safetensors").exists()
+
+    # KV-cache decoding after depth pruning: incremental logits equal a full forward
+    ids = calib_ids[:2, :12]
+    with torch.no_grad():
+        out = reloaded(input_ids=ids[:, :8], use_cache=True)
+        step = reloaded(input_ids=ids[:, 8:], past_key_values=out.past_key_values, use_cache=True).logits
+    torch.testing.assert_close(step, logits(reloaded, ids)[:, 8:], atol=1e-5, rtol=1e-4)
+    generated = reloaded.generate(ids[:1, :4], max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert generated.shape == (1, 8)
+
+
+def test_inplace_prune_reuses_model_object(calib_ids):
+    model = make_model("llama")
+    reference = apply_plan(model, make_plan(scores_for(model, calib_ids), Target(hidden_size=36, intermediate_size=64), model.config))
+    result = minitron.prune(model, calib_ids, Target(hidden_size=36, intermediate_size=64), seq_len=16,
+                            inplace=True, progress=False, verbose=False)
+    assert result is model
+    assert model.config.hidden_size == 36 and model.model.embed_tokens.weight.shape == (101, 36)
+    assert model.model.layers[0].mlp.gate_proj.weight.shape == (64, 36)
+    torch.testing.assert_close(logits(model, calib_ids), logits(reference, calib_ids), atol=0, rtol=0)
+
+
+def test_depth_contiguous_and_ppl(calib_ids):
+    model = make_model("llama")
+    pruned = minitron.prune(model, calib_ids, Target(num_hidden_layers=2), seq_len=16, depth_metric="ppl",
+                            depth_mode="contiguous", progress=False, verbose=False)
+    assert pruned.config.num_hidden_layers == 2
+
+
+def test_random_baseline_has_same_shape(calib_ids):
+    model = make_model("qwen2")
+    target = Target(hidden_size=40, intermediate_size=64, num_attention_heads=4, num_hidden_layers=3)
+    a = minitron.prune(model, calib_ids, target, seq_len=16, progress=False, verbose=False)
+    b = minitron.prune(model, target=target, method="random", seed=3, verbose=False)
+    assert {k: v.shape for k, v in a.state_dict().items()} == {k: v.shape for k, v in b.state_dict().items()}
+
+
+def test_scores_roundtrip_one_calibration_many_targets(calib_ids, tmp_path):
+    model = make_model("starcoder2")
+    scores = scores_for(model, calib_ids)
+    scores.save(tmp_path / "scores.safetensors")
+    loaded = minitron.ImportanceScores.load(tmp_path / "scores.safetensors")
+    for target in (Target(hidden_size=32), Target(intermediate_size=48, num_hidden_layers=2)):
+        a = minitron.prune(model, target=target, scores=scores, verbose=False)
+        b = minitron.prune(model, target=target, scores=loaded, verbose=False)
+        torch.testing.assert_close(logits(a, calib_ids), logits(b, calib_ids), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="recompute scores"):
+        minitron.prune(make_model("llama"), target=Target(hidden_size=32), scores=loaded, verbose=False)
+
+
+def test_params_budget(calib_ids):
+    model = make_model("llama")
+    total = minitron.count_parameters(model)
+    target = minitron.target_for_budget(model, 0.7, hidden_divisor=4, ffn_divisor=8)
+    pruned_params = minitron.target_parameters(model, target)
+    assert pruned_params <= 0.7 * total
+    assert pruned_params > 0.6 * total  # the largest width that fits, not an arbitrary small one
+    pruned = minitron.prune(model, calib_ids, params=0.7, seq_len=16, progress=False, verbose=False)
+    assert minitron.count_parameters(pruned) <= 0.7 * total
