@@ -118,6 +118,7 @@ class DistillConfig:
             need(len(pairs) > 0 and all(len(p) == 2 for p in pairs),
                  "intermediate_layers must be a non-empty list of (student_layer, teacher_layer) pairs or None")
             self.intermediate_layers = pairs  # type: ignore[assignment]
+            need(self.kd_weight > 0, "intermediate_layers needs kd_weight > 0 (L_is is scaled by the logits loss)")
         self.adam_betas = tuple(self.adam_betas)  # type: ignore[assignment]
 
     def to_dict(self) -> dict[str, Any]:
