@@ -15,7 +15,7 @@
 
 #include <cstdlib>
 #include <cstring>
-#include <vector>
+#include <memory>
 
 #include "gather_plan.h"
 
@@ -56,15 +56,17 @@ static void gather_range(const GatherGeom& g, const T* x, T* y, int64_t q0, int6
 
 template <class T>
 static int64_t compact_cpu_typed(T* base, const GatherGeom& g, int64_t stage_cap) {
-  std::vector<T> stage;  // allocated lazily, only if a staged wave occurs
+  // Staging (<= stage_cap elements): allocated lazily, only if a staged wave occurs, and
+  // not zero-filled, so only the pages actually used become resident.
+  std::unique_ptr<T[]> stage;
   auto direct = [&](int64_t q0, int64_t q1) {
     at::parallel_for(q0, q1, kGrain, [&](int64_t b, int64_t e) {
       gather_range<T>(g, base, base, b, e, 0);
     });
   };
   auto staged = [&](int64_t q0, int64_t q1) {
-    if (stage.size() < size_t(q1 - q0)) stage.resize(size_t(stage_cap));
-    T* s = stage.data();
+    if (!stage) stage.reset(new T[size_t(std::min(stage_cap, g.n_out()))]);  // >= q1 - q0
+    T* s = stage.get();
     at::parallel_for(q0, q1, kGrain, [&](int64_t b, int64_t e) {
       gather_range<T>(g, base, s, b, e, q0);  // reads only from base
     });

@@ -3,7 +3,7 @@
 // the kernels themselves are in gather_cuda_kernel.cu (plain CUDA, raw pointers).
 #ifdef MINITRON_WITH_CUDA
 #include <torch/extension.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include "gather_plan.h"
@@ -37,7 +37,7 @@ static void compact_cuda(at::Tensor self, int64_t dim, const at::Tensor& index,
   const int64_t need = minitron_cuda_stage_needed(g.R, g.C, g.dim, g.k, g.idx, cap);
   at::Tensor stage;  // staging from the caching allocator: <= min(cap, need) elements
   if (need > 0) stage = at::empty({need * es}, self.options().dtype(at::kByte));
-  auto stream = at::cuda::getCurrentCUDAStream();
+  c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(self.device().index());
   const int err = minitron_compact_cuda_launch(
       self.data_ptr(), es, g.R, g.C, g.dim, g.k, g.idx, idx_dev.data_ptr<int64_t>(),
       need > 0 ? stage.data_ptr() : nullptr, cap, stream.stream());

@@ -210,6 +210,19 @@ def test_cuda_kernel_compiles_with_nvcc(tmp_path):
     assert (tmp_path / "k.o").stat().st_size > 0
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("MINITRON_SLOW_TESTS") != "1", reason="set MINITRON_SLOW_TESTS=1 (~30 s)")
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
+def test_cuda_glue_and_kernel_compile_check():
+    """nvcc-compiles the kernel and syntax-checks the torch CUDA glue (works with CPU torch)."""
+    import sys
+
+    res = subprocess.run(["bash", str(CSRC / "check_cuda_compile.sh"), sys.executable],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "OK: g++ -fsyntax-only" in res.stdout
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or gather_backend("cuda") != "cuda-ext", reason="needs CUDA ext")
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cuda_matches(dtype):

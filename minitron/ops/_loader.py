@@ -67,12 +67,12 @@ def _jit_build() -> ModuleType:
     if not all((CSRC_DIR / s).is_file() for s in CPU_SOURCES):
         raise FileNotFoundError(f"C++ sources not found under {CSRC_DIR}")
     sources = [str(CSRC_DIR / s) for s in CPU_SOURCES]
-    cflags = ["-O3", "-std=c++17"]
+    cflags = ["-O3"]  # the C++ standard is chosen by torch.utils.cpp_extension
     cuda_flags: list[str] = []
     if _cuda_build_possible():
         sources += [str(CSRC_DIR / s) for s in CUDA_SOURCES]
         cflags.append("-DMINITRON_WITH_CUDA")
-        cuda_flags = ["-O3", "-std=c++17", "-DMINITRON_WITH_CUDA"]
+        cuda_flags = ["-O3", "-DMINITRON_WITH_CUDA"]
     build_dir = _cache_dir()
     build_dir.mkdir(parents=True, exist_ok=True)
     return load(
