@@ -7,6 +7,7 @@ Example:
 """
 
 from .data import load_text_blocks
+from .distill import DistillConfig, NonFiniteLossError, distill
 from .importance.collect import ImportanceConfig, ImportanceScores, collect_importance, lm_loss, perplexity
 from .pruner import prune
 from .pruning import PrunePlan, Target, apply_plan, count_parameters, make_plan, random_plan
@@ -15,7 +16,7 @@ from .sizing import target_for_budget, target_parameters
 __version__ = "0.1.0"
 
 __all__ = [
-    "ImportanceConfig", "ImportanceScores", "PrunePlan", "Target", "apply_plan", "collect_importance",
+    "DistillConfig", "ImportanceConfig", "NonFiniteLossError", "distill", "ImportanceScores", "PrunePlan", "Target", "apply_plan", "collect_importance",
     "count_parameters", "lm_loss", "load_text_blocks", "make_plan", "perplexity", "prune", "random_plan",
     "target_for_budget", "target_parameters",
 ]

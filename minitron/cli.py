@@ -1,0 +1,164 @@
+"""The ``minitron`` command line: ``minitron prune`` and ``minitron distill``.
+
+``minitron prune`` with no arguments runs the built-in default job: it loads the
+small Llama model that ships with minitron (trained on the Python reference
+manual text CPython ships, see README), calibrates on the training split, prunes
+it to half its parameters, reports held-out perplexity before and after, and
+writes the pruned checkpoint to ``out/minitron-pruned``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+BUILTIN = "builtin"
+
+
+def load_model_and_tokenizer(path: str, device: str = "cpu", dtype: str = "float32") -> tuple[Any, Any]:
+    """Load a local HF causal LM and its tokenizer (``"builtin"`` = the model shipped with minitron)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .data import BUILTIN_MODEL
+
+    source = BUILTIN_MODEL if path == BUILTIN else Path(path)
+    if not Path(source).exists():
+        raise FileNotFoundError(f"model directory not found: {source}; pass a local Hugging Face checkpoint directory")
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype), local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    return model.to(device).eval(), tokenizer
+
+
+def _calib_source(calib: str) -> Any:
+    from .data import builtin_text
+
+    return [builtin_text("train")] if calib == BUILTIN else calib
+
+
+def _add_prune_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=BUILTIN, help="local HF checkpoint directory (default: the built-in model)")
+    p.add_argument("--calib", default=BUILTIN, help=".txt/.jsonl calibration text (default: built-in corpus)")
+    p.add_argument("--eval", default=None, help=".txt/.jsonl text for perplexity before/after "
+                   "(default: the built-in held-out split when --model is builtin)")
+    p.add_argument("--out", default="out/minitron-pruned", help="output directory of the pruned checkpoint")
+    g = p.add_argument_group("target (any subset; or --params)")
+    g.add_argument("--hidden-size", type=int, help="embedding channels to keep")
+    g.add_argument("--ffn", type=int, help="MLP neurons to keep (intermediate_size)")
+    g.add_argument("--heads", type=int, help="query heads to keep (multiple of the KV heads)")
+    g.add_argument("--layers", type=int, help="decoder layers to keep")
+    g.add_argument("--params", type=float, help="parameter budget: a fraction <= 1 or an absolute count "
+                   "(width first; default 0.5 when no target is given)")
+    i = p.add_argument_group("importance")
+    i.add_argument("--depth-metric", choices=("bi", "ppl"), default="bi")
+    i.add_argument("--depth-mode", choices=("scattered", "contiguous"), default="scattered")
+    i.add_argument("--batch-agg", choices=("l2", "mean", "var"), default="l2")
+    i.add_argument("--seq-agg", choices=("mean", "l2", "var"), default="mean")
+    i.add_argument("--method", choices=("activation", "random"), default="activation")
+    i.add_argument("--num-samples", type=int, default=1024, help="calibration blocks")
+    i.add_argument("--seq-len", type=int, default=256)
+    i.add_argument("--batch-size", type=int, default=8)
+    i.add_argument("--save-scores", help="write importance statistics here (safetensors)")
+    i.add_argument("--load-scores", help="reuse importance statistics instead of calibrating")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--inplace", action="store_true", help="compact weights in place (peak memory ~1x model)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def run_prune(args: argparse.Namespace) -> int:
+    """Execute ``minitron prune``; prints a before/after summary and writes ``args.out``."""
+    import minitron
+    from minitron.data import builtin_text, load_text_blocks
+    from minitron.distill.checkpoint import atomic_write_dir
+
+    started = time.time()
+    model, tokenizer = load_model_and_tokenizer(args.model, args.device, args.dtype)
+    fields = {"hidden_size": args.hidden_size, "intermediate_size": args.ffn,
+              "num_attention_heads": args.heads, "num_hidden_layers": args.layers}
+    target = minitron.Target(**fields) if any(v is not None for v in fields.values()) else None
+    params = args.params if args.params is not None or target is not None else 0.5
+
+    eval_blocks = None
+    eval_source = [builtin_text("valid")] if args.eval is None and args.model == BUILTIN else args.eval
+    if eval_source is not None:
+        eval_blocks = load_text_blocks(eval_source, tokenizer, args.seq_len)
+        before_ppl = minitron.perplexity(model, eval_blocks, args.batch_size)
+    before_params = minitron.count_parameters(model)
+
+    scores = minitron.ImportanceScores.load(args.load_scores) if args.load_scores else None
+    importance = minitron.ImportanceConfig(seq_agg=args.seq_agg, batch_agg=args.batch_agg, batch_size=args.batch_size,
+                                           depth_ppl=args.depth_metric == "ppl")
+    if scores is None and args.method == "activation":
+        blocks = load_text_blocks(_calib_source(args.calib), tokenizer, args.seq_len, args.num_samples)
+        scores = minitron.collect_importance(model, blocks, importance, progress=not args.no_progress)
+        if args.save_scores:
+            scores.save(args.save_scores)
+            print(f"importance statistics written to {args.save_scores}")
+    pruned = minitron.prune(
+        model, target=target, params=params if target is None else None, scores=scores, batch_agg=args.batch_agg,
+        depth_metric=args.depth_metric, depth_mode=args.depth_mode, method=args.method, inplace=args.inplace,
+        progress=not args.no_progress,
+    )
+
+    def write(tmp: Path) -> None:
+        pruned.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    atomic_write_dir(args.out, write)
+    report = {"model": str(args.model), "out": str(args.out), "params_before": before_params,
+              "params_after": minitron.count_parameters(pruned),
+              "config": {k: getattr(pruned.config, k) for k in (*fields, "num_key_value_heads", "head_dim")}}
+    if eval_blocks is not None:
+        report["ppl_before"] = round(before_ppl, 3)
+        report["ppl_after"] = round(minitron.perplexity(pruned, eval_blocks, args.batch_size), 3)
+        print(f"held-out perplexity: {report['ppl_before']:.2f} -> {report['ppl_after']:.2f} "
+              "(before retraining; `minitron distill` recovers it)")
+    report["seconds"] = round(time.time() - started, 1)
+    print(json.dumps(report))
+    print(f"pruned checkpoint written to {args.out} (loads with AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .distill.cli import register as register_distill
+
+    parser = argparse.ArgumentParser(prog="minitron", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command")
+    prune = sub.add_parser("prune", help="prune a causal LM (default: the built-in model to 50%% of its parameters)")
+    _add_prune_arguments(prune)
+    prune.set_defaults(func=run_prune)
+    register_distill(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``minitron`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"minitron {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
