@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
-from transformers import (
+
+if not torch.cuda.is_available():
+    # Triton kernels run on the CPU in interpreter mode. The flag is read when triton is first
+    # imported, and transformers imports triton, so it must be set before the import below.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from transformers import (  # noqa: E402
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,

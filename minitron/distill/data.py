@@ -1,7 +1,7 @@
 """Training/eval data for distillation: packed token blocks and a deterministic batch order.
 
-Packing is delegated to :func:`minitron.data.load_text_blocks` when available (the shared
-loader); a minimal fallback handles token-id tensors and lists of strings otherwise.
+Packing is delegated to the shared loader :func:`minitron.data.load_text_blocks`; this module
+adds ``.pt`` token-id files and an early empty-data check.
 The batch order is a pure function of ``(seed, step)``, so a resumed run sees exactly
 the batches the uninterrupted run would have seen.
 """
@@ -14,24 +14,7 @@ from typing import Any
 
 import torch
 
-
-def _fallback_blocks(data: Any, tokenizer: Any, seq_len: int) -> torch.Tensor:
-    if isinstance(data, (list, tuple)) and all(isinstance(d, str) for d in data):
-        if tokenizer is None:
-            raise ValueError("a tokenizer is required to tokenise text data; pass tokenizer=")
-        stream: list[int] = []
-        for doc in data:
-            stream.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
-            if tokenizer.eos_token_id is not None:
-                stream.append(tokenizer.eos_token_id)
-        data = torch.tensor(stream, dtype=torch.long)
-    if not isinstance(data, torch.Tensor):
-        raise ValueError(f"unsupported data type {type(data).__name__}; pass a LongTensor of token ids or a list of strings")
-    if data.dim() == 2 and data.shape[1] == seq_len:
-        return data.long()
-    ids = data.long().reshape(-1)
-    n = ids.numel() // seq_len
-    return ids[: n * seq_len].view(n, seq_len)
+from minitron.data import load_text_blocks
 
 
 def check_nonempty(data: Any) -> None:
@@ -68,14 +51,7 @@ def load_blocks(data: Any, tokenizer: Any, seq_len: int, max_blocks: int | None 
     if isinstance(data, (str, os.PathLike)) and Path(data).suffix == ".pt":
         data = torch.load(data, map_location="cpu", weights_only=True)
     check_nonempty(data)
-    try:
-        from minitron.data import load_text_blocks
-    except ImportError:  # shared loader not present: minimal local packing
-        blocks = _fallback_blocks(data, tokenizer, seq_len)
-        if max_blocks is not None:
-            blocks = blocks[:max_blocks]
-    else:
-        blocks = load_text_blocks(data, tokenizer, seq_len, max_blocks=max_blocks)
+    blocks = load_text_blocks(data, tokenizer, seq_len, max_blocks=max_blocks)
     if blocks.shape[0] == 0:
         raise ValueError(
             f"empty data: fewer than seq_len={seq_len} tokens after tokenisation; provide more data or lower seq_len"
