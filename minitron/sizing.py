@@ -22,19 +22,13 @@ import math
 import torch
 from torch import nn
 
-from .pruning import Target
+from .pruning import Target, count_parameters
 
 
 def count_config_parameters(model_cls: type[nn.Module], config) -> int:
     """Exact number of distinct parameters of ``model_cls(config)``, counted on the meta device."""
     with torch.device("meta"):
-        model = model_cls(config)
-    seen, total = set(), 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
-    return total
+        return count_parameters(model_cls(config))
 
 
 def target_parameters(model: nn.Module, target: Target) -> int:
