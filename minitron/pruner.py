@@ -88,6 +88,8 @@ def prune(
         raise ValueError("give either target=Target(...) or params=<budget>, not both")
     if target is None and params is None:
         raise ValueError("nothing to prune: pass target=minitron.Target(...) or params=<fraction or count>")
+    if scores is not None:
+        scores.check_matches(model)
     if target is None:
         target = target_for_budget(model, params)
     target.validate(model.config, divisors)
@@ -105,7 +107,6 @@ def prune(
                 importance.depth_ppl = True
             blocks = load_text_blocks(calib_data, None if isinstance(calib_data, torch.Tensor) else _tokenizer_for(model, tokenizer), seq_len, num_samples)
             scores = collect_importance(model, blocks, importance, progress=progress)
-        scores.check_matches(model)
         plan = make_plan(scores, target, model.config, batch_agg, depth_metric, depth_mode)
 
     before = count_parameters(model)
