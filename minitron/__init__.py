@@ -10,6 +10,7 @@ from .data import load_text_blocks
 from .distill import DistillConfig, NonFiniteLossError, distill
 from .importance.collect import ImportanceConfig, ImportanceScores, collect_importance, lm_loss, perplexity
 from .pruner import prune
+from .search import SearchResult, search
 from .pruning import PrunePlan, Target, apply_plan, count_parameters, make_plan, random_plan
 from .sizing import target_for_budget, target_parameters
 
@@ -17,6 +18,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DistillConfig", "ImportanceConfig", "NonFiniteLossError", "distill", "ImportanceScores", "PrunePlan", "Target", "apply_plan", "collect_importance",
-    "count_parameters", "lm_loss", "load_text_blocks", "make_plan", "perplexity", "prune", "random_plan",
+    "count_parameters", "lm_loss", "load_text_blocks", "make_plan", "perplexity", "prune", "random_plan", "search", "SearchResult",
     "target_for_budget", "target_parameters",
 ]

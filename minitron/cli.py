@@ -143,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prune_arguments(prune)
     prune.set_defaults(func=run_prune)
     register_distill(sub)
+    from .search import register as register_search
+    register_search(sub)
     return parser
 
 

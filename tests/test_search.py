@@ -1,0 +1,172 @@
+"""minitron.search: candidate enumeration, exact parameter counts, the search loop, its report and bad input."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+import minitron
+from minitron.cli import build_parser
+from minitron.search import ParamCounter, SearchResult, enumerate_candidates, search
+from minitron.sizing import target_parameters
+
+from .conftest import COMMON, make_model
+
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread: several times faster than two on a shared, oversubscribed CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+DIVS = {"hidden": 6, "ffn": 8}  # hidden 48 -> {30, 36, 42, 48}, ffn 88 -> {56, 64, 72, 80, 88}
+
+
+def _brute_force(model, budget: int, tol: float, width: float, depth: float) -> set[tuple[int, int, int, int]]:
+    """Every target on the grid, checked with the library's own validator and meta-device counter."""
+    c = model.config
+    hidden = [h for h in range(6, 49, 6) if h >= 48 * (1 - width)]
+    ffn = [f for f in range(8, 89, 8) if f >= 88 * (1 - width)]
+    heads = [a for a in range(2, 7, 2) if a >= 6 * (1 - width)]
+    layers = [l for l in range(1, 5) if l >= 4 * (1 - depth)]
+    out = set()
+    for h, f, a, l in itertools.product(hidden, ffn, heads, layers):
+        t = minitron.Target(h, f, a, l)
+        try:
+            t.validate(c)
+        except ValueError:
+            continue
+        if budget * (1 - tol) <= target_parameters(model, t) <= budget:
+            out.add((h, f, a, l))
+    return out
+
+
+@pytest.mark.parametrize("params,tol,width,depth", [(0.6, 0.05, 0.4, 0.25), (0.75, 0.1, 0.4, 0.2), (0.5, 0.2, 0.5, 0.5)])
+def test_enumeration_matches_brute_force(params, tol, width, depth):
+    model = make_model("llama")
+    cands, budget = enumerate_candidates(model, params, tol, divisors=DIVS, max_width_prune=width,
+                                         max_depth_prune=depth)
+    total = minitron.count_parameters(model)
+    assert budget == int(params * total)
+    got = {(c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_hidden_layers) for c in cands}
+    assert got == _brute_force(model, budget, tol, width, depth) and got
+    for c in cands:
+        assert c.params == target_parameters(model, c.target)
+        assert budget * (1 - tol) <= c.params <= budget
+        assert c.num_attention_heads % COMMON["num_key_value_heads"] == 0
+        assert c.hidden_size % c.num_attention_heads == 0  # Llama's config requires it
+        assert c.hidden_size % 6 == 0 or c.hidden_size == 48
+        assert c.intermediate_size % 8 == 0 or c.intermediate_size == 88
+        assert c.hidden_size >= 48 * (1 - width) and c.num_hidden_layers >= 4 * (1 - depth)
+    assert [c.params for c in cands] == sorted((c.params for c in cands), reverse=True)
+
+
+def test_enumeration_axes_and_absolute_budget():
+    model = make_model("llama")
+    total = minitron.count_parameters(model)
+    cands, budget = enumerate_candidates(model, 0.9 * total, 0.1, divisors=DIVS, axes=("ffn",))
+    assert budget == int(0.9 * total)
+    assert cands and all((c.hidden_size, c.num_attention_heads, c.num_hidden_layers) == (48, 6, 4) for c in cands)
+    assert len({c.intermediate_size for c in cands}) == len(cands)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "starcoder2", "llama_mha_untied"])
+def test_param_counter_exact(family):
+    model = make_model(family)
+    counter = ParamCounter(model)
+    for t in [minitron.Target(), minitron.Target(36, 64, 4, 3), minitron.Target(24, 88, 2, 1),
+              minitron.Target(num_hidden_layers=2)]:
+        if family == "llama_mha_untied" and t.num_attention_heads:
+            t = minitron.Target(t.hidden_size, t.intermediate_size, 6, t.num_hidden_layers)
+        assert counter(t) == target_parameters(model, t)
+
+
+def test_search_end_to_end(tmp_path):
+    torch.manual_seed(0)
+    model = make_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(3)
+    calib = torch.randint(0, COMMON["vocab_size"], (8, 16), generator=g)
+    train = torch.randint(0, COMMON["vocab_size"], (2000,), generator=g)
+    valid = torch.randint(0, COMMON["vocab_size"], (6, 16), generator=g)
+    res = search(model, calib, train, params=0.6, tolerance=0.08, retrain_steps=2, top=3, eval_data=valid,
+                 divisors=DIVS, max_depth_prune=0.25, output_dir=tmp_path / "s", seq_len=16, batch_size=4,
+                 progress=False, verbose=False)
+    assert isinstance(res, SearchResult)
+    n = len(res.candidates)
+    assert n > 3
+    assert sorted(c.rank_pruned for c in res.candidates) == list(range(1, n + 1))
+    retrained = [c for c in res.candidates if c.loss_retrained is not None]
+    assert sorted(c.rank_retrained for c in retrained) == [1, 2, 3]
+    assert {c.rank_pruned for c in retrained} == {1, 2, 3}  # top-3 by loss after pruning were retrained
+    assert res.best.rank_retrained == 1 and res.best.loss_retrained == min(c.loss_retrained for c in retrained)
+    assert all(math.isfinite(c.loss_pruned) for c in res.candidates)
+    # the best model is within the budget and is what the table says
+    p = minitron.count_parameters(res.model)
+    assert p == res.best.params and res.budget * 0.92 <= p <= res.budget
+    assert res.model.config.hidden_size == res.best.hidden_size
+    assert minitron.lm_loss(res.model, valid, 4) == pytest.approx(res.best.loss_retrained, rel=1e-4)
+    # files: csv, json, markdown, plot, best checkpoint
+    for key in ("csv", "json", "markdown", "plot"):
+        assert (tmp_path / "s").joinpath(res.files[key].rsplit("/", 1)[-1]).stat().st_size > 0
+    data = json.loads((tmp_path / "s" / "candidates.json").read_text())
+    assert data["best"] == res.best.name and len(data["candidates"]) == n
+    assert {"loss_pruned", "rank_pruned", "loss_retrained", "rank_retrained", "params"} <= set(data["candidates"][0])
+    csv_lines = (tmp_path / "s" / "candidates.csv").read_text().strip().splitlines()
+    assert len(csv_lines) == n + 1 and "rank_retrained" in csv_lines[0]
+    md = res.markdown()
+    assert "rank pruned" in md and "rank retrained" in md and res.best.name in md
+    assert (tmp_path / "s" / "losses.png").read_bytes()[:4] == b"\x89PNG"
+    loaded = AutoModelForCausalLM.from_pretrained(res.files["best"]).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(valid).logits, res.model(valid).logits)
+    # the teacher is left as it was
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_search_without_retraining(tmp_path):
+    model = make_model("qwen2")
+    ids = torch.randint(0, COMMON["vocab_size"], (400,), generator=torch.Generator().manual_seed(0))
+    res = search(model, ids, ids, params=0.7, tolerance=0.1, retrain_steps=0, divisors=DIVS,
+                 output_dir=tmp_path, seq_len=16, progress=False, verbose=False)
+    assert res.best.rank_pruned == 1 and all(c.loss_retrained is None for c in res.candidates)
+    assert minitron.count_parameters(res.model) == res.best.params <= res.budget
+
+
+def test_bad_input(tmp_path):
+    model = make_model("llama")
+    ids = torch.randint(0, COMMON["vocab_size"], (400,))
+    with pytest.raises(ValueError, match=r"infeasible budget.*smallest reachable size is [\d,]+ parameters"):
+        enumerate_candidates(model, 0.1)
+    with pytest.raises(ValueError, match="infeasible budget"):
+        search(model, ids, ids, params=0.1, output_dir=tmp_path, seq_len=16, verbose=False)
+    for tol in (-0.1, 1.0, 2):
+        with pytest.raises(ValueError, match="tolerance"):
+            enumerate_candidates(model, 0.5, tol)
+    with pytest.raises(ValueError, match="params"):
+        enumerate_candidates(model, -1)
+    with pytest.raises(ValueError, match="axes"):
+        enumerate_candidates(model, 0.5, axes=("width",))
+    with pytest.raises(ValueError, match="divisor"):
+        enumerate_candidates(model, 0.5, divisors={"depth": 2})
+    with pytest.raises(ValueError, match="top"):
+        search(model, ids, ids, params=0.6, top=0, divisors=DIVS, output_dir=tmp_path, seq_len=16, verbose=False)
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(ValueError, match="unsupported architecture"):
+        search(gpt2, ids, ids, params=0.5, output_dir=tmp_path, verbose=False)
+
+
+def test_cli_registers_search():
+    args = build_parser().parse_args(["search", "--params", "0.6", "--top", "2", "--axes", "ffn,layers"])
+    assert args.command == "search" and args.params == 0.6 and args.top == 2
+    assert args.func.__module__ == "minitron.search"
