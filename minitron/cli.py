@@ -1,4 +1,4 @@
-"""The ``minitron`` command line: ``minitron prune`` and ``minitron distill``.
+"""The ``minitron`` command line: ``minitron prune``, ``minitron distill`` and ``minitron search``.
 
 ``minitron prune`` with no arguments runs the built-in default job: it loads the
 small Llama model that ships with minitron (trained on the Python reference

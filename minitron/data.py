@@ -115,7 +115,7 @@ def load_text_blocks(data: Any, tokenizer: Any, seq_len: int, max_blocks: int | 
             eos = tokenizer.eos_token_id
             stream: list[int] = []
             for doc in _documents(data):
-                stream.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
+                stream.extend(tokenizer(doc, add_special_tokens=False, verbose=False)["input_ids"])  # whole docs: no length warning
                 if eos is not None:
                     stream.append(eos)
             ids = torch.tensor(stream, dtype=torch.long)
