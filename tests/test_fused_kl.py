@@ -27,6 +27,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.triton_support import have_triton, triton_runnable
+
 CUDA = torch.cuda.is_available()
 if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -41,27 +43,7 @@ CHUNK = 10
 TOL = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (1e-4, 1.5e-2), torch.float16: (1e-4, 1.5e-2)}  # (loss, grad)
 
 
-def _have_triton() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _triton_ok() -> bool:
-    """Triton kernels can run here: CUDA, or CPU with triton imported in interpreter mode."""
-    if not _have_triton():
-        return False
-    if CUDA:
-        return True
-    import triton.language as tl
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(tl.zeros, InterpretedFunction)
-
-
-TRITON_OK = _triton_ok()
+TRITON_OK = triton_runnable()
 IMPLS = ["chunked", pytest.param("triton", marks=pytest.mark.skipif(not TRITON_OK, reason="triton not runnable here"))]
 
 
@@ -252,7 +234,7 @@ def test_liger_fused_linear_jsd(impl, beta, tau):
         assert _rel(g[k] * scale, lig_in[k].grad) <= 2e-5, k
 
 
-@pytest.mark.skipif(CUDA or TRITON_OK or not _have_triton(), reason="Triton tests already ran in-process")
+@pytest.mark.skipif(CUDA or TRITON_OK or not have_triton(), reason="Triton tests already ran in-process")
 def test_triton_paths_in_interpreter_subprocess():
     """Run this file's Triton and Liger tests in a fresh process with TRITON_INTERPRET=1."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}

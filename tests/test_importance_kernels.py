@@ -21,6 +21,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.triton_support import have_triton, triton_runnable
+
 from minitron.importance.aggregate import (
     ImportanceAccumulator,
     accumulate_,
@@ -33,26 +35,7 @@ CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 
 
-def _have_triton() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _triton_ok() -> bool:
-    if not _have_triton():
-        return False
-    if CUDA:
-        return True
-    import triton.language as tl
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(tl.zeros, InterpretedFunction)
-
-
-TRITON_OK = _triton_ok()
+TRITON_OK = triton_runnable()
 needs_triton = pytest.mark.skipif(not TRITON_OK, reason="triton not runnable here (see subprocess test)")
 SHAPES = [(3, 7, 37), (1, 1, 5), (2, 130, 300), (5, 65, 129)]  # odd; S > BLOCK_S, D > BLOCK_D
 
@@ -111,7 +94,7 @@ def test_reference_paths_and_dispatch():
     act = _act((3, 7, 37), torch.float32)
     sx, sx2 = torch.zeros(37, device=DEVICE), torch.zeros(37, device=DEVICE)
     assert accumulate_(sx, sx2, act, "mean", impl="reference") == "reference"
-    expected = "triton" if CUDA and _have_triton() else "reference"
+    expected = "triton" if CUDA and have_triton() else "reference"
     assert accumulate_(sx, sx2, act, "mean") == expected
     acc = torch.zeros(1, device=DEVICE)
     assert block_importance_update_(acc, act, act, impl="reference") == "reference"
@@ -126,7 +109,7 @@ def test_reference_paths_and_dispatch():
     assert acc_obj.count == 3
 
 
-@pytest.mark.skipif(CUDA or TRITON_OK or not _have_triton(), reason="kernel tests already ran in-process")
+@pytest.mark.skipif(CUDA or TRITON_OK or not have_triton(), reason="kernel tests already ran in-process")
 def test_kernels_in_interpreter_subprocess():
     """Run this file's Triton tests in a fresh process with TRITON_INTERPRET=1."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
