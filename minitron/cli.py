@@ -83,7 +83,7 @@ def run_prune(args: argparse.Namespace) -> int:
     """Execute ``minitron prune``; prints a before/after summary and writes ``args.out``."""
     import minitron
     from minitron.data import builtin_text, load_text_blocks
-    from minitron.distill.checkpoint import atomic_write_dir
+    from minitron.atomic import atomic_write_dir
 
     started = time.time()
     model, tokenizer = load_model_and_tokenizer(args.model, args.device, args.dtype)

@@ -554,7 +554,7 @@ def write_report(result: SearchResult, tokenizer: Any = None) -> dict[str, str]:
         "candidates": rows}, indent=2), encoding="utf-8")
     files["markdown"].write_text(result.markdown() + "\n", encoding="utf-8")
     _plot(result.candidates, result.original_loss, files["plot"])
-    from .distill.checkpoint import atomic_write_dir
+    from .atomic import atomic_write_dir
 
     def save(tmp: Path) -> None:
         result.model.save_pretrained(tmp)
@@ -622,8 +622,6 @@ def run(args: argparse.Namespace) -> int:
     from .cli import BUILTIN, _calib_source, load_model_and_tokenizer
     from .data import builtin_text
     from .distill import DistillConfig
-
-    from .cli import BUILTIN
 
     threads = args.threads if args.threads is not None else (1 if args.model == BUILTIN and args.device == "cpu" else 0)
     if threads:

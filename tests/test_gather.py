@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from minitron.ops import gather as G
 from minitron.ops.gather import CompactFallbackWarning, compact_, gather_backend
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
