@@ -4,13 +4,17 @@ Example:
     >>> import minitron
     >>> small = minitron.prune(model, calib_texts, minitron.Target(hidden_size=3072, intermediate_size=9216))
     >>> small.save_pretrained("out/")
+
+The verbs ``minitron.prune``, ``minitron.distill`` and ``minitron.search`` are functions; their
+modules are named differently (``pruner``, ``distillation``, ``arch_search``) so that no function
+shadows a subpackage (``import minitron.distillation.cli`` works).
 """
 
 from .data import load_text_blocks
-from .distill import DistillConfig, NonFiniteLossError, distill
+from .distillation import DistillConfig, NonFiniteLossError, distill
 from .importance.collect import ImportanceConfig, ImportanceScores, collect_importance, lm_loss, perplexity
 from .pruner import prune
-from .search import SearchResult, search
+from .arch_search import SearchResult, search
 from .pruning import PrunePlan, Target, apply_plan, count_parameters, make_plan, random_plan
 from .sizing import target_for_budget, target_parameters
 

@@ -134,7 +134,7 @@ def run_prune(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .distill.cli import register as register_distill
+    from .distillation.cli import register as register_distill
 
     parser = argparse.ArgumentParser(prog="minitron", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prune_arguments(prune)
     prune.set_defaults(func=run_prune)
     register_distill(sub)
-    from .search import register as register_search
+    from .arch_search import register as register_search
     register_search(sub)
     return parser
 

@@ -13,12 +13,12 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from minitron.distill.checkpoint import latest_checkpoint, load_student_state
+from minitron.distillation.checkpoint import latest_checkpoint, load_student_state
 
 SCRIPT = textwrap.dedent('''
     import os, sys, torch
     from transformers import LlamaConfig, LlamaForCausalLM
-    from minitron.distill import distill, DistillConfig
+    from minitron.distillation import distill, DistillConfig
 
     def tiny(hidden, layers, seed):
         torch.manual_seed(seed)

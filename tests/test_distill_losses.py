@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from minitron.distill import DistillConfig, IntermediateProjections, dynamic_alpha, intermediate_state_loss, linear_cross_entropy
-from minitron.distill.trainer import _DistillModule
+from minitron.distillation import DistillConfig, IntermediateProjections, dynamic_alpha, intermediate_state_loss, linear_cross_entropy
+from minitron.distillation.trainer import _DistillModule
 
 
 def _tiny(vocab=128, hidden=32, layers=2, heads=4, kv=2, inter=64, tie=False, seed=0):

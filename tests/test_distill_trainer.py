@@ -1,4 +1,4 @@
-"""End-to-end tests of ``minitron.distill.distill`` on tiny Llama models (CPU, fixed seeds)."""
+"""End-to-end tests of ``minitron.distillation.distill`` on tiny Llama models (CPU, fixed seeds)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from minitron.distill import DistillConfig, NonFiniteLossError, distill
-from minitron.distill.checkpoint import latest_checkpoint, load_student_state
+from minitron.distillation import DistillConfig, NonFiniteLossError, distill
+from minitron.distillation.checkpoint import latest_checkpoint, load_student_state
 
 V, T = 64, 32
 
@@ -175,7 +175,7 @@ def test_vocab_mismatch_raises(teacher_and_data, tmp_path):
 
 
 def test_cli_register_and_run(teacher_and_data, tmp_path):
-    from minitron.distill import cli
+    from minitron.distillation import cli
 
     teacher, train, _ = teacher_and_data
     teacher.save_pretrained(tmp_path / "teacher")

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 import minitron
 from minitron.cli import build_parser
-from minitron.search import ParamCounter, SearchResult, enumerate_candidates, search
+from minitron.arch_search import ParamCounter, SearchResult, enumerate_candidates, search
 from minitron.sizing import target_parameters
 
 from .conftest import COMMON, make_model
@@ -169,4 +169,4 @@ def test_bad_input(tmp_path):
 def test_cli_registers_search():
     args = build_parser().parse_args(["search", "--params", "0.6", "--top", "2", "--axes", "ffn,layers"])
     assert args.command == "search" and args.params == 0.6 and args.top == 2
-    assert args.func.__module__ == "minitron.search"
+    assert args.func.__module__ == "minitron.arch_search"

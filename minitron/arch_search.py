@@ -375,7 +375,7 @@ def search(
         >>> res = minitron.search(model, texts, texts, params=0.5, retrain_steps=50, top=4, tokenizer=tok)
         >>> res.best.name, res.best.loss_retrained
     """
-    from .distill import DistillConfig, distill
+    from .distillation import DistillConfig, distill
 
     started = time.time()
     get_adapter(model)
@@ -621,7 +621,7 @@ def run(args: argparse.Namespace) -> int:
     """
     from .cli import BUILTIN, _calib_source, load_model_and_tokenizer
     from .data import builtin_text
-    from .distill import DistillConfig
+    from .distillation import DistillConfig
 
     threads = args.threads if args.threads is not None else (1 if args.model == BUILTIN and args.device == "cpu" else 0)
     if threads:

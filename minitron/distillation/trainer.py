@@ -3,13 +3,13 @@
 Loss (METHOD.md section 4): ``L = clm_weight * L_CLM + kd_weight * (L_logits + alpha * L_is)``.
 ``L_logits`` comes from :func:`minitron.losses.linear_kd_loss`, which takes the final normed
 hidden states and the lm_head weights (never logits), so a fused kernel plugs in; ``L_CLM`` is a
-chunked cross-entropy (:func:`minitron.distill.losses.linear_cross_entropy`); ``L_is`` and its
-dynamic ``alpha`` are in :mod:`minitron.distill.losses`.
+chunked cross-entropy (:func:`minitron.distillation.losses.linear_cross_entropy`); ``L_is`` and its
+dynamic ``alpha`` are in :mod:`minitron.distillation.losses`.
 
 Single process, DDP and FSDP2 (``torchrun``) share one code path: student, teacher and the
 intermediate projections sit in one wrapper module whose ``forward`` returns the losses, so DDP /
 ``fully_shard`` wrap a single root. The batch of optimizer step ``s`` is a pure function of
-``(seed, s)`` (:func:`minitron.distill.data.batch_indices`), which is what makes resume exact.
+``(seed, s)`` (:func:`minitron.distillation.data.batch_indices`), which is what makes resume exact.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from minitron.distill.checkpoint import (
+from minitron.distillation.checkpoint import (
     atomic_write_dir,
     latest_checkpoint,
     load_student_state,
@@ -38,15 +38,15 @@ from minitron.distill.checkpoint import (
     set_rng_state,
     TRAINER_STATE,
 )
-from minitron.distill.config import DistillConfig
-from minitron.distill.data import batch_indices, check_nonempty, load_blocks
-from minitron.distill.losses import (
+from minitron.distillation.config import DistillConfig
+from minitron.distillation.data import batch_indices, check_nonempty, load_blocks
+from minitron.distillation.losses import (
     IntermediateProjections,
     dynamic_alpha,
     intermediate_state_loss,
     linear_cross_entropy,
 )
-from minitron.distill.plotting import plot_loss_curve
+from minitron.distillation.plotting import plot_loss_curve
 
 Callback = Callable[[int, dict, nn.Module], None]
 

@@ -14,7 +14,7 @@ PARALLEL = ("auto", "none", "ddp", "fsdp")
 
 @dataclass
 class DistillConfig:
-    """Hyper-parameters of :func:`minitron.distill.distill`.
+    """Hyper-parameters of :func:`minitron.distillation.distill`.
 
     Defaults follow the Minitron recipe (METHOD.md section 4): forward KL at tau = 1,
     KD loss only (``clm_weight=0``), LR 1e-4 -> 1e-5 cosine with 100 warmup steps.

@@ -1,9 +1,9 @@
-"""``minitron distill`` command line (also ``python -m minitron.distill.cli``; works under ``torchrun``).
+"""``minitron distill`` command line (also ``python -m minitron.distillation.cli``; works under ``torchrun``).
 
 Example:
-    python -m minitron.distill.cli --student pruned/ --teacher llama/ --data train.jsonl \\
+    python -m minitron.distillation.cli --student pruned/ --teacher llama/ --data train.jsonl \\
         --eval-data valid.jsonl --steps 1000 --seq-len 1024 --batch-size 8 --output-dir run/
-    torchrun --nproc_per_node 8 -m minitron.distill.cli ... --parallel fsdp
+    torchrun --nproc_per_node 8 -m minitron.distillation.cli ... --parallel fsdp
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import argparse
 import dataclasses
 from typing import Any
 
-from minitron.distill.config import (
+from minitron.distillation.config import (
     DistillConfig,
     INTERMEDIATE_LOSSES,
     LOGITS_LOSSES,
@@ -85,7 +85,7 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load student/teacher/tokenizer from local paths and run :func:`minitron.distill.distill`.
+    """Load student/teacher/tokenizer from local paths and run :func:`minitron.distillation.distill`.
 
     Returns:
         Exit status 0 (errors raise).
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from minitron.distill.trainer import distill
+    from minitron.distillation.trainer import distill
 
     cfg = config_from_args(args)
     student = AutoModelForCausalLM.from_pretrained(args.student)
@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Standalone entry point: ``python -m minitron.distill.cli ...``."""
+    """Standalone entry point: ``python -m minitron.distillation.cli ...``."""
     parser = argparse.ArgumentParser(prog="minitron-distill", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_arguments(parser)
