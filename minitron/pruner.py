@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -102,9 +103,9 @@ def prune(
         if scores is None:
             if calib_data is None:
                 raise ValueError("empty calibration data: pass calib_data=... (or precomputed scores=...)")
-            importance = importance or ImportanceConfig(depth_ppl=depth_metric == "ppl")
-            if depth_metric == "ppl" and not importance.depth_ppl:
-                importance.depth_ppl = True
+            importance = importance or ImportanceConfig()
+            if depth_metric == "ppl" and not importance.depth_ppl:  # a copy: the caller's config stays as given
+                importance = dataclasses.replace(importance, depth_ppl=True)
             blocks = load_text_blocks(calib_data, None if isinstance(calib_data, torch.Tensor) else _tokenizer_for(model, tokenizer), seq_len, num_samples)
             scores = collect_importance(model, blocks, importance, progress=progress)
         plan = make_plan(scores, target, model.config, batch_agg, depth_metric, depth_mode)
