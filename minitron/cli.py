@@ -51,6 +51,8 @@ def _add_prune_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ffn", type=int, help="MLP neurons to keep (intermediate_size)")
     g.add_argument("--heads", type=int, help="query heads to keep (multiple of the KV heads)")
     g.add_argument("--layers", type=int, help="decoder layers to keep")
+    g.add_argument("--kv-heads", type=int, help="KV groups to keep (explicit opt-in: the Minitron recipe keeps "
+                   "every K/V head; needs --heads)")
     g.add_argument("--params", type=float, help="parameter budget: a fraction <= 1 or an absolute count "
                    "(width first; default 0.5 when no target is given)")
     i = p.add_argument_group("importance")
@@ -88,7 +90,8 @@ def run_prune(args: argparse.Namespace) -> int:
     started = time.time()
     model, tokenizer = load_model_and_tokenizer(args.model, args.device, args.dtype)
     fields = {"hidden_size": args.hidden_size, "intermediate_size": args.ffn,
-              "num_attention_heads": args.heads, "num_hidden_layers": args.layers}
+              "num_attention_heads": args.heads, "num_hidden_layers": args.layers,
+              "num_key_value_heads": args.kv_heads}
     target = minitron.Target(**fields) if any(v is not None for v in fields.values()) else None
     params = args.params if args.params is not None or target is not None else 0.5
 
@@ -121,7 +124,7 @@ def run_prune(args: argparse.Namespace) -> int:
     atomic_write_dir(args.out, write)
     report = {"model": str(args.model), "out": str(args.out), "params_before": before_params,
               "params_after": minitron.count_parameters(pruned),
-              "config": {k: getattr(pruned.config, k) for k in (*fields, "num_key_value_heads", "head_dim")}}
+              "config": {k: getattr(pruned.config, k) for k in (*fields, "head_dim")}}
     if eval_blocks is not None:
         report["ppl_before"] = round(before_ppl, 3)
         report["ppl_after"] = round(minitron.perplexity(pruned, eval_blocks, args.batch_size), 3)

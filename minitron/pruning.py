@@ -42,8 +42,11 @@ class Target:
     Args:
         hidden_size: embedding / residual width.
         intermediate_size: MLP width (FFN neurons).
-        num_attention_heads: query heads; a multiple of the model's KV heads.
+        num_attention_heads: query heads; a multiple of the (kept) KV heads.
         num_hidden_layers: decoder layers kept.
+        num_key_value_heads: KV groups kept. Explicit opt-in: the official Minitron recipe
+            never prunes K/V (ModelOpt removed it); whole groups are dropped by the L2 of
+            their query-head scores, with their query heads.
 
     Example:
         >>> Target(hidden_size=3072, intermediate_size=9216)  # Llama-3.1-Minitron-4B-Width from 8B
@@ -53,19 +56,22 @@ class Target:
     intermediate_size: int | None = None
     num_attention_heads: int | None = None
     num_hidden_layers: int | None = None
+    num_key_value_heads: int | None = None
 
     def resolved(self, config) -> "Target":
         """Fill ``None`` fields from ``config``."""
-        return Target(**{f.name: getattr(self, f.name) or getattr(config, f.name) for f in fields(self)})
+        current = {f.name: getattr(config, f.name, None) for f in fields(self)}
+        current["num_key_value_heads"] = kv_heads_of(config)
+        return Target(**{name: getattr(self, name) or value for name, value in current.items()})
 
     def validate(self, config, divisors: dict[str, int] | None = None) -> None:
         """Raise ``ValueError`` naming the field and the allowed values if the target is infeasible."""
-        kv = kv_heads_of(config)
+        original = Target().resolved(config)  # the model's own sizes
         for f in fields(self):
             value = getattr(self, f.name)
             if value is None:
                 continue
-            current = int(getattr(config, f.name))
+            current = int(getattr(original, f.name))
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{f.name}={value!r} must be a positive integer (allowed: 1..{current})")
             if value > current:
@@ -79,13 +85,19 @@ class Target:
                     f"{f.name}={value} is not divisible by the required divisor {div}; "
                     f"use a multiple of {div} such as {max(div, value // div * div)}"
                 )
-        if self.num_attention_heads is not None and self.num_attention_heads % kv:
-            allowed = ", ".join(str(kv * m) for m in range(1, config.num_attention_heads // kv + 1))
+        t = self.resolved(config)
+        kv, group = t.num_key_value_heads, config.num_attention_heads // kv_heads_of(config)
+        allowed = ", ".join(str(kv * m) for m in range(1, group + 1))
+        if t.num_attention_heads % kv:
             raise ValueError(
-                f"num_attention_heads={self.num_attention_heads} is not a multiple of num_key_value_heads={kv}: "
+                f"num_attention_heads={t.num_attention_heads} is not a multiple of num_key_value_heads={kv}: "
                 f"query heads are kept equally in every KV group (allowed: {allowed})"
             )
-        t = self.resolved(config)
+        if t.num_attention_heads > kv * group:
+            raise ValueError(
+                f"num_attention_heads={t.num_attention_heads} is more than num_key_value_heads={kv} groups of "
+                f"{group} query heads hold; prune query heads too (allowed: {allowed})"
+            )
         candidate = copy.deepcopy(config)
         candidate.head_dim = head_dim_of(config)
         for f in fields(self):
@@ -116,6 +128,7 @@ class PrunePlan:
     mlp: dict[int, torch.Tensor] = field(default_factory=dict)
     heads: dict[int, torch.Tensor] = field(default_factory=dict)
     layers: torch.Tensor | None = None
+    kv_groups: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 def _top_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -177,11 +190,15 @@ def make_plan(
     if t.num_attention_heads < config.num_attention_heads:
         kv = kv_heads_of(config)
         group = config.num_attention_heads // kv  # query heads per KV head (HF repeat_kv layout)
-        keep_per_group = t.num_attention_heads // kv
         heads = scores.heads(batch_agg).view(n_layers, kv, group)  # (L, kv, g)
         for l in kept_layers:
-            within = torch.stack([_top_sorted(heads[l, g], keep_per_group) for g in range(kv)])  # (kv, g')
-            plan.heads[l] = (within + torch.arange(kv).unsqueeze(1) * group).flatten()
+            groups = torch.arange(kv)
+            if t.num_key_value_heads < kv:  # explicit option: drop whole KV groups, weakest first
+                groups = _top_sorted(heads[l].norm(dim=-1), t.num_key_value_heads)
+                plan.kv_groups[l] = groups
+            keep_per_group = t.num_attention_heads // groups.numel()
+            within = torch.stack([_top_sorted(heads[l, g], keep_per_group) for g in groups.tolist()])  # (kv', g')
+            plan.heads[l] = (within + groups.unsqueeze(1) * group).flatten()
     return plan
 
 
@@ -205,10 +222,12 @@ def random_plan(config, target: Target, seed: int = 0) -> PrunePlan:
     if t.num_attention_heads < config.num_attention_heads:
         kv = kv_heads_of(config)
         group = config.num_attention_heads // kv
-        plan.heads = {
-            l: torch.cat([pick(group, t.num_attention_heads // kv) + g_ * group for g_ in range(kv)])
-            for l in kept_layers
-        }
+        for l in kept_layers:
+            groups = pick(kv, t.num_key_value_heads)
+            if t.num_key_value_heads < kv:
+                plan.kv_groups[l] = groups
+            keep = t.num_attention_heads // t.num_key_value_heads
+            plan.heads[l] = torch.cat([pick(group, keep) + g_ * group for g_ in groups.tolist()])
     return plan
 
 
@@ -235,6 +254,10 @@ def _weight_ops(adapter: FamilyAdapter, config, plan: PrunePlan) -> dict[str, li
     for l in layer_ids:
         p = f"{adapter.layers}.{l}."
         q_rows = _head_rows(plan.heads[l], head_dim) if l in plan.heads else None
+        kv_rows = _head_rows(plan.kv_groups[l], head_dim) if l in plan.kv_groups else None
+        for name in (adapter.k_proj, adapter.v_proj):
+            add(p + f"{name}.weight", 0, kv_rows)
+            add(p + f"{name}.bias", 0, kv_rows)
         mlp = plan.mlp.get(l)
         for norm in adapter.layer_norms:
             add(p + f"{norm}.weight", 0, hidden)
@@ -264,7 +287,9 @@ def pruned_config(config, plan: PrunePlan):
         new.intermediate_size = int(next(iter(plan.mlp.values())).numel())
     if plan.heads:
         new.num_attention_heads = int(next(iter(plan.heads.values())).numel())
-    new.num_key_value_heads = kv_heads_of(config)
+    new.num_key_value_heads = (
+        int(next(iter(plan.kv_groups.values())).numel()) if plan.kv_groups else kv_heads_of(config)
+    )
     if plan.layers is not None:
         kept = plan.layers.tolist()
         new.num_hidden_layers = len(kept)

@@ -37,7 +37,7 @@ def target_parameters(model: nn.Module, target: Target) -> int:
     t = target.resolved(config)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     config.head_dim = head_dim
-    for name in ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers"):
+    for name in ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "num_key_value_heads"):
         setattr(config, name, getattr(t, name))
     if getattr(config, "layer_types", None) is not None:
         config.layer_types = config.layer_types[: t.num_hidden_layers]

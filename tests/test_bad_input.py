@@ -27,6 +27,8 @@ def model():
         (minitron.Target(num_attention_heads=3), r"num_attention_heads=3 is not a multiple of num_key_value_heads=2.*allowed: 2, 4, 6"),
         (minitron.Target(hidden_size=0), r"hidden_size=0 must be a positive integer"),
         (minitron.Target(hidden_size=44), r"hidden_size=44 is not divisible by num_attention_heads=6"),
+        (minitron.Target(num_key_value_heads=1), r"num_attention_heads=6 is more than num_key_value_heads=1 groups of 3"),
+        (minitron.Target(num_key_value_heads=3), r"num_key_value_heads=3 > 2"),
     ],
 )
 def test_infeasible_targets(model, calib_ids, target, match):

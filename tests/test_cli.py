@@ -60,3 +60,11 @@ def test_builtin_model_ships_and_is_trained():
     # far below the uniform-guess perplexity of the 4096-token vocabulary
     assert minitron.perplexity(model, valid) < 400
     assert torch.isfinite(model.model.embed_tokens.weight).all()
+
+
+def test_prune_kv_groups_explicit(tmp_path, capsys):
+    assert main(["prune", "--heads", "4", "--kv-heads", "2", "--out", str(tmp_path / "kv"), *FAST]) == 0
+    config = last_json(capsys.readouterr().out)["config"]
+    assert (config["num_attention_heads"], config["num_key_value_heads"]) == (4, 2)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "kv")
+    assert model.model.layers[0].self_attn.k_proj.weight.shape == (2 * 32, 256)

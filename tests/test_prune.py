@@ -191,3 +191,31 @@ def test_params_budget(calib_ids):
     assert pruned_params > 0.6 * total  # the largest width that fits, not an arbitrary small one
     pruned = minitron.prune(model, calib_ids, params=0.7, seq_len=16, progress=False, verbose=False)
     assert minitron.count_parameters(pruned) <= 0.7 * total
+
+
+def test_kv_group_pruning_is_explicit_and_equals_masked_original(family, calib_ids, tmp_path):
+    model = make_model(family)
+    kv, head_dim = model.config.num_key_value_heads, 8
+    target = Target(num_attention_heads=2, num_key_value_heads=1) if kv == 2 else Target(num_attention_heads=3, num_key_value_heads=3)
+    scores = scores_for(model, calib_ids)
+    plan = make_plan(scores, target, model.config)
+    group = model.config.num_attention_heads // kv
+    for l, groups in plan.kv_groups.items():
+        assert all(int(h) // group in groups.tolist() for h in plan.heads[l])  # query heads of kept groups only
+        strongest = scores.heads()[l].view(kv, group).norm(dim=-1).topk(target.num_key_value_heads).indices.sort().values
+        assert torch.equal(groups, strongest)
+    pruned = apply_plan(model, plan)
+    assert pruned.config.num_key_value_heads == target.num_key_value_heads
+    assert pruned.model.layers[0].self_attn.k_proj.weight.shape[0] == target.num_key_value_heads * head_dim
+    torch.testing.assert_close(logits(pruned, calib_ids), masked_reference(model, calib_ids, plan), atol=ATOL, rtol=1e-4)
+    pruned.save_pretrained(tmp_path)
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(tmp_path), calib_ids), logits(pruned, calib_ids))
+
+
+def test_heads_only_never_touches_kv(calib_ids):
+    model = make_model("qwen2")
+    pruned = minitron.prune(model, calib_ids, Target(num_attention_heads=2), seq_len=16, progress=False, verbose=False)
+    assert pruned.config.num_key_value_heads == 2
+    for old, new in zip(model.model.layers, pruned.model.layers):
+        assert torch.equal(old.self_attn.k_proj.weight, new.self_attn.k_proj.weight)
+        assert torch.equal(old.self_attn.v_proj.bias, new.self_attn.v_proj.bias)
