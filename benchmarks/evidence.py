@@ -73,10 +73,7 @@ def main() -> None:
 
     def scratch():
         torch.manual_seed(0)
-        config = minitron.pruning.pruned_config(teacher.config, minitron.PrunePlan())
-        for name in ("hidden_size", "intermediate_size"):
-            setattr(config, name, getattr(width_target, name))
-        return type(teacher)(config)
+        return type(teacher)(width_target.config_for(teacher.config))
 
     runs = [  # (name, student factory, KD?, lr)
         ("width, importance, KD", lambda: pruned(width_target), True, args.lr),

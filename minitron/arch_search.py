@@ -27,7 +27,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import itertools
 import json
@@ -198,13 +197,7 @@ class ParamCounter:
 def _zero_layer_params(model: nn.Module, key: tuple[int, int, int]) -> int:
     from .sizing import count_config_parameters
 
-    config = copy.deepcopy(model.config)
-    config.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    config.hidden_size, config.intermediate_size, config.num_attention_heads = key
-    config.num_hidden_layers = 0
-    if getattr(config, "layer_types", None) is not None:
-        config.layer_types = []
-    return count_config_parameters(type(model), config)
+    return count_config_parameters(type(model), Target(*key, num_hidden_layers=0).config_for(model.config))
 
 
 def _valid(model: nn.Module, target: Target) -> bool:

@@ -62,7 +62,20 @@ class Target:
         """Fill ``None`` fields from ``config``."""
         current = {f.name: getattr(config, f.name, None) for f in fields(self)}
         current["num_key_value_heads"] = kv_heads_of(config)
-        return Target(**{name: getattr(self, name) or value for name, value in current.items()})
+        return Target(**{name: value if getattr(self, name) is None else getattr(self, name)
+                         for name, value in current.items()})
+
+    def config_for(self, config):
+        """A deep copy of ``config`` with this target's sizes, ``head_dim`` explicit and
+        ``layer_types`` cut to the new depth (no validation: see :meth:`validate`)."""
+        t = self.resolved(config)
+        new = copy.deepcopy(config)
+        new.head_dim = head_dim_of(config)
+        for f in fields(t):
+            setattr(new, f.name, getattr(t, f.name))
+        if getattr(new, "layer_types", None) is not None:
+            new.layer_types = new.layer_types[: t.num_hidden_layers]
+        return new
 
     def validate(self, config, divisors: dict[str, int] | None = None) -> None:
         """Raise ``ValueError`` naming the field and the allowed values if the target is infeasible."""
@@ -98,14 +111,8 @@ class Target:
                 f"num_attention_heads={t.num_attention_heads} is more than num_key_value_heads={kv} groups of "
                 f"{group} query heads hold; prune query heads too (allowed: {allowed})"
             )
-        candidate = copy.deepcopy(config)
-        candidate.head_dim = head_dim_of(config)
-        for f in fields(self):
-            setattr(candidate, f.name, getattr(t, f.name))
-        if getattr(candidate, "layer_types", None) is not None:
-            candidate.layer_types = candidate.layer_types[: t.num_hidden_layers]
         try:  # the config class's own checks, as from_pretrained will run them on the saved checkpoint
-            type(config).from_dict(candidate.to_dict())
+            type(config).from_dict(self.config_for(config).to_dict())
         except Exception as err:  # noqa: BLE001 - re-raised with the fix
             if t.hidden_size % t.num_attention_heads:
                 ok = [h for h in range(t.num_attention_heads, config.hidden_size + 1, t.num_attention_heads)]

@@ -16,7 +16,6 @@ width pruning retains more quality than depth pruning at equal size:
 
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
@@ -33,15 +32,7 @@ def count_config_parameters(model_cls: type[nn.Module], config) -> int:
 
 def target_parameters(model: nn.Module, target: Target) -> int:
     """Parameter count of ``model`` pruned to ``target``."""
-    config = copy.deepcopy(model.config)
-    t = target.resolved(config)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    config.head_dim = head_dim
-    for name in ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "num_key_value_heads"):
-        setattr(config, name, getattr(t, name))
-    if getattr(config, "layer_types", None) is not None:
-        config.layer_types = config.layer_types[: t.num_hidden_layers]
-    return count_config_parameters(type(model), config)
+    return count_config_parameters(type(model), target.config_for(model.config))
 
 
 def _round_down(value: float, divisor: int) -> int:

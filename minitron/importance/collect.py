@@ -159,13 +159,11 @@ class ImportanceScores:
 
     def check_matches(self, model: nn.Module) -> None:
         """Raise if these scores were computed on a model of another shape."""
-        expected = model_shape_meta(model)
-        for key in ("model_type", "hidden_size", "intermediate_size", "num_attention_heads",
-                    "num_key_value_heads", "num_hidden_layers", "head_dim"):
-            if self.meta.get(key) != expected[key]:
+        for key, value in model_shape_meta(model).items():
+            if self.meta.get(key) != value:
                 raise ValueError(
                     f"importance scores were computed for {key}={self.meta.get(key)} but the model has "
-                    f"{key}={expected[key]}; recompute scores for this model"
+                    f"{key}={value}; recompute scores for this model"
                 )
 
 
