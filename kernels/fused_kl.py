@@ -6,8 +6,9 @@ GEMM per model and calls :func:`kd_chunk_triton`, which runs one program per tok
     pass 1  online softmax statistics (running max, sum-exp) of student AND teacher over
             vocab tiles, in one sweep                          -> lse_s, lse_t
     pass 2  per-token divergence (and, for reverse KL / JSD, the row dot <Q, g>)
-    pass 3  gradient w.r.t. the student logits, written in place over the student logits
-            (forward KL folds it into pass 2)
+    pass 3  gradient w.r.t. the student logits, rounded once into the dtype of the gradient
+            GEMMs (bf16 buffer on the native CUDA path, else in place over the fp32 student
+            logits); forward KL folds it into pass 2
 
 Everything is fp32. Columns beyond a side's vocab read as ``-inf`` (vocab padding, never
 zeros); ``0 * log 0`` terms are masked so padding never yields NaN. Memory: the (c, V)
@@ -36,8 +37,8 @@ def _online_lse_kernel_part(x, m, l):
 
 @triton.jit
 def _kd_chunk_kernel(
-    S, T, LOSS, SCALE,  # S: (c, Vs) student logits, overwritten with grads; T: (c, Vt); LOSS, SCALE: (c,)
-    stride_s, stride_t,
+    S, T, G, LOSS, SCALE,  # S: (c, Vs) fp32 student logits; T: (c, Vt) fp32; G: (c, Vs) grads, any float
+    stride_s, stride_t, stride_g,  # dtype (may alias S: each element is read before it is written)
     Vs, Vt, V,
     inv_tau, tau, beta,
     KIND: tl.constexpr,  # 0 forward KL, 1 reverse KL, 2 JSD
@@ -47,6 +48,7 @@ def _kd_chunk_kernel(
     row = tl.program_id(0).to(tl.int64)
     S += row * stride_s
     T += row * stride_t
+    G += row * stride_g
     cols = tl.arange(0, BLOCK_V)
 
     # pass 1: online max / sum-exp of both distributions in one sweep over the vocab
@@ -78,7 +80,7 @@ def _kd_chunk_kernel(
         if KIND == 0:
             loss += tl.sum(tl.where(p > 0, p * (log_p - log_q), 0.0), axis=0)
             if HAS_GRAD:
-                tl.store(S + c, (q - p) * scale, mask=c < Vs)
+                tl.store(G + c, ((q - p) * scale).to(G.dtype.element_ty), mask=c < Vs)
         elif KIND == 1:
             loss += tl.sum(tl.where(q > 0, q * (log_q - log_p), 0.0), axis=0)
         else:
@@ -105,22 +107,30 @@ def _kd_chunk_kernel(
             else:
                 log_m = tl.log(beta * tl.exp(log_p) + (1.0 - beta) * q)
                 g = (1.0 - beta) * (tl.where(q > 0, q * (log_q - log_m), 0.0) - q * dot)
-            tl.store(S + c, g * scale, mask=c < Vs)
+            tl.store(G + c, (g * scale).to(G.dtype.element_ty), mask=c < Vs)
+
+
+def launch_config(v: int) -> dict:
+    """Block size and warps for a chunk whose padded vocab is ``v`` (one program per token row)."""
+    block_v = min(4096, triton.next_power_of_2(v))
+    return {"BLOCK_V": block_v, "num_warps": 8 if block_v >= 2048 else 4}
 
 
 def kd_chunk_triton(
-    s_logits: torch.Tensor,  # (c, Vs) fp32, contiguous rows; overwritten with grads when row_scale is given
+    s_logits: torch.Tensor,  # (c, Vs) fp32, contiguous rows; overwritten with grads unless grad_out is given
     t_logits: torch.Tensor,  # (c, Vt) fp32
     row_scale: torch.Tensor | None,  # (c,) fp32 or None
     kind: int = 0,
     beta: float = 0.5,
     temperature: float = 1.0,
+    grad_out: torch.Tensor | None = None,  # (c, Vs) any float dtype, unit column stride
     block_v: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Triton version of :func:`kd_chunk_reference` (same arguments and returns).
 
-    The gradient is written in place over ``s_logits`` (its storage is returned), so the
-    chunk needs no extra (c, V) buffer.
+    The gradient is written straight into ``grad_out`` in its dtype (one rounding from fp32,
+    no extra pass to convert), or in place over ``s_logits`` when no buffer is given, so the
+    chunk needs no extra fp32 (c, V) buffer.
 
     Example:
         >>> loss, grad = kd_chunk_triton(s.float(), t.float(), torch.full((s.shape[0],), 1 / n))
@@ -129,20 +139,21 @@ def kd_chunk_triton(
     vt = t_logits.shape[1]
     assert s_logits.dtype == torch.float32 and t_logits.dtype == torch.float32
     assert s_logits.stride(1) == 1 and t_logits.stride(1) == 1
+    has_grad = row_scale is not None
+    g = s_logits if grad_out is None or not has_grad else grad_out
+    assert g.shape == s_logits.shape and g.stride(1) == 1
     loss = torch.empty(c, dtype=torch.float32, device=s_logits.device)  # (c,)
     if c == 0:
-        return loss, (s_logits if row_scale is not None else None)
-    v = max(vs, vt)
-    if block_v is None:
-        block_v = min(4096, triton.next_power_of_2(v))
-    has_grad = row_scale is not None
+        return loss, (g if has_grad else None)
+    cfg = launch_config(max(vs, vt))
+    if block_v is not None:
+        cfg["BLOCK_V"] = block_v
     scale = row_scale.float().contiguous() if has_grad else loss  # dummy pointer when unused
     _kd_chunk_kernel[(c,)](
-        s_logits, t_logits, loss, scale,
-        s_logits.stride(0), t_logits.stride(0),
-        vs, vt, v,
+        s_logits, t_logits, g, loss, scale,
+        s_logits.stride(0), t_logits.stride(0), g.stride(0),
+        vs, vt, max(vs, vt),
         1.0 / temperature, float(temperature), float(beta),
-        KIND=kind, HAS_GRAD=has_grad, BLOCK_V=block_v,
-        num_warps=8 if block_v >= 2048 else 4,
+        KIND=kind, HAS_GRAD=has_grad, **cfg,
     )
-    return loss, (s_logits if has_grad else None)
+    return loss, (g if has_grad else None)

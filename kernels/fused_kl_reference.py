@@ -79,8 +79,9 @@ def kd_chunk_reference(
     kind: int = FORWARD_KL,
     beta: float = 0.5,
     temperature: float = 1.0,
+    grad_out: torch.Tensor | None = None,  # (c, Vs) any float dtype
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-token loss (c,) and grad logits (c, Vs) (``row_scale``-weighted), fp32.
+    """Per-token loss (c,) and grad logits (c, Vs) (``row_scale``-weighted), computed in fp32.
 
     Works in place on the chunk's logits buffers to keep the workspace at a few (c, V)
     tensors (the chunked path owns them; pass clones to keep the inputs).
@@ -92,8 +93,10 @@ def kd_chunk_reference(
         kind: ``FORWARD_KL`` | ``REVERSE_KL`` | ``JSD``.
         beta: JSD mixing coefficient (only for ``JSD``).
         temperature: softmax temperature tau; the loss is multiplied by tau^2.
+        grad_out: optional (c, Vs) buffer (e.g. bf16, the dtype of the gradient GEMMs) that
+            receives the gradient, rounded once from fp32; default: fp32 in the student buffer.
     Returns:
-        ``(loss (c,), grad (c, Vs) or None)``.
+        ``(loss (c,), grad (c, Vs) or None)``; ``grad`` is ``grad_out`` when one is given.
     Example:
         >>> loss, grad = kd_chunk_reference(s.clone(), t.clone(), torch.full((s.shape[0],), 1 / n))
     """
@@ -122,4 +125,6 @@ def kd_chunk_reference(
         grad = grad.sub_(q.mul_(kl_qm[:, None])).mul_(1.0 - beta) if want else None
     if grad is not None:
         grad = grad[:, :vs].mul_(temperature * row_scale[:, None])
+        if grad_out is not None:
+            grad = grad_out.copy_(grad)
     return loss * (temperature * temperature), grad

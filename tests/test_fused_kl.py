@@ -242,3 +242,104 @@ def test_triton_paths_in_interpreter_subprocess():
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=Path(__file__).parents[1])
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert " passed" in r.stdout
+
+
+def _chunk_fns():
+    from minitron_kernels.fused_kl_reference import kd_chunk_reference
+
+    fns = [pytest.param(kd_chunk_reference, id="reference")]
+    if TRITON_OK:
+        from minitron_kernels.fused_kl import kd_chunk_triton
+
+        fns.append(pytest.param(kd_chunk_triton, id="triton"))
+    else:
+        fns.append(pytest.param(None, id="triton", marks=pytest.mark.skip(reason="triton not runnable here")))
+    return fns
+
+
+@pytest.mark.parametrize("chunk_fn", _chunk_fns())
+@pytest.mark.parametrize("kind", [0, 1, 2])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_chunk_grad_written_once_in_half(chunk_fn, kind, dtype):
+    """grad_out: the logits gradient lands in a half buffer, rounded once from the fp32 gradient.
+
+    Tolerance, relative to the largest entry: half an ulp at most (round to nearest; bf16
+    2^-8 -> 4e-3, fp16 2^-11 -> 5e-4), doubled for Triton in the CPU interpreter, whose numpy
+    fp32 -> bf16 cast truncates (compiled Triton rounds to nearest even).
+    """
+    from minitron_kernels.fused_kl_reference import kd_chunk_reference
+
+    g = torch.Generator().manual_seed(kind)
+    c, vs, vt = 13, 1003, 997  # odd rows; the smaller vocab is padded with -inf
+    if kind == 1:  # reverse KL is finite only when the student's support lies inside the teacher's
+        vs, vt = vt, vs
+    s = (torch.randn(c, vs, generator=g) * 3).to(DEVICE)
+    t = (torch.randn(c, vt, generator=g) * 3).to(DEVICE)
+    scale = torch.linspace(0.5, 1.5, c, device=DEVICE)
+    ref_loss, ref_grad = kd_chunk_reference(s.clone(), t.clone(), scale, kind, 0.3, 2.0)  # fp32
+    buf = torch.full((c, vs), float("nan"), dtype=dtype, device=DEVICE)
+    loss, grad = chunk_fn(s.clone(), t.clone(), scale, kind, 0.3, 2.0, grad_out=buf)
+    assert grad.data_ptr() == buf.data_ptr() and grad.dtype == dtype
+    assert _rel(loss, ref_loss) <= 2e-5
+    assert torch.isfinite(grad).all()
+    tol = (4e-3 if dtype == torch.bfloat16 else 5e-4) * (2 if chunk_fn is not kd_chunk_reference and not CUDA else 1)
+    assert _rel(grad.float(), ref_grad) <= tol, _rel(grad.float(), ref_grad)
+    # the loss-only call leaves the buffer alone
+    buf.fill_(7.0)
+    _, none = chunk_fn(s.clone(), t.clone(), None, kind, 0.3, 2.0, grad_out=buf)
+    assert none is None and (buf == 7.0).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("acc_in_place", [True, False], ids=["addmm_fp32_out", "mm_plus_add"])
+def test_native_half_gemm_path(impl, acc_in_place, monkeypatch):
+    """The CUDA bf16 path (fp32-output GEMMs, bf16 logits gradient fed to the dX / dW GEMMs).
+
+    Off CUDA the half GEMMs with fp32 output are emulated (bf16 inputs upcast exactly, fp32
+    accumulation, which is what the tensor-core GEMM computes up to summation order), so the
+    chunk loop's half-precision plumbing is checked everywhere. Spies assert every GEMM got
+    half inputs (nothing silently upcast) and that dW accumulated in fp32.
+    """
+    from minitron.losses import fused
+
+    calls = {"mm": 0, "addmm": 0}
+    dtype = torch.bfloat16
+
+    def mm_f32(a, b):
+        assert a.dtype == dtype and b.dtype == dtype, (a.dtype, b.dtype)
+        calls["mm"] += 1
+        return a.float() @ b.float() if not CUDA else torch.mm(a, b, out_dtype=torch.float32)
+
+    def addmm_f32_(c, a, b):
+        assert c.dtype == torch.float32 and a.dtype == dtype and b.dtype == dtype
+        calls["addmm"] += 1
+        c.addmm_(a.float(), b.float())
+
+    if not CUDA:
+        monkeypatch.setattr(fused, "_NATIVE_DEVICE_TYPES", ("cpu",))
+    monkeypatch.setattr(fused, "_mm_f32", mm_f32)
+    monkeypatch.setattr(fused, "_addmm_f32_", addmm_f32_)
+    monkeypatch.setattr(fused, "_native_support", lambda device, dt: (True, acc_in_place))
+    inputs = _inputs(dtype=dtype, vt=V - 3, bias=True)
+    kw = dict(labels=_labels(), temperature=2.0)
+    ref, ref_g = _run("naive", inputs, **kw)
+    out, g = _run(impl, inputs, **kw)
+    n_chunks = -(-int((_labels() != -100).sum()) // CHUNK)
+    # per chunk: student + teacher logits, dX, and dW (via mm when not accumulating in place)
+    assert calls["mm"] == n_chunks * (3 if acc_in_place else 4)
+    assert calls["addmm"] == (n_chunks if acc_in_place else 0)
+    tol_loss, tol_grad = TOL[dtype]
+    assert _rel(out, ref) <= tol_loss
+    for k in ref_g:
+        assert g[k].dtype == dtype
+        assert _rel(g[k], ref_g[k]) <= tol_grad, (k, _rel(g[k], ref_g[k]))
+
+
+def test_native_support_probe_on_this_device():
+    """The capability probe runs without raising; on CPU the fp32-output half GEMMs are absent."""
+    from minitron.losses import fused
+
+    ok_mm, ok_addmm = fused._native_support(DEVICE, torch.bfloat16)
+    if not CUDA:
+        assert (ok_mm, ok_addmm) == (False, False)
+    assert ok_mm or not ok_addmm

@@ -2,9 +2,9 @@
 
 Tokens are processed in fixed chunks of ``chunk_size`` rows (ignored rows are dropped first
 with one ``nonzero()``). Per chunk: fp32 logits of student and teacher (c, V) from one GEMM
-each, then a chunk op returns the per-token loss and the gradient w.r.t. the student logits,
-which is immediately folded into fp32 accumulators ``grad_hidden`` (N, Hs),
-``grad_weight`` (Vs, Hs) and ``grad_bias`` (Vs,). Backward just scales them by the incoming
+each, then a chunk op returns the per-token loss and the gradient w.r.t. the student logits
+(in the dtype of the gradient GEMMs), which is immediately folded into fp32 accumulators
+``grad_hidden`` (N, Hs), ``grad_weight`` (Vs, Hs) and ``grad_bias`` (Vs,). Backward just scales them by the incoming
 scalar gradient (reduction ``mean``/``sum``); for ``reduction="none"`` the gradient depends
 on the per-token upstream gradient, so backward re-runs the loop with those row weights.
 
@@ -12,11 +12,14 @@ The chunk op is either the pure-PyTorch :func:`minitron_kernels.fused_kl_referen
 (``impl="chunked"``) or the Triton :func:`minitron_kernels.fused_kl.kd_chunk_triton`
 (``impl="triton"``). Precision: logits and all accumulators are fp32. For bf16/fp16 inputs on
 CUDA the GEMMs run in the input dtype with fp32 output (``torch.mm(..., out_dtype=float32)``,
-logits never rounded to bf16); elsewhere the weights are upcast to fp32 once per call.
+logits never rounded to bf16) and the chunk op rounds the fp32 logits gradient once into a
+reused bf16/fp16 (c, Vs) buffer that feeds both gradient GEMMs; elsewhere the weights are
+upcast to fp32 once per call.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -26,6 +29,9 @@ from minitron_kernels.fused_kl_reference import topk_mask_
 
 ChunkFn = Callable[..., tuple[torch.Tensor, "torch.Tensor | None"]]
 _HALF = (torch.float16, torch.bfloat16)
+# device types whose half-precision GEMMs with fp32 output are fast (CPU lacks mm.dtype kernels;
+# tests add "cpu" with emulated GEMMs to exercise this path)
+_NATIVE_DEVICE_TYPES = ("cuda",)
 
 
 @dataclass
@@ -39,28 +45,71 @@ class KDConfig:
     chunk_fn: ChunkFn
 
 
+def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(M, K) @ (K, N) half-precision inputs, fp32 output straight from the GEMM accumulator."""
+    return torch.mm(a, b, out_dtype=torch.float32)
+
+
+def _addmm_f32_(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``c += a @ b`` for fp32 ``c`` and half-precision ``a``, ``b``, accumulated in fp32."""
+    torch.addmm(c, a, b, out_dtype=torch.float32, out=c)
+
+
+def _addmm_f32_via_temp_(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """Fallback of :func:`_addmm_f32_` for torch builds whose ``addmm.dtype_out`` rejects an fp32 ``c``."""
+    c.add_(_mm_f32(a, b))
+
+
+@functools.lru_cache(maxsize=None)
+def _native_support(device: str, dtype: torch.dtype) -> tuple[bool, bool]:
+    """(fp32-output mm works, fp32 in-place addmm works) for half inputs on ``device``, probed once."""
+    a = torch.ones(16, 16, device=device, dtype=dtype)
+    try:
+        ok_mm = bool(_mm_f32(a, a)[0, 0] == 16)
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False, False
+    c = torch.zeros(16, 16, device=device, dtype=torch.float32)
+    try:
+        _addmm_f32_(c, a, a)
+        ok_addmm = bool(c[0, 0] == 16)
+    except (RuntimeError, NotImplementedError, TypeError):
+        ok_addmm = False
+    return ok_mm, ok_addmm
+
+
 class _Gemm:
-    """fp32-output GEMMs against one (V, H) weight, without rounding logits to the input dtype."""
+    """fp32-output GEMMs against one (V, H) weight, without rounding logits to the input dtype.
+
+    ``native``: bf16/fp16 weight and activations on CUDA; the GEMMs run in that dtype on tensor
+    cores with fp32 output, and the logits gradient comes back from the chunk op already in
+    ``grad_dtype`` (rounded once). Otherwise the weight is upcast to fp32 once per call.
+    """
 
     def __init__(self, weight: torch.Tensor, act_dtype: torch.dtype) -> None:
-        self.native = weight.is_cuda and weight.dtype in _HALF and act_dtype == weight.dtype
+        self.native = False
+        self.acc_in_place = False
+        if weight.device.type in _NATIVE_DEVICE_TYPES and weight.dtype in _HALF and act_dtype == weight.dtype:
+            self.native, self.acc_in_place = _native_support(str(weight.device), weight.dtype)
         self.w = weight if (self.native or weight.dtype == torch.float32) else weight.float()  # (V, H)
+        self.grad_dtype = self.w.dtype if self.native else torch.float32
 
     def act(self, h: torch.Tensor) -> torch.Tensor:
         return h if self.native else h.float()
 
     def logits(self, h: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        out = torch.mm(h, self.w.t(), out_dtype=torch.float32) if self.native else h @ self.w.t()  # (c, V)
+        out = _mm_f32(h, self.w.t()) if self.native else h @ self.w.t()  # (c, V) fp32
         return out if bias is None else out.add_(bias.float())
 
-    def grad_act(self, g: torch.Tensor) -> torch.Tensor:  # (c, V) fp32 -> (c, H) fp32
-        return torch.mm(g.to(self.w.dtype), self.w, out_dtype=torch.float32) if self.native else g @ self.w
+    def grad_act(self, g: torch.Tensor) -> torch.Tensor:  # g (c, V) in grad_dtype -> (c, H) fp32
+        return _mm_f32(g, self.w) if self.native else g @ self.w
 
     def acc_grad_weight_(self, gw: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> None:  # gw (V, H) fp32
-        if self.native:  # bf16 x bf16 -> fp32 accumulate straight into gw (no V x H temporary)
-            torch.addmm(gw, g.to(h.dtype).t(), h, out_dtype=torch.float32, out=gw)
-        else:
+        if not self.native:
             gw.addmm_(g.t(), h)
+        elif self.acc_in_place:  # half x half -> fp32 accumulate straight into gw (no V x H temporary)
+            _addmm_f32_(gw, g.t(), h)
+        else:
+            _addmm_f32_via_temp_(gw, g.t(), h)
 
 
 def kd_loop(
@@ -80,6 +129,10 @@ def kd_loop(
     gh = torch.zeros(hs.shape, dtype=torch.float32, device=dev) if want and need[0] else None  # (N, Hs)
     gw = torch.zeros(ws.shape, dtype=torch.float32, device=dev) if want and need[1] else None  # (Vs, Hs)
     gb = torch.zeros(ws.shape[0], dtype=torch.float32, device=dev) if want and need[2] and bs is not None else None
+    # native half GEMMs: the chunk op writes the logits gradient straight into this buffer
+    gbuf = None
+    if want and gs.grad_dtype != torch.float32:
+        gbuf = torch.empty(min(cfg.chunk_size, n), ws.shape[0], dtype=gs.grad_dtype, device=dev)  # (c, Vs)
     for i in range(0, n, cfg.chunk_size):
         j = min(i + cfg.chunk_size, n)
         if idx is None:
@@ -95,7 +148,8 @@ def kd_loop(
         scale = None
         if want:
             scale = row_scale[i:j] if torch.is_tensor(row_scale) else torch.full((j - i,), float(row_scale), device=dev)
-        loss_c, g = cfg.chunk_fn(s_logits, t_logits, scale, cfg.kind, cfg.beta, cfg.temperature)
+        loss_c, g = cfg.chunk_fn(s_logits, t_logits, scale, cfg.kind, cfg.beta, cfg.temperature,
+                                 grad_out=None if gbuf is None else gbuf[: j - i])  # g (c, Vs) in grad_dtype
         per_tok[i:j] = loss_c
         if g is None:
             continue
@@ -107,7 +161,7 @@ def kd_loop(
         if gw is not None:
             gs.acc_grad_weight_(gw, g, h_s)
         if gb is not None:
-            gb += g.sum(0)
+            gb += g.sum(0, dtype=torch.float32)
     return per_tok, gh, gw, gb
 
 
