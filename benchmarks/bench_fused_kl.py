@@ -5,7 +5,10 @@ Each (impl, N, V, H) point runs in a fresh subprocess so peak memory is clean:
   CUDA: torch.cuda.max_memory_allocated - memory allocated after the inputs exist
 Ratios are against ``naive`` measured in the same run. Inputs: fp32 on CPU, bf16 on CUDA;
 student and teacher share H and V (teacher weight frozen). Liger's LigerFusedLinearJSD
-(beta=0, i.e. forward KL) is added on CUDA when liger_kernel is installed.
+(beta=0, i.e. forward KL) is added on CUDA when liger_kernel is installed. ``gemm`` times the
+GEMMs alone: the same four chunked GEMMs the fused loss runs (student and teacher logits,
+dX and dW) with the same dtypes, and nothing else; the issue's GPU target is the fused loss
+within 1.3x of it.
 
 Usage:
     python benchmarks/bench_fused_kl.py --device cpu --n 256 1024 --v 32000 128256 --h 2048 \
@@ -29,6 +32,26 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def gemm_only_step(hs, ws, ht, wt, chunk: int) -> None:
+    """The GEMMs of one fused fwd+bwd step, and nothing else (the lower bound of any chunked path)."""
+    import torch
+
+    from minitron.losses.fused import _Gemm
+
+    gs, gt = _Gemm(ws, hs.dtype), _Gemm(wt, ht.dtype)
+    n, v = hs.shape[0], ws.shape[0]
+    grad_h = torch.empty(hs.shape, dtype=torch.float32, device=hs.device)  # (N, Hs)
+    grad_w = torch.zeros(ws.shape, dtype=torch.float32, device=hs.device)  # (V, Hs)
+    g = torch.full((min(chunk, n), v), 1e-3, dtype=gs.grad_dtype, device=hs.device)  # stands for dL/dlogits
+    for i in range(0, n, chunk):
+        j = min(i + chunk, n)
+        h = gs.act(hs[i:j].detach())
+        gs.logits(h, None)  # (c, V) fp32
+        gt.logits(gt.act(ht[i:j]), None)
+        grad_h[i:j] = gs.grad_act(g[: j - i])
+        gs.acc_grad_weight_(grad_w, g[: j - i], h)
+
+
 def worker(impl: str, n: int, v: int, h: int, device: str, warmup: int, reps: int, chunk: int) -> dict:
     import torch
 
@@ -46,12 +69,17 @@ def worker(impl: str, n: int, v: int, h: int, device: str, warmup: int, reps: in
 
         liger = LigerFusedLinearJSD(jsd_beta=0.0)
         step = lambda: liger(hs, ws, ht, wt, labels)  # noqa: E731
+    elif impl == "gemm":
+        step = None
     else:
         step = lambda: linear_kd_loss(hs, ws, ht, wt, impl=impl, chunk_size=chunk)  # noqa: E731
 
     def run() -> None:
         hs.grad = ws.grad = None
-        step().backward()
+        if step is None:
+            gemm_only_step(hs, ws, ht, wt.detach(), chunk)
+        else:
+            step().backward()
 
     if device == "cuda":
         torch.cuda.synchronize()
@@ -72,7 +100,7 @@ def worker(impl: str, n: int, v: int, h: int, device: str, warmup: int, reps: in
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base  # ru_maxrss in KiB on Linux
     ms = (time.perf_counter() - t0) / max(reps, 1) * 1e3
-    return {"ms": ms, "peak_mb": peak, "path": impl if impl == "liger" else last_impl()}
+    return {"ms": ms, "peak_mb": peak, "path": impl if impl in ("liger", "gemm") else last_impl()}
 
 
 def main() -> None:
@@ -81,7 +109,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, nargs="+", default=[256, 1024])
     ap.add_argument("--v", type=int, nargs="+", default=[32000, 128256])
     ap.add_argument("--h", type=int, nargs="+", default=[2048])
-    ap.add_argument("--impls", nargs="+", default=None, help="default: naive chunked (+ triton, liger on cuda)")
+    ap.add_argument("--impls", nargs="+", default=None,
+                    help="default: naive chunked gemm (+ triton, liger on cuda); gemm = the GEMMs alone")
     ap.add_argument("--chunk", type=int, default=1024)
     ap.add_argument("--warmup", type=int, default=None, help="default 0 on cpu, 2 on cuda")
     ap.add_argument("--reps", type=int, default=None, help="default 1 on cpu, 5 on cuda")
@@ -94,7 +123,7 @@ def main() -> None:
         res = worker(args.impls[0], args.n[0], args.v[0], args.h[0], args.device, warmup, reps, args.chunk)
         print("RESULT " + json.dumps(res))
         return
-    impls = args.impls or ["naive", "chunked"]
+    impls = args.impls or ["naive", "chunked", "gemm"]
     if args.impls is None and args.device == "cuda":
         impls.append("triton")
         try:
@@ -107,7 +136,7 @@ def main() -> None:
     for h in args.h:
         for v in args.v:
             for n in args.n:
-                base = None
+                base = gemm = None
                 for impl in impls:
                     cmd = [sys.executable, __file__, "--worker", "--device", args.device, "--impls", impl,
                            "--n", str(n), "--v", str(v), "--h", str(h), "--chunk", str(args.chunk),
@@ -116,19 +145,26 @@ def main() -> None:
                     line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
                     if r.returncode != 0 or not line:
                         err = (r.stderr.strip().splitlines() or ["?"])[-1][:80]
-                        rows.append(f"| {impl} | {n} | {v} | {h} | failed: {err} | | | |")
+                        rows.append(f"| {impl} | {n} | {v} | {h} | failed: {err} | | | | |")
                         print(rows[-1], flush=True)
                         continue
                     res = json.loads(line[0][7:])
                     if impl == "naive":
                         base = res
+                    if impl == "gemm":
+                        gemm = res
                     ratio_t = f"{res['ms'] / base['ms']:.2f}" if base else "-"
                     ratio_m = f"{res['peak_mb'] / base['peak_mb']:.3f}" if base and base["peak_mb"] > 0 else "-"
-                    rows.append(f"| {res['path']} | {n} | {v} | {h} | {res['ms']:.0f} | {ratio_t} | "
-                                f"{res['peak_mb']:.0f} | {ratio_m} |")
-                    print(rows[-1], flush=True)
-    head = ("| impl | N | V | H | fwd+bwd ms | time / naive | extra peak MiB | peak / naive |\n"
-            "|---|---|---|---|---|---|---|---|")
+                    rows.append([res, f"| {res['path']} | {n} | {v} | {h} | {res['ms']:.0f} | {ratio_t} | "
+                                       f"{res['peak_mb']:.0f} | {ratio_m} |"])
+                    print(rows[-1][1], flush=True)
+                # time / GEMMs needs the gemm row, which runs after the losses
+                for k, row in enumerate(rows):
+                    if isinstance(row, list):
+                        ratio_g = f"{row[0]['ms'] / gemm['ms']:.2f}" if gemm else "-"
+                        rows[k] = row[1] + f" {ratio_g} |"
+    head = ("| impl | N | V | H | fwd+bwd ms | time / naive | extra peak MiB | peak / naive | time / GEMMs |\n"
+            "|---|---|---|---|---|---|---|---|---|")
     table = head + "\n" + "\n".join(rows)
     print("\n" + table)
     if args.out:

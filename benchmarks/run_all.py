@@ -233,7 +233,7 @@ def bench_importance(dev: str, sz: dict, table: Table) -> None:
 
 
 def bench_fused_kl(dev: str, sz: dict, table: Table) -> None:
-    impls = ["naive", "chunked"]
+    impls = ["gemm", "naive", "chunked"]  # gemm = the GEMMs alone, first so every row can quote time / GEMMs
     if dev == "cuda":
         impls.append("triton")
         try:
@@ -244,7 +244,7 @@ def bench_fused_kl(dev: str, sz: dict, table: Table) -> None:
             table.add("fused KD loss", "liger", "-", "-", note="liger_kernel not installed")
     warmup, reps = (2, 5) if dev == "cuda" else (0, 1)
     for n, v, h in sz["kl"]:
-        base = None
+        base = gemm = None
         for impl in impls:
             res, err = _subprocess([sys.executable, str(HERE / "bench_fused_kl.py"), "--worker", "--device", dev,
                                     "--impls", impl, "--n", str(n), "--v", str(v), "--h", str(h), "--chunk",
@@ -253,10 +253,14 @@ def bench_fused_kl(dev: str, sz: dict, table: Table) -> None:
             if res is None:
                 table.add("fused KD loss fwd+bwd", impl, setting, "failed", note=err)
                 continue
+            if impl == "gemm":
+                gemm = res
+                continue
             base = base or res
+            vs_gemm = f"{res['ms'] / gemm['ms']:.2f}x the GEMMs alone ({gemm['ms']:.0f} ms), " if gemm else ""
             table.add("fused KD loss fwd+bwd", res["path"], setting, f"{res['ms']:.0f} ms", res["ms"] / base["ms"],
                       res["peak_mb"], res["peak_mb"] / base["peak_mb"] if base["peak_mb"] > 0 else None,
-                      note=f"chunk {sz['kl_chunk']}, {'bf16' if dev == 'cuda' else 'fp32'}, reps {reps}")
+                      note=f"{vs_gemm}chunk {sz['kl_chunk']}, {'bf16' if dev == 'cuda' else 'fp32'}, reps {reps}")
 
 
 def bench_gather(sz: dict, table: Table) -> None:
