@@ -30,19 +30,21 @@ fi
 "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e . > "$out/install.log" 2>&1 \
     || { tail -30 "$out/install.log"; exit 1; }
 {
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-    "$PY" - <<'EOF'
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1
+    "$PY" - <<'EOF' 2>&1
 import torch, triton, transformers
+cuda = torch.cuda.is_available()
 print("torch", torch.__version__, "cuda", torch.version.cuda, "| triton", triton.__version__,
-      "| transformers", transformers.__version__, "|", torch.cuda.get_device_name())
+      "| transformers", transformers.__version__, "|",
+      torch.cuda.get_device_name() if cuda else "NO CUDA DEVICE VISIBLE: tests run the CPU paths, the suite refuses")
 try:
-    import liger_kernel  # noqa: F401
     from importlib.metadata import version
+    import liger_kernel  # noqa: F401
     print("liger-kernel", version("liger-kernel"))
 except ImportError:
-    print("liger-kernel not installed")
+    print("liger-kernel not installed (no Liger rows / cross-check)")
 from minitron.ops import gather_backend
-print("gather backend:", gather_backend(torch.device("cuda")))
+print("gather backend:", gather_backend(torch.device("cuda" if cuda else "cpu")))
 EOF
 } | tee "$out/env.txt"
 
