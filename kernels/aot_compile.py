@@ -76,6 +76,7 @@ def _importance_specs() -> list[tuple]:
         SEQ_AGG_CODES,
         _block_cos_kernel,
         _seq_agg_kernel,
+        _seq_sum_split_kernel,
         block_cos_launch_config,
         seq_agg_launch_config,
     )
@@ -92,6 +93,10 @@ def _importance_specs() -> list[tuple]:
                 const = {"stride_d": 1, "AGG": code, **cfg}
                 label = f"{agg} A=*{dt} BLOCK_S={cfg['BLOCK_S']} BLOCK_D={cfg['BLOCK_D']} warps={warps}"
                 specs.append(("importance._seq_agg_kernel", _seq_agg_kernel, sig, const, warps, label))
+                if agg != "var":  # the split-sequence variant (small batches)
+                    sig = {"A": f"*{dt}", "PARTIAL": "*fp32", "S": "i32", "D": "i32", "rows_per_split": "i32",
+                           "stride_b": "i32", "stride_s": "i32", "stride_d": "constexpr"}
+                    specs.append(("importance._seq_sum_split_kernel", _seq_sum_split_kernel, sig, const, warps, label))
     for d in BLOCK_COS_WIDTHS:
         cfg = block_cos_launch_config(d)
         warps = cfg.pop("num_warps")

@@ -6,6 +6,10 @@ no host sync). Grid (B, cdiv(D, BLOCK_D)); each program loops over S in tiles, r
 ``x_b`` and ``x_b^2`` into the fp32 accumulators ``sum_x`` / ``sum_x2`` (D,).
     mean: mean_s |a|      l2: sqrt(sum_s a^2)      var: population variance over s
 (``var`` merges per-tile mean / M2 with Chan's formula: one pass, no E[a^2] - E[a]^2 cancellation.)
+When B * cdiv(D, BLOCK_D) programs are too few to fill the GPU (small calibration batches,
+narrow activations), ``mean`` and ``l2`` split S as well (split-K style): grid
+(B, cdiv(D, BLOCK_D), splits), each program adds its partial sum of |a| or a^2 into a (B, D)
+fp32 scratch with atomics, and three small ops on that scratch finish x_b. ``var`` never splits.
 Reference: :func:`minitron.importance.aggregate.accumulate_reference`.
 
 ``block_cos_sum_triton``: Block Importance (ShortGPT) numerator. Each program takes BLOCK_R
@@ -67,6 +71,56 @@ def _seq_agg_kernel(
     tl.atomic_add(SUM_X2 + offs_d, x * x, mask=mask_d)
 
 
+@triton.jit
+def _seq_sum_split_kernel(
+    A, PARTIAL,  # A: (B, S, D) any float dtype; PARTIAL: (B, D) fp32 zero-initialised
+    S, D, rows_per_split,
+    stride_b, stride_s, stride_d,
+    AGG: tl.constexpr,  # 0 sum |a|, 1 sum a^2
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+    mask_d = offs_d < D
+    s_lo = tl.program_id(2) * rows_per_split  # rows_per_split is a multiple of BLOCK_S
+    s_hi = tl.minimum(s_lo + rows_per_split, S)
+    A += b * stride_b
+    acc = tl.zeros((BLOCK_D,), tl.float32)
+    for s0 in range(s_lo, s_hi, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)  # (BLOCK_S,)
+        m = (offs_s[:, None] < s_hi) & mask_d[None, :]
+        ptrs = A + offs_s[:, None].to(tl.int64) * stride_s + offs_d[None, :] * stride_d
+        a = tl.load(ptrs, mask=m, other=0.0).to(tl.float32)  # (BLOCK_S, BLOCK_D)
+        if AGG == 0:
+            acc += tl.sum(tl.abs(a), axis=0)
+        else:
+            acc += tl.sum(a * a, axis=0)
+    tl.atomic_add(PARTIAL + b * D + offs_d, acc, mask=mask_d)
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _programs_to_fill(device: torch.device) -> int:
+    """Programs that keep every SM busy (4 per SM); on CPU (interpreter) splitting never pays."""
+    if device.type != "cuda":
+        return 1
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return 4 * _SM_COUNT[idx]
+
+
+def seq_splits(b: int, s: int, d: int, seq_agg: str, target_programs: int) -> int:
+    """How many pieces S is cut into so that about ``target_programs`` programs run (1 = no split)."""
+    cfg = seq_agg_launch_config(s, d)
+    programs = b * triton.cdiv(d, cfg["BLOCK_D"])
+    if seq_agg == "var" or programs >= target_programs:
+        return 1
+    return max(1, min(triton.cdiv(s, cfg["BLOCK_S"]), triton.cdiv(target_programs, programs)))
+
+
 def seq_agg_launch_config(s: int, d: int) -> dict:
     """Tile sizes and warps of :func:`accumulate_triton` for an activation of S positions and D channels."""
     return {"BLOCK_S": min(64, triton.next_power_of_2(s)), "BLOCK_D": min(128, triton.next_power_of_2(d)), "num_warps": 4}
@@ -82,7 +136,9 @@ def block_cos_launch_config(d: int) -> dict:
     return {"BLOCK_R": 8, "BLOCK_D": min(256, triton.next_power_of_2(d)), "num_warps": 4}
 
 
-def accumulate_triton(sum_x: torch.Tensor, sum_x2: torch.Tensor, act: torch.Tensor, seq_agg: str = "mean") -> None:
+def accumulate_triton(
+    sum_x: torch.Tensor, sum_x2: torch.Tensor, act: torch.Tensor, seq_agg: str = "mean", splits: int | None = None
+) -> None:
     """In-place ``sum_x += sum_b x_b``, ``sum_x2 += sum_b x_b^2`` with one Triton pass over ``act``.
 
     Args:
@@ -91,6 +147,8 @@ def accumulate_triton(sum_x: torch.Tensor, sum_x2: torch.Tensor, act: torch.Tens
         act: (B, S, D) or (S, D) activation, any float dtype and strides (extra trailing dims
             are flattened into D like the reference).
         seq_agg: ``"mean"`` | ``"l2"`` | ``"var"``.
+        splits: pieces S is cut into (``mean``/``l2`` only); default: enough programs to fill
+            the GPU (:func:`seq_splits`), 1 on CPU.
     Example:
         >>> sx, sx2 = torch.zeros(64, device="cuda"), torch.zeros(64, device="cuda")
         >>> accumulate_triton(sx, sx2, torch.randn(2, 16, 64, device="cuda", dtype=torch.bfloat16))
@@ -107,10 +165,23 @@ def accumulate_triton(sum_x: torch.Tensor, sum_x2: torch.Tensor, act: torch.Tens
     if b == 0 or s == 0:
         return
     cfg = seq_agg_launch_config(s, d)
-    grid = (b, triton.cdiv(d, cfg["BLOCK_D"]))
-    _seq_agg_kernel[grid](
-        act, sum_x, sum_x2, s, d, act.stride(0), act.stride(1), act.stride(2), AGG=SEQ_AGG_CODES[seq_agg], **cfg,
+    if splits is None:
+        splits = seq_splits(b, s, d, seq_agg, _programs_to_fill(act.device))
+    if splits <= 1 or seq_agg == "var":
+        grid = (b, triton.cdiv(d, cfg["BLOCK_D"]))
+        _seq_agg_kernel[grid](
+            act, sum_x, sum_x2, s, d, act.stride(0), act.stride(1), act.stride(2), AGG=SEQ_AGG_CODES[seq_agg], **cfg,
+        )
+        return
+    rows = triton.cdiv(triton.cdiv(s, splits), cfg["BLOCK_S"]) * cfg["BLOCK_S"]  # per split, whole tiles
+    partial = torch.zeros(b, d, dtype=torch.float32, device=act.device)  # (B, D) sum_s |a| or sum_s a^2
+    grid = (b, triton.cdiv(d, cfg["BLOCK_D"]), triton.cdiv(s, rows))
+    _seq_sum_split_kernel[grid](
+        act, partial, s, d, rows, act.stride(0), act.stride(1), act.stride(2), AGG=SEQ_AGG_CODES[seq_agg], **cfg,
     )
+    x = partial.div_(s) if seq_agg == "mean" else partial.sqrt_()  # (B, D) per-sample aggregate x_b
+    sum_x += x.sum(0)
+    sum_x2 += x.square().sum(0)
 
 
 @triton.jit

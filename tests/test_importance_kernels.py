@@ -62,6 +62,41 @@ def test_accumulate_triton_matches_reference(shape, seq_agg, dtype):
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("seq_agg", ["mean", "l2", "var"])
+@pytest.mark.parametrize("splits", [2, 3, 7])
+@pytest.mark.parametrize("shape", [(2, 130, 37), (1, 7, 300), (3, 200, 5)])
+def test_accumulate_triton_split_sequence_matches_reference(shape, splits, seq_agg, dtype):
+    """S cut into pieces (partial sums in a (B, D) scratch): the tail split, a split count above
+    the number of S tiles, and var (which never splits) all match the reference."""
+    from minitron_kernels.importance import accumulate_triton
+
+    d = shape[-1]
+    ref = [torch.zeros(d, device=DEVICE) for _ in range(2)]
+    out = [torch.zeros(d, device=DEVICE) for _ in range(2)]
+    act = _act(shape, dtype, offset=3.0 if seq_agg == "var" else 0.0)
+    strided = act.transpose(0, 1).contiguous().transpose(0, 1)  # non-contiguous batch stride
+    for a in (act, strided):
+        accumulate_reference(*ref, a, seq_agg)
+        accumulate_triton(*out, a, seq_agg, splits=splits)
+    for r, o in zip(ref, out):
+        torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-6)
+
+
+def test_seq_splits_fill_the_gpu():
+    pytest.importorskip("triton")
+    from minitron_kernels.importance import seq_splits
+
+    sms4 = 4 * 132  # H100
+    assert seq_splits(8, 4096, 4096, "mean", sms4) == 3  # 8 x 32 programs -> x3
+    assert seq_splits(1, 4096, 4096, "l2", sms4) == 17  # 32 programs -> x17
+    assert seq_splits(8, 4096, 14336, "mean", sms4) == 1  # 896 programs already fill it
+    assert seq_splits(1, 4096, 4096, "var", sms4) == 1  # var never splits
+    assert seq_splits(1, 100, 4096, "mean", sms4) == 2  # at most one split per S tile (64 rows)
+    assert seq_splits(1, 4096, 4096, "mean", 1) == 1  # CPU
+
+
+@needs_triton
 def test_accumulate_triton_strided_2d_and_4d():
     act = _act((4, 9, 2, 19), torch.float32)  # (B, S, heads, hd) -> D = 38, like the reference
     strided = act.transpose(0, 1).contiguous().transpose(0, 1)  # non-contiguous (B, S, ...) view
