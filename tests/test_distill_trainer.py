@@ -48,13 +48,11 @@ def teacher_and_data():
         teacher.lm_head.weight.mul_(25)  # logits std ~3: low-entropy, context-dependent distributions
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        toks = [torch.randint(0, V, (320, 1), generator=g)]
-        cache = None
-        for _ in range(T - 1):
-            out = teacher(toks[-1], cache=cache, use_cache=True)
-            cache = out.cache if hasattr(out, "cache") else out.past_key_values
-            toks.append(torch.multinomial(out.logits[:, -1].float().softmax(-1), 1, generator=g))
-    data = torch.cat(toks, 1)  # (320, T)
+        data = torch.randint(0, V, (320, 1), generator=g)
+        for _ in range(T - 1):  # full-context recompute: no KV-cache API, which differs across versions
+            logits = teacher(data, use_cache=False).logits[:, -1].float()  # (320, V)
+            data = torch.cat([data, torch.multinomial(logits.softmax(-1), 1, generator=g)], 1)
+    # data: (320, T)
     return teacher, data[:256], data[256:]
 
 
