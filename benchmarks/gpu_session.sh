@@ -5,6 +5,8 @@
 #   bash benchmarks/gpu_session.sh tests   # install, CUDA build of the C++ extension, GPU kernel tests
 #   bash benchmarks/gpu_session.sh suite   # install, benchmarks/run_all.py --device cuda
 #   bash benchmarks/gpu_session.sh all     # both (a plain CUDA machine without a time limit)
+#   bash benchmarks/gpu_session.sh suite fused_kl,importance   # a subset of the suite (run_all --only),
+#                                          # e.g. when the whole suite would outrun a 10-minute call
 #
 # Results land in $OUT (the device tool's return folder) or benchmarks/results/ otherwise:
 # suite_cuda.md, gpu_tests.log, suite_cuda.log, env.txt. Commit suite_cuda.md with the device named.
@@ -16,6 +18,7 @@
 #       --platform manylinux_2_28_x86_64 -d .whl liger-kernel==0.8.5
 set -uo pipefail
 phase="${1:-all}"
+only="${2:-}"
 out="${OUT:-benchmarks/results}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
@@ -56,7 +59,8 @@ if [[ "$phase" == tests || "$phase" == all ]]; then
     status=$((status | ${PIPESTATUS[0]}))
 fi
 if [[ "$phase" == suite || "$phase" == all ]]; then
-    "$PY" benchmarks/run_all.py --device cuda --out "$out/suite_cuda.md" 2>&1 | tee "$out/suite_cuda.log"
+    "$PY" benchmarks/run_all.py --device cuda ${only:+--only "$only"} --out "$out/suite_cuda.md" 2>&1 \
+        | tee "$out/suite_cuda.log"
     status=$((status | ${PIPESTATUS[0]}))
 fi
 exit $status
