@@ -20,11 +20,22 @@ Reference: :func:`minitron.importance.aggregate.block_importance_reference`.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 SEQ_AGG_CODES = {"mean": 0, "l2": 1, "var": 2}
+
+
+@triton.jit
+def _load_seq_tile(A, s0, s_end, offs_d, mask_d, stride_s, stride_d, BLOCK_S: tl.constexpr):
+    """Rows [s0, s0 + BLOCK_S) below ``s_end`` of one sample's channels ``offs_d``, as fp32 (BLOCK_S, BLOCK_D)."""
+    offs_s = s0 + tl.arange(0, BLOCK_S)  # (BLOCK_S,)
+    m = (offs_s[:, None] < s_end) & mask_d[None, :]
+    ptrs = A + offs_s[:, None].to(tl.int64) * stride_s + offs_d[None, :] * stride_d
+    return tl.load(ptrs, mask=m, other=0.0).to(tl.float32), m
 
 
 @triton.jit
@@ -43,10 +54,7 @@ def _seq_agg_kernel(
     acc = tl.zeros((BLOCK_D,), tl.float32)  # sum|a| (mean), sum a^2 (l2), running M2 (var)
     mean = tl.zeros((BLOCK_D,), tl.float32)  # running mean (var only)
     for s0 in range(0, S, BLOCK_S):
-        offs_s = s0 + tl.arange(0, BLOCK_S)  # (BLOCK_S,)
-        m = (offs_s[:, None] < S) & mask_d[None, :]
-        ptrs = A + offs_s[:, None].to(tl.int64) * stride_s + offs_d[None, :] * stride_d
-        a = tl.load(ptrs, mask=m, other=0.0).to(tl.float32)  # (BLOCK_S, BLOCK_D)
+        a, m = _load_seq_tile(A, s0, S, offs_d, mask_d, stride_s, stride_d, BLOCK_S)  # (BLOCK_S, BLOCK_D)
         if AGG == 0:
             acc += tl.sum(tl.abs(a), axis=0)
         elif AGG == 1:
@@ -88,10 +96,7 @@ def _seq_sum_split_kernel(
     A += b * stride_b
     acc = tl.zeros((BLOCK_D,), tl.float32)
     for s0 in range(s_lo, s_hi, BLOCK_S):
-        offs_s = s0 + tl.arange(0, BLOCK_S)  # (BLOCK_S,)
-        m = (offs_s[:, None] < s_hi) & mask_d[None, :]
-        ptrs = A + offs_s[:, None].to(tl.int64) * stride_s + offs_d[None, :] * stride_d
-        a = tl.load(ptrs, mask=m, other=0.0).to(tl.float32)  # (BLOCK_S, BLOCK_D)
+        a, _ = _load_seq_tile(A, s0, s_hi, offs_d, mask_d, stride_s, stride_d, BLOCK_S)  # (BLOCK_S, BLOCK_D)
         if AGG == 0:
             acc += tl.sum(tl.abs(a), axis=0)
         else:
@@ -99,17 +104,16 @@ def _seq_sum_split_kernel(
     tl.atomic_add(PARTIAL + b * D + offs_d, acc, mask=mask_d)
 
 
-_SM_COUNT: dict[int, int] = {}
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _programs_to_fill(device: torch.device) -> int:
     """Programs that keep every SM busy (4 per SM); on CPU (interpreter) splitting never pays."""
     if device.type != "cuda":
         return 1
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return 4 * _SM_COUNT[idx]
+    return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def seq_splits(b: int, s: int, d: int, seq_agg: str, target_programs: int) -> int:
