@@ -12,16 +12,12 @@ reference (which upcasts first), so all dtypes agree to fp32 summation-order err
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.triton_support import have_triton, triton_runnable
+from tests.triton_support import have_triton, rerun_in_interpreter, triton_runnable
 
 from minitron.importance.aggregate import (
     ImportanceAccumulator,
@@ -147,8 +143,4 @@ def test_reference_paths_and_dispatch():
 @pytest.mark.skipif(CUDA or TRITON_OK or not have_triton(), reason="kernel tests already ran in-process")
 def test_kernels_in_interpreter_subprocess():
     """Run this file's Triton tests in a fresh process with TRITON_INTERPRET=1."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "triton"]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=Path(__file__).parents[1])
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-    assert " passed" in r.stdout and " skipped" not in r.stdout
+    rerun_in_interpreter(__file__, "triton", allow_skips=False)
