@@ -136,7 +136,7 @@ def main() -> None:
     for h in args.h:
         for v in args.v:
             for n in args.n:
-                base = gemm = None
+                results = {}  # impl -> result dict, or the error line of a failed worker
                 for impl in impls:
                     cmd = [sys.executable, __file__, "--worker", "--device", args.device, "--impls", impl,
                            "--n", str(n), "--v", str(v), "--h", str(h), "--chunk", str(args.chunk),
@@ -144,25 +144,21 @@ def main() -> None:
                     r = subprocess.run(cmd, capture_output=True, text=True)
                     line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
                     if r.returncode != 0 or not line:
-                        err = (r.stderr.strip().splitlines() or ["?"])[-1][:80]
-                        rows.append(f"| {impl} | {n} | {v} | {h} | failed: {err} | | | | |")
-                        print(rows[-1], flush=True)
+                        results[impl] = (r.stderr.strip().splitlines() or ["?"])[-1][:80]
+                    else:
+                        results[impl] = json.loads(line[0][7:])
+                    print(f"{impl} N={n} V={v} H={h}: {results[impl]}", flush=True)
+                # ratios against naive and against the GEMMs alone, both measured in this run
+                base, gemm = (results.get(k) if isinstance(results.get(k), dict) else None for k in ("naive", "gemm"))
+                for impl, res in results.items():
+                    if not isinstance(res, dict):
+                        rows.append(f"| {impl} | {n} | {v} | {h} | failed: {res} | | | | |")
                         continue
-                    res = json.loads(line[0][7:])
-                    if impl == "naive":
-                        base = res
-                    if impl == "gemm":
-                        gemm = res
                     ratio_t = f"{res['ms'] / base['ms']:.2f}" if base else "-"
                     ratio_m = f"{res['peak_mb'] / base['peak_mb']:.3f}" if base and base["peak_mb"] > 0 else "-"
-                    rows.append([res, f"| {res['path']} | {n} | {v} | {h} | {res['ms']:.0f} | {ratio_t} | "
-                                       f"{res['peak_mb']:.0f} | {ratio_m} |"])
-                    print(rows[-1][1], flush=True)
-                # time / GEMMs needs the gemm row, which runs after the losses
-                for k, row in enumerate(rows):
-                    if isinstance(row, list):
-                        ratio_g = f"{row[0]['ms'] / gemm['ms']:.2f}" if gemm else "-"
-                        rows[k] = row[1] + f" {ratio_g} |"
+                    ratio_g = f"{res['ms'] / gemm['ms']:.2f}" if gemm else "-"
+                    rows.append(f"| {res['path']} | {n} | {v} | {h} | {res['ms']:.0f} | {ratio_t} | "
+                                f"{res['peak_mb']:.0f} | {ratio_m} | {ratio_g} |")
     head = ("| impl | N | V | H | fwd+bwd ms | time / naive | extra peak MiB | peak / naive | time / GEMMs |\n"
             "|---|---|---|---|---|---|---|---|---|")
     table = head + "\n" + "\n".join(rows)
