@@ -4,9 +4,10 @@ Tokens are processed in fixed chunks of ``chunk_size`` rows (ignored rows are dr
 with one ``nonzero()``). Per chunk: fp32 logits of student and teacher (c, V) from one GEMM
 each, then a chunk op returns the per-token loss and the gradient w.r.t. the student logits
 (in the dtype of the gradient GEMMs), which is immediately folded into fp32 accumulators
-``grad_hidden`` (N, Hs), ``grad_weight`` (Vs, Hs) and ``grad_bias`` (Vs,). Backward just scales them by the incoming
-scalar gradient (reduction ``mean``/``sum``); for ``reduction="none"`` the gradient depends
-on the per-token upstream gradient, so backward re-runs the loop with those row weights.
+``grad_hidden`` (N, Hs), ``grad_weight`` (Vs, Hs) and ``grad_bias`` (Vs,). Backward just
+scales them by the incoming scalar gradient (reduction ``mean``/``sum``); for
+``reduction="none"`` the gradient depends on the per-token upstream gradient, so backward
+re-runs the loop with those row weights.
 
 The chunk op is either the pure-PyTorch :func:`minitron_kernels.fused_kl_reference.kd_chunk_reference`
 (``impl="chunked"``) or the Triton :func:`minitron_kernels.fused_kl.kd_chunk_triton`
@@ -53,11 +54,6 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def _addmm_f32_(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """``c += a @ b`` for fp32 ``c`` and half-precision ``a``, ``b``, accumulated in fp32."""
     torch.addmm(c, a, b, out_dtype=torch.float32, out=c)
-
-
-def _addmm_f32_via_temp_(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """Fallback of :func:`_addmm_f32_` for torch builds whose ``addmm.dtype_out`` rejects an fp32 ``c``."""
-    c.add_(_mm_f32(a, b))
 
 
 @functools.lru_cache(maxsize=None)
@@ -108,8 +104,8 @@ class _Gemm:
             gw.addmm_(g.t(), h)
         elif self.acc_in_place:  # half x half -> fp32 accumulate straight into gw (no V x H temporary)
             _addmm_f32_(gw, g.t(), h)
-        else:
-            _addmm_f32_via_temp_(gw, g.t(), h)
+        else:  # torch builds whose addmm.dtype_out rejects an fp32 self: one (V, H) fp32 temporary
+            gw.add_(_mm_f32(g.t(), h))
 
 
 def kd_loop(
