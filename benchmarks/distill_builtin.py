@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 import minitron
-from minitron.cli import load_model_and_tokenizer
+from minitron.models import load_model
 from minitron.data import builtin_text, load_text_blocks
 
 
@@ -33,7 +33,7 @@ def main() -> None:
     torch.manual_seed(0)
     start = time.time()
 
-    teacher, tok = load_model_and_tokenizer("builtin")
+    teacher, tok = load_model("builtin-tiny")
     train = load_text_blocks([builtin_text("train")], tok, args.seq_len)
     valid = load_text_blocks([builtin_text("valid")], tok, args.seq_len)
     scores = minitron.collect_importance(teacher, train[:256], progress=False)

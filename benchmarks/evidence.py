@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 import minitron
-from minitron.cli import load_model_and_tokenizer
+from minitron.models import load_model
 from minitron.data import builtin_text, load_text_blocks
 
 
@@ -58,7 +58,7 @@ def main() -> None:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    teacher, tok = load_model_and_tokenizer("builtin")
+    teacher, tok = load_model("builtin-tiny")
     train = load_text_blocks([builtin_text("train")], tok, args.seq_len)
     valid = load_text_blocks([builtin_text("valid")], tok, args.seq_len)
     teacher_loss = minitron.lm_loss(teacher, valid)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 import minitron
-from minitron.cli import load_model_and_tokenizer
+from minitron.models import load_model
 from minitron.data import builtin_text, load_text_blocks
 
 
@@ -30,7 +30,7 @@ def main() -> None:
     torch.manual_seed(0)
     start = time.time()
 
-    model, tok = load_model_and_tokenizer("builtin")
+    model, tok = load_model("builtin-tiny")
     calib = load_text_blocks([builtin_text("train")], tok, args.seq_len, args.num_samples)
     valid = load_text_blocks([builtin_text("valid")], tok, args.seq_len)
     scores = minitron.collect_importance(model, calib, minitron.ImportanceConfig(depth_ppl=True, ppl_max_blocks=64))

@@ -80,10 +80,10 @@ def _sync(device: str) -> None:
 def worker_prune(device: str, inplace: bool, n_blocks: int, seq_len: int) -> dict:
     """Calibrate the built-in model on ``n_blocks`` x ``seq_len`` tokens and prune it to 50%."""
     import minitron
-    from minitron.cli import load_model_and_tokenizer
+    from minitron.models import load_model
     from minitron.data import builtin_text
 
-    model, tok = load_model_and_tokenizer("builtin", device)
+    model, tok = load_model("builtin-tiny", device=device)
     blocks = minitron.load_text_blocks([builtin_text("train")], tok, seq_len, n_blocks)
     import bench_gather as bg
 
@@ -110,10 +110,10 @@ def worker_distill(device: str, loss_impl: str, batch: int, seq_len: int, steps:
     import tempfile
 
     import minitron
-    from minitron.cli import load_model_and_tokenizer
+    from minitron.models import load_model
     from minitron.data import builtin_text
 
-    teacher, tok = load_model_and_tokenizer("builtin", device)
+    teacher, tok = load_model("builtin-tiny", device=device)
     blocks = minitron.load_text_blocks([builtin_text("train")], tok, seq_len)
     student = minitron.prune(teacher, target=minitron.Target(hidden_size=160, intermediate_size=496), method="random",
                              verbose=False)

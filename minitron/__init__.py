@@ -11,6 +11,7 @@ shadows a subpackage (``import minitron.distillation.cli`` works).
 """
 
 from .data import load_text_blocks
+from .models import load_model
 from .distillation import DistillConfig, NonFiniteLossError, distill
 from .importance.collect import ImportanceConfig, ImportanceScores, collect_importance, lm_loss, perplexity
 from .pruner import prune
@@ -22,6 +23,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DistillConfig", "ImportanceConfig", "NonFiniteLossError", "distill", "ImportanceScores", "PrunePlan", "Target", "apply_plan", "collect_importance",
-    "count_parameters", "lm_loss", "load_text_blocks", "make_plan", "perplexity", "prune", "random_plan", "search", "SearchResult",
+    "count_parameters", "lm_loss", "load_model", "load_text_blocks", "make_plan", "perplexity", "prune", "random_plan", "search", "SearchResult",
     "target_for_budget", "target_parameters",
 ]

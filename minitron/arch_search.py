@@ -575,7 +575,11 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         "search", help="architecture search within a parameter budget (prune + short KD per candidate)",
         description="Minitron architecture search. With no arguments: the built-in model at 50%% of its parameters, "
                     "retraining the 4 best candidates for 50 steps each (a few minutes on CPU).")
-    p.add_argument("--model", default="builtin", help="local HF checkpoint directory (default: the built-in model)")
+    from .cli import add_model_arguments
+    from .models import BUILTIN_TINY
+
+    add_model_arguments(p, BUILTIN_TINY, what="model to search (default: the 7M built-in model, minutes on CPU; "
+                        "smollm2-135m takes hours there)")
     p.add_argument("--calib", default="builtin", help=".txt/.jsonl calibration text (default: built-in corpus)")
     p.add_argument("--train", default="builtin", help=".txt/.jsonl retraining text (default: built-in corpus)")
     p.add_argument("--eval", default=None, help=".txt/.jsonl validation text (default: the built-in held-out "
@@ -612,16 +616,18 @@ def run(args: argparse.Namespace) -> int:
     Returns:
         Exit status 0 (errors raise ValueError, reported by ``minitron.cli.main``).
     """
-    from .cli import BUILTIN, _calib_source, load_model_and_tokenizer
+    from .cli import BUILTIN, _calib_source
     from .data import builtin_text
     from .distillation import DistillConfig
+    from .models import BUILTIN_TINY, load_model
 
-    threads = args.threads if args.threads is not None else (1 if args.model == BUILTIN and args.device == "cpu" else 0)
+    tiny = args.model == BUILTIN_TINY and args.model_gguf is None
+    threads = args.threads if args.threads is not None else (1 if tiny and args.device == "cpu" else 0)
     if threads:
         torch.set_num_threads(threads)
-    model, tokenizer = load_model_and_tokenizer(args.model, args.device)
+    model, tokenizer = load_model(args.model, gguf_file=args.model_gguf, device=args.device)
     train = [builtin_text("train")] if args.train == BUILTIN else args.train
-    eval_data = [builtin_text("valid")] if args.eval is None and args.model == BUILTIN else args.eval
+    eval_data = [builtin_text("valid")] if args.eval is None and args.train == BUILTIN else args.eval
     divisors = {a: getattr(args, f"{a}_divisor") for a in AXES if getattr(args, f"{a}_divisor")}
     cfg = DistillConfig(steps=max(args.retrain_steps, 1), lr=args.lr, min_lr=args.lr / 10,
                         warmup_steps=max(1, args.retrain_steps // 10), seq_len=args.seq_len,

@@ -4,11 +4,17 @@ Accepted inputs (no hub downloads ever):
 - a ``datasets.Dataset`` (column ``text`` or ``input_ids``),
 - a list/tuple of strings,
 - a path to a ``.txt`` file (split into documents on blank lines) or ``.jsonl``
-  file (one object per line, field ``text``),
+  file (one object per line, field ``text``, or field ``messages``: a chat as a list of
+  ``{"role", "content"}`` dicts, rendered with the tokenizer's chat template),
 - a LongTensor of token ids, 1-D (a stream) or 2-D (already packed).
 
 Documents are tokenised, joined with the EOS token and cut into non-overlapping
 blocks of ``seq_len`` tokens (the tail shorter than a block is dropped).
+
+Chat / instruct models (``chat_template=True``): every plain-text document is rendered with
+the tokenizer's chat template as one assistant turn (after an empty user turn when the template
+insists on one), so calibration and training see the special tokens and the default system prompt
+the model sees when it is used. Chats (``messages`` records) are always rendered with the template.
 """
 
 from __future__ import annotations
@@ -57,17 +63,26 @@ def _documents(data: Any) -> Iterable[str]:
                 for lineno, line in enumerate(f, 1):
                     if line.strip():
                         record = json.loads(line)
-                        if "text" not in record:
-                            raise ValueError(f"{path}:{lineno}: jsonl record has no 'text' field")
-                        yield record["text"]
+                        if isinstance(record, dict) and "messages" in record:
+                            yield _Chat(record["messages"], f"{path}:{lineno}")
+                        elif not isinstance(record, dict) or "text" not in record:
+                            raise ValueError(f"{path}:{lineno}: jsonl record has no 'text' or 'messages' field")
+                        else:
+                            yield record["text"]
         else:
             yield from (doc for doc in path.read_text(encoding="utf-8").split("\n\n") if doc.strip())
         return
     if isinstance(data, (list, tuple)):
         for i, doc in enumerate(data):
-            if not isinstance(doc, str):
-                raise ValueError(f"data[{i}] is {type(doc).__name__}; a list of data must hold strings")
-            yield doc
+            if isinstance(doc, dict) and "messages" in doc:
+                yield _Chat(doc["messages"], f"data[{i}]")
+            elif isinstance(doc, (list, tuple)) and doc and all(isinstance(m, dict) and "role" in m for m in doc):
+                yield _Chat(list(doc), f"data[{i}]")
+            elif not isinstance(doc, str):
+                raise ValueError(f"data[{i}] is {type(doc).__name__}; a list of data must hold strings "
+                                 "(or chats: lists of {'role', 'content'} dicts)")
+            else:
+                yield doc
         return
     column_names = getattr(data, "column_names", None)
     if column_names is not None:
@@ -81,7 +96,36 @@ def _documents(data: Any) -> Iterable[str]:
     )
 
 
-def load_text_blocks(data: Any, tokenizer: Any, seq_len: int, max_blocks: int | None = None) -> torch.Tensor:
+class _Chat(list):
+    """A conversation (list of ``{"role", "content"}`` dicts) and where it came from."""
+
+    def __init__(self, messages: Any, where: str) -> None:
+        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
+                                                      for m in messages):
+            raise ValueError(f"{where}: 'messages' must be a list of {{'role': ..., 'content': ...}} dicts")
+        super().__init__(messages)
+        self.where = where
+
+
+def _render_chat(tokenizer: Any, doc: Any, chat_template: bool) -> tuple[str, bool]:
+    """The text of one document and whether it already carries the template's special tokens."""
+    if not isinstance(doc, _Chat) and not chat_template:
+        return doc, False
+    if getattr(tokenizer, "chat_template", None) is None:
+        where = doc.where if isinstance(doc, _Chat) else "chat_template=True"
+        raise ValueError(f"{where}: the tokenizer has no chat template; pass plain text, or a tokenizer of a chat model")
+    if isinstance(doc, _Chat):
+        return tokenizer.apply_chat_template(list(doc), tokenize=False), True
+    try:
+        return tokenizer.apply_chat_template([{"role": "assistant", "content": doc}], tokenize=False), True
+    except Exception:  # noqa: BLE001 - templates that require a user turn first (e.g. strict alternation)
+        chat = [{"role": "user", "content": ""}, {"role": "assistant", "content": doc}]
+        return tokenizer.apply_chat_template(chat, tokenize=False), True
+
+
+def load_text_blocks(
+    data: Any, tokenizer: Any, seq_len: int, max_blocks: int | None = None, *, chat_template: bool = False
+) -> torch.Tensor:
     """Tokenise and pack data into blocks of ``seq_len`` token ids.
 
     Args:
@@ -89,6 +133,8 @@ def load_text_blocks(data: Any, tokenizer: Any, seq_len: int, max_blocks: int | 
         tokenizer: a Hugging Face tokenizer (unused when ``data`` is already token ids).
         seq_len: tokens per block.
         max_blocks: keep at most this many blocks (the first ones).
+        chat_template: render plain-text documents with the tokenizer's chat template, as one
+            assistant turn each (for chat / instruct models; see the module docstring).
     Returns:
         LongTensor (n_blocks, seq_len).
 
@@ -115,8 +161,10 @@ def load_text_blocks(data: Any, tokenizer: Any, seq_len: int, max_blocks: int | 
             eos = tokenizer.eos_token_id
             stream: list[int] = []
             for doc in _documents(data):
-                stream.extend(tokenizer(doc, add_special_tokens=False, verbose=False)["input_ids"])  # whole docs: no length warning
-                if eos is not None:
+                text, templated = _render_chat(tokenizer, doc, chat_template)
+                # whole docs: no length warning; a rendered chat already holds its special tokens
+                stream.extend(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+                if eos is not None and not templated:
                     stream.append(eos)
             ids = torch.tensor(stream, dtype=torch.long)
         blocks = _pack(ids, seq_len)

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from minitron.cli import main
 
-FAST = ["--num-samples", "8", "--seq-len", "64", "--no-progress"]
+FAST = ["--model", "builtin-tiny", "--num-samples", "8", "--seq-len", "64", "--no-progress"]
 
 
 def last_json(out: str) -> dict:
@@ -46,16 +46,16 @@ def test_prune_bad_target_exits_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "num_attention_heads=6 is not a multiple of num_key_value_heads=4" in err
     assert not (tmp_path / "x").exists()
-    assert main(["prune", "--model", str(tmp_path / "missing"), *FAST]) == 2
-    assert "model directory not found" in capsys.readouterr().err
+    assert main(["prune", *FAST, "--model", str(tmp_path / "missing")]) == 2
+    assert "model not found locally" in capsys.readouterr().err
 
 
 def test_builtin_model_ships_and_is_trained():
-    from minitron.cli import load_model_and_tokenizer
+    from minitron.models import load_model
     from minitron.data import builtin_text, load_text_blocks
     import minitron
 
-    model, tok = load_model_and_tokenizer("builtin")
+    model, tok = load_model("builtin-tiny")
     valid = load_text_blocks([builtin_text("valid")], tok, 128)[:8]
     # far below the uniform-guess perplexity of the 4096-token vocabulary
     assert minitron.perplexity(model, valid) < 400

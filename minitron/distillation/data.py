@@ -30,7 +30,8 @@ def check_nonempty(data: Any) -> None:
         raise ValueError("empty data: the dataset has no rows")
 
 
-def load_blocks(data: Any, tokenizer: Any, seq_len: int, max_blocks: int | None = None) -> torch.Tensor:
+def load_blocks(data: Any, tokenizer: Any, seq_len: int, max_blocks: int | None = None, *,
+                chat_template: bool = False) -> torch.Tensor:
     """Turn any supported data kind into packed blocks of token ids.
 
     Args:
@@ -40,6 +41,7 @@ def load_blocks(data: Any, tokenizer: Any, seq_len: int, max_blocks: int | None 
         tokenizer: Hugging Face tokenizer (not needed for token ids).
         seq_len: tokens per block.
         max_blocks: keep at most this many blocks.
+        chat_template: render plain-text documents with the tokenizer's chat template.
     Returns:
         LongTensor (n_blocks, seq_len).
     Raises:
@@ -51,7 +53,7 @@ def load_blocks(data: Any, tokenizer: Any, seq_len: int, max_blocks: int | None 
     if isinstance(data, (str, os.PathLike)) and Path(data).suffix == ".pt":
         data = torch.load(data, map_location="cpu", weights_only=True)
     check_nonempty(data)
-    blocks = load_text_blocks(data, tokenizer, seq_len, max_blocks=max_blocks)
+    blocks = load_text_blocks(data, tokenizer, seq_len, max_blocks=max_blocks, chat_template=chat_template)
     if blocks.shape[0] == 0:
         raise ValueError(
             f"empty data: fewer than seq_len={seq_len} tokens after tokenisation; provide more data or lower seq_len"

@@ -5,9 +5,8 @@
   averaged over pairs (METHOD.md section 4, ``L_is``).
 - :func:`dynamic_alpha`: ModelOpt's ``LogitsAndIntermediatesLossBalancer`` scale, detached
   ``L_logits / L_is``, so ``alpha * L_is`` has the magnitude of ``L_logits``.
-- :func:`linear_cross_entropy`: next-token CE from hidden states + lm_head weight in token chunks,
-  each chunk recomputed in backward (activation checkpointing), so the full (N, V) logits and
-  their gradient never exist at once.
+- :func:`linear_cross_entropy` (re-exported from :mod:`minitron.losses.cross_entropy`): next-token
+  CE from hidden states + lm_head weight in token chunks.
 """
 
 from __future__ import annotations
@@ -17,7 +16,10 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+
+from minitron.losses.cross_entropy import linear_cross_entropy
+
+__all__ = ["IntermediateProjections", "dynamic_alpha", "intermediate_state_loss", "linear_cross_entropy"]
 
 
 class IntermediateProjections(nn.Module):
@@ -110,48 +112,3 @@ def dynamic_alpha(logits_loss: torch.Tensor, is_loss: torch.Tensor, eps: float =
         tensor(4.)
     """
     return logits_loss.detach() / is_loss.detach().clamp_min(eps)
-
-
-def _ce_chunk(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, y: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    logits = h.float() @ w.float().t()  # (c, V) fp32
-    if b is not None:
-        logits = logits + b.float()
-    return F.cross_entropy(logits, y, ignore_index=ignore_index, reduction="sum")
-
-
-def linear_cross_entropy(
-    hidden: torch.Tensor,  # (N, H)
-    weight: torch.Tensor,  # (V, H)
-    labels: torch.Tensor,  # (N,)
-    bias: torch.Tensor | None = None,  # (V,)
-    ignore_index: int = -100,
-    chunk_size: int = 1024,
-) -> torch.Tensor:
-    """Mean cross-entropy of ``hidden @ weight.T + bias`` vs ``labels`` over non-ignored tokens.
-
-    Works on ``chunk_size`` tokens at a time with activation checkpointing, so peak memory is
-    O(chunk_size * V) instead of O(N * V).
-
-    Args:
-        hidden: (N, H) final (normed) hidden states.
-        weight: (V, H) lm_head weight.
-        labels: (N,) target ids, ``ignore_index`` where not counted.
-        bias: optional (V,) lm_head bias.
-        ignore_index: label value that is not counted.
-        chunk_size: tokens per chunk.
-    Returns:
-        Scalar fp32 mean CE (0 if no token counts).
-    Example:
-        >>> linear_cross_entropy(torch.randn(10, 8), torch.randn(50, 8), torch.randint(0, 50, (10,)))
-    """
-    n = hidden.shape[0]
-    total = hidden.new_zeros((), dtype=torch.float32)
-    grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    for i in range(0, n, chunk_size):
-        h, y = hidden[i : i + chunk_size], labels[i : i + chunk_size]
-        if grad:
-            total = total + checkpoint(_ce_chunk, h, weight, bias, y, ignore_index, use_reentrant=False)
-        else:
-            total = total + _ce_chunk(h, weight, bias, y, ignore_index)
-    count = (labels != ignore_index).sum().clamp_min(1)
-    return total / count

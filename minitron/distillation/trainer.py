@@ -366,8 +366,9 @@ def distill(
     for d in (train_data, eval_data):
         check_nonempty(d)
     tokenizer = _resolve_tokenizer(student, tokenizer, [train_data, eval_data])
-    train_blocks = load_blocks(train_data, tokenizer, cfg.seq_len)  # (n, T)
-    eval_blocks = load_blocks(eval_data, tokenizer, cfg.seq_len) if eval_data is not None else None
+    train_blocks = load_blocks(train_data, tokenizer, cfg.seq_len, chat_template=cfg.chat_template)  # (n, T)
+    eval_blocks = (load_blocks(eval_data, tokenizer, cfg.seq_len, chat_template=cfg.chat_template)
+                   if eval_data is not None else None)
     _check_vocab(student, teacher, tokenizer, teacher_tokenizer, [train_blocks] + ([eval_blocks] if eval_blocks is not None else []))
 
     teacher.eval()

