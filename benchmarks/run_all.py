@@ -16,8 +16,16 @@ Rows (each ratio is against the baseline row of its group, measured in the same 
 5. distillation step throughput (tokens/s): built-in model as teacher, its 50% prune as
    student, ``loss_impl`` naive vs chunked (+ Triton on CUDA) (subprocess each).
 
+6. calibration throughput (tokens/s): the importance-hooked pass vs a plain no-grad pass of
+   the same batches through the decoder (no lm_head: calibration never needs logits),
+   alternated batch by batch in one process.
+
+``--model smollm2-135m`` runs rows 4-6 on the real SmolLM2-135M-Instruct (vocab 49152) instead of
+the built-in 7.3M model and writes ``suite_<device>_smollm2-135m.md``.
+
 Usage:
     python benchmarks/run_all.py                 # CPU, ~5 minutes on 2 cores
+    python benchmarks/run_all.py --model smollm2-135m --only calib,prune,distill
     python benchmarks/run_all.py --device cuda   # GPU variant: larger shapes, Triton + Liger rows
 """
 
@@ -77,13 +85,20 @@ def _sync(device: str) -> None:
 # ---- workers (run in a fresh subprocess: python run_all.py --worker NAME --spec JSON) -------------
 
 
-def worker_prune(device: str, inplace: bool, n_blocks: int, seq_len: int) -> dict:
-    """Calibrate the built-in model on ``n_blocks`` x ``seq_len`` tokens and prune it to 50%."""
+MODEL = {"name": "builtin-tiny"}  # --model: the model of the prune / distill / calib rows
+MODEL_SIZES = {  # per-model overrides of the CPU sizes (the 135M model is ~20x slower per token)
+    "smollm2-135m": {"calib": (32, 256), "distill": (4, 256, 4), "calib_batches": (4, 8, 256)},
+}
+
+
+def worker_prune(device: str, inplace: bool, n_blocks: int, seq_len: int, model_name: str = "builtin-tiny") -> dict:
+    """Calibrate the model on ``n_blocks`` x ``seq_len`` tokens and prune it to 50%."""
     import minitron
     from minitron.models import load_model
     from minitron.data import builtin_text
 
-    model, tok = load_model("builtin-tiny", device=device)
+    model, tok = load_model(model_name, device=device)
+    model_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     blocks = minitron.load_text_blocks([builtin_text("train")], tok, seq_len, n_blocks)
     import bench_gather as bg
 
@@ -102,21 +117,59 @@ def worker_prune(device: str, inplace: bool, n_blocks: int, seq_len: int) -> dic
     t2 = time.perf_counter()
     prune_peak = _peak_mb(device, base) if device == "cuda" else bg._status_kb("VmHWM") / 1024 - rss_before
     return {"calib_s": t1 - t0, "prune_s": t2 - t1, "calib_peak_mb": calib_peak, "peak_mb": prune_peak,
-            "hwm_reset": hwm_reset, "params": minitron.count_parameters(pruned)}
+            "hwm_reset": hwm_reset, "params": minitron.count_parameters(pruned), "model_mb": model_mb}
 
 
-def worker_distill(device: str, loss_impl: str, batch: int, seq_len: int, steps: int) -> dict:
-    """Distillation steps/s of the built-in model's 50% prune; the first step is warmup."""
+def worker_calib(device: str, n_batches: int, batch: int, seq_len: int, model_name: str = "builtin-tiny") -> dict:
+    """Tokens/s of the importance-hooked calibration pass vs a plain decoder pass, alternated per batch."""
+    import statistics
+
+    import torch
+
+    import minitron
+    from minitron.data import builtin_text
+    from minitron.models import load_model
+
+    model, tok = load_model(model_name, device=device)
+    blocks = minitron.load_text_blocks([builtin_text("train")], tok, seq_len, n_batches * batch).to(device)
+    cfg = minitron.ImportanceConfig(batch_size=batch)
+    decoder = model.get_decoder()
+    plain, hooked = [], []
+    with torch.no_grad():
+        decoder(input_ids=blocks[:batch], use_cache=False)  # warmup
+        for i in range(n_batches):
+            x = blocks[i * batch : (i + 1) * batch]
+            for kind in (("plain", "hooked") if i % 2 == 0 else ("hooked", "plain")):
+                _sync(device)
+                t0 = time.perf_counter()
+                if kind == "plain":
+                    decoder(input_ids=x, use_cache=False)
+                else:
+                    minitron.collect_importance(model, x, cfg, progress=False)
+                _sync(device)
+                (plain if kind == "plain" else hooked).append(time.perf_counter() - t0)
+    tokens = batch * seq_len
+    p, h = statistics.median(plain), statistics.median(hooked)
+    return {"plain_tok_s": tokens / p, "hooked_tok_s": tokens / h, "overhead": h / p,
+            "pairs": [[round(a, 3), round(b, 3)] for a, b in zip(plain, hooked)]}
+
+
+def worker_distill(device: str, loss_impl: str, batch: int, seq_len: int, steps: int,
+                   model_name: str = "builtin-tiny") -> dict:
+    """Distillation steps/s of a 50% random prune of the model (the teacher); the first step is warmup."""
     import tempfile
 
     import minitron
     from minitron.models import load_model
     from minitron.data import builtin_text
 
-    teacher, tok = load_model("builtin-tiny", device=device)
+    teacher, tok = load_model(model_name, device=device)
     blocks = minitron.load_text_blocks([builtin_text("train")], tok, seq_len)
-    student = minitron.prune(teacher, target=minitron.Target(hidden_size=160, intermediate_size=496), method="random",
-                             verbose=False)
+    if model_name == "builtin-tiny":
+        target = minitron.Target(hidden_size=160, intermediate_size=496)
+    else:
+        target = minitron.target_for_budget(teacher, 0.5)
+    student = minitron.prune(teacher, target=target, method="random", verbose=False)
     stamps: list[float] = []
 
     def cb(step, metrics, model) -> None:
@@ -134,7 +187,7 @@ def worker_distill(device: str, loss_impl: str, batch: int, seq_len: int, steps:
     return {"tok_s": batch * seq_len * timed / secs, "step_ms": 1e3 * secs / timed, "peak_mb": _peak_mb(device, base)}
 
 
-WORKERS = {"prune": worker_prune, "distill": worker_distill}
+WORKERS = {"prune": worker_prune, "distill": worker_distill, "calib": worker_calib}
 
 
 THREADS = {"n": 0}  # torch CPU threads of the suite and its subprocesses (0 = torch default)
@@ -287,9 +340,9 @@ def bench_prune(dev: str, sz: dict, table: Table) -> None:
     n, s = sz["calib"]
     base = None
     for inplace in (False, True):
-        res, err = _worker("prune", device=dev, inplace=inplace, n_blocks=n, seq_len=s)
+        res, err = _worker("prune", device=dev, inplace=inplace, n_blocks=n, seq_len=s, model_name=MODEL["name"])
         variant = "inplace=True" if inplace else "copy (inplace=False)"
-        setting = f"built-in 7.3M -> 50%, calib {n}x{s}"
+        setting = f"{_model_label()} -> 50%, calib {n}x{s}"
         if res is None:
             table.add("end-to-end prune", variant, setting, "failed", note=err)
             continue
@@ -300,7 +353,25 @@ def bench_prune(dev: str, sz: dict, table: Table) -> None:
                   note=f"calibration {res['calib_s']:.2f} s + prune {1e3 * res['prune_s']:.0f} ms "
                        f"(prune time vs copy {res['prune_s'] / base['prune_s']:.2f}); peak = prune step only "
                        f"(calibration peak {res['calib_peak_mb']:.0f} MiB)"
-                       + ("" if res["hwm_reset"] else "; VmHWM reset unavailable, peak includes calibration"))
+                       + ("" if res["hwm_reset"] else "; VmHWM reset unavailable, peak includes calibration")
+                       + f"; model {res['model_mb']:.0f} MiB: calibration peak {res['calib_peak_mb'] / res['model_mb']:.2f}x, "
+                         f"prune-step peak {res['peak_mb'] / res['model_mb']:.2f}x the model's bytes")
+
+
+def _model_label() -> str:
+    return {"builtin-tiny": "built-in 7.3M", "smollm2-135m": "SmolLM2-135M"}.get(MODEL["name"], MODEL["name"])
+
+
+def bench_calib(dev: str, sz: dict, table: Table) -> None:
+    n, b, s = sz.get("calib_batches", (8, 8, 256))
+    res, err = _worker("calib", device=dev, n_batches=n, batch=b, seq_len=s, model_name=MODEL["name"])
+    setting = f"{_model_label()}, {n} batches of {b}x{s}, alternated"
+    if res is None:
+        table.add("calibration pass", "hooked vs plain", setting, "failed", note=err)
+        return
+    table.add("calibration pass", "plain decoder (no hooks, no lm_head)", setting, f"{res['plain_tok_s']:.0f} tok/s", 1.0)
+    table.add("calibration pass", "importance hooks (collect_importance)", setting, f"{res['hooked_tok_s']:.0f} tok/s",
+              res["overhead"], note=f"median time ratio; overhead {100 * (res['overhead'] - 1):+.1f}%")
 
 
 def bench_distill(dev: str, sz: dict, table: Table) -> None:
@@ -308,8 +379,9 @@ def bench_distill(dev: str, sz: dict, table: Table) -> None:
     impls = ["naive", "chunked"] + (["triton"] if dev == "cuda" else [])
     base = None
     for impl in impls:
-        res, err = _worker("distill", device=dev, loss_impl=impl, batch=b, seq_len=s, steps=steps)
-        setting = f"built-in 7.3M teacher, 3.6M student, {b}x{s} tokens, {steps - 1} timed steps"
+        res, err = _worker("distill", device=dev, loss_impl=impl, batch=b, seq_len=s, steps=steps,
+                           model_name=MODEL["name"])
+        setting = f"{_model_label()} teacher, its 50% prune as student, {b}x{s} tokens, {steps - 1} timed steps"
         if res is None:
             table.add("distill step", f"loss_impl={impl}", setting, "failed", note=err)
             continue
@@ -342,7 +414,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--out", default=None, help="default: benchmarks/results/suite_<device>.md")
-    ap.add_argument("--only", default="importance,fused_kl,gather,prune,distill", help="comma-separated subset")
+    ap.add_argument("--only", default="importance,fused_kl,gather,prune,distill,calib", help="comma-separated subset")
+    ap.add_argument("--model", default="builtin-tiny", help="model of the prune/distill/calib rows "
+                    "(builtin-tiny or smollm2-135m)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 on cpu, which "
                     "gives stable times on a shared machine; 0 = torch default)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -359,7 +433,8 @@ def main() -> None:
         return
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device visible")
-    sz = SIZES[args.device]
+    MODEL["name"] = args.model
+    sz = {**SIZES[args.device], **(MODEL_SIZES.get(args.model, {}) if args.device == "cpu" else {})}
     table = Table()
     started = time.time()
     only = set(args.only.split(","))
@@ -367,7 +442,8 @@ def main() -> None:
               ("fused_kl", lambda: bench_fused_kl(args.device, sz, table)),
               ("gather", lambda: bench_gather(sz, table)),
               ("prune", lambda: bench_prune(args.device, sz, table)),
-              ("distill", lambda: bench_distill(args.device, sz, table))]
+              ("distill", lambda: bench_distill(args.device, sz, table)),
+              ("calib", lambda: bench_calib(args.device, sz, table))]
     seconds = {}
     for name, fn in phases:
         if name in only:
@@ -391,7 +467,8 @@ def main() -> None:
             "time and memory (for `distill step` the time ratio is naive tokens/s over this row's). Extra peak = "
             "peak memory above what existed before the measured work (CPU: ru_maxrss / VmHWM of a fresh "
             "subprocess; CUDA: max_memory_allocated).\n\n" + table.markdown() + "\n" + NOTES[args.device])
-    out = Path(args.out) if args.out else RESULTS / f"suite_{args.device}.md"
+    suffix = "" if args.model == "builtin-tiny" else f"_{args.model}"
+    out = Path(args.out) if args.out else RESULTS / f"suite_{args.device}{suffix}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text, encoding="utf-8")
     print(f"\nwritten to {out}")

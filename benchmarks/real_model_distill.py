@@ -1,0 +1,141 @@
+"""Distillation recovery on a real pretrained model: SmolLM2-135M-Instruct pruned to half, retrained on CPU.
+
+Runs, each with the same token budget (``--steps`` x ``--batch-size`` x ``--seq-len``) and the same
+optimiser schedule, on the built-in English text (training split), evaluated on the held-out split
+(never used for calibration or training):
+
+- ``width + KD``: ``params=0.5`` by the width rule, forward-KL distillation from the 135M teacher;
+- ``depth + KD``: as many layers as fit the width student's parameter count (layers ranked by the
+  perplexity criterion), same KD;
+- ``width + CE``: the width student retrained on next-token cross-entropy only (no teacher);
+- ``scratch + CE``: the width student's shape, randomly initialised, trained on cross-entropy.
+
+Usage (results in benchmarks/results/real_model_distill.{md,json}; rows are written as they finish)::
+
+    python benchmarks/real_model_distill.py [--steps 100] [--only width_kd,depth_kd]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import minitron
+from minitron.data import builtin_text, load_text_blocks
+from minitron.distillation import DistillConfig
+from minitron.models import load_model
+
+SMOLLM2_TRAIN_TOKENS = 2e12  # SmolLM2-135M was pretrained on 2T tokens (model card)
+RUNS = ("width_kd", "depth_kd", "width_ce", "scratch_ce")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--calib-blocks", type=int, default=64)
+    p.add_argument("--depth-ppl-blocks", type=int, default=8)
+    p.add_argument("--only", default=",".join(RUNS))
+    p.add_argument("--work", default="out/bench-real-distill", help="scores cache and run directories")
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "real_model_distill"))
+    args = p.parse_args(argv)
+    work, out = Path(args.work), Path(args.out)
+    work.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    teacher, tok = load_model("smollm2-135m")
+    train = load_text_blocks([builtin_text("train")], tok, args.seq_len)  # (n, S)
+    valid = load_text_blocks([builtin_text("valid")], tok, args.seq_len)  # held out
+    scores_path = work / "scores.safetensors"
+    if scores_path.is_file():
+        scores = minitron.ImportanceScores.load(scores_path)
+    else:
+        t0 = time.perf_counter()
+        cfg = minitron.ImportanceConfig(depth_ppl=True, ppl_max_blocks=args.depth_ppl_blocks)
+        scores = minitron.collect_importance(teacher, train[: args.calib_blocks], cfg, progress=False)
+        scores.save(scores_path)
+        print(f"calibration: {time.perf_counter() - t0:.0f} s", flush=True)
+
+    results_path = out.with_suffix(".json")
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    t0 = time.perf_counter()
+    teacher_ppl = results.get("teacher_ppl") or minitron.perplexity(teacher, valid, 8)
+    results.update({"teacher_ppl": teacher_ppl, "eval_tokens": valid.numel(), "train_blocks": int(train.shape[0]),
+                    "steps": args.steps, "tokens_per_run": args.steps * args.batch_size * args.seq_len,
+                    "teacher_eval_s": round(time.perf_counter() - t0, 1)})
+    width = minitron.prune(teacher, scores=scores, params=0.5, verbose=False)
+    n_width = minitron.count_parameters(width)
+    layers = max(n for n in range(1, 31) if minitron.target_parameters(teacher, minitron.Target(num_hidden_layers=n)) <= n_width)
+
+    def student(name: str) -> torch.nn.Module:
+        if name.startswith("width"):
+            return minitron.prune(teacher, scores=scores, params=0.5, verbose=False)
+        if name.startswith("depth"):
+            return minitron.prune(teacher, target=minitron.Target(num_hidden_layers=layers), scores=scores,
+                                  depth_metric="ppl", verbose=False)
+        torch.manual_seed(0)
+        return type(width)(width.config).eval()  # same shape, random init (HF initialiser)
+
+    for name in [r for r in args.only.split(",") if r]:
+        if name not in RUNS:
+            raise SystemExit(f"unknown run {name!r}; choose from {', '.join(RUNS)}")
+        model = student(name)
+        c = model.config
+        shape = f"L{c.num_hidden_layers} H{c.hidden_size} F{c.intermediate_size} heads {c.num_attention_heads}"
+        ppl_before = minitron.perplexity(model, valid, 8)
+        kd = name.endswith("kd")
+        cfg = DistillConfig(steps=args.steps, lr=args.lr, min_lr=args.lr / 10, warmup_steps=max(1, args.steps // 10),
+                            seq_len=args.seq_len, batch_size=args.batch_size, kd_weight=1.0 if kd else 0.0,
+                            clm_weight=0.0 if kd else 1.0, save_every=None, eval_every=None, plot=False,
+                            progress=False, resume=False, output_dir=str(work / name))
+        t0 = time.perf_counter()
+        minitron.distill(model, teacher, train, None, config=cfg, tokenizer=tok)
+        seconds = time.perf_counter() - t0
+        ppl_after = minitron.perplexity(model, valid, 8)
+        results[name] = {"shape": shape, "params": minitron.count_parameters(model), "ppl_pruned": ppl_before,
+                         "ppl_after": ppl_after, "seconds": round(seconds, 1), "steps_per_s": args.steps / seconds,
+                         "tokens": cfg.steps * cfg.batch_size * cfg.seq_len}
+        print(name, json.dumps(results[name]), flush=True)
+        results_path.write_text(json.dumps(results, indent=1))
+        out.with_suffix(".md").write_text(table(results))
+    print(table(results))
+    return 0
+
+
+def table(results: dict) -> str:
+    """Markdown table of the finished runs."""
+    names = {"width_kd": "width-pruned + KD", "depth_kd": "depth-pruned + KD", "width_ce": "width-pruned + CE only",
+             "scratch_ce": "same shape from scratch + CE"}
+    tokens = results["tokens_per_run"]
+    lines = [
+        f"SmolLM2-135M-Instruct (teacher held-out ppl **{results['teacher_ppl']:.2f}**, {results['eval_tokens']} "
+        f"held-out tokens of the built-in text). Each run: {results['steps']} steps, {tokens} tokens "
+        f"({tokens / SMOLLM2_TRAIN_TOKENS:.1e} of SmolLM2's 2T training tokens), 2 CPU cores, fp32.",
+        "",
+        "| student | shape | params | ppl after pruning | ppl after retraining | x teacher | wall time | steps/s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for key, label in names.items():
+        r = results.get(key)
+        if r is None:
+            continue
+        lines.append(f"| {label} | {r['shape']} | {r['params'] / 1e6:.1f}M | {_fmt(r['ppl_pruned'])} | "
+                     f"{_fmt(r['ppl_after'])} | {r['ppl_after'] / results['teacher_ppl']:.2f} | "
+                     f"{r['seconds'] / 60:.1f} min | {r['steps_per_s']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.3g}" if math.isfinite(x) and x < 1e4 else f"{x:.2e}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
