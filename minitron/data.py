@@ -3,12 +3,16 @@
 Accepted inputs (no hub downloads ever):
 - a ``datasets.Dataset`` (column ``text`` or ``input_ids``),
 - a list/tuple of strings,
-- a path to a ``.txt`` file (split into documents on blank lines) or ``.jsonl``
-  file (one object per line, field ``text``),
+- a list of token-id lists (pre-tokenised, as in a Hugging Face ``input_ids`` column),
+- a path to a UTF-8 ``.txt`` file (split into documents on blank lines) or ``.jsonl``
+  file (any case; one document per line: an object with a ``text`` string or an
+  ``input_ids`` list, a JSON string, or a list of token ids),
 - a LongTensor of token ids, 1-D (a stream) or 2-D (already packed).
 
-Documents are tokenised, joined with the EOS token and cut into non-overlapping
-blocks of ``seq_len`` tokens (the tail shorter than a block is dropped).
+Text documents are tokenised and joined with the EOS token, token-id documents are
+concatenated as they are; the stream is cut into non-overlapping blocks of ``seq_len``
+tokens (the tail shorter than a block is dropped). Unreadable input (binary or non-UTF-8
+files, malformed JSON lines, a directory) raises a ValueError naming the file and line.
 """
 
 from __future__ import annotations
@@ -44,7 +48,57 @@ def builtin_text(split: str = "train") -> str:
     raise ValueError(f"unknown split={split!r}; allowed values: train, valid")
 
 
-def _documents(data: Any) -> Iterable[str]:
+def _read_text(path: Path) -> str:
+    """The whole of a UTF-8 text file; a binary or non-UTF-8 file is named in the error."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (invalid byte at offset {e.start}); pass a UTF-8 .txt/.jsonl file")
+    if "\x00" in text:
+        raise ValueError(f"{path} looks binary (it holds NUL bytes); pass a UTF-8 .txt/.jsonl file")
+    return text
+
+
+def _token_list(value: Any) -> list[int] | None:
+    """``value`` as a list of token ids if it is one (a list/tuple of ints or a 1-D integer tensor), else None."""
+    if isinstance(value, torch.Tensor):
+        return value.reshape(-1).tolist() if value.dim() <= 1 and not value.is_floating_point() else None
+    if isinstance(value, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        return list(value)
+    return None
+
+
+def _jsonl_records(path: Path) -> Iterable[str | list[int]]:
+    """Documents of a .jsonl file: ``{"text": ...}``, ``{"input_ids": [...]}``, a JSON string or a list of ids."""
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text; pass a UTF-8 .jsonl file") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be an "
+                                 "object with a 'text' field, a JSON string or a list of token ids") from None
+            if isinstance(record, dict) and isinstance(record.get("text"), str):
+                yield record["text"]
+            elif isinstance(record, dict) and _token_list(record.get("input_ids")) is not None:
+                yield _token_list(record["input_ids"])
+            elif isinstance(record, str):
+                yield record
+            elif _token_list(record) is not None:
+                yield _token_list(record)
+            else:
+                raise ValueError(f"{path}:{lineno}: jsonl record has no 'text' field (string) or 'input_ids' list; "
+                                 "each line must be an object with one, a JSON string or a list of token ids")
+
+
+def _documents(data: Any) -> Iterable[str | list[int]]:
+    """Documents of ``data``: strings (to tokenise) or lists of token ids (already tokenised)."""
     if isinstance(data, (str, os.PathLike)):
         path = Path(data)
         if not path.exists():
@@ -52,22 +106,22 @@ def _documents(data: Any) -> Iterable[str]:
                 f"calibration/training data file not found: {path}; pass an existing .txt/.jsonl path, "
                 "a list of strings or a datasets.Dataset"
             )
-        if path.suffix == ".jsonl":
-            with path.open(encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if line.strip():
-                        record = json.loads(line)
-                        if "text" not in record:
-                            raise ValueError(f"{path}:{lineno}: jsonl record has no 'text' field")
-                        yield record["text"]
+        if path.is_dir():
+            raise ValueError(f"{path} is a directory; pass a .txt or .jsonl file")
+        if path.suffix.lower() == ".jsonl":
+            yield from _jsonl_records(path)
         else:
-            yield from (doc for doc in path.read_text(encoding="utf-8").split("\n\n") if doc.strip())
+            yield from (doc for doc in _read_text(path).split("\n\n") if doc.strip())
         return
     if isinstance(data, (list, tuple)):
         for i, doc in enumerate(data):
-            if not isinstance(doc, str):
-                raise ValueError(f"data[{i}] is {type(doc).__name__}; a list of data must hold strings")
-            yield doc
+            if isinstance(doc, str):
+                yield doc
+            elif _token_list(doc) is not None:
+                yield _token_list(doc)
+            else:
+                raise ValueError(f"data[{i}] is {type(doc).__name__}; a list of data must hold strings or lists of "
+                                 "token ids")
         return
     column_names = getattr(data, "column_names", None)
     if column_names is not None:
@@ -76,8 +130,8 @@ def _documents(data: Any) -> Iterable[str]:
         yield from data["text"]
         return
     raise ValueError(
-        f"unsupported data type {type(data).__name__}; pass a datasets.Dataset, a list of strings, "
-        "a .txt/.jsonl path or a LongTensor of token ids"
+        f"unsupported data type {type(data).__name__}; pass a datasets.Dataset, a list of strings or of token-id "
+        "lists, a .txt/.jsonl path or a LongTensor of token ids"
     )
 
 
@@ -88,16 +142,20 @@ def load_text_blocks(data: Any, tokenizer: Any, seq_len: int, max_blocks: int | 
         data: see the module docstring for accepted kinds.
         tokenizer: a Hugging Face tokenizer (unused when ``data`` is already token ids).
         seq_len: tokens per block.
-        max_blocks: keep at most this many blocks (the first ones).
+        max_blocks: keep at most this many blocks (the first ones); None = all.
     Returns:
         LongTensor (n_blocks, seq_len).
 
     Example:
         >>> blocks = load_text_blocks(["some text", "more text"], tokenizer, seq_len=128)
     """
-    if seq_len <= 0:
-        raise ValueError(f"seq_len must be a positive integer, got {seq_len}")
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len <= 0:
+        raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
+    if max_blocks is not None and (isinstance(max_blocks, bool) or not isinstance(max_blocks, int) or max_blocks < 1):
+        raise ValueError(f"the number of blocks/samples must be a positive integer (or None for all), got {max_blocks!r}")
     if isinstance(data, torch.Tensor):
+        if data.is_floating_point() or data.dtype == torch.bool:
+            raise ValueError(f"token-id tensor must be an integer tensor, got dtype {data.dtype}")
         ids = data.long()
         if ids.dim() == 2 and ids.shape[1] == seq_len:
             blocks = ids
@@ -110,14 +168,22 @@ def load_text_blocks(data: Any, tokenizer: Any, seq_len: int, max_blocks: int | 
         else:
             if isinstance(data, (str, os.PathLike)) and not Path(data).exists():
                 next(iter(_documents(data)))  # raises FileNotFoundError naming the path
-            if tokenizer is None:
-                raise ValueError("a tokenizer is required to tokenise text data")
-            eos = tokenizer.eos_token_id
+            eos = getattr(tokenizer, "eos_token_id", None)
             stream: list[int] = []
+            kinds: set[str] = set()
             for doc in _documents(data):
+                if isinstance(doc, list):  # pre-tokenised: taken as is (its own EOS tokens, if any)
+                    kinds.add("token ids")
+                    stream.extend(doc)
+                    continue
+                kinds.add("text")
+                if tokenizer is None:
+                    raise ValueError("text data needs a tokenizer: pass tokenizer=... (or token ids)")
                 stream.extend(tokenizer(doc, add_special_tokens=False, verbose=False)["input_ids"])  # whole docs: no length warning
                 if eos is not None:
                     stream.append(eos)
+            if len(kinds) > 1:
+                raise ValueError("data mixes text and token-id lists; pass one kind")
             ids = torch.tensor(stream, dtype=torch.long)
         blocks = _pack(ids, seq_len)
     if max_blocks is not None:

@@ -99,3 +99,51 @@ def test_data_kinds_pack_identically(tmp_path):
     for data in (tmp_path / "c.txt", str(tmp_path / "c.jsonl"), Dataset.from_dict({"text": docs})):
         assert torch.equal(load_text_blocks(data, tok, 16), expected)
     assert load_text_blocks(docs, tok, 16, max_blocks=2).shape == (2, 16)
+
+
+# ---- unreadable data: one-line errors naming the file (and line) ---------------------------------------
+
+
+def test_binary_and_non_utf8_files_are_named(tmp_path):
+    tok = CharTokenizer()
+    (tmp_path / "w.txt").write_bytes(b"caf\xe9 latin-1 text")
+    with pytest.raises(ValueError, match=r"w.txt is not UTF-8 text \(invalid byte at offset 3\)"):
+        load_text_blocks(tmp_path / "w.txt", tok, 4)
+    (tmp_path / "b.txt").write_bytes(b"abc\x00\x01\x02" * 20)
+    with pytest.raises(ValueError, match="b.txt looks binary"):
+        load_text_blocks(tmp_path / "b.txt", tok, 4)
+    (tmp_path / "c.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "\xff"}\n')
+    with pytest.raises(ValueError, match=r"c.jsonl:2: not UTF-8"):
+        load_text_blocks(tmp_path / "c.jsonl", tok, 4)
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "one"}\n\n{"text": "two"\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"d.jsonl:3: not valid JSON"):
+        load_text_blocks(path, CharTokenizer(), 4)
+    path.write_text('{"text": "one"}\n{"body": "two"}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"d.jsonl:2: jsonl record has no 'text' field"):
+        load_text_blocks(path, CharTokenizer(), 4)
+
+
+def test_jsonl_strings_upper_case_suffix_and_token_lists(tmp_path):
+    tok = CharTokenizer()
+    docs = ["first document " * 3, "second " * 5]
+    expected = load_text_blocks(docs, tok, 8)
+    (tmp_path / "s.jsonl").write_text("\n".join(json.dumps(d) for d in docs), encoding="utf-8")  # JSON strings
+    assert torch.equal(load_text_blocks(tmp_path / "s.jsonl", tok, 8), expected)
+    (tmp_path / "U.JSONL").write_text("\n".join(json.dumps({"text": d}) for d in docs), encoding="utf-8")
+    assert torch.equal(load_text_blocks(tmp_path / "U.JSONL", tok, 8), expected)
+
+    lists = [[1, 2, 3, 4, 5], [6, 7, 8]]  # pre-tokenised, as a Hugging Face input_ids column
+    assert load_text_blocks(lists, None, 4).tolist() == [[1, 2, 3, 4], [5, 6, 7, 8]]
+    (tmp_path / "ids.jsonl").write_text('[1, 2, 3, 4, 5]\n{"input_ids": [6, 7, 8]}\n', encoding="utf-8")
+    assert load_text_blocks(tmp_path / "ids.jsonl", None, 4).tolist() == [[1, 2, 3, 4], [5, 6, 7, 8]]
+    with pytest.raises(ValueError, match="mixes text and token-id lists"):
+        load_text_blocks(["text", [1, 2]], tok, 2)
+
+
+def test_directory_as_data(tmp_path):
+    with pytest.raises(ValueError, match=f"{tmp_path} is a directory; pass a .txt or .jsonl file"):
+        load_text_blocks(tmp_path, CharTokenizer(), 4)
