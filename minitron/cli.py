@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .validate import positive_int
+
 BUILTIN = "builtin"
 
 
@@ -25,10 +27,12 @@ def load_model_and_tokenizer(path: str, device: str = "cpu", dtype: str = "float
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .data import BUILTIN_MODEL
+    from .local import check_model_files
 
     source = BUILTIN_MODEL if path == BUILTIN else Path(path)
     if not Path(source).exists():
         raise FileNotFoundError(f"model directory not found: {source}; pass a local Hugging Face checkpoint directory")
+    check_model_files(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype), local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
     return model.to(device).eval(), tokenizer
@@ -40,12 +44,22 @@ def _calib_source(calib: str) -> Any:
     return [builtin_text("train")] if calib == BUILTIN else calib
 
 
+def _input_paths(*sources: Any) -> list[Any]:
+    """The files/directories a run reads (``"builtin"`` = the shipped model and text), for output checks."""
+    from .data import BUILTIN_MODEL, BUILTIN_TEXT
+
+    return [p for s in sources for p in ((BUILTIN_MODEL, BUILTIN_TEXT) if s == BUILTIN else (s,))]
+
+
 def _add_prune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=BUILTIN, help="local HF checkpoint directory (default: the built-in model)")
     p.add_argument("--calib", default=BUILTIN, help=".txt/.jsonl calibration text (default: built-in corpus)")
     p.add_argument("--eval", default=None, help=".txt/.jsonl text for perplexity before/after "
                    "(default: the built-in held-out split when --model is builtin)")
-    p.add_argument("--out", default="out/minitron-pruned", help="output directory of the pruned checkpoint")
+    p.add_argument("--out", default="out/minitron-pruned", help="output directory of the pruned checkpoint (a new or "
+                   "empty directory, or a previous `minitron prune` output, which is replaced)")
+    p.add_argument("--overwrite", action="store_true", help="allow --out / --save-scores to be an existing directory "
+                   "or file not written by minitron: minitron's files replace same-named ones, nothing else is deleted")
     g = p.add_argument_group("target (any subset; or --params)")
     g.add_argument("--hidden-size", type=int, help="embedding channels to keep")
     g.add_argument("--ffn", type=int, help="MLP neurons to keep (intermediate_size)")
@@ -61,9 +75,9 @@ def _add_prune_arguments(p: argparse.ArgumentParser) -> None:
     i.add_argument("--batch-agg", choices=("l2", "mean", "var"), default="l2")
     i.add_argument("--seq-agg", choices=("mean", "l2", "var"), default="mean")
     i.add_argument("--method", choices=("activation", "random"), default="activation")
-    i.add_argument("--num-samples", type=int, default=1024, help="calibration blocks")
-    i.add_argument("--seq-len", type=int, default=256)
-    i.add_argument("--batch-size", type=int, default=8)
+    i.add_argument("--num-samples", type=positive_int, default=1024, help="calibration blocks")
+    i.add_argument("--seq-len", type=positive_int, default=256)
+    i.add_argument("--batch-size", type=positive_int, default=8)
     i.add_argument("--save-scores", help="write importance statistics here (safetensors)")
     i.add_argument("--load-scores", help="reuse importance statistics instead of calibrating")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
@@ -85,15 +99,28 @@ def run_prune(args: argparse.Namespace) -> int:
     """Execute ``minitron prune``; prints a before/after summary and writes ``args.out``."""
     import minitron
     from minitron.data import builtin_text, load_text_blocks
-    from minitron.atomic import atomic_write_dir
+    from minitron.outputs import check_output_dir, check_output_file, write_output_dir
+    from minitron.validate import check_device, check_finite_weights, check_seq_len, is_importance_file
 
     started = time.time()
-    model, tokenizer = load_model_and_tokenizer(args.model, args.device, args.dtype)
     fields = {"hidden_size": args.hidden_size, "intermediate_size": args.ffn,
               "num_attention_heads": args.heads, "num_hidden_layers": args.layers,
               "num_key_value_heads": args.kv_heads}
     target = minitron.Target(**fields) if any(v is not None for v in fields.values()) else None
+    if target is not None and args.params is not None:
+        raise ValueError("--params cannot be combined with --hidden-size/--ffn/--heads/--layers/--kv-heads; give "
+                         "either a parameter budget or explicit targets")
     params = args.params if args.params is not None or target is not None else 0.5
+    check_device(args.device)
+    inputs = _input_paths(args.model, args.calib, args.eval, args.load_scores)
+    check_output_dir(args.out, "prune", inputs=inputs, overwrite=args.overwrite)  # before any long work
+    if args.save_scores:
+        check_output_file(args.save_scores, inputs=inputs, outside_of=[("--out", args.out)], overwrite=args.overwrite,
+                          is_ours=is_importance_file)
+    scores = minitron.ImportanceScores.load(args.load_scores) if args.load_scores else None
+    model, tokenizer = load_model_and_tokenizer(args.model, args.device, args.dtype)
+    check_finite_weights(model)
+    check_seq_len(model, args.seq_len, "--seq-len")
 
     eval_blocks = None
     eval_source = [builtin_text("valid")] if args.eval is None and args.model == BUILTIN else args.eval
@@ -102,7 +129,6 @@ def run_prune(args: argparse.Namespace) -> int:
         before_ppl = minitron.perplexity(model, eval_blocks, args.batch_size)
     before_params = minitron.count_parameters(model)
 
-    scores = minitron.ImportanceScores.load(args.load_scores) if args.load_scores else None
     importance = minitron.ImportanceConfig(seq_agg=args.seq_agg, batch_agg=args.batch_agg, batch_size=args.batch_size,
                                            depth_ppl=args.depth_metric == "ppl")
     if scores is None and args.method == "activation":
@@ -121,7 +147,7 @@ def run_prune(args: argparse.Namespace) -> int:
         pruned.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
-    atomic_write_dir(args.out, write)
+    write_output_dir(args.out, "prune", write, overwrite=args.overwrite)
     report = {"model": str(args.model), "out": str(args.out), "params_before": before_params,
               "params_after": minitron.count_parameters(pruned),
               "config": {k: getattr(pruned.config, k) for k in (*fields, "head_dim")}}

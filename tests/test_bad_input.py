@@ -147,3 +147,51 @@ def test_jsonl_strings_upper_case_suffix_and_token_lists(tmp_path):
 def test_directory_as_data(tmp_path):
     with pytest.raises(ValueError, match=f"{tmp_path} is a directory; pass a .txt or .jsonl file"):
         load_text_blocks(tmp_path, CharTokenizer(), 4)
+
+
+# ---- prune API: counts, non-finite values, token ids --------------------------------------------------
+
+
+def test_prune_rejects_bad_counts_and_positions(model, calib_ids):
+    target = minitron.Target(hidden_size=36)
+    with pytest.raises(ValueError, match="num_samples must be an integer >= 1, got -3"):
+        minitron.prune(model, calib_ids, target, seq_len=16, num_samples=-3, verbose=False)
+    with pytest.raises(ValueError, match="seq_len=128 exceeds the model's max_position_embeddings=64"):
+        minitron.prune(model, calib_ids, target, seq_len=128, verbose=False)
+    with pytest.raises(ValueError, match="blocks/samples must be a positive integer"):
+        load_text_blocks(calib_ids, None, 16, max_blocks=0)
+
+
+def test_prune_accepts_token_id_lists(model):
+    lists = torch.randint(0, 101, (6, 20), generator=torch.Generator().manual_seed(0)).tolist()
+    small = minitron.prune(model, lists, minitron.Target(intermediate_size=40), seq_len=16, progress=False,
+                           verbose=False)
+    assert small.config.intermediate_size == 40
+
+
+def test_non_finite_weights_and_scores_stop_pruning(model, calib_ids):
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"weight model.layers.1.mlp.up_proj.weight holds NaN/inf"):
+        minitron.prune(model, calib_ids, minitron.Target(hidden_size=36), seq_len=16, verbose=False)
+
+    healthy = make_model("llama")
+    scores = minitron.collect_importance(healthy, calib_ids, progress=False)
+    scores.sums["mlp.0"][1][3] = float("inf")  # an fp16 overflow in calibration
+    with pytest.raises(ValueError, match=r"importance statistics hold NaN/inf at mlp.0.sum_x2"):
+        minitron.prune(healthy, target=minitron.Target(intermediate_size=40), scores=scores, verbose=False)
+
+
+def test_token_ids_outside_the_vocabulary(model):
+    bad = torch.full((2, 16), 500)
+    with pytest.raises(ValueError, match=r"holds token id 500 but the model's vocabulary has 101 entries"):
+        minitron.prune(model, bad, minitron.Target(hidden_size=36), seq_len=16, verbose=False)
+    with pytest.raises(ValueError, match="token id -1"):
+        minitron.perplexity(model, torch.full((1, 8), -1))
+
+
+def test_garbage_scores_file(tmp_path):
+    path = tmp_path / "scores.safetensors"
+    path.write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(ValueError, match=f"{path} is not a readable minitron importance file"):
+        minitron.ImportanceScores.load(path)
