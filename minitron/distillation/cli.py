@@ -23,7 +23,7 @@ from minitron.distillation.config import (
 
 _CHOICES = {"logits_loss": LOGITS_LOSSES, "intermediate_loss": INTERMEDIATE_LOSSES, "mixed_precision": MIXED_PRECISION,
             "loss_impl": LOSS_IMPLS, "parallel": PARALLEL}
-_SKIP = {"intermediate_layers", "adam_betas", "extra", "resume", "progress", "plot"}
+_SKIP = {"intermediate_layers", "adam_betas", "extra", "resume", "progress", "plot", "overwrite"}
 _OPTIONAL_INT = {"top_k", "save_every", "eval_every", "eval_batches", "keep_checkpoints"}
 
 
@@ -41,7 +41,10 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help=".txt / .jsonl (field 'text') / .pt (LongTensor of token ids)")
     p.add_argument("--eval-data", default=None)
     p.add_argument("--tokenizer", default=None, help="tokenizer path (default: the student path)")
-    p.add_argument("--no-resume", action="store_true", help="start over even if output_dir/latest exists")
+    p.add_argument("--no-resume", action="store_true", help="start over even if output_dir/latest exists "
+                   "(discards that run's checkpoints and metrics)")
+    p.add_argument("--overwrite", action="store_true", help="allow --output-dir to be a non-empty directory not "
+                   "written by minitron distill: the run's files are added, nothing else is touched")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--intermediate-layers", type=_pairs, default=None, help="e.g. '3:6,7:14' (student:teacher)")
@@ -81,7 +84,7 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
     kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(DistillConfig)
           if f.name not in _SKIP and hasattr(args, f.name)}
     return DistillConfig(**kw, intermediate_layers=args.intermediate_layers, resume=not args.no_resume,
-                         progress=not args.no_progress, plot=not args.no_plot)
+                         progress=not args.no_progress, plot=not args.no_plot, overwrite=args.overwrite)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -92,20 +95,25 @@ def run(args: argparse.Namespace) -> int:
     """
     from pathlib import Path
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    from minitron.local import load_causal_lm, load_tokenizer, require_local_dir
+    from minitron.outputs import check_output_dir
     from minitron.distillation.trainer import distill
 
     cfg = config_from_args(args)
-    student = AutoModelForCausalLM.from_pretrained(args.student)
-    teacher = AutoModelForCausalLM.from_pretrained(args.teacher)
+    for flag, path in (("--student", args.student), ("--teacher", args.teacher), ("--tokenizer", args.tokenizer)):
+        if path is not None:
+            require_local_dir(path, flag)  # never a hub id: nothing is downloaded
+    check_output_dir(cfg.output_dir, "distill", inputs=[args.student, args.teacher, args.tokenizer, args.data,
+                                                        args.eval_data], overwrite=cfg.overwrite, flag="--output-dir")
+    student = load_causal_lm(args.student, "--student")
+    teacher = load_causal_lm(args.teacher, "--teacher")
     tok_path = args.tokenizer or args.student
     tokenizer = None
     if args.tokenizer or any((Path(tok_path) / n).exists() for n in ("tokenizer.json", "tokenizer_config.json")):
-        tokenizer = AutoTokenizer.from_pretrained(tok_path)
+        tokenizer = load_tokenizer(tok_path, "--tokenizer" if args.tokenizer else "--student")
     teacher_tokenizer = None
     if tokenizer is not None and (Path(args.teacher) / "tokenizer_config.json").exists():
-        teacher_tokenizer = AutoTokenizer.from_pretrained(args.teacher)
+        teacher_tokenizer = load_tokenizer(args.teacher, "--teacher")
     distill(student, teacher, args.data, args.eval_data, config=cfg, tokenizer=tokenizer,
             teacher_tokenizer=teacher_tokenizer)
     print(f"distilled student written to {Path(cfg.output_dir) / 'final'}")
