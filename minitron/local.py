@@ -31,12 +31,11 @@ def require_local_dir(path: str | os.PathLike, flag: str = "--model") -> Path:
     return p
 
 
-def check_model_files(path: str | os.PathLike, flag: str = "--model") -> None:
+def check_model_files(path: str | os.PathLike) -> None:
     """Raise a one-line error naming the file if a checkpoint's config or weights cannot be read.
 
     Args:
         path: a Hugging Face checkpoint directory (anything else is left to the loader).
-        flag: how the user named it, for the message.
     """
     p = Path(path)
     if not p.is_dir():
@@ -48,8 +47,6 @@ def check_model_files(path: str | os.PathLike, flag: str = "--model") -> None:
                 json.loads(f.read_text(encoding="utf-8"))
             except (UnicodeDecodeError, ValueError) as e:
                 raise ValueError(f"{f} is not valid JSON ({e}); restore the checkpoint's files") from None
-    if not (p / "config.json").exists():
-        raise ValueError(f"{flag} {path} has no config.json; pass a Hugging Face checkpoint directory")
     from safetensors import safe_open
 
     for f in sorted(p.glob("*.safetensors")):
@@ -73,7 +70,7 @@ def load_causal_lm(path: str | os.PathLike, flag: str = "--model", **kwargs: Any
     from transformers import AutoModelForCausalLM
 
     require_local_dir(path, flag)
-    check_model_files(path, flag)
+    check_model_files(path)
     try:
         return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)
     except (OSError, KeyError) as e:
