@@ -47,6 +47,8 @@ from .importance.collect import ImportanceConfig, ImportanceScores, collect_impo
 from .pruner import _tokenizer_for, prune
 from .pruning import Target, count_parameters
 from .sizing import target_parameters
+from .validate import (check_count, check_device, check_finite_scores, check_finite_weights, check_seq_len,
+                       non_negative_int, positive_int)
 
 logger = logging.getLogger(__name__)
 
@@ -320,6 +322,7 @@ def search(
     batch_size: int = 8,
     importance: ImportanceConfig | None = None,
     keep_candidates: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     verbose: bool = True,
 ) -> SearchResult:
@@ -356,32 +359,41 @@ def search(
         importance: calibration options (default :class:`ImportanceConfig` with ``batch_size``).
         keep_candidates: keep every retrained candidate's checkpoint under ``runs/``
             (default: only the best is kept, in ``best/``).
+        overwrite: allow an ``output_dir`` that is neither new, empty nor a previous search output;
+            the search's files then replace same-named ones and nothing else is deleted.
         progress: progress bars.
         verbose: print the table at the end.
     Returns:
         A :class:`SearchResult`: the best model (pruned + retrained), the table of all candidates
         with both rankings, and the files written.
     Raises:
-        ValueError: unsupported model, bad tolerance/limits, infeasible budget, empty data.
+        ValueError: unsupported model, bad tolerance/limits, infeasible budget, empty data, ``seq_len``
+            beyond ``max_position_embeddings``, NaN/inf weights, an unsafe ``output_dir`` (one that is or
+            holds an input, or a non-empty directory not written by a search, unless ``overwrite``).
 
     Example:
         >>> res = minitron.search(model, texts, texts, params=0.5, retrain_steps=50, top=4, tokenizer=tok)
         >>> res.best.name, res.best.loss_retrained
     """
     from .distillation import DistillConfig, distill
+    from .outputs import check_output_dir, mark_output_dir, read_marker
 
     started = time.time()
     get_adapter(model)
-    if retrain_steps < 0:
-        raise ValueError(f"retrain_steps={retrain_steps} must be >= 0")
-    if top is not None and top < 1:
-        raise ValueError(f"top={top} must be >= 1 or None (retrain all candidates)")
+    check_count("retrain_steps", retrain_steps, low=0)
+    check_count("top", top, allow_none=True)
+    check_count("batch_size", batch_size)
+    check_seq_len(model, seq_len)
+    check_finite_weights(model)
+    model_dir = getattr(model.config, "_name_or_path", "")
+    check_output_dir(output_dir, "search", inputs=[model_dir, calib_data, train_data, eval_data], overwrite=overwrite,
+                     flag="output_dir", fix="overwrite=True")
     counter = ParamCounter(model)
     candidates, budget = enumerate_candidates(
         model, params, tolerance, divisors=divisors, max_width_prune=max_width_prune,
         max_depth_prune=max_depth_prune, axes=axes, counter=counter)
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    mark_output_dir(out, "search")
     logger.info("search: %d candidates within %d..%d parameters", len(candidates), budget * (1 - tolerance), budget)
     if verbose:
         print(f"minitron search: {len(candidates)} candidates with {int(budget * (1 - tolerance)):,}..{budget:,} "
@@ -411,6 +423,7 @@ def search(
         calib = blocks_of(calib_data, num_samples)
         scores = collect_importance(model, calib, importance, progress=progress)
     scores.check_matches(model)
+    check_finite_scores(scores)
     timings["calibration"] = round(time.time() - t0, 1)
     t0 = time.time()
     original_loss = lm_loss(model, valid, batch_size)
@@ -440,7 +453,10 @@ def search(
         try:
             for c in chosen:
                 run_dir = out / "runs" / c.name
-                if run_dir.exists():
+                if run_dir.exists():  # a previous search's run of this candidate: only ever a distill output
+                    if (read_marker(run_dir) or {}).get("kind") != "distill":
+                        raise ValueError(f"{run_dir} exists and is not a minitron distillation run; move it away or "
+                                         "choose another output_dir")
                     shutil.rmtree(run_dir)
                 cfg = DistillConfig(**{**base.to_dict(), "steps": retrain_steps, "output_dir": str(run_dir),
                                        "resume": False, "progress": progress, "seq_len": seq_len})
@@ -584,26 +600,30 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--train", default="builtin", help=".txt/.jsonl retraining text (default: built-in corpus)")
     p.add_argument("--eval", default=None, help=".txt/.jsonl validation text (default: the built-in held-out "
                    "split for the built-in model, else the tail of --train)")
-    p.add_argument("--out", default="out/minitron-search", help="output directory")
+    p.add_argument("--out", default="out/minitron-search", help="output directory (a new or empty directory, or a "
+                   "previous `minitron search` output)")
+    p.add_argument("--overwrite", action="store_true", help="allow --out to be a non-empty directory not written by "
+                   "minitron search: the search's files replace same-named ones, nothing else is deleted")
     p.add_argument("--params", type=float, default=0.5, help="budget: fraction <= 1 or absolute count")
     p.add_argument("--tolerance", type=float, default=0.05)
-    p.add_argument("--retrain-steps", type=int, default=50)
-    p.add_argument("--top", type=int, default=4, help="retrain this many best-after-pruning candidates (0 = all)")
+    p.add_argument("--retrain-steps", type=non_negative_int, default=50)
+    p.add_argument("--top", type=non_negative_int, default=4,
+                   help="retrain this many best-after-pruning candidates (0 = all)")
     p.add_argument("--axes", default=",".join(AXES), help="comma-separated subset of hidden,ffn,heads,layers")
     p.add_argument("--max-width-prune", type=float, default=0.4)
     p.add_argument("--max-depth-prune", type=float, default=0.2)
     for axis in AXES:
         p.add_argument(f"--{axis}-divisor", type=int, default=None, help=f"grid step of {axis}")
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--num-samples", type=int, default=64, help="calibration blocks")
-    p.add_argument("--eval-blocks", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=positive_int, default=128)
+    p.add_argument("--num-samples", type=positive_int, default=64, help="calibration blocks")
+    p.add_argument("--eval-blocks", type=positive_int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=4)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--loss-impl", default="auto", choices=("auto", "triton", "chunked", "naive"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--load-scores", help="reuse importance statistics instead of calibrating")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 for the built-in model "
+    p.add_argument("--threads", type=non_negative_int, default=None, help="torch CPU threads (default: 1 for the built-in model "
                    "on CPU, which is tiny and much faster so on a shared CPU; else torch's default; 0 = torch's default)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
@@ -616,11 +636,15 @@ def run(args: argparse.Namespace) -> int:
     Returns:
         Exit status 0 (errors raise ValueError, reported by ``minitron.cli.main``).
     """
-    from .cli import BUILTIN, _calib_source
+    from .cli import BUILTIN, _calib_source, _input_paths
     from .data import builtin_text
     from .distillation import DistillConfig
     from .models import BUILTIN_TINY, load_model
+    from .outputs import check_output_dir
 
+    check_device(args.device)
+    check_output_dir(args.out, "search", inputs=_input_paths(args.model, args.model_gguf, args.calib, args.train,
+                                                             args.eval, args.load_scores), overwrite=args.overwrite)
     tiny = args.model == BUILTIN_TINY and args.model_gguf is None
     threads = args.threads if args.threads is not None else (1 if tiny and args.device == "cpu" else 0)
     if threads:
@@ -640,7 +664,8 @@ def run(args: argparse.Namespace) -> int:
         max_width_prune=args.max_width_prune, max_depth_prune=args.max_depth_prune,
         axes=tuple(a.strip() for a in args.axes.split(",") if a.strip()), distill_config=cfg,
         output_dir=args.out, seed=args.seed, seq_len=args.seq_len, num_samples=args.num_samples,
-        eval_blocks=args.eval_blocks, batch_size=args.batch_size, progress=not args.no_progress)
+        eval_blocks=args.eval_blocks, batch_size=args.batch_size, overwrite=args.overwrite,
+        progress=not args.no_progress)
     print(json.dumps({"best": result.best.name, "params": result.best.params,
                       "loss_pruned": round(result.best.loss_pruned, 4),
                       "loss_retrained": None if result.best.loss_retrained is None else round(result.best.loss_retrained, 4),

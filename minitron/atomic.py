@@ -1,15 +1,26 @@
 """Atomic writes: a crash at any point leaves either the old file/directory or the new one.
 
-Directories are written into a hidden temp directory next to the target, fsynced, then
-renamed into place; files go through a fsynced temp file and ``os.replace``.
+Directories are written into a hidden temp directory next to the target
+(``.minitron-tmp-<name>-<pid>``, holding a ``.minitron-partial`` sentinel while it is being
+filled), fsynced, then renamed into place; a replaced directory is first moved aside to
+``.minitron-old-<name>-<pid>``. Files go through a fsynced temp file and ``os.replace``.
+A crash can leave those temp entries behind; :func:`clean_stale_temps` removes them on the
+next start (only entries with these names, of processes that are no longer running).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Callable
+
+TMP_PREFIX = ".minitron-tmp-"
+OLD_PREFIX = ".minitron-old-"
+PARTIAL = ".minitron-partial"  # sentinel inside a temp directory that is still being written
+_STALE = re.compile(r"^(\.minitron-tmp-|\.minitron-old-)(?P<name>.+)-(?P<pid>\d+)$")
+_STALE_FILE = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)$")  # temp files of atomic_write_text
 
 
 def fsync_tree(root: Path) -> None:
@@ -33,8 +44,63 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def clean_stale_temps(directory: str | os.PathLike, name: str | None = None, owned: bool = False,
+                      signatures: tuple[str, ...] = (PARTIAL,)) -> list[Path]:
+    """Remove temp entries that an interrupted atomic write of this module left in ``directory``.
+
+    Only ``.minitron-tmp-<name>-<pid>`` / ``.minitron-old-<name>-<pid>`` directories are considered,
+    plus ``.<name>.tmp-<pid>`` files when ``owned``. Unless ``owned`` (the caller holds the
+    directory's run lock, so no writer can be alive), an entry is removed only if its process is no
+    longer running and it holds one of the ``signatures`` files (it was written by minitron).
+
+    Args:
+        directory: folder to clean (missing: nothing to do).
+        name: only entries of this target name (None = any name).
+        owned: the caller owns the directory (a locked run directory).
+        signatures: file names that prove a directory entry was written by minitron.
+    Returns:
+        The paths removed.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    removed = []
+    for entry in directory.iterdir():
+        is_dir = entry.is_dir() and not entry.is_symlink()
+        m = _STALE.match(entry.name) if is_dir else (_STALE_FILE.match(entry.name) if owned else None)
+        if m is None or (name is not None and m.group("name") != name):
+            continue
+        if not owned:
+            pid = int(m.group("pid"))
+            if pid == os.getpid() or pid_alive(pid) or not any((entry / s).exists() for s in signatures):
+                continue
+        if is_dir:
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
 def atomic_write_dir(target: str | os.PathLike, writer: Callable[[Path], None]) -> Path:
     """Create directory ``target`` atomically: ``writer(tmp_dir)`` fills a temp dir that is renamed.
+
+    The previous ``target`` is replaced as a whole: use it only for directories this package owns
+    (checkpoints inside a run directory); user-facing outputs go through
+    :func:`minitron.outputs.write_output_dir`, which never deletes files it did not write.
 
     Args:
         target: final directory path (replaced if it exists).
@@ -44,14 +110,10 @@ def atomic_write_dir(target: str | os.PathLike, writer: Callable[[Path], None]) 
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = fill_temp_dir(target, writer)
     try:
-        writer(tmp)
-        fsync_tree(tmp)
         if target.exists():  # rename() cannot replace a non-empty directory: move the old one aside
-            trash = target.parent / f".old-{target.name}-{os.getpid()}"
+            trash = target.parent / f"{OLD_PREFIX}{target.name}-{os.getpid()}"
             shutil.rmtree(trash, ignore_errors=True)
             os.replace(target, trash)
             os.replace(tmp, target)
@@ -62,6 +124,29 @@ def atomic_write_dir(target: str | os.PathLike, writer: Callable[[Path], None]) 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def fill_temp_dir(target: Path, writer: Callable[[Path], None]) -> Path:
+    """Write a complete, fsynced temp directory for ``target`` (next to it) and return its path.
+
+    Args:
+        target: the directory the temp directory will be renamed to.
+        writer: callable that writes files into the temp directory it receives.
+    Returns:
+        The temp directory (the caller renames it into place); removed again if ``writer`` fails.
+    """
+    tmp = target.parent / f"{TMP_PREFIX}{target.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        (tmp / PARTIAL).touch()
+        writer(tmp)
+        (tmp / PARTIAL).unlink()
+        fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tmp
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .validate import positive_int
+
 BUILTIN = "builtin"  # the built-in text; as a model name: the built-in real model (SmolLM2-135M-Instruct)
 
 
@@ -37,6 +39,14 @@ def add_model_arguments(p: argparse.ArgumentParser, default: str | None, flag: s
                    f"(the 7M model shipped with minitron)" + (f"; default {default}" if default else ""))
     p.add_argument(f"{flag}-gguf" if flag != "--model" else "--gguf", dest=f"{dest}_gguf", default=None,
                    metavar="NAME", help=f"GGUF file name inside the {flag} directory")
+def _input_paths(model: Any, model_gguf: str | None, *data: Any) -> list[Any]:
+    """The files/directories a run reads (the resolved model source; ``"builtin"`` text = the shipped
+    corpus), for output checks. Raises FileNotFoundError for a model source that does not exist locally."""
+    from .data import BUILTIN_TEXT
+    from .models import resolve_model_source
+
+    paths: list[Any] = [] if model is None else [resolve_model_source(model, model_gguf)[1]]
+    return paths + [BUILTIN_TEXT if d == BUILTIN else d for d in data]
 
 
 def _add_prune_arguments(p: argparse.ArgumentParser) -> None:
@@ -45,12 +55,15 @@ def _add_prune_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p, DEFAULT_MODEL)
     p.add_argument("--calib", default=BUILTIN, help=".txt/.jsonl calibration text (default: built-in corpus)")
     p.add_argument("--eval", default=None, help=".txt/.jsonl text for perplexity before/after "
-                   "(default: the built-in held-out split when --calib is the built-in corpus)")
+                   "(default: the built-in held-out split when --model is a built-in model)")
     p.add_argument("--eval-samples", type=int, default=16, help="held-out blocks of --seq-len tokens for the "
                    "perplexity before/after (default 16; 0 = all)")
     p.add_argument("--chat-template", action="store_true", help="render calibration/eval text with the "
                    "tokenizer's chat template (chat / instruct models; 'messages' records always are)")
-    p.add_argument("--out", default="out/minitron-pruned", help="output directory of the pruned checkpoint")
+    p.add_argument("--out", default="out/minitron-pruned", help="output directory of the pruned checkpoint (a new or "
+                   "empty directory, or a previous `minitron prune` output, which is replaced)")
+    p.add_argument("--overwrite", action="store_true", help="allow --out / --save-scores to be an existing directory "
+                   "or file not written by minitron: minitron's files replace same-named ones, nothing else is deleted")
     g = p.add_argument_group("target (any subset; or --params)")
     g.add_argument("--hidden-size", type=int, help="embedding channels to keep")
     g.add_argument("--ffn", type=int, help="MLP neurons to keep (intermediate_size)")
@@ -66,11 +79,11 @@ def _add_prune_arguments(p: argparse.ArgumentParser) -> None:
     i.add_argument("--batch-agg", choices=("l2", "mean", "var"), default="l2")
     i.add_argument("--seq-agg", choices=("mean", "l2", "var"), default="mean")
     i.add_argument("--method", choices=("activation", "random"), default="activation")
-    i.add_argument("--num-samples", type=int, default=64, help="calibration blocks of --seq-len tokens "
+    i.add_argument("--num-samples", type=positive_int, default=64, help="calibration blocks of --seq-len tokens "
                    "(default 64 = 16k tokens, about a minute for 135M parameters on 2 CPU cores; the official "
                    "recipe and the Python API use 1024)")
-    i.add_argument("--seq-len", type=int, default=256)
-    i.add_argument("--batch-size", type=int, default=8)
+    i.add_argument("--seq-len", type=positive_int, default=256)
+    i.add_argument("--batch-size", type=positive_int, default=8)
     i.add_argument("--save-scores", help="write importance statistics here (safetensors)")
     i.add_argument("--load-scores", help="reuse importance statistics instead of calibrating")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
@@ -92,27 +105,42 @@ def run_prune(args: argparse.Namespace) -> int:
     """Execute ``minitron prune``; prints a before/after summary and writes ``args.out``."""
     import minitron
     from minitron.data import builtin_text, load_text_blocks
-    from minitron.atomic import atomic_write_dir
+    from minitron.outputs import check_output_dir, check_output_file, write_output_dir
+    from minitron.validate import check_device, check_finite_weights, check_seq_len, is_importance_file
 
-    started = time.time()
     from minitron.models import load_model
 
-    model, tokenizer = load_model(args.model, gguf_file=args.model_gguf, device=args.device, dtype=args.dtype)
+    started = time.time()
     fields = {"hidden_size": args.hidden_size, "intermediate_size": args.ffn,
               "num_attention_heads": args.heads, "num_hidden_layers": args.layers,
               "num_key_value_heads": args.kv_heads}
     target = minitron.Target(**fields) if any(v is not None for v in fields.values()) else None
+    if target is not None and args.params is not None:
+        raise ValueError("--params cannot be combined with --hidden-size/--ffn/--heads/--layers/--kv-heads; give "
+                         "either a parameter budget or explicit targets")
     params = args.params if args.params is not None or target is not None else 0.5
+    check_device(args.device)
+    inputs = _input_paths(args.model, args.model_gguf, args.calib, args.eval, args.load_scores)
+    check_output_dir(args.out, "prune", inputs=inputs, overwrite=args.overwrite)  # before any long work
+    if args.save_scores:
+        check_output_file(args.save_scores, inputs=inputs, outside_of=[("--out", args.out)], overwrite=args.overwrite,
+                          is_ours=is_importance_file)
+    scores = minitron.ImportanceScores.load(args.load_scores) if args.load_scores else None
+    model, tokenizer = load_model(args.model, gguf_file=args.model_gguf, device=args.device, dtype=args.dtype)
+    check_finite_weights(model)
+    check_seq_len(model, args.seq_len, "--seq-len")
 
     eval_blocks = None
-    eval_source = [builtin_text("valid")] if args.eval is None and args.calib == BUILTIN else args.eval
+    from minitron.models import BUILTIN_ALIASES
+
+    builtin_model = args.model in BUILTIN_ALIASES and args.model_gguf is None
+    eval_source = [builtin_text("valid")] if args.eval is None and builtin_model else args.eval
     if eval_source is not None:
         eval_blocks = load_text_blocks(eval_source, tokenizer, args.seq_len, args.eval_samples or None,
                                        chat_template=args.chat_template)
         before_ppl = minitron.perplexity(model, eval_blocks, args.batch_size)
     before_params = minitron.count_parameters(model)
 
-    scores = minitron.ImportanceScores.load(args.load_scores) if args.load_scores else None
     importance = minitron.ImportanceConfig(seq_agg=args.seq_agg, batch_agg=args.batch_agg, batch_size=args.batch_size,
                                            depth_ppl=args.depth_metric == "ppl")
     if scores is None and args.method == "activation":
@@ -132,7 +160,7 @@ def run_prune(args: argparse.Namespace) -> int:
         pruned.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
-    atomic_write_dir(args.out, write)
+    write_output_dir(args.out, "prune", write, overwrite=args.overwrite)
     report = {"model": str(args.model), "out": str(args.out), "params_before": before_params,
               "params_after": minitron.count_parameters(pruned),
               "config": {k: getattr(pruned.config, k) for k in (*fields, "head_dim")}}

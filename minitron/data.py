@@ -3,18 +3,23 @@
 Accepted inputs (no hub downloads ever):
 - a ``datasets.Dataset`` (column ``text`` or ``input_ids``),
 - a list/tuple of strings,
-- a path to a ``.txt`` file (split into documents on blank lines) or ``.jsonl``
-  file (one object per line, field ``text``, or field ``messages``: a chat as a list of
-  ``{"role", "content"}`` dicts, rendered with the tokenizer's chat template),
+- a list of token-id lists (pre-tokenised, as in a Hugging Face ``input_ids`` column),
+- a path to a UTF-8 ``.txt`` file (split into documents on blank lines) or ``.jsonl``
+  file (any case; one document per line: an object with a ``text`` string, an
+  ``input_ids`` list or ``messages`` (a chat: a list of ``{"role", "content"}`` dicts),
+  a JSON string, or a list of token ids),
 - a LongTensor of token ids, 1-D (a stream) or 2-D (already packed).
 
-Documents are tokenised, joined with the EOS token and cut into non-overlapping
-blocks of ``seq_len`` tokens (the tail shorter than a block is dropped).
+Text documents are tokenised and joined with the EOS token, token-id documents are
+concatenated as they are; the stream is cut into non-overlapping blocks of ``seq_len``
+tokens (the tail shorter than a block is dropped). Unreadable input (binary or non-UTF-8
+files, malformed JSON lines, a directory) raises a ValueError naming the file and line.
 
 Chat / instruct models (``chat_template=True``): every plain-text document is rendered with
 the tokenizer's chat template as one assistant turn (after an empty user turn when the template
 insists on one), so calibration and training see the special tokens and the default system prompt
-the model sees when it is used. Chats (``messages`` records) are always rendered with the template.
+the model sees when it is used. Chats (``messages`` records, or list items that are a
+``{"messages": [...]}`` dict or a list of role dicts) are always rendered with the template.
 """
 
 from __future__ import annotations
@@ -50,7 +55,95 @@ def builtin_text(split: str = "train") -> str:
     raise ValueError(f"unknown split={split!r}; allowed values: train, valid")
 
 
-def _documents(data: Any) -> Iterable[str]:
+def _read_text(path: Path) -> str:
+    """The whole of a UTF-8 text file; a binary or non-UTF-8 file is named in the error."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (invalid byte at offset {e.start}); pass a UTF-8 .txt/.jsonl file")
+    if "\x00" in text:
+        raise ValueError(f"{path} looks binary (it holds NUL bytes); pass a UTF-8 .txt/.jsonl file")
+    return text
+
+
+def _token_list(value: Any) -> list[int] | None:
+    """``value`` as a list of token ids if it is one (a list/tuple of ints or a 1-D integer tensor), else None."""
+    if isinstance(value, torch.Tensor):
+        return value.reshape(-1).tolist() if value.dim() <= 1 and not value.is_floating_point() else None
+    if isinstance(value, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        return list(value)
+    return None
+
+
+class _Chat:
+    """A conversation (list of ``{"role", "content"}`` dicts) and where it came from."""
+
+    def __init__(self, messages: Any, where: str) -> None:
+        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
+                                                      for m in messages):
+            raise ValueError(f"{where}: 'messages' must be a list of {{'role': ..., 'content': ...}} dicts")
+        self.messages, self.where = messages, where
+
+
+def _as_chat(value: Any, where: str) -> _Chat | None:
+    """``value`` as a chat if it is one (``{"messages": [...]}`` or a list of role dicts), else None."""
+    if isinstance(value, dict) and "messages" in value:
+        return _Chat(value["messages"], where)
+    if isinstance(value, (list, tuple)) and value and all(isinstance(m, dict) and "role" in m for m in value):
+        return _Chat(list(value), where)
+    return None
+
+
+def _render_chat(tokenizer: Any, doc: str | _Chat, chat_template: bool) -> tuple[str, bool]:
+    """The text of one document and whether it already carries the template's special tokens."""
+    if not isinstance(doc, _Chat) and not chat_template:
+        return doc, False
+    if getattr(tokenizer, "chat_template", None) is None:
+        where = doc.where if isinstance(doc, _Chat) else "chat_template=True"
+        raise ValueError(f"{where}: the tokenizer has no chat template; pass plain text, or a tokenizer of a chat model")
+    if isinstance(doc, _Chat):
+        return tokenizer.apply_chat_template(doc.messages, tokenize=False), True
+    try:
+        return tokenizer.apply_chat_template([{"role": "assistant", "content": doc}], tokenize=False), True
+    except Exception:  # noqa: BLE001 - templates that require a user turn first (e.g. strict alternation)
+        chat = [{"role": "user", "content": ""}, {"role": "assistant", "content": doc}]
+        return tokenizer.apply_chat_template(chat, tokenize=False), True
+
+
+def _jsonl_records(path: Path) -> Iterable[str | list[int] | _Chat]:
+    """Documents of a .jsonl file: ``{"text": ...}``, ``{"input_ids": [...]}``, a JSON string or a list of ids."""
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text; pass a UTF-8 .jsonl file") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be an "
+                                 "object with a 'text' field, a JSON string or a list of token ids") from None
+            if isinstance(record, dict) and "messages" in record:
+                yield _Chat(record["messages"], f"{path}:{lineno}")
+            elif isinstance(record, dict) and isinstance(record.get("text"), str):
+                yield record["text"]
+            elif isinstance(record, dict) and _token_list(record.get("input_ids")) is not None:
+                yield _token_list(record["input_ids"])
+            elif isinstance(record, str):
+                yield record
+            elif _token_list(record) is not None:
+                yield _token_list(record)
+            else:
+                raise ValueError(f"{path}:{lineno}: jsonl record has no 'text' field (string), 'input_ids' list or "
+                                 "'messages' chat; each line must be an object with one, a JSON string or a list of "
+                                 "token ids")
+
+
+def _documents(data: Any) -> Iterable[str | list[int] | _Chat]:
+    """Documents of ``data``: strings (to tokenise) or lists of token ids (already tokenised)."""
     if isinstance(data, (str, os.PathLike)):
         path = Path(data)
         if not path.exists():
@@ -58,31 +151,24 @@ def _documents(data: Any) -> Iterable[str]:
                 f"calibration/training data file not found: {path}; pass an existing .txt/.jsonl path, "
                 "a list of strings or a datasets.Dataset"
             )
-        if path.suffix == ".jsonl":
-            with path.open(encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if line.strip():
-                        record = json.loads(line)
-                        if isinstance(record, dict) and "messages" in record:
-                            yield _Chat(record["messages"], f"{path}:{lineno}")
-                        elif not isinstance(record, dict) or "text" not in record:
-                            raise ValueError(f"{path}:{lineno}: jsonl record has no 'text' or 'messages' field")
-                        else:
-                            yield record["text"]
+        if path.is_dir():
+            raise ValueError(f"{path} is a directory; pass a .txt or .jsonl file")
+        if path.suffix.lower() == ".jsonl":
+            yield from _jsonl_records(path)
         else:
-            yield from (doc for doc in path.read_text(encoding="utf-8").split("\n\n") if doc.strip())
+            yield from (doc for doc in _read_text(path).split("\n\n") if doc.strip())
         return
     if isinstance(data, (list, tuple)):
         for i, doc in enumerate(data):
-            if isinstance(doc, dict) and "messages" in doc:
-                yield _Chat(doc["messages"], f"data[{i}]")
-            elif isinstance(doc, (list, tuple)) and doc and all(isinstance(m, dict) and "role" in m for m in doc):
-                yield _Chat(list(doc), f"data[{i}]")
-            elif not isinstance(doc, str):
-                raise ValueError(f"data[{i}] is {type(doc).__name__}; a list of data must hold strings "
-                                 "(or chats: lists of {'role', 'content'} dicts)")
-            else:
+            if isinstance(doc, str):
                 yield doc
+            elif _as_chat(doc, f"data[{i}]") is not None:
+                yield _as_chat(doc, f"data[{i}]")
+            elif _token_list(doc) is not None:
+                yield _token_list(doc)
+            else:
+                raise ValueError(f"data[{i}] is {type(doc).__name__}; a list of data must hold strings, lists of "
+                                 "token ids or chats (lists of {'role', 'content'} dicts)")
         return
     column_names = getattr(data, "column_names", None)
     if column_names is not None:
@@ -91,36 +177,9 @@ def _documents(data: Any) -> Iterable[str]:
         yield from data["text"]
         return
     raise ValueError(
-        f"unsupported data type {type(data).__name__}; pass a datasets.Dataset, a list of strings, "
-        "a .txt/.jsonl path or a LongTensor of token ids"
+        f"unsupported data type {type(data).__name__}; pass a datasets.Dataset, a list of strings or of token-id "
+        "lists, a .txt/.jsonl path or a LongTensor of token ids"
     )
-
-
-class _Chat(list):
-    """A conversation (list of ``{"role", "content"}`` dicts) and where it came from."""
-
-    def __init__(self, messages: Any, where: str) -> None:
-        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
-                                                      for m in messages):
-            raise ValueError(f"{where}: 'messages' must be a list of {{'role': ..., 'content': ...}} dicts")
-        super().__init__(messages)
-        self.where = where
-
-
-def _render_chat(tokenizer: Any, doc: Any, chat_template: bool) -> tuple[str, bool]:
-    """The text of one document and whether it already carries the template's special tokens."""
-    if not isinstance(doc, _Chat) and not chat_template:
-        return doc, False
-    if getattr(tokenizer, "chat_template", None) is None:
-        where = doc.where if isinstance(doc, _Chat) else "chat_template=True"
-        raise ValueError(f"{where}: the tokenizer has no chat template; pass plain text, or a tokenizer of a chat model")
-    if isinstance(doc, _Chat):
-        return tokenizer.apply_chat_template(list(doc), tokenize=False), True
-    try:
-        return tokenizer.apply_chat_template([{"role": "assistant", "content": doc}], tokenize=False), True
-    except Exception:  # noqa: BLE001 - templates that require a user turn first (e.g. strict alternation)
-        chat = [{"role": "user", "content": ""}, {"role": "assistant", "content": doc}]
-        return tokenizer.apply_chat_template(chat, tokenize=False), True
 
 
 def load_text_blocks(
@@ -132,7 +191,7 @@ def load_text_blocks(
         data: see the module docstring for accepted kinds.
         tokenizer: a Hugging Face tokenizer (unused when ``data`` is already token ids).
         seq_len: tokens per block.
-        max_blocks: keep at most this many blocks (the first ones).
+        max_blocks: keep at most this many blocks (the first ones); None = all.
         chat_template: render plain-text documents with the tokenizer's chat template, as one
             assistant turn each (for chat / instruct models; see the module docstring).
     Returns:
@@ -141,9 +200,13 @@ def load_text_blocks(
     Example:
         >>> blocks = load_text_blocks(["some text", "more text"], tokenizer, seq_len=128)
     """
-    if seq_len <= 0:
-        raise ValueError(f"seq_len must be a positive integer, got {seq_len}")
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len <= 0:
+        raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
+    if max_blocks is not None and (isinstance(max_blocks, bool) or not isinstance(max_blocks, int) or max_blocks < 1):
+        raise ValueError(f"the number of blocks/samples must be a positive integer (or None for all), got {max_blocks!r}")
     if isinstance(data, torch.Tensor):
+        if data.is_floating_point() or data.dtype == torch.bool:
+            raise ValueError(f"token-id tensor must be an integer tensor, got dtype {data.dtype}")
         ids = data.long()
         if ids.dim() == 2 and ids.shape[1] == seq_len:
             blocks = ids
@@ -156,16 +219,24 @@ def load_text_blocks(
         else:
             if isinstance(data, (str, os.PathLike)) and not Path(data).exists():
                 next(iter(_documents(data)))  # raises FileNotFoundError naming the path
-            if tokenizer is None:
-                raise ValueError("a tokenizer is required to tokenise text data")
-            eos = tokenizer.eos_token_id
+            eos = getattr(tokenizer, "eos_token_id", None)
             stream: list[int] = []
+            kinds: set[str] = set()
             for doc in _documents(data):
+                if isinstance(doc, list):  # pre-tokenised: taken as is (its own EOS tokens, if any)
+                    kinds.add("token ids")
+                    stream.extend(doc)
+                    continue
+                kinds.add("text")
+                if tokenizer is None:
+                    raise ValueError("text data needs a tokenizer: pass tokenizer=... (or token ids)")
                 text, templated = _render_chat(tokenizer, doc, chat_template)
                 # whole docs: no length warning; a rendered chat already holds its special tokens
                 stream.extend(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
                 if eos is not None and not templated:
                     stream.append(eos)
+            if len(kinds) > 1:
+                raise ValueError("data mixes text and token-id lists; pass one kind")
             ids = torch.tensor(stream, dtype=torch.long)
         blocks = _pack(ids, seq_len)
     if max_blocks is not None:

@@ -192,13 +192,17 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 
 
 def _load_checkpoint(path: Path, dtype: torch.dtype) -> tuple[nn.Module, Any]:
-    """Model and tokenizer of a checkpoint directory (tokenizer ``None`` when the directory has none)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Model and tokenizer of a checkpoint directory (tokenizer ``None`` when the directory has none).
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    Local-only, with a corrupt ``config.json`` / safetensors file named in the error (:mod:`minitron.local`).
+    """
+    from .local import load_causal_lm
+    from .local import load_tokenizer as load_local_tokenizer
+
+    model = load_causal_lm(path, str(path), dtype=dtype)
     tokenizer = None
     if any((path / name).is_file() for name in _TOKENIZER_FILES):
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tokenizer = load_local_tokenizer(path, str(path))
     return model, tokenizer
 
 

@@ -14,19 +14,24 @@ from .data import load_text_blocks
 from .importance.collect import ImportanceConfig, ImportanceScores, collect_importance
 from .pruning import Target, apply_plan, count_parameters, make_plan, random_plan
 from .sizing import target_for_budget
+from .validate import check_count, check_finite_scores, check_finite_weights, check_seq_len
 
 logger = logging.getLogger(__name__)
 
 
 def _tokenizer_for(model: nn.Module, tokenizer: Any) -> Any:
+    """``tokenizer``, else the model's own found locally, else None (text data then fails asking for one)."""
     if tokenizer is not None:
         return tokenizer
     from transformers import AutoTokenizer
 
     source = getattr(model.config, "_name_or_path", "")
     if not source:
-        raise ValueError("calibration text needs a tokenizer: pass tokenizer=... (the model has no local path)")
-    return AutoTokenizer.from_pretrained(source, local_files_only=True)
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(source, local_files_only=True)
+    except (OSError, ValueError):  # not found locally: token-id data needs none
+        return None
 
 
 def prune(
@@ -76,6 +81,9 @@ def prune(
         verbose: print a one-line parameter summary.
     Returns:
         The pruned model, a standard model of the same class (``save_pretrained`` works).
+    Raises:
+        ValueError: bad target/budget, ``seq_len`` beyond ``max_position_embeddings``, ``num_samples`` < 1,
+            NaN/inf in the weights or the importance statistics, token ids outside the vocabulary.
 
     Example:
         >>> small = minitron.prune(model, ["text ..."], minitron.Target(hidden_size=192, intermediate_size=512),
@@ -91,6 +99,7 @@ def prune(
         raise ValueError("nothing to prune: pass target=minitron.Target(...) or params=<fraction or count>")
     if scores is not None:
         scores.check_matches(model)
+    check_finite_weights(model)
     if target is None:
         target = target_for_budget(model, params)
     target.validate(model.config, divisors)
@@ -103,11 +112,14 @@ def prune(
         if scores is None:
             if calib_data is None:
                 raise ValueError("empty calibration data: pass calib_data=... (or precomputed scores=...)")
+            check_count("num_samples", num_samples)
+            check_seq_len(model, seq_len)
             importance = importance or ImportanceConfig()
             if depth_metric == "ppl" and not importance.depth_ppl:  # a copy: the caller's config stays as given
                 importance = dataclasses.replace(importance, depth_ppl=True)
             blocks = load_text_blocks(calib_data, None if isinstance(calib_data, torch.Tensor) else _tokenizer_for(model, tokenizer), seq_len, num_samples)
             scores = collect_importance(model, blocks, importance, progress=progress)
+        check_finite_scores(scores)
         plan = make_plan(scores, target, model.config, batch_agg, depth_metric, depth_mode)
 
     before = count_parameters(model)

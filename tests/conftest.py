@@ -65,3 +65,21 @@ def family(request) -> str:
 @pytest.fixture
 def calib_ids() -> torch.Tensor:
     return torch.randint(0, COMMON["vocab_size"], (10, 16), generator=torch.Generator().manual_seed(1))
+
+
+def save_checkpoint(path, family: str = "llama", seed: int = 0):
+    """A tiny model of ``family`` saved as a local HF checkpoint, with the built-in tokenizer's files.
+
+    The tokenizer only has to load and save (its ids exceed the tiny vocabulary: use token-id data
+    or ``--method random`` with it).
+    """
+    import shutil
+    from pathlib import Path
+
+    from minitron.data import BUILTIN_MODEL
+
+    path = Path(path)
+    make_model(family, seed).save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(BUILTIN_MODEL / name, path / name)
+    return path

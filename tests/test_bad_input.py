@@ -99,3 +99,99 @@ def test_data_kinds_pack_identically(tmp_path):
     for data in (tmp_path / "c.txt", str(tmp_path / "c.jsonl"), Dataset.from_dict({"text": docs})):
         assert torch.equal(load_text_blocks(data, tok, 16), expected)
     assert load_text_blocks(docs, tok, 16, max_blocks=2).shape == (2, 16)
+
+
+# ---- unreadable data: one-line errors naming the file (and line) ---------------------------------------
+
+
+def test_binary_and_non_utf8_files_are_named(tmp_path):
+    tok = CharTokenizer()
+    (tmp_path / "w.txt").write_bytes(b"caf\xe9 latin-1 text")
+    with pytest.raises(ValueError, match=r"w.txt is not UTF-8 text \(invalid byte at offset 3\)"):
+        load_text_blocks(tmp_path / "w.txt", tok, 4)
+    (tmp_path / "b.txt").write_bytes(b"abc\x00\x01\x02" * 20)
+    with pytest.raises(ValueError, match="b.txt looks binary"):
+        load_text_blocks(tmp_path / "b.txt", tok, 4)
+    (tmp_path / "c.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "\xff"}\n')
+    with pytest.raises(ValueError, match=r"c.jsonl:2: not UTF-8"):
+        load_text_blocks(tmp_path / "c.jsonl", tok, 4)
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "one"}\n\n{"text": "two"\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"d.jsonl:3: not valid JSON"):
+        load_text_blocks(path, CharTokenizer(), 4)
+    path.write_text('{"text": "one"}\n{"body": "two"}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"d.jsonl:2: jsonl record has no 'text' field"):
+        load_text_blocks(path, CharTokenizer(), 4)
+
+
+def test_jsonl_strings_upper_case_suffix_and_token_lists(tmp_path):
+    tok = CharTokenizer()
+    docs = ["first document " * 3, "second " * 5]
+    expected = load_text_blocks(docs, tok, 8)
+    (tmp_path / "s.jsonl").write_text("\n".join(json.dumps(d) for d in docs), encoding="utf-8")  # JSON strings
+    assert torch.equal(load_text_blocks(tmp_path / "s.jsonl", tok, 8), expected)
+    (tmp_path / "U.JSONL").write_text("\n".join(json.dumps({"text": d}) for d in docs), encoding="utf-8")
+    assert torch.equal(load_text_blocks(tmp_path / "U.JSONL", tok, 8), expected)
+
+    lists = [[1, 2, 3, 4, 5], [6, 7, 8]]  # pre-tokenised, as a Hugging Face input_ids column
+    assert load_text_blocks(lists, None, 4).tolist() == [[1, 2, 3, 4], [5, 6, 7, 8]]
+    (tmp_path / "ids.jsonl").write_text('[1, 2, 3, 4, 5]\n{"input_ids": [6, 7, 8]}\n', encoding="utf-8")
+    assert load_text_blocks(tmp_path / "ids.jsonl", None, 4).tolist() == [[1, 2, 3, 4], [5, 6, 7, 8]]
+    with pytest.raises(ValueError, match="mixes text and token-id lists"):
+        load_text_blocks(["text", [1, 2]], tok, 2)
+
+
+def test_directory_as_data(tmp_path):
+    with pytest.raises(ValueError, match=f"{tmp_path} is a directory; pass a .txt or .jsonl file"):
+        load_text_blocks(tmp_path, CharTokenizer(), 4)
+
+
+# ---- prune API: counts, non-finite values, token ids --------------------------------------------------
+
+
+def test_prune_rejects_bad_counts_and_positions(model, calib_ids):
+    target = minitron.Target(hidden_size=36)
+    with pytest.raises(ValueError, match="num_samples must be an integer >= 1, got -3"):
+        minitron.prune(model, calib_ids, target, seq_len=16, num_samples=-3, verbose=False)
+    with pytest.raises(ValueError, match="seq_len=128 exceeds the model's max_position_embeddings=64"):
+        minitron.prune(model, calib_ids, target, seq_len=128, verbose=False)
+    with pytest.raises(ValueError, match="blocks/samples must be a positive integer"):
+        load_text_blocks(calib_ids, None, 16, max_blocks=0)
+
+
+def test_prune_accepts_token_id_lists(model):
+    lists = torch.randint(0, 101, (6, 20), generator=torch.Generator().manual_seed(0)).tolist()
+    small = minitron.prune(model, lists, minitron.Target(intermediate_size=40), seq_len=16, progress=False,
+                           verbose=False)
+    assert small.config.intermediate_size == 40
+
+
+def test_non_finite_weights_and_scores_stop_pruning(model, calib_ids):
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"weight model.layers.1.mlp.up_proj.weight holds NaN/inf"):
+        minitron.prune(model, calib_ids, minitron.Target(hidden_size=36), seq_len=16, verbose=False)
+
+    healthy = make_model("llama")
+    scores = minitron.collect_importance(healthy, calib_ids, progress=False)
+    scores.sums["mlp.0"][1][3] = float("inf")  # an fp16 overflow in calibration
+    with pytest.raises(ValueError, match=r"importance statistics hold NaN/inf at mlp.0.sum_x2"):
+        minitron.prune(healthy, target=minitron.Target(intermediate_size=40), scores=scores, verbose=False)
+
+
+def test_token_ids_outside_the_vocabulary(model):
+    bad = torch.full((2, 16), 500)
+    with pytest.raises(ValueError, match=r"holds token id 500 but the model's vocabulary has 101 entries"):
+        minitron.prune(model, bad, minitron.Target(hidden_size=36), seq_len=16, verbose=False)
+    with pytest.raises(ValueError, match="token id -1"):
+        minitron.perplexity(model, torch.full((1, 8), -1))
+
+
+def test_garbage_scores_file(tmp_path):
+    path = tmp_path / "scores.safetensors"
+    path.write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(ValueError, match=f"{path} is not a readable minitron importance file"):
+        minitron.ImportanceScores.load(path)

@@ -68,3 +68,40 @@ def test_prune_kv_groups_explicit(tmp_path, capsys):
     assert (config["num_attention_heads"], config["num_key_value_heads"]) == (4, 2)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "kv")
     assert model.model.layers[0].self_attn.k_proj.weight.shape == (2 * 32, 256)
+
+
+def test_prune_cli_rejects_bad_combinations_before_work(tmp_path, capsys):
+    import pytest
+
+    out = tmp_path / "o"
+    assert main(["prune", "--params", "0.5", "--hidden-size", "128", "--out", str(out), *FAST]) == 2
+    assert "--params cannot be combined with --hidden-size" in capsys.readouterr().err
+    assert main(["prune", "--model", "builtin-tiny", "--seq-len", "1024", "--out", str(out), "--num-samples", "8",
+                 "--no-progress"]) == 2
+    assert "--seq-len=1024 exceeds the model's max_position_embeddings=512" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["prune", "--num-samples", "-3", "--out", str(out)])
+    assert "expected an integer >= 1, got -3" in capsys.readouterr().err
+    garbage = tmp_path / "scores.safetensors"
+    garbage.write_text("{not scores")
+    assert main(["prune", "--load-scores", str(garbage), "--out", str(out), *FAST]) == 2
+    assert f"{garbage} is not a readable minitron importance file" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["prune", "--device", "cuda", "--out", str(out), *FAST]) == 2
+        assert "--device cuda: no CUDA GPU" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_prune_cli_names_a_corrupt_weights_file(tmp_path, capsys):
+    import shutil
+
+    from minitron.data import BUILTIN_MODEL
+
+    model = tmp_path / "model"
+    model.mkdir()
+    for f in BUILTIN_MODEL.iterdir():
+        if f.name != "model.safetensors":
+            shutil.copy(f, model / f.name)
+    (model / "model.safetensors").write_bytes((BUILTIN_MODEL / "model.safetensors").read_bytes()[:4096])
+    assert main(["prune", *FAST, "--model", str(model), "--out", str(tmp_path / "o")]) == 2
+    assert f"{model / 'model.safetensors'} is corrupt or truncated" in capsys.readouterr().err

@@ -336,3 +336,23 @@ def test_native_support_probe_on_this_device():
     if not CUDA:
         assert (ok_mm, ok_addmm) == (False, False)
     assert ok_mm or not ok_addmm
+
+
+def test_linear_kd_loss_under_autocast_runs_outside_it():
+    g = torch.Generator().manual_seed(0)
+    hs, ws = torch.randn(12, 16, generator=g), torch.randn(50, 16, generator=g, requires_grad=True)
+    ht, wt = torch.randn(12, 24, generator=g), torch.randn(50, 24, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = linear_kd_loss(hs, ws, ht, wt, impl="chunked")
+    got.backward()
+    ref = linear_kd_loss(hs.bfloat16(), ws.detach().bfloat16(), ht.bfloat16(), wt.bfloat16(), impl="naive")
+    assert got.dtype == torch.float32 and ws.grad.dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(CUDA, reason="checks the no-GPU error")
+def test_triton_impl_without_gpu_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    hs, ws = torch.randn(4, 8), torch.randn(10, 8)
+    with pytest.raises(ValueError, match="impl='triton' needs a CUDA GPU .*use impl='auto' or 'chunked'"):
+        linear_kd_loss(hs, ws, torch.randn(4, 8), torch.randn(10, 8), impl="triton")

@@ -28,7 +28,7 @@ from minitron.distillation.config import (
 
 _CHOICES = {"logits_loss": LOGITS_LOSSES, "intermediate_loss": INTERMEDIATE_LOSSES, "mixed_precision": MIXED_PRECISION,
             "loss_impl": LOSS_IMPLS, "parallel": PARALLEL}
-_SKIP = {"intermediate_layers", "adam_betas", "extra", "resume", "progress", "plot", "chat_template"}
+_SKIP = {"intermediate_layers", "adam_betas", "extra", "resume", "progress", "plot", "chat_template", "overwrite"}
 BUILTIN_JOB = {"steps": 40, "seq_len": 256, "batch_size": 8, "lr": 2e-4, "min_lr": 2e-5, "warmup_steps": 4,
                "save_every": None, "eval_every": None, "output_dir": "out/minitron-distilled"}
 """Defaults of the built-in job (no ``--data``) for the fields the user did not set: minutes on 2 CPU cores."""
@@ -59,7 +59,10 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default=None, help="tokenizer path (default: the student's, else the teacher's)")
     p.add_argument("--chat-template", action="store_true", help="render training/eval text with the "
                    "tokenizer's chat template (chat / instruct models; 'messages' records always are)")
-    p.add_argument("--no-resume", action="store_true", help="start over even if output_dir/latest exists")
+    p.add_argument("--no-resume", action="store_true", help="start over even if output_dir/latest exists "
+                   "(discards that run's checkpoints and metrics)")
+    p.add_argument("--overwrite", action="store_true", help="allow --output-dir to be a non-empty directory not "
+                   "written by minitron distill: the run's files are added, nothing else is touched")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--intermediate-layers", type=_pairs, default=None, help="e.g. '3:6,7:14' (student:teacher)")
@@ -109,7 +112,7 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
                 kw.pop(name, None)  # DistillConfig's default
     return DistillConfig(**kw, intermediate_layers=args.intermediate_layers, resume=not args.no_resume,
                          progress=not args.no_progress, plot=not args.no_plot,
-                         chat_template=getattr(args, "chat_template", False))
+                         chat_template=getattr(args, "chat_template", False), overwrite=args.overwrite)
 
 
 def _pruned_student(teacher: Any, tokenizer: Any, params: float, chat_template: bool, progress: bool) -> Any:
@@ -136,11 +139,17 @@ def run(args: argparse.Namespace) -> int:
     import minitron
     from minitron.data import builtin_text, load_text_blocks
     from minitron.distillation.trainer import distill
+    from minitron.cli import _input_paths
     from minitron.models import load_model, load_tokenizer
+    from minitron.outputs import check_output_dir
 
     started = time.time()
     cfg = config_from_args(args)
     builtin_job = args.data is None
+    # every model source must exist locally (nothing is downloaded); the output is checked before any work
+    inputs = _input_paths(args.teacher, args.teacher_gguf, args.data, args.eval_data)
+    inputs += _input_paths(args.student, args.student_gguf) + _input_paths(args.tokenizer, None)
+    check_output_dir(cfg.output_dir, "distill", inputs=inputs, overwrite=cfg.overwrite, flag="--output-dir")
     teacher, teacher_tokenizer = load_model(args.teacher, gguf_file=args.teacher_gguf)
     if args.student is None:
         student = _pruned_student(teacher, teacher_tokenizer, args.params, cfg.chat_template, cfg.progress)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -37,12 +39,20 @@ class DistillConfig:
         intermediate_layers: ``[(student_layer, teacher_layer), ...]`` decoder-layer indices whose
             outputs are matched through a learned ``Linear(h_s, h_t)`` each; None = logits only.
         intermediate_loss: ``"mse"`` or ``"cosine"`` (1 - cosine similarity).
-        output_dir: run directory: checkpoints/, latest, final/, metrics.jsonl, loss_curve.png.
+        output_dir: run directory: checkpoints/, latest, final/, metrics.jsonl, loss_curve.png,
+            minitron_run.json (never a Hugging Face file name, so a run never clobbers a checkpoint).
+            It must be new, empty or a previous distillation run, and must not be, hold or lie inside
+            the student/teacher directories or the data (see ``overwrite``).
         save_every: checkpoint every this many optimizer steps (0/None = only at the end).
         eval_every: evaluate every this many steps (0/None = only at the end, if eval data given).
         eval_batches: at most this many eval micro-batches per evaluation (None = all).
-        keep_checkpoints: keep only the newest N step checkpoints (None = keep all).
-        resume: continue from ``output_dir/latest`` if it exists.
+        keep_checkpoints: keep only the newest N >= 1 step checkpoints (None = keep all).
+        resume: continue the run saved in ``output_dir`` if there is one. It must be the same run:
+            same config (except steps and bookkeeping fields such as save_every, progress), same
+            student/teacher shapes and the same training data; anything else raises a ValueError
+            (use another ``output_dir``, or ``resume=False`` to discard that run and start over).
+        overwrite: allow an ``output_dir`` that is a non-empty directory not written by a
+            distillation run; the run's files are added to it and nothing else is touched.
         seed: seed of the student-side RNG and of the data order (a function of seed and step).
         max_grad_norm: gradient clipping norm (None/0 = no clipping).
         weight_decay: AdamW weight decay (not applied to biases and norm weights).
@@ -92,6 +102,7 @@ class DistillConfig:
     log_every: int = 1
     progress: bool = True
     plot: bool = True
+    overwrite: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -99,12 +110,27 @@ class DistillConfig:
             if not cond:
                 raise ValueError(f"DistillConfig: {msg}")
 
-        need(int(self.steps) >= 1, f"steps must be >= 1, got {self.steps}")
-        need(int(self.seq_len) >= 2, f"seq_len must be >= 2, got {self.seq_len}")
-        need(int(self.batch_size) >= 1, f"batch_size must be >= 1, got {self.batch_size}")
-        need(int(self.grad_accum) >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
+        def count(name: str, low: int, optional: bool = False) -> None:
+            value = getattr(self, name)
+            if optional and value is None:
+                return
+            ok = isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= low
+            need(ok, f"{name} must be an integer >= {low}{' or None' if optional else ''}, got {value!r}")
+            setattr(self, name, int(value))
+
+        for name, low in (("steps", 1), ("seq_len", 2), ("batch_size", 1), ("grad_accum", 1), ("warmup_steps", 0),
+                          ("seed", 0), ("log_every", 1), ("ce_chunk_size", 1)):
+            count(name, low)
+        for name, low in (("top_k", 1), ("save_every", 0), ("eval_every", 0), ("eval_batches", 1),
+                          ("keep_checkpoints", 1)):
+            count(name, low, optional=True)
+        for name in ("lr", "min_lr", "jsd_beta", "temperature", "clm_weight", "kd_weight", "weight_decay"):
+            need(isinstance(getattr(self, name), numbers.Real) and math.isfinite(getattr(self, name)),
+                 f"{name} must be a finite number, got {getattr(self, name)!r}")
         need(self.lr > 0 and 0 <= self.min_lr <= self.lr, f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
-        need(int(self.warmup_steps) >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        need(self.max_grad_norm is None or (isinstance(self.max_grad_norm, numbers.Real) and self.max_grad_norm >= 0
+                                            and math.isfinite(self.max_grad_norm)),
+             f"max_grad_norm must be a finite number >= 0 or None, got {self.max_grad_norm!r}")
         need(self.logits_loss in LOGITS_LOSSES, f"logits_loss={self.logits_loss!r}; allowed: {', '.join(LOGITS_LOSSES)}")
         need(self.intermediate_loss in INTERMEDIATE_LOSSES,
              f"intermediate_loss={self.intermediate_loss!r}; allowed: {', '.join(INTERMEDIATE_LOSSES)}")
@@ -113,7 +139,6 @@ class DistillConfig:
         need(self.loss_impl in LOSS_IMPLS, f"loss_impl={self.loss_impl!r}; allowed: {', '.join(LOSS_IMPLS)}")
         need(self.parallel in PARALLEL, f"parallel={self.parallel!r}; allowed: {', '.join(PARALLEL)}")
         need(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
-        need(self.top_k is None or int(self.top_k) >= 1, f"top_k must be None or >= 1, got {self.top_k}")
         need(self.clm_weight >= 0 and self.kd_weight >= 0 and (self.clm_weight > 0 or self.kd_weight > 0),
              f"need clm_weight >= 0, kd_weight >= 0, not both 0; got {self.clm_weight}, {self.kd_weight}")
         if self.intermediate_layers is not None:

@@ -50,8 +50,8 @@ def load_blocks(data: Any, tokenizer: Any, seq_len: int, max_blocks: int | None 
         >>> load_blocks(torch.arange(100), None, seq_len=10).shape
         torch.Size([10, 10])
     """
-    if isinstance(data, (str, os.PathLike)) and Path(data).suffix == ".pt":
-        data = torch.load(data, map_location="cpu", weights_only=True)
+    if isinstance(data, (str, os.PathLike)) and Path(data).suffix.lower() == ".pt":
+        data = load_token_file(data)
     check_nonempty(data)
     blocks = load_text_blocks(data, tokenizer, seq_len, max_blocks=max_blocks, chat_template=chat_template)
     if blocks.shape[0] == 0:
@@ -59,6 +59,23 @@ def load_blocks(data: Any, tokenizer: Any, seq_len: int, max_blocks: int | None 
             f"empty data: fewer than seq_len={seq_len} tokens after tokenisation; provide more data or lower seq_len"
         )
     return blocks.long().contiguous()
+
+
+def load_token_file(path: str | os.PathLike) -> torch.Tensor:
+    """Read a ``.pt`` file holding a LongTensor of token ids (``torch.load(weights_only=True)``: no code runs)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"token-id file not found: {path}; pass an existing .pt file")
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; pass a .pt file holding a LongTensor of token ids")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated zip, pickle with code, ...: name the file
+        raise ValueError(f"{path} is not a readable tensor file ({type(e).__name__}); save token ids with "
+                         "torch.save(LongTensor, path)") from None
+    if not isinstance(data, torch.Tensor):
+        raise ValueError(f"{path} holds a {type(data).__name__}, not a tensor of token ids")
+    return data
 
 
 def batch_indices(n_blocks: int, seed: int, step: int, micro: int, batch_size: int, grad_accum: int) -> torch.Tensor:

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from pathlib import Path
 
+from minitron.distillation.metrics import as_float, read_rows
+
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """All JSON rows of a metrics file (empty list if it does not exist)."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    with path.open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """All complete JSON rows of a metrics file (empty list if it does not exist; a crash's partial line skipped)."""
+    return read_rows(path)
 
 
 def plot_loss_curve(metrics_path: str | os.PathLike, out_png: str | os.PathLike) -> bool:
@@ -43,9 +40,9 @@ def plot_loss_curve(metrics_path: str | os.PathLike, out_png: str | os.PathLike)
         return False
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
-        ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss", lw=1)
+        ax.plot([r["step"] for r in train], [as_float(r["loss"]) for r in train], label="train loss", lw=1)
     for key, label in (("lm_loss", "eval LM loss"), ("kl_to_teacher", "eval KL to teacher")):
-        pts = [(r["step"], r[key]) for r in evals if key in r]
+        pts = [(r["step"], as_float(r[key])) for r in evals if key in r]
         if pts:
             ax.plot(*zip(*pts), marker="o", label=label)
     ax.set_xlabel("step")

@@ -19,7 +19,6 @@ import math
 import os
 import random
 import time
-import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -29,17 +28,30 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from minitron.atomic import atomic_write_dir, atomic_write_text
 from minitron.distillation.checkpoint import (
-    atomic_write_dir,
+    check_student_tensors,
     latest_checkpoint,
-    load_student_state,
+    load_latest,
     rng_state,
     save_checkpoint,
     set_rng_state,
-    TRAINER_STATE,
+    tied_aliases,
 )
 from minitron.distillation.config import DistillConfig
 from minitron.distillation.data import batch_indices, check_nonempty, load_blocks
+from minitron.distillation.metrics import append_row, truncate_after
+from minitron.distillation.run_dir import (
+    METRICS,
+    PLOT,
+    RUN_FILE,
+    check_same_run,
+    open_run_dir,
+    run_fingerprint,
+    start_over,
+)
+from minitron.losses import check_impl_device
+from minitron.outputs import check_output_dir
 from minitron.distillation.losses import (
     IntermediateProjections,
     dynamic_alpha,
@@ -78,6 +90,45 @@ def _lm_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 def _hidden_size(model: nn.Module) -> int:
     return int(_lm_head(model)[0].shape[1])
+
+
+# the most probability a larger-vocabulary teacher may put on ids the student lacks (per token of
+# the first batch) for its extra lm_head rows to count as padding; the KD losses renormalise it away
+TEACHER_OUTSIDE_MASS_LIMIT = 1e-3
+
+
+def _shared_vocab_head(weight: torch.Tensor, bias: torch.Tensor | None, vocab: int
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The first ``vocab`` rows of an lm_head (all of it if it has no more): softmax over them renormalises."""
+    if weight.shape[0] <= vocab:
+        return weight, bias
+    return weight[:vocab], None if bias is None else bias[:vocab]
+
+
+@torch.no_grad()
+def _check_teacher_padding(student: nn.Module, teacher: nn.Module, x: torch.Tensor, cfg: DistillConfig,
+                           device: torch.device, chunk: int = 1024) -> None:
+    """Raise if a teacher with more vocabulary rows than the student puts real probability on the extra ids."""
+    vs = int(_lm_head(student)[0].shape[0])
+    wt, bt = _lm_head(teacher)
+    if wt.shape[0] <= vs:
+        return
+    h = _decoder(teacher)(input_ids=x.to(device), use_cache=False).last_hidden_state  # (B, T, Ht)
+    h = h.reshape(-1, h.shape[-1])
+    worst = 0.0
+    for i in range(0, h.shape[0], chunk):
+        logits = (h[i : i + chunk].to(wt.dtype) @ wt.t()).float()  # (c, Vt)
+        if bt is not None:
+            logits += bt.float()
+        logits /= cfg.temperature
+        outside = torch.logsumexp(logits[:, vs:], -1) - torch.logsumexp(logits, -1)  # log mass on ids >= vs
+        worst = max(worst, float(outside.max().exp()))
+    if not worst <= TEACHER_OUTSIDE_MASS_LIMIT:
+        raise ValueError(
+            f"the teacher's lm_head has {wt.shape[0]} rows but the student's {vs}, and the teacher puts up to "
+            f"{worst:.2%} of its probability on ids >= {vs} (limit {TEACHER_OUTSIDE_MASS_LIMIT:.1%}): those rows are "
+            "real tokens, not padding; distill a student with the teacher's vocabulary (e.g. one pruned from it)"
+        )
 
 
 class _DistillModule(nn.Module):
@@ -125,7 +176,8 @@ class _DistillModule(nn.Module):
                 h_t = _decoder(self.teacher)(input_ids=input_ids, use_cache=False).last_hidden_state  # (B, T, Ht)
         h_s = _decoder(self.student)(input_ids=input_ids, use_cache=False).last_hidden_state  # (B, T, Hs)
         ws, bs = _lm_head(self.student)
-        wt, bt = _lm_head(self.teacher)
+        wt_full, bt_full = _lm_head(self.teacher)
+        wt, bt = _shared_vocab_head(wt_full, bt_full, ws.shape[0])  # KD over the shared ids (see distill())
         B, T = input_ids.shape
         hs_flat = h_s.reshape(B * T, -1)  # (N, Hs)
         ht_flat = h_t.reshape(B * T, -1) if h_t is not None else None  # (N, Ht)
@@ -135,7 +187,8 @@ class _DistillModule(nn.Module):
         if mode == "eval":  # token sums: LM loss, KL(teacher || student) at tau=1, teacher LM loss
             n_lm = labels.numel()
             ce_s = linear_cross_entropy(h_s[:, :-1].reshape(-1, h_s.shape[-1]), ws, labels, bs, chunk_size=cfg.ce_chunk_size)
-            ce_t = linear_cross_entropy(h_t[:, :-1].reshape(-1, h_t.shape[-1]), wt, labels, bt, chunk_size=cfg.ce_chunk_size)
+            ce_t = linear_cross_entropy(h_t[:, :-1].reshape(-1, h_t.shape[-1]), wt_full, labels, bt_full,
+                                        chunk_size=cfg.ce_chunk_size)
             kl = linear_kd_loss(hs_flat, ws, ht_flat, wt, student_bias=bs, teacher_bias=bt, loss="forward_kl",
                                 impl=cfg.loss_impl)
             return {"lm_sum": ce_s * n_lm, "teacher_lm_sum": ce_t * n_lm, "kl_sum": kl * (B * T),
@@ -221,8 +274,10 @@ def _check_vocab(student: nn.Module, teacher: nn.Module, tokenizer: Any, teacher
 
 
 def _needs_tokenizer(data: Any) -> bool:
-    if isinstance(data, torch.Tensor) or (isinstance(data, (str, os.PathLike)) and str(data).endswith(".pt")):
+    if isinstance(data, torch.Tensor) or (isinstance(data, (str, os.PathLike)) and str(data).lower().endswith(".pt")):
         return False
+    if isinstance(data, (list, tuple)) and data and not any(isinstance(d, str) for d in data):
+        return False  # token-id lists
     cols = getattr(data, "column_names", None)
     return not (cols is not None and "input_ids" in cols)
 
@@ -235,7 +290,7 @@ def _resolve_tokenizer(student: nn.Module, tokenizer: Any, datas: Sequence[Any])
         from transformers import AutoTokenizer
 
         try:
-            return AutoTokenizer.from_pretrained(path)
+            return AutoTokenizer.from_pretrained(path, local_files_only=True)
         except Exception as e:  # noqa: BLE001 - re-raised with the fix
             raise ValueError(f"text data needs a tokenizer and loading one from the student path {path} failed ({e}); "
                              "pass tokenizer=") from e
@@ -315,6 +370,13 @@ def _param_groups(params: Sequence[tuple[str, nn.Parameter]], wd: float) -> list
     return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def _local_dir(obj: Any) -> str | None:
+    """The local directory a model/tokenizer was loaded from, if any (an input the output must avoid)."""
+    config = getattr(obj, "config", None)
+    path = getattr(config, "_name_or_path", None) or getattr(obj, "name_or_path", None)
+    return path if isinstance(path, str) and path and Path(path).is_dir() else None
+
+
 def distill(
     student: nn.Module,
     teacher: nn.Module,
@@ -329,15 +391,37 @@ def distill(
 ) -> nn.Module:
     """Distill ``teacher`` into ``student`` (Minitron recipe: forward KL on logits, tau=1, KD only).
 
+    Output directory: ``config.output_dir`` must be new, empty, or a previous distillation run; it
+    must not be, hold or lie inside the student/teacher/tokenizer directories or the data files
+    (``overwrite=True`` allows a non-empty directory of other files, which are left alone). One
+    process at a time may use it (a lock file names the holder). Run files never use Hugging Face
+    names: the run config is ``minitron_run.json``.
+
+    Resume: with ``resume=True`` (the default) a run saved in ``output_dir`` is continued only if it
+    is this run: same config (``steps`` and bookkeeping fields such as ``save_every`` may change),
+    same student/teacher shapes and the same training tokens. Otherwise a ValueError says what
+    differs; pass another ``output_dir``, or ``resume=False`` to discard the saved run and start
+    over. Calling ``distill`` again after a finished run with the same arguments returns the
+    finished weights without training. A checkpoint whose files cannot be read is skipped (with a
+    warning) for the newest older one that can.
+
+    Vocabularies: the teacher may have more lm_head rows than the student (padding, e.g. Qwen2.5 7B
+    vs 0.5B). The logits losses then use the shared first ``Vs`` ids, with the teacher distribution
+    renormalised over them; before training, a teacher that puts more than
+    ``TEACHER_OUTSIDE_MASS_LIMIT`` (0.1%) of its probability on the extra ids for any token of the
+    first batch is refused (those rows are real tokens, not padding). A larger student vocabulary
+    is handled by padding the teacher with ``-inf`` logits.
+
     Args:
         student: Hugging Face causal LM to train (e.g. a pruned teacher); trained in place.
-        teacher: Hugging Face causal LM; frozen (eval mode, no grad). Vocab sizes may differ
-            (padded with -inf) if the token ids agree.
-        train_data: ``datasets.Dataset`` (``text``/``input_ids``), list of strings, ``.txt``/``.jsonl``
-            (or ``.pt`` token-id) path, or LongTensor of token ids; packed into ``seq_len`` blocks.
+        teacher: Hugging Face causal LM; frozen (eval mode, no grad). Vocab sizes may differ (see above)
+            if the token ids agree.
+        train_data: ``datasets.Dataset`` (``text``/``input_ids``), list of strings or of token-id lists,
+            ``.txt``/``.jsonl`` (or ``.pt`` token-id) path, or LongTensor of token ids; packed into
+            ``seq_len`` blocks.
         eval_data: same kinds; evaluated every ``eval_every`` steps and at the end.
         config: :class:`DistillConfig`; keyword ``overrides`` replace its fields.
-        tokenizer: tokenizer for text data (default: loaded from the student's local path).
+        tokenizer: tokenizer for text data (default: loaded from the student's local path, never downloaded).
         teacher_tokenizer: if given, must have the same vocabulary as ``tokenizer``.
         callbacks: ``cb(step, metrics, student)`` called after every optimizer step (after checkpointing).
     Returns:
@@ -345,8 +429,10 @@ def distill(
         Under FSDP the returned module is still sharded; load ``output_dir/final`` instead.
     Raises:
         ValueError: empty data, ``seq_len`` beyond ``max_position_embeddings``, irreconcilable vocabularies,
-            bad config. :class:`NonFiniteLossError` (a ValueError) on a NaN/inf loss, naming the step;
-            the last good checkpoint is kept.
+            bad config, an unsafe or busy ``output_dir``, a saved run that is not this run, ``steps``
+            below the saved step, a checkpoint that does not match the student.
+            :class:`NonFiniteLossError` (a ValueError) on a NaN/inf loss, naming the step; the last
+            good checkpoint is kept.
     Example:
         >>> student = distill(student, teacher, ["some text", ...], config=DistillConfig(
         ...     steps=1000, seq_len=1024, batch_size=8, output_dir="run/"), tokenizer=tok)
@@ -355,13 +441,16 @@ def distill(
     if overrides:
         cfg = DistillConfig(**{**cfg.to_dict(), **overrides})
     mode, rank, world, device = _dist_env(cfg)
+    check_impl_device(cfg.loss_impl, device, name="loss_impl")
     if cfg.batch_size % world:
         raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the world size {world} "
                          "(it is the global micro-batch, split across ranks)")
-    per_rank = cfg.batch_size // world
     out_dir = Path(cfg.output_dir)
     is_main = rank == 0
 
+    check_output_dir(out_dir, "distill", overwrite=cfg.overwrite, flag="output_dir", fix="overwrite=True",
+                     inputs=[_local_dir(m) for m in (student, teacher, tokenizer, teacher_tokenizer)]
+                     + [train_data, eval_data])
     _check_models(student, teacher, cfg)
     for d in (train_data, eval_data):
         check_nonempty(d)
@@ -370,12 +459,44 @@ def distill(
     eval_blocks = (load_blocks(eval_data, tokenizer, cfg.seq_len, chat_template=cfg.chat_template)
                    if eval_data is not None else None)
     _check_vocab(student, teacher, tokenizer, teacher_tokenizer, [train_blocks] + ([eval_blocks] if eval_blocks is not None else []))
+    run_info = run_fingerprint(cfg, student, teacher, train_blocks)
 
+    lock = open_run_dir(out_dir) if is_main else None
+    try:
+        resumed = load_latest(out_dir) if cfg.resume else None
+        if resumed is not None:
+            ckpt, state, saved_student = resumed
+            check_same_run(json.loads(state["run"]), run_info, out_dir)
+            if int(state["step"]) > cfg.steps:
+                raise ValueError(f"checkpoint {ckpt} is at step {int(state['step'])}, past steps={cfg.steps}; pass steps "
+                                 f">= {int(state['step'])} to continue that run, or resume=False to start over")
+            check_student_tensors(saved_student, run_info["student"], tied_aliases(student), ckpt)
+        elif is_main:
+            start_over(out_dir)
+        return _train(student, teacher, cfg, train_blocks, eval_blocks, tokenizer, callbacks, resumed, run_info,
+                      mode, rank, world, device)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(
+    student: nn.Module, teacher: nn.Module, cfg: DistillConfig, train_blocks: torch.Tensor,
+    eval_blocks: torch.Tensor | None, tokenizer: Any, callbacks: Sequence[Callback] | None,
+    resumed: tuple[Path, dict, dict] | None, run_info: dict, mode: str, rank: int, world: int, device: torch.device,
+) -> nn.Module:
+    """The training loop of :func:`distill`, after every check passed and the run directory is locked."""
+    out_dir = Path(cfg.output_dir)
+    is_main = rank == 0
+    per_rank = cfg.batch_size // world
     teacher.eval()
     teacher.requires_grad_(False)
     student.train()
     student.to(device)
     teacher.to(device)
+    if cfg.kd_weight > 0:  # before wrapping: a plain forward of the teacher, same on every rank
+        _check_teacher_padding(student, teacher, train_blocks[batch_indices(train_blocks.shape[0], cfg.seed, 0, 0,
+                                                                            cfg.batch_size, cfg.grad_accum)], cfg, device)
     module = _DistillModule(student, teacher, cfg).to(device)
     train_params = [(n, p) for n, p in module.named_parameters() if p.requires_grad and not n.startswith("teacher.")]
 
@@ -403,7 +524,6 @@ def distill(
 
     # ---- resume -------------------------------------------------------------------------
     step = 0
-    ckpt = latest_checkpoint(out_dir) if cfg.resume else None
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_optimizer_state_dict,
@@ -411,40 +531,34 @@ def distill(
         set_optimizer_state_dict,
     )
 
-    if ckpt is not None:
-        state = torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=False)
-        full = {f"student.{k}": v for k, v in load_student_state(ckpt / "student").items()}
+    if resumed is not None:
+        ckpt, state, saved_student = resumed
+        full = {f"student.{k}": v for k, v in saved_student.items()}
         if module.projections is not None:
+            if not isinstance(state.get("projections"), dict):
+                raise ValueError(f"checkpoint {ckpt} has no intermediate-layer projections; it does not match this run")
             full.update({f"projections.{k}": v for k, v in state["projections"].items()})
+        # strict=False: the teacher's tensors are not in the checkpoint (the student's were checked above)
         set_model_state_dict(module, full, options=StateDictOptions(full_state_dict=True, strict=False))
         set_optimizer_state_dict(module, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
         scheduler.load_state_dict(state["scheduler"])
         step = int(state["step"])
         rngs = state["rng"]
         set_rng_state(rngs[rank] if len(rngs) == world else rngs[0])
-        if state["data"]["n_blocks"] != train_blocks.shape[0] or state["data"]["seed"] != cfg.seed:
-            warnings.warn("resuming with different training data or seed: the batch order will differ from the "
-                          "interrupted run")
     else:
         random.seed(cfg.seed + rank)
         np.random.seed(cfg.seed + rank)
         torch.manual_seed(cfg.seed + rank)
 
-    metrics_path = out_dir / "metrics.jsonl"
+    metrics_path = out_dir / METRICS
     if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        old = [json.loads(line) for line in metrics_path.open(encoding="utf-8") if line.strip()] \
-            if (ckpt is not None and metrics_path.is_file()) else []
-        with metrics_path.open("w", encoding="utf-8") as f:  # keep rows up to the resumed step only
-            for r in old:
-                if r.get("step", 0) <= step:
-                    f.write(json.dumps(r) + "\n")
-        (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2), encoding="utf-8")
+        if resumed is not None:
+            truncate_after(metrics_path, step)  # atomic: the rows up to the resumed step survive any crash
+        atomic_write_text(out_dir / RUN_FILE, json.dumps({k: run_info[k] for k in ("config", "data")}, indent=2) + "\n")
 
     def log(row: dict) -> None:
         if is_main:
-            with metrics_path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
+            append_row(metrics_path, row)
 
     def evaluate() -> dict:
         wrapped.eval()
@@ -483,7 +597,7 @@ def distill(
                 "step": step, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
                 "projections": proj_state, "rng": rngs, "world_size": world,
                 "data": {"seed": cfg.seed, "n_blocks": int(train_blocks.shape[0]), "next_step": step},
-                "config": cfg.to_dict()}, keep=cfg.keep_checkpoints)
+                "run": json.dumps(run_info)}, keep=cfg.keep_checkpoints)
         if world > 1:
             dist.barrier()
 
@@ -520,7 +634,7 @@ def distill(
                     f"ce={vals['ce_loss']}, is={vals['is_loss']}); stopped before the optimizer update. Last good "
                     f"checkpoint: {last if last is not None else 'none'}. Lower lr, check the data, or use fp32."
                 )
-            grad_norm = float("nan")
+            grad_norm = None  # not measured without clipping
             params = [p for _, p in train_params]
             if cfg.max_grad_norm:
                 gn = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -544,7 +658,7 @@ def distill(
                 log(ev)
                 row.update({f"eval_{k}": v for k, v in ev.items() if k not in ("split", "step")})
                 if is_main and cfg.plot:
-                    plot_loss_curve(metrics_path, out_dir / "loss_curve.png")
+                    plot_loss_curve(metrics_path, out_dir / PLOT)
             if (cfg.save_every and step % cfg.save_every == 0) or last_step:
                 checkpoint()
             for cb in callbacks or ():
@@ -562,7 +676,7 @@ def distill(
 
             atomic_write_dir(out_dir / "final", write_final)
             if cfg.plot:
-                plot_loss_curve(metrics_path, out_dir / "loss_curve.png")
+                plot_loss_curve(metrics_path, out_dir / PLOT)
         if world > 1:
             dist.barrier()
     finally:

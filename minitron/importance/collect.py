@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from ..adapters import FamilyAdapter, decoder_layers, get_adapter, head_dim_of, kv_heads_of
 from ..losses.cross_entropy import linear_cross_entropy_sum
+from ..validate import check_token_ids
 from .aggregate import ImportanceAccumulator, block_importance_update_, check_aggregation, finalize
 
 logger = logging.getLogger(__name__)
@@ -145,17 +146,21 @@ class ImportanceScores:
             raise FileNotFoundError(f"importance file not found: {path}; create it with `minitron prune --save-scores`")
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            header = json.loads((f.metadata() or {}).get("minitron", "{}"))
-        if header.get("format") != "minitron-importance-v1":
-            raise ValueError(f"{path} is not a minitron importance file")
-        tensors = load_file(str(path))
-        sums = {site: (tensors[f"{site}.sum_x"], tensors[f"{site}.sum_x2"]) for site in header["counts"]}
-        return cls(
-            meta=header["meta"], sums=sums, counts={k: int(v) for k, v in header["counts"].items()},
-            bi_cos_sum=tensors["bi_cos_sum"], bi_count=int(header["bi_count"]),
-            ppl_loss=tensors.get("ppl_loss"), base_loss=header.get("base_loss"), batch_agg=header["batch_agg"],
-        )
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                header = json.loads((f.metadata() or {}).get("minitron", "{}"))
+            if header.get("format") != "minitron-importance-v1":
+                raise ValueError("no minitron-importance-v1 header")
+            tensors = load_file(str(path))
+            sums = {site: (tensors[f"{site}.sum_x"], tensors[f"{site}.sum_x2"]) for site in header["counts"]}
+            return cls(
+                meta=header["meta"], sums=sums, counts={k: int(v) for k, v in header["counts"].items()},
+                bi_cos_sum=tensors["bi_cos_sum"], bi_count=int(header["bi_count"]),
+                ppl_loss=tensors.get("ppl_loss"), base_loss=header.get("base_loss"), batch_agg=header["batch_agg"],
+            )
+        except Exception as e:  # noqa: BLE001 - garbage, truncated or foreign files: one line naming the file
+            raise ValueError(f"{path} is not a readable minitron importance file ({e}); recreate it with "
+                             "`minitron prune --save-scores`") from None
 
     def check_matches(self, model: nn.Module) -> None:
         """Raise if these scores were computed on a model of another shape."""
@@ -207,6 +212,7 @@ def collect_importance(
     adapter = get_adapter(model)
     if blocks.numel() == 0 or blocks.dim() != 2:
         raise ValueError("empty calibration data: blocks must be a non-empty LongTensor (n_blocks, seq_len)")
+    check_token_ids(model, blocks, "calibration data")
     device = next(model.parameters()).device
     layers = decoder_layers(model, adapter)
     meta = model_shape_meta(model)
@@ -303,6 +309,7 @@ def lm_loss(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8, progres
     Example:
         >>> math.exp(lm_loss(model, blocks))  # perplexity
     """
+    check_token_ids(model, blocks, "evaluation data")
     device = next(model.parameters()).device
     decoder = model.get_decoder()
     head = model.get_output_embeddings()

@@ -17,6 +17,7 @@ auto      triton for CUDA inputs when triton imports, else chunked
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -24,7 +25,7 @@ from minitron.losses.fused import KDConfig, linear_kd_loss_fused
 from minitron.losses.reference import LOSSES, REDUCTIONS, keep_mask, linear_kd_loss_naive
 from minitron_kernels.fused_kl_reference import kd_chunk_reference, loss_kind
 
-__all__ = ["linear_kd_loss", "last_impl", "linear_kd_loss_naive", "IMPLS"]
+__all__ = ["linear_kd_loss", "last_impl", "linear_kd_loss_naive", "IMPLS", "check_impl_device"]
 
 IMPLS = ("auto", "triton", "chunked", "naive")
 logger = logging.getLogger(__name__)
@@ -45,9 +46,23 @@ def _triton_chunk_fn():
     return kd_chunk_triton
 
 
+def check_impl_device(impl: str, device: torch.device, name: str = "impl") -> None:
+    """Raise if ``impl="triton"`` cannot run on ``device`` (no CUDA GPU and no Triton interpreter).
+
+    Args:
+        impl: the requested implementation.
+        device: where the loss runs.
+        name: how the caller names the option, for the message (``impl``, ``loss_impl``).
+    """
+    if impl == "triton" and torch.device(device).type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"{name}='triton' needs a CUDA GPU (this runs on {torch.device(device).type}); use "
+                         f"{name}='auto' or 'chunked'")
+
+
 def _resolve_impl(impl: str, device: torch.device):
     if impl not in IMPLS:
         raise ValueError(f"unknown impl={impl!r}; allowed values: {', '.join(IMPLS)}")
+    check_impl_device(impl, device)
     if impl == "auto":
         fn = _triton_chunk_fn() if device.type == "cuda" else None
         return ("triton", fn) if fn is not None else ("chunked", kd_chunk_reference)
@@ -84,7 +99,9 @@ def linear_kd_loss(
     ``forward_kl`` KL(P||Q) = sum_v P (log P - log Q); ``reverse_kl`` KL(Q||P);
     ``jsd`` beta KL(P||M) + (1-beta) KL(Q||M), M = beta P + (1-beta) Q (Liger convention:
     beta=0 is forward KL, beta=1 reverse KL). If Vs != Vt the smaller side is padded with
-    ``-inf`` logits. Gradients flow to the student inputs only.
+    ``-inf`` logits. Gradients flow to the student inputs only. Under ``torch.autocast`` the hidden
+    states and lm_head weights are cast to the autocast dtype (as autocast casts a matmul's inputs)
+    and the loss runs with autocast off, so logits and accumulators stay fp32 on every path.
 
     Args:
         student_hidden: (N, Hs) final hidden states of the student (flatten batch and sequence).
@@ -122,6 +139,18 @@ def linear_kd_loss(
         raise ValueError(f"temperature={temperature} must be > 0")
     if student_hidden.shape[0] != teacher_hidden.shape[0]:
         raise ValueError(f"student has {student_hidden.shape[0]} tokens, teacher {teacher_hidden.shape[0]}")
+    dev = student_hidden.device.type
+    if torch.is_autocast_enabled(dev):
+        # autocast would run the logits GEMMs in its dtype with outputs rounded to it (and mixes dtypes
+        # in the in-place gradient GEMMs): cast the GEMM inputs the way autocast would, then run without it
+        amp = torch.get_autocast_dtype(dev)
+        with torch.autocast(dev, enabled=False):
+            return linear_kd_loss(
+                student_hidden.to(amp), student_weight.to(amp), teacher_hidden.to(amp), teacher_weight.to(amp),
+                student_bias=student_bias, teacher_bias=teacher_bias, mask=mask, labels=labels,
+                ignore_index=ignore_index, loss=loss, beta=beta, temperature=temperature, top_k=top_k,
+                reduction=reduction, impl=impl, chunk_size=chunk_size,
+            )
     name, chunk_fn = _resolve_impl(impl, student_hidden.device)
     _LAST_IMPL = name
     if name not in _LOGGED:

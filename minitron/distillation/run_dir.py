@@ -1,0 +1,130 @@
+"""The run directory of a distillation: claim it, clean a crash's leftovers, and recognise its run.
+
+- :func:`open_run_dir` marks the directory as a ``minitron distill`` output, takes its lock (one
+  process per directory) and removes temp files that an interrupted run left behind.
+- :func:`start_over` removes the files a previous run wrote (only those names: see
+  :data:`RUN_OUTPUTS`) when a run does not resume.
+- :func:`run_fingerprint` / :func:`check_same_run` decide whether a saved run is the run being
+  started: same config (but for :data:`RESUME_FREE` fields), same student and teacher tensor
+  shapes, same training tokens. Anything else is refused rather than silently resumed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from minitron.atomic import clean_stale_temps
+from minitron.distillation.checkpoint import CKPT_DIR, LATEST, step_checkpoints
+from minitron.distillation.config import DistillConfig
+from minitron.outputs import mark_output_dir
+from minitron.runlock import RunLock, acquire
+
+RUN_FILE = "minitron_run.json"  # the run's config and fingerprint; never a Hugging Face file name
+METRICS = "metrics.jsonl"
+PLOT = "loss_curve.png"
+RUN_OUTPUTS = (LATEST, CKPT_DIR, "final", METRICS, PLOT, RUN_FILE)
+# config fields a resumed run may change: they do not alter the trajectory up to the saved step
+RESUME_FREE = frozenset({"steps", "output_dir", "resume", "overwrite", "progress", "plot", "save_every", "eval_every",
+                         "eval_batches", "keep_checkpoints", "log_every", "loss_impl", "parallel", "extra"})
+
+
+def open_run_dir(output_dir: str | os.PathLike) -> RunLock:
+    """Create/mark ``output_dir``, lock it for this process and clean an interrupted run's temp files.
+
+    Args:
+        output_dir: the run directory (already checked with :func:`minitron.outputs.check_output_dir`).
+    Returns:
+        The held lock; release it when the run ends.
+    Raises:
+        OutputInUseError: another live process runs in this directory (its pid is named).
+    """
+    output_dir = Path(output_dir)
+    mark_output_dir(output_dir, "distill")
+    lock = acquire(output_dir)
+    clean_stale_temps(output_dir, owned=True)  # we hold the lock: no other writer can be alive
+    clean_stale_temps(output_dir / CKPT_DIR, owned=True)
+    (output_dir / "loss_curve.tmp.png").unlink(missing_ok=True)
+    return lock
+
+
+def start_over(output_dir: str | os.PathLike) -> None:
+    """Remove what a previous run wrote in ``output_dir`` (only :data:`RUN_OUTPUTS`; other files stay)."""
+    output_dir = Path(output_dir)
+    for path in step_checkpoints(output_dir):
+        shutil.rmtree(path)
+    ckpts = output_dir / CKPT_DIR
+    if ckpts.is_dir() and not any(ckpts.iterdir()):
+        ckpts.rmdir()
+    final = output_dir / "final"
+    if final.is_dir() and not final.is_symlink():
+        shutil.rmtree(final)
+    for name in (LATEST, METRICS, PLOT, RUN_FILE):
+        if (output_dir / name).is_file():
+            (output_dir / name).unlink()
+
+
+def tensor_shapes(model: nn.Module) -> dict[str, list[int]]:
+    """``{state-dict key: shape}`` of a model (its architecture, whatever its weights)."""
+    return {k: list(v.shape) for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
+def data_digest(blocks: torch.Tensor) -> str:
+    """BLAKE2b digest of the token ids (identifies the training data without storing it)."""
+    ids = blocks.detach().to("cpu", torch.int64).contiguous()
+    return hashlib.blake2b(memoryview(ids.numpy()).cast("B"), digest_size=16).hexdigest()
+
+
+def run_fingerprint(cfg: DistillConfig, student: nn.Module, teacher: nn.Module, train_blocks: torch.Tensor) -> dict:
+    """What identifies a run: its config, the student/teacher shapes and the training tokens (JSON-safe)."""
+    config = json.loads(json.dumps(cfg.to_dict(), default=repr))
+    return {"config": config, "student": tensor_shapes(student), "teacher": tensor_shapes(teacher),
+            "data": {"n_blocks": int(train_blocks.shape[0]), "seq_len": int(train_blocks.shape[1]),
+                     "digest": data_digest(train_blocks)}}
+
+
+def _shape_difference(saved: dict, current: dict, who: str) -> str | None:
+    if saved == current:
+        return None
+    for key in sorted(set(saved) | set(current)):
+        if key not in current:
+            return f"the saved {who} has {key}, which this {who} lacks"
+        if key not in saved:
+            return f"this {who} has {key}, which the saved {who} lacks"
+        if saved[key] != current[key]:
+            return f"the {who}'s {key} is {saved[key]} there but {current[key]} here (a {who} of another shape)"
+    return None
+
+
+def describe_difference(saved: dict, current: dict) -> str | None:
+    """How a saved run differs from the one being started, or None if it is the same run."""
+    a, b = saved.get("config", {}), current["config"]
+    diffs = [f"{k} is {a.get(k)!r} there but {b.get(k)!r} here" for k in sorted(set(a) | set(b))
+             if k not in RESUME_FREE and a.get(k) != b.get(k)]
+    if diffs:
+        more = f" (and {len(diffs) - 1} more)" if len(diffs) > 1 else ""
+        return f"its config differs: {diffs[0]}{more}"
+    for who in ("student", "teacher"):
+        diff = _shape_difference(saved.get(who, {}), current[who], who)
+        if diff is not None:
+            return diff
+    d0, d1 = saved.get("data", {}), current["data"]
+    if d0 != d1:
+        if d0.get("n_blocks") != d1["n_blocks"]:
+            return f"its training data has {d0.get('n_blocks')} blocks there but {d1['n_blocks']} here"
+        return "its training data holds other tokens"
+    return None
+
+
+def check_same_run(saved: dict, current: dict, output_dir: str | os.PathLike) -> None:
+    """Raise a ValueError if the run saved in ``output_dir`` is not the run being started."""
+    diff = describe_difference(saved, current)
+    if diff is not None:
+        raise ValueError(f"{output_dir} holds a different distillation run ({diff}); pass another output_dir, or "
+                         "resume=False (CLI --no-resume) to discard that run and start over")

@@ -1,0 +1,168 @@
+"""Output paths never lose a user's files: refusals before any work, markers, atomic replacement."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from minitron.cli import main
+from minitron.outputs import MARKER, check_output_dir, read_marker, write_output_dir
+from tests.conftest import save_checkpoint
+
+FAST = ["--num-samples", "4", "--seq-len", "64", "--no-progress"]
+
+
+def digest(root: Path) -> dict[str, str]:
+    """{relative path: sha256} of every file under ``root`` (or of ``root`` itself if it is a file)."""
+    if root.is_file():
+        return {root.name: hashlib.sha256(root.read_bytes()).hexdigest()}
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def model_dir(tmp_path) -> Path:
+    """A tiny local checkpoint (a test that fails must never touch the package's own files)."""
+    return save_checkpoint(tmp_path / "models" / "tiny")
+
+
+def test_prune_refuses_input_model_its_parent_and_inside(model_dir, capsys):
+    before = digest(model_dir.parent)
+    for out, word in ((model_dir, "is the input"), (model_dir.parent, "contains the input"),
+                      (model_dir / "pruned", "lies inside the input")):
+        assert main(["prune", "--model", str(model_dir), "--out", str(out), *FAST]) == 2
+        assert word in capsys.readouterr().err
+    assert digest(model_dir.parent) == before  # nothing deleted, nothing added
+
+
+def test_prune_refuses_foreign_dir_file_and_cwd(tmp_path, monkeypatch, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my thesis")
+    assert main(["prune", "--out", str(mine), *FAST]) == 2
+    assert "not empty and was not written by `minitron prune`" in capsys.readouterr().err
+    assert digest(mine) == {"notes.txt": hashlib.sha256(b"my thesis").hexdigest()}
+
+    a_file = tmp_path / "report.pdf"
+    a_file.write_bytes(b"%PDF")
+    assert main(["prune", "--out", str(a_file), *FAST]) == 2
+    assert "is an existing file" in capsys.readouterr().err
+    assert a_file.read_bytes() == b"%PDF"
+
+    monkeypatch.chdir(mine)
+    assert main(["prune", "--out", ".", *FAST]) == 2
+    assert "current directory" in capsys.readouterr().err
+    assert main(["prune", "--out", "..", *FAST]) == 2
+    assert (mine / "notes.txt").read_text() == "my thesis"
+
+
+def test_save_scores_never_overwrites_model_files_or_lands_in_out(model_dir, tmp_path, capsys):
+    before = digest(model_dir)
+    out = tmp_path / "out"
+    assert main(["prune", "--model", str(model_dir), "--out", str(out),
+                 "--save-scores", str(model_dir / "model.safetensors"), *FAST]) == 2
+    assert "lies inside the input" in capsys.readouterr().err
+    other = tmp_path / "weights.safetensors"
+    other.write_bytes(b"not scores")
+    assert main(["prune", "--model", str(model_dir), "--out", str(out), "--save-scores", str(other), *FAST]) == 2
+    assert "was not written by minitron" in capsys.readouterr().err
+    assert main(["prune", "--model", str(model_dir), "--out", str(out),
+                 "--save-scores", str(out / "s.safetensors"), *FAST]) == 2
+    assert "lies inside --out" in capsys.readouterr().err
+    assert digest(model_dir) == before and other.read_bytes() == b"not scores" and not out.exists()
+
+
+def test_impossible_and_read_only_outputs_fail_before_calibration(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["prune", "--out", str(blocker / "sub"), *FAST]) == 2
+    assert "cannot be created" in capsys.readouterr().err
+    if Path("/proc/self").is_dir():  # not writable even for root
+        assert main(["prune", "--out", "/proc/self/minitron-out", *FAST]) == 2
+        assert "not writable" in capsys.readouterr().err
+    if os.geteuid() != 0:  # root ignores permission bits
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o555)
+        try:
+            assert main(["prune", "--out", str(ro / "out"), *FAST]) == 2
+            assert "not writable" in capsys.readouterr().err
+        finally:
+            ro.chmod(0o755)
+
+
+def test_prune_replaces_own_output_and_keeps_foreign_files(model_dir, tmp_path, capsys):
+    out = tmp_path / "pruned"
+
+    def args(layers: int) -> list[str]:
+        return ["prune", "--model", str(model_dir), "--method", "random", "--layers", str(layers), "--out", str(out),
+                *FAST]
+
+    assert main(args(3)) == 0
+    assert read_marker(out)["kind"] == "prune" and "model.safetensors" in read_marker(out)["files"]
+    assert main(args(2)) == 0  # a previous output of `minitron prune`: replaced
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 2
+    (out / "notes.txt").write_text("mine")
+    assert main(args(3)) == 2  # it now holds a file minitron did not write
+    assert "notes.txt" in capsys.readouterr().err
+    assert main([*args(3), "--overwrite"]) == 0
+    assert (out / "notes.txt").read_text() == "mine"
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 3
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".minitron-")]  # no temp dirs left
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("keep")
+    assert main(["prune", "--model", str(model_dir), "--method", "random", "--layers", "3", "--out", str(foreign),
+                 "--overwrite", *FAST]) == 0
+    assert (foreign / "keep.txt").read_text() == "keep" and (foreign / "model.safetensors").is_file()
+
+
+def test_failed_write_keeps_previous_output_and_stale_temps_are_cleaned(tmp_path):
+    out = tmp_path / "o"
+    write_output_dir(out, "prune", lambda d: (d / "a.txt").write_text("v1"))
+    stale = tmp_path / ".minitron-tmp-o-999999999"  # a crashed writer's temp dir (no such pid)
+    stale.mkdir()
+    (stale / ".minitron-partial").touch()
+    (stale / "big.bin").write_bytes(b"0" * 1000)
+
+    def crash(d: Path) -> None:
+        (d / "a.txt").write_text("v2")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        write_output_dir(out, "prune", crash)
+    assert (out / "a.txt").read_text() == "v1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]  # the stale temp dir and the failed one are gone
+    write_output_dir(out, "prune", lambda d: (d / "b.txt").write_text("v3"))
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "b.txt"]  # the old output replaced as a whole
+
+
+def test_search_refuses_unsafe_outputs(model_dir, tmp_path, capsys):
+    from minitron.arch_search import search
+    from tests.conftest import make_model
+
+    assert main(["search", "--model", str(model_dir), "--out", str(model_dir.parent), "--no-progress"]) == 2
+    assert "contains the input" in capsys.readouterr().err
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "data.csv").write_text("1,2")
+    ids = torch.randint(0, 101, (8, 16))
+    with pytest.raises(ValueError, match="not empty and was not written by `minitron search`.*overwrite=True"):
+        search(make_model("llama"), ids, ids, params=0.8, output_dir=mine, seq_len=16, verbose=False, progress=False)
+    assert digest(mine) == {"data.csv": hashlib.sha256(b"1,2").hexdigest()}
+
+
+def test_check_output_dir_accepts_new_empty_and_own_kind(tmp_path):
+    check_output_dir(tmp_path / "new" / "deeper", "prune")
+    (tmp_path / "empty").mkdir()
+    check_output_dir(tmp_path / "empty", "prune")
+    write_output_dir(tmp_path / "p", "prune", lambda d: (d / "x").write_text("1"))
+    check_output_dir(tmp_path / "p", "prune")
+    with pytest.raises(ValueError, match="holds a `minitron prune` output, not a `minitron search` one"):
+        check_output_dir(tmp_path / "p", "search")
