@@ -105,3 +105,16 @@ def test_prune_cli_names_a_corrupt_weights_file(tmp_path, capsys):
     (model / "model.safetensors").write_bytes((BUILTIN_MODEL / "model.safetensors").read_bytes()[:4096])
     assert main(["prune", *FAST, "--model", str(model), "--out", str(tmp_path / "o")]) == 2
     assert f"{model / 'model.safetensors'} is corrupt or truncated" in capsys.readouterr().err
+
+
+def test_distill_builtin_job_defaults_run(tmp_path, capsys):
+    """`minitron distill` with no student/data: the teacher pruned in-process, built-in text, report + final/."""
+    out = tmp_path / "run"
+    assert main(["distill", "--teacher", "builtin-tiny", "--num-samples", "4", "--steps", "2", "--batch-size", "2",
+                 "--seq-len", "64", "--no-progress", "--no-plot", "--output-dir", str(out)]) == 0
+    text = capsys.readouterr().out
+    report = last_json(text)
+    assert "pruning the teacher to params=0.5" in text and "held-out perplexity" in text
+    assert report["student_ppl_before"] > report["teacher_ppl"] > 1 and report["student_ppl_after"] > 1
+    student = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert student.config.hidden_size < 256 and (out / "final" / "tokenizer.json").exists()

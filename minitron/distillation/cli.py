@@ -52,6 +52,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p, DEFAULT_MODEL, "--teacher", "teacher")
     p.add_argument("--params", type=float, default=0.5, help="budget of the in-process pruned student when "
                    "--student is not given")
+    p.add_argument("--num-samples", type=int, default=64, help="calibration blocks (256 tokens of the built-in "
+                   "text) of the in-process pruning when --student is not given")
     p.add_argument("--data", default=None, help=".txt / .jsonl (field 'text' or 'messages') / .pt (LongTensor of "
                    "token ids); default: the built-in English text, with the built-in job's step defaults")
     p.add_argument("--eval-data", default=None, help="held-out text (default: the built-in held-out split "
@@ -115,12 +117,15 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
                          chat_template=getattr(args, "chat_template", False), overwrite=args.overwrite)
 
 
-def _pruned_student(teacher: Any, tokenizer: Any, params: float, chat_template: bool, progress: bool) -> Any:
-    """The ``minitron prune`` default applied to the teacher: built-in text, 128 blocks of 256 tokens."""
+def _pruned_student(teacher: Any, tokenizer: Any, params: float, num_samples: int, chat_template: bool,
+                    progress: bool) -> Any:
+    """The ``minitron prune`` default applied to the teacher: ``num_samples`` blocks of 256 built-in-text tokens."""
     import minitron
     from minitron.data import builtin_text, load_text_blocks
 
-    blocks = load_text_blocks([builtin_text("train")], tokenizer, 256, 64, chat_template=chat_template)
+    if num_samples < 1:
+        raise ValueError(f"--num-samples must be >= 1, got {num_samples}")
+    blocks = load_text_blocks([builtin_text("train")], tokenizer, 256, num_samples, chat_template=chat_template)
     print(f"minitron distill: no --student given: pruning the teacher to params={params} (calibration: "
           f"{blocks.shape[0]} x 256 tokens of the built-in text)")
     return minitron.prune(teacher, blocks, params=params, progress=progress)
@@ -152,7 +157,8 @@ def run(args: argparse.Namespace) -> int:
     check_output_dir(cfg.output_dir, "distill", inputs=inputs, overwrite=cfg.overwrite, flag="--output-dir")
     teacher, teacher_tokenizer = load_model(args.teacher, gguf_file=args.teacher_gguf)
     if args.student is None:
-        student = _pruned_student(teacher, teacher_tokenizer, args.params, cfg.chat_template, cfg.progress)
+        student = _pruned_student(teacher, teacher_tokenizer, args.params, args.num_samples, cfg.chat_template,
+                                  cfg.progress)
         tokenizer = teacher_tokenizer
     else:
         student, tokenizer = load_model(args.student, gguf_file=args.student_gguf)
