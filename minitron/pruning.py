@@ -115,13 +115,25 @@ class Target:
             type(config).from_dict(self.config_for(config).to_dict())
         except Exception as err:  # noqa: BLE001 - re-raised with the fix
             if t.hidden_size % t.num_attention_heads:
-                ok = [h for h in range(t.num_attention_heads, config.hidden_size + 1, t.num_attention_heads)]
+                ok = nearest_multiples(t.hidden_size, t.num_attention_heads, config.hidden_size)
                 raise ValueError(
                     f"hidden_size={t.hidden_size} is not divisible by num_attention_heads={t.num_attention_heads}, "
                     f"which {type(config).__name__} requires; use a multiple of {t.num_attention_heads} "
-                    f"(e.g. {', '.join(map(str, ok[-3:]))})"
+                    f"(nearest: {', '.join(map(str, ok))})"
                 ) from err
             raise ValueError(f"the pruned config is rejected by {type(config).__name__}: {err}") from err
+
+
+def nearest_multiples(value: int, divisor: int, upper: int) -> list[int]:
+    """The multiples of ``divisor`` in ``[divisor, upper]`` just below and just above ``value``.
+
+    Example:
+        >>> nearest_multiples(384, 9, 576)  # hidden_size for 9 heads
+        [378, 387]
+    """
+    below = value // divisor * divisor
+    candidates = [below, below + divisor]
+    return [m for m in candidates if divisor <= m <= upper] or [min(max(divisor, below), upper // divisor * divisor)]
 
 
 @dataclass
