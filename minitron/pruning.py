@@ -28,6 +28,7 @@ from torch import nn
 
 from .adapters import FamilyAdapter, get_adapter, head_dim_of, kv_heads_of
 from .importance.collect import ImportanceScores
+from .inplace import apply_plan_inplace
 from .ops.gather import compact_
 
 logger = logging.getLogger(__name__)
@@ -339,15 +340,18 @@ def apply_plan(model: nn.Module, plan: PrunePlan, inplace: bool = False) -> nn.M
     Args:
         model: a supported causal LM.
         plan: keep-indices from :func:`make_plan` (or :func:`random_plan`).
-        inplace: compact the model's own tensors in place (peak memory ~1x model,
-            the input model object becomes the pruned model); otherwise the input is
-            left untouched and new tensors are allocated.
+        inplace: prune the model itself (:func:`minitron.inplace.apply_plan_inplace`): the
+            same model, submodule and parameter objects, their tensors compacted (peak memory
+            ~1x model, also for a memory-mapped ``from_pretrained`` checkpoint); otherwise the
+            input is left untouched and new tensors are allocated.
     Returns:
         The pruned model (the same object when ``inplace``).
     """
     adapter = get_adapter(model)
     config = model.config
     ops = _weight_ops(adapter, config, plan)
+    if inplace:  # same objects, parameters compacted and re-pointed (minitron/inplace.py)
+        return apply_plan_inplace(model, plan, ops, pruned_config(config, plan))
     tied = tied_embeddings(model)
     state = model.state_dict()
     if tied:
@@ -384,9 +388,6 @@ def apply_plan(model: nn.Module, plan: PrunePlan, inplace: bool = False) -> nn.M
     _copy_buffers(model, new_model, renumber, layer_prefix, clone=not inplace)
     new_model.generation_config = copy.deepcopy(model.generation_config)
     new_model.train(model.training)
-    if inplace:
-        model.__dict__.update(new_model.__dict__)
-        return model
     return new_model
 
 
