@@ -213,6 +213,7 @@ def collect_importance(
         with CalibrationHooks(model, adapter, config.seq_agg) as hooks:
             for start in tqdm(range(0, blocks.shape[0], config.batch_size), desc="calibration", disable=not progress):
                 batch = blocks[start : start + config.batch_size].to(device)  # (B, S)
+                hooks.begin_batch(*batch.shape)  # per-batch buffers allocated before the pass
                 base(input_ids=batch, use_cache=False)
                 hooks.end_batch()  # all sites' running sums updated at once
     finally:
