@@ -4,6 +4,7 @@ Every model is saved with ``save_pretrained`` and reloaded with stock
 ``AutoModelForCausalLM.from_pretrained``, which memory-maps the safetensors file (the weights'
 storage cannot be resized). Models:
 
+- ``builtin-tiny``: minitron's built-in 7.3M Llama (hidden 256, 8 layers, vocab 4096; its own tokenizer);
 - ``smollm2-135m``: the real SmolLM2-135M-Instruct (``minitron.load_model``), fp32;
 - ``0.5b``: a Llama with Qwen2.5-0.5B's shape (hidden 896, FFN 4864, 24 layers, 14/2 heads,
   vocab 151936, tied), random weights, fp32;
@@ -55,6 +56,7 @@ SHAPES = {
 }
 # per model: hook pairs (batch x seq), memory run (samples, batch), the cost of one 8x256 batch grows ~10x per row
 PLAN = {
+    "builtin-tiny": {"hooks": (16, 8, 256), "memory": (32, 8, 256)},
     "smollm2-135m": {"hooks": (8, 8, 256), "memory": (16, 8, 256)},
     "0.5b": {"hooks": (4, 4, 256), "memory": (16, 8, 256)},
     "1.2b": {"hooks": (3, 2, 256), "memory": (8, 8, 256)},
@@ -115,13 +117,35 @@ def worker_make(name: str, out: str) -> dict:
 
     import minitron
 
-    model, tok = minitron.load_model("smollm2-135m")
-    if name != "smollm2-135m":
+    model, tok = minitron.load_model("builtin-tiny" if name == "builtin-tiny" else "smollm2-135m")
+    if name in SHAPES:
         torch.manual_seed(0)
         model = LlamaForCausalLM(LlamaConfig(**SHAPES[name], max_position_embeddings=4096))
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return {"params": sum(p.numel() for p in model.parameters())}
+
+
+def _time_hook_methods() -> list:
+    """Wrap the methods of CalibrationHooks that run per site / layer / batch with a CPU-time counter."""
+    try:
+        from minitron.importance.hooks import CalibrationHooks
+    except ImportError:  # a minitron without the batched hooks (e.g. to time the previous version)
+        return [None]
+    spent = [0.0]
+
+    def timed(fn):
+        def wrapper(*args, **kwargs):
+            t0 = time.thread_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[0] += time.thread_time() - t0
+        return wrapper
+
+    for name in ("_site", "_block", "begin_batch", "end_batch"):
+        setattr(CalibrationHooks, name, timed(getattr(CalibrationHooks, name)))
+    return spent
 
 
 def worker_hooks(ckpt: str, pairs: int, batch: int, seq_len: int) -> dict:
@@ -135,13 +159,17 @@ def worker_hooks(ckpt: str, pairs: int, batch: int, seq_len: int) -> dict:
     cfg = minitron.ImportanceConfig(batch_size=batch)
     decoder = model.get_decoder()
     times: dict[str, list[tuple[float, float]]] = {"plain": [], "hooked": []}
+    spent = _time_hook_methods()  # CPU seconds inside the hooks' own code, [None] for older minitron
+    hook_cpu: list[float] = []
 
     def run(kind: str, x) -> tuple[float, float]:
         w0, c0 = time.perf_counter(), time.thread_time()
         if kind == "plain":
             decoder(input_ids=x, use_cache=False)
         else:
+            before = spent[0] or 0.0
             minitron.collect_importance(model, x, cfg, progress=False)
+            hook_cpu.append((spent[0] or 0.0) - before)
         return time.perf_counter() - w0, time.thread_time() - c0
 
     with torch.no_grad():
@@ -153,10 +181,12 @@ def worker_hooks(ckpt: str, pairs: int, batch: int, seq_len: int) -> dict:
                 times[kind].append(run(kind, x))
     wall = [h[0] / p[0] for p, h in zip(times["plain"], times["hooked"])]
     cpu = [h[1] / p[1] for p, h in zip(times["plain"], times["hooked"])]
+    share = [c / p[1] for p, c in zip(times["plain"], hook_cpu[1:])] if spent[0] is not None else []
     tokens = batch * seq_len
     med = lambda k, j: statistics.median(t[j] for t in times[k])  # noqa: E731
     return {"wall_ratio": statistics.median(wall), "cpu_ratio": statistics.median(cpu),
             "wall_ratios": [round(r, 3) for r in wall], "cpu_ratios": [round(r, 3) for r in cpu],
+            "hook_share": statistics.median(share) if share else None,
             "plain_tok_s": tokens / med("plain", 0), "hooked_tok_s": tokens / med("hooked", 0),
             "plain_tok_cpu_s": tokens / med("plain", 1), "hooked_tok_cpu_s": tokens / med("hooked", 1),
             "threads": torch.get_num_threads()}
@@ -295,7 +325,7 @@ def checkpoint(name: str, root: Path, threads: int) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="smollm2-135m,0.5b,1.2b")
+    ap.add_argument("--models", default="builtin-tiny,smollm2-135m,0.5b,1.2b")
     ap.add_argument("--parts", default="hooks,memory,convergence")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker (1: steadier on a shared CPU)")
     ap.add_argument("--ckpt-dir", default="/tmp/minitron-bench-ckpt")
@@ -355,12 +385,14 @@ def render(results: dict) -> str:
              "safetensors). 0.5b / 1.2b: Qwen2.5-0.5B / Llama-3.2-1B shapes with random weights. fp32, "
              "1 torch thread per worker. `load` = 1-minute load average when the row finished.", "",
              "## Hook overhead: hooked calibration pass / plain decoder pass (median over alternated pairs)", "",
-             "| model | batches | wall | thread CPU time | plain tok/s | hooked tok/s (calibration) | load |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+             "| model | batches | wall | thread CPU time | CPU inside the hooks / plain pass | plain tok/s | "
+             "hooked tok/s (calibration) | load |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for name, res in results.items():
         h = res.get("hooks")
         if h:
-            lines.append(f"| {name} | {h['batch']} | {h['wall_ratio']:.3f}x | {h['cpu_ratio']:.3f}x | "
+            share = "-" if h.get("hook_share") is None else f"{100 * h['hook_share']:.1f}%"
+            lines.append(f"| {name} | {h['batch']} | {h['wall_ratio']:.3f}x | {h['cpu_ratio']:.3f}x | {share} | "
                          f"{h['plain_tok_s']:.0f} | {h['hooked_tok_s']:.0f} | {h['load']:.1f} |")
     lines += ["", "## Peak RSS over the model's bytes (RSS before loading = 0)", "",
               "| model | model MiB | mode | whole prune() call | calibration alone | pruning step alone | "

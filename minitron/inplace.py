@@ -12,8 +12,9 @@
 * ``model.config`` is updated in place (the same object every submodule holds) and the size
   attributes modules cache at construction (``in_features``, ``embedding_dim``,
   ``normalized_shape``, ``layer_idx``, ``num_key_value_groups``, ...) are copied from a model of
-  the pruned config built on the meta device, so no attribute can disagree with the config
-  whatever the family.
+  the pruned config built on the meta device wherever they differ from one built from the
+  original config, so no attribute can disagree with the config whatever the family, and
+  attributes set by loaders or users are left as they are.
 
 Memory: a weight in ordinary RAM is compacted inside its own storage (``W + 4 MiB``); a weight
 memory-mapped from a checkpoint (stock ``from_pretrained``) is copied to a private buffer a chunk
@@ -44,16 +45,20 @@ def _is_plain(value) -> bool:
     return isinstance(value, _SCALARS)
 
 
-def _sync_attributes(module: nn.Module, reference: nn.Module) -> None:
-    """Copy the plain public attributes of ``reference`` that differ onto ``module``.
+def _sync_attributes(module: nn.Module, before: nn.Module | None, after: nn.Module) -> None:
+    """Set on ``module`` the plain public attributes that the config change alters.
 
-    Private attributes (``_parameters``, hooks, accelerate's ``_hf_hook``, ...) and objects
-    (configs, functions, submodules) are left alone.
+    ``before`` / ``after`` are the same module built (on the meta device) from the original and
+    from the pruned config; an attribute is copied from ``after`` only where the two differ
+    (``in_features``, ``layer_idx``, ...), so anything a loader or a user set (``name_or_path``)
+    is kept. Private attributes (``_parameters``, hooks, accelerate's ``_hf_hook``, ...) and
+    objects (configs, functions, submodules) are never touched.
     """
-    for key, value in reference.__dict__.items():
+    missing = object()
+    for key, value in after.__dict__.items():
         if key.startswith("_") or key == "training" or not _is_plain(value):
             continue
-        if module.__dict__.get(key, object()) != value:
+        if before is None or before.__dict__.get(key, missing) != value:
             module.__dict__[key] = value
 
 
@@ -105,12 +110,16 @@ def apply_plan_inplace(model: nn.Module, plan, weight_ops: dict, new_config) -> 
 
     # 3. config (same object everywhere) and the attributes modules cached from it
     with torch.device("meta"):
+        original = dict(type(model)(copy.deepcopy(model.config)).named_modules())
         reference = type(model)(copy.deepcopy(new_config))
     model.config.__dict__.update(copy.deepcopy(new_config).__dict__)
-    ref_modules = dict(reference.named_modules())
-    for name, module in model.named_modules():
-        if name in ref_modules:
-            _sync_attributes(module, ref_modules[name])
+    layer_prefix = adapter.layers + "."
+    for name, after in reference.named_modules():
+        old_name = name  # the same module before pruning: layer n was layer kept[n]
+        if name.startswith(layer_prefix):
+            index, _, rest = name[len(layer_prefix):].partition(".")
+            old_name = f"{layer_prefix}{kept[int(index)]}" + (f".{rest}" if rest else "")
+        _sync_attributes(model.get_submodule(name), original.get(old_name), after)
 
     # 4. every tensor must now have exactly the shape the pruned config builds
     expected = {k: tuple(v.shape) for k, v in reference.state_dict().items()}

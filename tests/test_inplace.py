@@ -98,9 +98,13 @@ def test_inplace_prune_api_semantics(tmp_path, calib_ids):
     model = _load(tmp_path / "in")
     attn = model.model.layers[0].self_attn
     q = attn.q_proj.weight  # the Parameter object itself
+    model.gradient_checkpointing_enable()  # plain attributes set after construction must survive
+    flags = {n: m.gradient_checkpointing for n, m in model.named_modules() if hasattr(m, "gradient_checkpointing")}
+    assert any(flags.values())
     pruned = minitron.prune(model, calib_ids, Target(hidden_size=36, num_attention_heads=2), seq_len=16,
                             inplace=True, progress=False, verbose=False)
     assert pruned is model and model.model.layers[0].self_attn is attn and attn.q_proj.weight is q
     assert q.shape == (2 * 8, 36) and attn.num_key_value_groups == 1 and model.config.num_attention_heads == 2
+    assert flags == {n: m.gradient_checkpointing for n, m in model.named_modules() if n in flags}
     pruned.save_pretrained(tmp_path / "out")
     torch.testing.assert_close(_logits(_load(tmp_path / "out"), calib_ids), _logits(pruned, calib_ids), atol=0, rtol=0)
