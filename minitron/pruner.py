@@ -75,8 +75,18 @@ def prune(
         method: ``activation`` (Minitron importance) or ``random`` (baseline of the same size).
         seed: seed of the random baseline.
         divisors: optional required divisors per target field, e.g. ``{"hidden_size": 64}``.
-        inplace: compact the model's own tensors (peak memory ~1x model); the input model then IS
-            the pruned model. Otherwise the input model is left untouched.
+        inplace: prune the input model itself and return it. The model, every kept submodule
+            and every ``nn.Parameter`` stay the same Python objects (references held by hooks,
+            accelerate or PEFT wrappers see the pruned weights; registered hooks keep firing);
+            ``model.config`` is updated in place; removed layers leave ``model.model.layers``
+            and the kept ones are renumbered. Weights in ordinary RAM are compacted inside their
+            own storage; weights memory-mapped from a checkpoint (stock ``from_pretrained``)
+            become private copies of their kept part while the file's pages are dropped chunk
+            by chunk (the file itself is never written). Either way the pruning step peaks at
+            about the model's size plus a few MiB. Tensors taken from the model *before*
+            pruning (``w = layer.weight.data``) must not be used afterwards: a RAM weight's
+            storage has been shrunk under them. With ``inplace=False`` (default) the input
+            model is left untouched and the pruned one is new memory (peak: model + pruned).
         progress: tqdm bars during calibration.
         verbose: print a one-line parameter summary.
     Returns:

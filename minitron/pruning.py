@@ -28,6 +28,7 @@ from torch import nn
 
 from .adapters import FamilyAdapter, get_adapter, head_dim_of, kv_heads_of
 from .importance.collect import ImportanceScores
+from .inplace import apply_plan_inplace
 from .ops.gather import compact_
 
 logger = logging.getLogger(__name__)
@@ -115,13 +116,25 @@ class Target:
             type(config).from_dict(self.config_for(config).to_dict())
         except Exception as err:  # noqa: BLE001 - re-raised with the fix
             if t.hidden_size % t.num_attention_heads:
-                ok = [h for h in range(t.num_attention_heads, config.hidden_size + 1, t.num_attention_heads)]
+                ok = nearest_multiples(t.hidden_size, t.num_attention_heads, config.hidden_size)
                 raise ValueError(
                     f"hidden_size={t.hidden_size} is not divisible by num_attention_heads={t.num_attention_heads}, "
                     f"which {type(config).__name__} requires; use a multiple of {t.num_attention_heads} "
-                    f"(e.g. {', '.join(map(str, ok[-3:]))})"
+                    f"(nearest: {', '.join(map(str, ok))})"
                 ) from err
             raise ValueError(f"the pruned config is rejected by {type(config).__name__}: {err}") from err
+
+
+def nearest_multiples(value: int, divisor: int, upper: int) -> list[int]:
+    """The multiples of ``divisor`` in ``[divisor, upper]`` just below and just above ``value``.
+
+    Example:
+        >>> nearest_multiples(384, 9, 576)  # hidden_size for 9 heads
+        [378, 387]
+    """
+    below = value // divisor * divisor
+    candidates = [below, below + divisor]
+    return [m for m in candidates if divisor <= m <= upper] or [min(max(divisor, below), upper // divisor * divisor)]
 
 
 @dataclass
@@ -327,15 +340,18 @@ def apply_plan(model: nn.Module, plan: PrunePlan, inplace: bool = False) -> nn.M
     Args:
         model: a supported causal LM.
         plan: keep-indices from :func:`make_plan` (or :func:`random_plan`).
-        inplace: compact the model's own tensors in place (peak memory ~1x model,
-            the input model object becomes the pruned model); otherwise the input is
-            left untouched and new tensors are allocated.
+        inplace: prune the model itself (:func:`minitron.inplace.apply_plan_inplace`): the
+            same model, submodule and parameter objects, their tensors compacted (peak memory
+            ~1x model, also for a memory-mapped ``from_pretrained`` checkpoint); otherwise the
+            input is left untouched and new tensors are allocated.
     Returns:
         The pruned model (the same object when ``inplace``).
     """
     adapter = get_adapter(model)
     config = model.config
     ops = _weight_ops(adapter, config, plan)
+    if inplace:  # same objects, parameters compacted and re-pointed (minitron/inplace.py)
+        return apply_plan_inplace(model, plan, ops, pruned_config(config, plan))
     tied = tied_embeddings(model)
     state = model.state_dict()
     if tied:
@@ -372,9 +388,6 @@ def apply_plan(model: nn.Module, plan: PrunePlan, inplace: bool = False) -> nn.M
     _copy_buffers(model, new_model, renumber, layer_prefix, clone=not inplace)
     new_model.generation_config = copy.deepcopy(model.generation_config)
     new_model.train(model.training)
-    if inplace:
-        model.__dict__.update(new_model.__dict__)
-        return model
     return new_model
 
 

@@ -26,7 +26,7 @@ def model():
         (minitron.Target(num_hidden_layers=5), r"num_hidden_layers=5 > 4"),
         (minitron.Target(num_attention_heads=3), r"num_attention_heads=3 is not a multiple of num_key_value_heads=2.*allowed: 2, 4, 6"),
         (minitron.Target(hidden_size=0), r"hidden_size=0 must be a positive integer"),
-        (minitron.Target(hidden_size=44), r"hidden_size=44 is not divisible by num_attention_heads=6"),
+        (minitron.Target(hidden_size=44), r"hidden_size=44 is not divisible by num_attention_heads=6.*nearest: 42, 48\)"),
         (minitron.Target(num_key_value_heads=1), r"num_attention_heads=6 is more than num_key_value_heads=1 groups of 3"),
         (minitron.Target(num_key_value_heads=3), r"num_key_value_heads=3 > 2"),
     ],
@@ -36,6 +36,20 @@ def test_infeasible_targets(model, calib_ids, target, match):
     with pytest.raises(ValueError, match=match):
         minitron.prune(model, calib_ids, target, seq_len=16, progress=False, verbose=False)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_hidden_size_suggestions_are_the_nearest_valid_values():
+    # SmolLM2-135M shape: 9 heads, hidden 576; 384 lies between the multiples 378 and 387
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=576, intermediate_size=64, num_attention_heads=9, num_key_value_heads=3,
+                         num_hidden_layers=1, vocab_size=32)
+    with pytest.raises(ValueError, match=r"hidden_size=384 is not divisible by num_attention_heads=9.*nearest: 378, 387\)"):
+        minitron.Target(hidden_size=384).validate(config)
+    with pytest.raises(ValueError, match=r"nearest: 567, 576\)"):
+        minitron.Target(hidden_size=570).validate(config)
+    with pytest.raises(ValueError, match=r"nearest: 9\)"):
+        minitron.Target(hidden_size=5).validate(config)
 
 
 def test_required_divisor(model, calib_ids):

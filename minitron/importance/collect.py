@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 from ..adapters import FamilyAdapter, decoder_layers, get_adapter, head_dim_of, kv_heads_of
 from ..losses.cross_entropy import linear_cross_entropy_sum
 from ..validate import check_token_ids
-from .aggregate import ImportanceAccumulator, block_importance_update_, check_aggregation, finalize
+from .aggregate import check_aggregation, finalize
+from .hooks import CalibrationHooks, _layer_io
 
 logger = logging.getLogger(__name__)
 
@@ -181,12 +182,6 @@ def model_shape_meta(model: nn.Module) -> dict:
     }
 
 
-def _layer_io(args: tuple, kwargs: dict, output) -> tuple[torch.Tensor, torch.Tensor]:
-    h_in = args[0] if args else kwargs["hidden_states"]
-    h_out = output[0] if isinstance(output, (tuple, list)) else output
-    return h_in, h_out
-
-
 @torch.no_grad()
 def collect_importance(
     model: nn.Module,
@@ -214,63 +209,28 @@ def collect_importance(
         raise ValueError("empty calibration data: blocks must be a non-empty LongTensor (n_blocks, seq_len)")
     check_token_ids(model, blocks, "calibration data")
     device = next(model.parameters()).device
-    layers = decoder_layers(model, adapter)
     meta = model_shape_meta(model)
     meta.update(seq_agg=config.seq_agg, num_samples=int(blocks.shape[0]), seq_len=int(blocks.shape[1]))
 
-    accs: dict[str, ImportanceAccumulator] = {}
-    handles = []
-    bi_cos_sum = torch.zeros(len(layers), dtype=torch.float32, device=device)
-    bi_count = [0]
-
-    def site(name: str, dim: int) -> ImportanceAccumulator:
-        accs[name] = ImportanceAccumulator(dim, device=device, seq_agg=config.seq_agg)
-        return accs[name]
-
-    def pre_hook(acc: ImportanceAccumulator):
-        return lambda module, args: acc.update(args[0])
-
-    def out_hook(acc: ImportanceAccumulator):
-        return lambda module, args, output: acc.update(output)
-
-    def bi_hook(index: int):
-        def hook(module, args, kwargs, output):
-            h_in, h_out = _layer_io(args, kwargs, output)
-            block_importance_update_(bi_cos_sum[index : index + 1], h_in, h_out)
-            if index == 0:
-                bi_count[0] += h_in.shape[0] * h_in.shape[1]
-        return hook
-
     was_training = model.training
     model.eval()
+    base = model.get_submodule(adapter.layers.rsplit(".", 1)[0])  # the decoder stack: no lm_head, no logits
     try:
-        for l, layer in enumerate(layers):
-            down = layer.get_submodule(adapter.down_proj)
-            o_proj = layer.get_submodule(adapter.o_proj)
-            handles.append(down.register_forward_pre_hook(pre_hook(site(f"mlp.{l}", down.in_features))))
-            handles.append(o_proj.register_forward_pre_hook(pre_hook(site(f"attn.{l}", o_proj.in_features))))
-            for k, norm_name in enumerate(adapter.layer_norms):
-                handles.append(layer.get_submodule(norm_name).register_forward_hook(
-                    out_hook(site(f"norm.{l}.{k}", meta["hidden_size"]))))
-            handles.append(layer.register_forward_hook(bi_hook(l), with_kwargs=True))
-        handles.append(model.get_submodule(adapter.final_norm).register_forward_hook(
-            out_hook(site("norm.final", meta["hidden_size"]))))
-
-        base = model.get_submodule(adapter.layers.rsplit(".", 1)[0])  # the decoder stack, no lm_head
-        for start in tqdm(range(0, blocks.shape[0], config.batch_size), desc="calibration", disable=not progress):
-            batch = blocks[start : start + config.batch_size].to(device)  # (B, S)
-            base(input_ids=batch, use_cache=False)
+        with CalibrationHooks(model, adapter, config.seq_agg) as hooks:
+            for start in tqdm(range(0, blocks.shape[0], config.batch_size), desc="calibration", disable=not progress):
+                batch = blocks[start : start + config.batch_size].to(device)  # (B, S)
+                hooks.begin_batch(*batch.shape)  # per-batch buffers allocated before the pass
+                base(input_ids=batch, use_cache=False)
+                hooks.end_batch()  # all sites' running sums updated at once
     finally:
-        for h in handles:
-            h.remove()
         model.train(was_training)
 
     scores = ImportanceScores(
         meta=meta,
-        sums={name: (acc.sum_x.cpu(), acc.sum_x2.cpu()) for name, acc in accs.items()},
-        counts={name: acc.count for name, acc in accs.items()},
-        bi_cos_sum=bi_cos_sum.cpu(),
-        bi_count=bi_count[0],
+        sums=hooks.site_sums(),
+        counts=dict(hooks.counts),
+        bi_cos_sum=hooks.bi_cos_sum.cpu(),
+        bi_count=hooks.bi_count,
         batch_agg=config.batch_agg,
     )
     if config.depth_ppl:

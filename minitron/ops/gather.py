@@ -31,6 +31,13 @@ Peak memory per call (``W`` = bytes of the input tensor, ``K`` = bytes kept)
   ``model + K_max`` where ``K_max`` is the largest kept weight, never ``2 x model``.
 * ``torch-fallback``: chunked ``index_select`` in waves of <= 4 MiB (same schedule), then
   ``resize_`` (copies): transient peak ``W + K`` for this tensor.
+* ``mapped`` (the input's elements live in a memory-mapped file, e.g. a checkpoint loaded by
+  stock ``from_pretrained``: its storage cannot be resized): the kept data is written to a
+  fresh private tensor in chunks of ~4 MiB and the source pages each chunk has finished with
+  are dropped from the process (:mod:`minitron.ops.mapped`): ``W + 4 MiB``. The input tensor
+  is re-pointed at the new tensor; other views of the old storage still read the old values
+  (clean file pages are re-read from the page cache; pages written through a private mapping
+  are never dropped).
 * Copy path (input not eligible for in-place work, see below): ``W + K`` and the input
   is left untouched (a ``CompactFallbackWarning`` says why).
 
@@ -38,7 +45,8 @@ In-place eligibility (otherwise: copy path = plain ``index_select``, input untou
 ------------------------------------------------------------------------------------
 The tensor must be contiguous, start at storage offset 0, cover its whole storage (not a
 slice of a bigger buffer), not be a view created from another tensor (``tensor._base``),
-and have a resizable storage. Non-contiguous inputs are therefore handled by the copy
+and have a resizable storage, or be contiguous and memory-mapped from a file (the ``mapped``
+path above, taken whatever the storage sharing). Non-contiguous inputs are therefore handled by the copy
 path, not by an error. Other tensors created with ``.data``/``.detach()`` on the same
 storage (e.g. the ``nn.Parameter`` when you pass ``param.data``) can not be detected:
 they see the shrunk storage, so re-assign them (``param.data = out``).
@@ -58,7 +66,7 @@ from typing import Optional, Union
 
 import torch
 
-from . import _loader
+from . import _loader, mapped
 
 __all__ = ["compact_", "gather_backend", "CompactFallbackWarning", "SUPPORTED_DTYPES"]
 
@@ -259,9 +267,12 @@ def compact_(
 
     Returns:
         A tensor equal to ``tensor.index_select(dim, index)`` (``shape[dim] == len(index)``)
-        whose storage holds only the kept elements. If in-place work is impossible
-        (non-contiguous, shared or non-resizable storage) a ``CompactFallbackWarning`` is
-        issued and a plain ``index_select`` copy is returned, leaving ``tensor`` untouched.
+        whose storage holds only the kept elements. A contiguous memory-mapped input (stock
+        ``from_pretrained`` checkpoint) gets a private kept copy while its file pages are
+        released chunk by chunk, and is re-pointed at it. Otherwise, if in-place work is
+        impossible (non-contiguous, shared or non-resizable storage) a
+        ``CompactFallbackWarning`` is issued and a plain ``index_select`` copy is returned,
+        leaving ``tensor`` untouched.
 
     Raises:
         ValueError: bad dim, dtype, index dtype/shape/device, out-of-range, duplicate or
@@ -276,6 +287,12 @@ def compact_(
     """
     dim, index = _validate(tensor, dim, index)
     blocker = _inplace_blocker(tensor)
+    if blocker is not None and tensor.is_contiguous() and mapped.file_mapping(tensor) is not None:
+        # memory-mapped checkpoint (stock from_pretrained): private kept copy, source pages dropped
+        # chunk by chunk; the old storage stays readable (clean file pages re-read on access)
+        out = mapped.gather_release(tensor, dim, index, **({"chunk_bytes": _stage_bytes} if _stage_bytes > 0 else {}))
+        tensor.data = out
+        return out
     if blocker is not None:
         warnings.warn(
             f"compact_: {blocker}; falling back to a copy (index_select), input left untouched. "
