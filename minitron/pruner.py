@@ -12,7 +12,7 @@ from torch import nn
 from .adapters import get_adapter
 from .data import load_text_blocks
 from .importance.collect import ImportanceConfig, ImportanceScores, collect_importance
-from .pruning import Target, apply_plan, count_parameters, make_plan, random_plan
+from .pruning import DEFAULT_DEPTH_METRIC, DEFAULT_HEAD_METRIC, Target, apply_plan, count_parameters, make_plan, random_plan
 from .sizing import target_for_budget
 
 logger = logging.getLogger(__name__)
@@ -29,6 +29,27 @@ def _tokenizer_for(model: nn.Module, tokenizer: Any) -> Any:
     return AutoTokenizer.from_pretrained(source, local_files_only=True)
 
 
+def loss_scores_for(importance: ImportanceConfig, target: Target, config, depth_metric: str,
+                    head_metric: str) -> ImportanceConfig:
+    """``importance`` with the loss-based scores ``target`` needs switched on (a copy).
+
+    Args:
+        importance: the caller's calibration options.
+        target: the architecture to reach.
+        config: the model's config.
+        depth_metric / head_metric: the criteria that will rank layers and heads.
+    Returns:
+        ``importance`` with ``depth_ppl`` set if layers are pruned by ``ppl`` and ``head_loss`` set
+        if heads are pruned by ``loss``.
+    """
+    t = target.resolved(config)
+    return dataclasses.replace(
+        importance,
+        depth_ppl=importance.depth_ppl or (depth_metric == "ppl" and t.num_hidden_layers < config.num_hidden_layers),
+        head_loss=importance.head_loss or (head_metric == "loss" and t.num_attention_heads < config.num_attention_heads),
+    )
+
+
 def prune(
     model: nn.Module,
     calib_data: Any = None,
@@ -41,8 +62,11 @@ def prune(
     seq_len: int = 256,
     num_samples: int = 1024,
     batch_agg: str | None = None,
-    depth_metric: str = "bi",
+    depth_metric: str = DEFAULT_DEPTH_METRIC,
     depth_mode: str = "scattered",
+    head_metric: str = DEFAULT_HEAD_METRIC,
+    norm_rescale: bool = False,
+    head_residual: bool = False,
     method: str = "activation",
     seed: int = 0,
     divisors: dict[str, int] | None = None,
@@ -67,6 +91,11 @@ def prune(
         batch_agg: batch aggregation override (``l2`` | ``mean`` | ``var``).
         depth_metric: ``bi`` (Block Importance) or ``ppl`` (LM loss with the layer dropped).
         depth_mode: ``scattered`` or ``contiguous`` layer removal.
+        head_metric: ``input`` (the paper's o_proj-input criterion), ``output`` (each head's
+            contribution after o_proj) or ``loss`` (LM loss with the head dropped).
+        norm_rescale: after hidden pruning, scale RMSNorm weights by the calibrated kept/full RMS ratio.
+        head_residual: the paper's head residual: fold dropped heads' o_proj columns into the kept
+            heads of their KV group.
         method: ``activation`` (Minitron importance) or ``random`` (baseline of the same size).
         seed: seed of the random baseline.
         divisors: optional required divisors per target field, e.g. ``{"hidden_size": 64}``.
@@ -103,12 +132,14 @@ def prune(
         if scores is None:
             if calib_data is None:
                 raise ValueError("empty calibration data: pass calib_data=... (or precomputed scores=...)")
-            importance = importance or ImportanceConfig()
-            if depth_metric == "ppl" and not importance.depth_ppl:  # a copy: the caller's config stays as given
-                importance = dataclasses.replace(importance, depth_ppl=True)
+            # loss-based scores cost extra passes: computed only when this target prunes that axis
+            # (a copy: the caller's config stays as given)
+            importance = loss_scores_for(importance or ImportanceConfig(), target, model.config, depth_metric,
+                                         head_metric)
             blocks = load_text_blocks(calib_data, None if isinstance(calib_data, torch.Tensor) else _tokenizer_for(model, tokenizer), seq_len, num_samples)
             scores = collect_importance(model, blocks, importance, progress=progress)
-        plan = make_plan(scores, target, model.config, batch_agg, depth_metric, depth_mode)
+        plan = make_plan(scores, target, model.config, batch_agg, depth_metric, depth_mode, head_metric,
+                         norm_rescale, head_residual)
 
     before = count_parameters(model)
     pruned = apply_plan(model, plan, inplace=inplace)
