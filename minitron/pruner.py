@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .adapters import get_adapter
+from .budget import choose_budget_target
 from .data import load_text_blocks
 from .importance.collect import ImportanceConfig, ImportanceScores, collect_importance
 from .pruning import DEFAULT_DEPTH_METRIC, DEFAULT_HEAD_METRIC, Target, apply_plan, count_parameters, make_plan, random_plan
@@ -67,6 +68,7 @@ def prune(
     head_metric: str = DEFAULT_HEAD_METRIC,
     norm_rescale: bool = False,
     head_residual: bool = False,
+    budget_blocks: int = 8,
     method: str = "activation",
     seed: int = 0,
     divisors: dict[str, int] | None = None,
@@ -81,8 +83,11 @@ def prune(
         calib_data: calibration text (Dataset, list of strings, .txt/.jsonl path) or token ids;
             not needed when ``scores`` are given or ``method="random"``.
         target: the architecture to reach; ``None`` fields keep the model's value.
-        params: instead of ``target``, a parameter budget (fraction <= 1 or absolute count),
-            resolved by :func:`minitron.sizing.target_for_budget`.
+        params: instead of ``target``, a parameter budget (fraction <= 1 or absolute count). With
+            calibration data the shape is measured (:func:`minitron.budget.choose_budget_target`:
+            hidden/FFN trade-offs, the lowest calibration loss after pruning wins); without it
+            (``scores`` only, or ``method="random"``) :func:`minitron.sizing.target_for_budget`
+            scales hidden and FFN by the same factor.
         tokenizer: tokenizer for text data (default: loaded from the model's local path).
         scores: precomputed :class:`ImportanceScores` (one calibration, many targets).
         importance: aggregation / batching options for calibration.
@@ -96,6 +101,7 @@ def prune(
         norm_rescale: after hidden pruning, scale RMSNorm weights by the calibrated kept/full RMS ratio.
         head_residual: the paper's head residual: fold dropped heads' o_proj columns into the kept
             heads of their KV group.
+        budget_blocks: calibration blocks that score each ``params`` candidate shape.
         method: ``activation`` (Minitron importance) or ``random`` (baseline of the same size).
         seed: seed of the random baseline.
         divisors: optional required divisors per target field, e.g. ``{"hidden_size": 64}``.
@@ -120,26 +126,34 @@ def prune(
         raise ValueError("nothing to prune: pass target=minitron.Target(...) or params=<fraction or count>")
     if scores is not None:
         scores.check_matches(model)
-    if target is None:
-        target = target_for_budget(model, params)
-    target.validate(model.config, divisors)
     if importance is not None and batch_agg is None:
         batch_agg = importance.batch_agg
+    options = dict(batch_agg=batch_agg, depth_metric=depth_metric, depth_mode=depth_mode, head_metric=head_metric,
+                   norm_rescale=norm_rescale, head_residual=head_residual)
+    blocks = None
+    if method == "activation" and calib_data is not None and (scores is None or target is None):
+        blocks = load_text_blocks(calib_data, None if isinstance(calib_data, torch.Tensor) else _tokenizer_for(model, tokenizer), seq_len, num_samples)
+    if target is None:
+        if blocks is None:
+            target = target_for_budget(model, params)
+        else:  # measured: every candidate shape prunes hidden and FFN only, so no loss-based scores are needed
+            scores = scores or collect_importance(model, blocks, importance or ImportanceConfig(), progress=progress)
+            target, _ = choose_budget_target(model, params, scores, blocks[:budget_blocks], plan_options=options,
+                                             batch_size=(importance or ImportanceConfig()).batch_size)
+    target.validate(model.config, divisors)
 
     if method == "random":
         plan = random_plan(model.config, target, seed)
     else:
         if scores is None:
-            if calib_data is None:
+            if blocks is None:
                 raise ValueError("empty calibration data: pass calib_data=... (or precomputed scores=...)")
             # loss-based scores cost extra passes: computed only when this target prunes that axis
             # (a copy: the caller's config stays as given)
             importance = loss_scores_for(importance or ImportanceConfig(), target, model.config, depth_metric,
                                          head_metric)
-            blocks = load_text_blocks(calib_data, None if isinstance(calib_data, torch.Tensor) else _tokenizer_for(model, tokenizer), seq_len, num_samples)
             scores = collect_importance(model, blocks, importance, progress=progress)
-        plan = make_plan(scores, target, model.config, batch_agg, depth_metric, depth_mode, head_metric,
-                         norm_rescale, head_residual)
+        plan = make_plan(scores, target, model.config, **options)
 
     before = count_parameters(model)
     pruned = apply_plan(model, plan, inplace=inplace)

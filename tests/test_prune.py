@@ -316,3 +316,29 @@ def test_head_residual_equals_original_with_dropped_heads_replaced_by_their_grou
         assert not torch.allclose(plain, expected, atol=1e-3)
     else:  # MHA: whole KV groups (of one head) are dropped, no kept head shares their values: nothing to fold
         torch.testing.assert_close(plain, expected, atol=ATOL, rtol=1e-4)
+
+
+def test_params_budget_shape_is_the_lowest_calibration_loss(calib_ids):
+    from minitron.budget import budget_candidates, choose_budget_target
+
+    model = make_model("llama")
+    total = minitron.count_parameters(model)
+    scores = scores_for(model, calib_ids)
+    target, candidates = choose_budget_target(model, 0.7, scores, calib_ids[:4], hidden_divisor=6, ffn_divisor=8,
+                                              batch_size=4, plan_options=dict(norm_rescale=True))
+    assert len(candidates) >= 3 and len({c.target.hidden_size for c in candidates}) == len(candidates)
+    for c in candidates:
+        assert c.params == minitron.target_parameters(model, c.target) <= 0.7 * total
+        if c.target.intermediate_size < 88:  # the largest FFN that fits: one step more breaks the budget
+            wider = Target(hidden_size=c.target.hidden_size, intermediate_size=c.target.intermediate_size + 8)
+            assert minitron.target_parameters(model, wider) > 0.7 * total
+        pruned = minitron.prune(model, target=c.target, scores=scores, norm_rescale=True, verbose=False)
+        assert c.loss == pytest.approx(minitron.lm_loss(pruned, calib_ids[:4]), rel=1e-6)
+    assert target == min(candidates, key=lambda c: c.loss).target
+    assert [c.target for c in candidates] == [c.target for c in budget_candidates(model, 0.7, hidden_divisor=6,
+                                                                                  ffn_divisor=8)]
+    # prune(params=...) with calibration data takes the measured shape (default divisors)
+    pruned = minitron.prune(model, calib_ids, params=0.7, seq_len=16, budget_blocks=4, norm_rescale=True,
+                            importance=minitron.ImportanceConfig(batch_size=4), progress=False, verbose=False)
+    chosen, _ = choose_budget_target(model, 0.7, scores, calib_ids[:4], batch_size=4, plan_options=dict(norm_rescale=True))
+    assert (pruned.config.hidden_size, pruned.config.intermediate_size) == (chosen.hidden_size, chosen.intermediate_size)
