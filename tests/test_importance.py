@@ -213,3 +213,19 @@ def test_sink_tokens_drop_leading_positions(calib_ids):
     a = torch.cat(acts)[:, 3:].double()
     torch.testing.assert_close(skipped.site_scores("norm.0.0"), a.abs().mean(1).square().sum(0).sqrt().float(),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_greedy_layer_removal_equals_rescoring_by_hand(calib_ids):
+    from minitron.importance.ablation import greedy_layer_removal, layer_drop_losses
+
+    model = make_model("qwen3")
+    one_shot = layer_drop_losses(model, calib_ids, batch_size=5)
+    assert greedy_layer_removal(model, calib_ids, drop=2, step=2, batch_size=5) == one_shot.argsort()[:2].tolist()
+    kept, expected = [0, 1, 2, 3], []
+    for _ in range(2):  # drop each remaining layer from the shrunk model, remove the least harmful
+        losses = {l: minitron.lm_loss(minitron.apply_plan(model, minitron.PrunePlan(
+            layers=torch.tensor([k for k in kept if k != l]))), calib_ids) for l in kept}
+        worst = min(losses, key=losses.get)
+        expected.append(worst)
+        kept.remove(worst)
+    assert greedy_layer_removal(model, calib_ids, drop=2, step=1, batch_size=5) == expected

@@ -10,8 +10,8 @@ Cost on ``n`` calibration blocks of an ``L``-layer model, counted in forwards of
 model over those blocks (``F``), lm_head included in each count:
 - one layer dropped at a time (:func:`layer_drop_losses`): ~``L / 2 + 1`` F;
 - one head dropped at a time (:func:`head_drop_losses`): ~``n_heads * L / 2`` F;
-- greedy iterative layer removal of ``k`` layers (:func:`greedy_layer_removal`): the first
-  step plus ``k - 1`` re-scorings of the shrinking model, ~``k * L / 2`` F.
+- iterative layer removal of ``k`` layers, ``r`` per round (:func:`greedy_layer_removal`):
+  ``ceil(k / r)`` rounds of the above on the shrinking model, ~``(k / r) * L / 2`` F.
 """
 
 from __future__ import annotations
@@ -214,39 +214,44 @@ def head_drop_losses(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8
 
 @torch.no_grad()
 def greedy_layer_removal(
-    model: nn.Module, blocks: torch.Tensor, drop: int, batch_size: int = 8, progress: bool = False
+    model: nn.Module, blocks: torch.Tensor, drop: int, step: int = 1, batch_size: int = 8, progress: bool = False
 ) -> list[int]:
-    """Remove ``drop`` layers one at a time, each time the one whose removal raises the loss least.
+    """Remove ``drop`` layers, ``step`` at a time, re-scoring the shrunk model between steps.
 
-    After every removal the remaining layers are scored again on the shrunk model (iterative
-    perplexity criterion); the greedy order is a prefix order, so the first ``k`` entries are the
-    answer for any ``k <= drop``.
+    Each round scores every remaining layer by the LM loss with it dropped (on the model with the
+    layers removed so far) and removes the ``step`` lowest. ``step >= drop`` is the one-shot
+    perplexity criterion; ``step=1`` is fully iterative.
 
     Args:
         model: a supported causal LM (left unchanged).
         blocks: LongTensor (n, S) calibration ids.
         drop: layers to remove.
+        step: layers removed per round.
         batch_size: blocks per forward.
         progress: tqdm bar.
     Returns:
         Original indices of the removed layers, in removal order.
     Example:
-        >>> greedy_layer_removal(model, blocks[:8], drop=4)
+        >>> greedy_layer_removal(model, blocks[:8], drop=4, step=2)
         [12, 17, 20, 9]
     """
+    if step < 1:
+        raise ValueError(f"step must be >= 1, got {step}")
     with _eval(model):
         stream = DecoderStream(model, blocks, batch_size)
         kept = list(range(len(stream.layers)))
         removed: list[int] = []
-        for _ in tqdm(range(drop), desc="depth (iterative ppl)", disable=not progress):
+        rounds = range(0, drop, step)
+        for done in tqdm(rounds, desc="depth (iterative ppl)", disable=not progress):
             stream.reset()
             losses = []
             for pos, l in enumerate(kept):
                 losses.append(stream.tail_loss(kept[pos + 1 :]))
                 stream.advance(l)
-            worst = kept[min(range(len(kept)), key=losses.__getitem__)]
-            kept.remove(worst)
-            removed.append(worst)
+            order = sorted(range(len(kept)), key=losses.__getitem__)  # least harmful removal first
+            batch = [kept[i] for i in order[: min(step, drop - done)]]
+            removed += batch
+            kept = [l for l in kept if l not in batch]
     return removed
 
 
