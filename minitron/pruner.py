@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from .adapters import get_adapter
+from .budget import choose_budget_target
 from .data import load_text_blocks
 from .importance.collect import ImportanceConfig, ImportanceScores, collect_importance
-from .pruning import Target, apply_plan, count_parameters, make_plan, random_plan
+from .pruning import DEFAULT_DEPTH_METRIC, DEFAULT_HEAD_METRIC, Target, apply_plan, count_parameters, make_plan, random_plan
 from .sizing import target_for_budget
 from .validate import check_count, check_finite_scores, check_finite_weights, check_seq_len
 
@@ -34,6 +35,27 @@ def _tokenizer_for(model: nn.Module, tokenizer: Any) -> Any:
         return None
 
 
+def loss_scores_for(importance: ImportanceConfig, target: Target, config, depth_metric: str,
+                    head_metric: str) -> ImportanceConfig:
+    """``importance`` with the loss-based scores ``target`` needs switched on (a copy).
+
+    Args:
+        importance: the caller's calibration options.
+        target: the architecture to reach.
+        config: the model's config.
+        depth_metric / head_metric: the criteria that will rank layers and heads.
+    Returns:
+        ``importance`` with ``depth_ppl`` set if layers are pruned by ``ppl`` and ``head_loss`` set
+        if heads are pruned by ``loss``.
+    """
+    t = target.resolved(config)
+    return dataclasses.replace(
+        importance,
+        depth_ppl=importance.depth_ppl or (depth_metric == "ppl" and t.num_hidden_layers < config.num_hidden_layers),
+        head_loss=importance.head_loss or (head_metric == "loss" and t.num_attention_heads < config.num_attention_heads),
+    )
+
+
 def prune(
     model: nn.Module,
     calib_data: Any = None,
@@ -46,8 +68,12 @@ def prune(
     seq_len: int = 256,
     num_samples: int = 1024,
     batch_agg: str | None = None,
-    depth_metric: str = "bi",
+    depth_metric: str = DEFAULT_DEPTH_METRIC,
     depth_mode: str = "scattered",
+    head_metric: str = DEFAULT_HEAD_METRIC,
+    norm_rescale: bool = False,
+    head_residual: bool = False,
+    budget_blocks: int = 8,
     method: str = "activation",
     seed: int = 0,
     divisors: dict[str, int] | None = None,
@@ -62,8 +88,11 @@ def prune(
         calib_data: calibration text (Dataset, list of strings, .txt/.jsonl path) or token ids;
             not needed when ``scores`` are given or ``method="random"``.
         target: the architecture to reach; ``None`` fields keep the model's value.
-        params: instead of ``target``, a parameter budget (fraction <= 1 or absolute count),
-            resolved by :func:`minitron.sizing.target_for_budget`.
+        params: instead of ``target``, a parameter budget (fraction <= 1 or absolute count). With
+            calibration data the shape is measured (:func:`minitron.budget.choose_budget_target`:
+            hidden/FFN trade-offs, the lowest calibration loss after pruning wins); without it
+            (``scores`` only, or ``method="random"``) :func:`minitron.sizing.target_for_budget`
+            scales hidden and FFN by the same factor.
         tokenizer: tokenizer for text data (default: loaded from the model's local path).
         scores: precomputed :class:`ImportanceScores` (one calibration, many targets).
         importance: aggregation / batching options for calibration.
@@ -72,6 +101,12 @@ def prune(
         batch_agg: batch aggregation override (``l2`` | ``mean`` | ``var``).
         depth_metric: ``bi`` (Block Importance) or ``ppl`` (LM loss with the layer dropped).
         depth_mode: ``scattered`` or ``contiguous`` layer removal.
+        head_metric: ``input`` (the paper's o_proj-input criterion), ``output`` (each head's
+            contribution after o_proj) or ``loss`` (LM loss with the head dropped).
+        norm_rescale: after hidden pruning, scale RMSNorm weights by the calibrated kept/full RMS ratio.
+        head_residual: the paper's head residual: fold dropped heads' o_proj columns into the kept
+            heads of their KV group.
+        budget_blocks: calibration blocks that score each ``params`` candidate shape.
         method: ``activation`` (Minitron importance) or ``random`` (baseline of the same size).
         seed: seed of the random baseline.
         divisors: optional required divisors per target field, e.g. ``{"hidden_size": 64}``.
@@ -110,27 +145,39 @@ def prune(
     if scores is not None:
         scores.check_matches(model)
     check_finite_weights(model)
-    if target is None:
-        target = target_for_budget(model, params)
-    target.validate(model.config, divisors)
+    if target is not None:  # cheap checks before any data is read
+        target.validate(model.config, divisors)
     if importance is not None and batch_agg is None:
         batch_agg = importance.batch_agg
+    options = dict(batch_agg=batch_agg, depth_metric=depth_metric, depth_mode=depth_mode, head_metric=head_metric,
+                   norm_rescale=norm_rescale, head_residual=head_residual)
+    blocks = None
+    if method == "activation" and calib_data is not None and (scores is None or target is None):
+        check_count("num_samples", num_samples)
+        check_seq_len(model, seq_len)
+        blocks = load_text_blocks(calib_data, None if isinstance(calib_data, torch.Tensor) else _tokenizer_for(model, tokenizer), seq_len, num_samples)
+    if target is None:
+        if blocks is None:
+            target = target_for_budget(model, params)
+        else:  # measured: every candidate shape prunes hidden and FFN only, so no loss-based scores are needed
+            scores = scores or collect_importance(model, blocks, importance or ImportanceConfig(), progress=progress)
+            target, _ = choose_budget_target(model, params, scores, blocks[:budget_blocks], plan_options=options,
+                                             batch_size=(importance or ImportanceConfig()).batch_size)
+    target.validate(model.config, divisors)
 
     if method == "random":
         plan = random_plan(model.config, target, seed)
     else:
         if scores is None:
-            if calib_data is None:
+            if blocks is None:
                 raise ValueError("empty calibration data: pass calib_data=... (or precomputed scores=...)")
-            check_count("num_samples", num_samples)
-            check_seq_len(model, seq_len)
-            importance = importance or ImportanceConfig()
-            if depth_metric == "ppl" and not importance.depth_ppl:  # a copy: the caller's config stays as given
-                importance = dataclasses.replace(importance, depth_ppl=True)
-            blocks = load_text_blocks(calib_data, None if isinstance(calib_data, torch.Tensor) else _tokenizer_for(model, tokenizer), seq_len, num_samples)
+            # loss-based scores cost extra passes: computed only when this target prunes that axis
+            # (a copy: the caller's config stays as given)
+            importance = loss_scores_for(importance or ImportanceConfig(), target, model.config, depth_metric,
+                                         head_metric)
             scores = collect_importance(model, blocks, importance, progress=progress)
         check_finite_scores(scores)
-        plan = make_plan(scores, target, model.config, batch_agg, depth_metric, depth_mode)
+        plan = make_plan(scores, target, model.config, **options)
 
     before = count_parameters(model)
     pruned = apply_plan(model, plan, inplace=inplace)

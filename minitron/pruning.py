@@ -12,9 +12,13 @@ Axes (METHOD.md section 2):
   norms, q/k/v/gate/up input columns, o/down output rows, final norm, lm_head columns;
 - MLP neurons: gate/up rows and down columns, per layer, same count everywhere;
 - attention heads: query heads ranked within each KV group, the same number kept
-  per group; q rows and o columns; K and V untouched;
+  per group; q rows and o columns; K and V untouched; optionally (the paper's head
+  residual) each dropped head's o_proj columns are added, split equally, to the kept
+  heads of its KV group before the columns are cut;
 - depth: whole decoder layers, lowest scores first (scattered) or the best
   contiguous block.
+After hidden pruning every RMSNorm weight is optionally multiplied by the calibrated
+ratio of the kept to the full RMS of its input (:mod:`minitron.importance.norms`).
 """
 
 from __future__ import annotations
@@ -29,11 +33,15 @@ from torch import nn
 from .adapters import FamilyAdapter, get_adapter, head_dim_of, kv_heads_of
 from .importance.collect import ImportanceScores
 from .inplace import apply_plan_inplace
+from .importance.heads import check_head_metric
+from .importance.norms import rescale_factor
 from .ops.gather import compact_
 
 logger = logging.getLogger(__name__)
 
 DEPTH_MODES = ("scattered", "contiguous")
+DEFAULT_DEPTH_METRIC = "bi"
+DEFAULT_HEAD_METRIC = "input"
 
 
 @dataclass
@@ -142,6 +150,9 @@ class PrunePlan:
     """Sorted keep-indices for every axis (``None`` = axis untouched).
 
     ``heads[l]`` / ``mlp[l]`` are indexed by the ORIGINAL layer number ``l``.
+    ``norm_scale[site]`` multiplies the kept weight of a norm site (``norm.{l}.{k}`` with the
+    original ``l``, or ``norm.final``). ``head_residual`` folds dropped heads' o_proj columns
+    into the kept heads of their KV group.
     """
 
     hidden: torch.Tensor | None = None
@@ -149,6 +160,8 @@ class PrunePlan:
     heads: dict[int, torch.Tensor] = field(default_factory=dict)
     layers: torch.Tensor | None = None
     kv_groups: dict[int, torch.Tensor] = field(default_factory=dict)
+    norm_scale: dict[str, float] = field(default_factory=dict)
+    head_residual: bool = False
 
 
 def _top_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -181,8 +194,11 @@ def make_plan(
     target: Target,
     config,
     batch_agg: str | None = None,
-    depth_metric: str = "bi",
+    depth_metric: str = DEFAULT_DEPTH_METRIC,
     depth_mode: str = "scattered",
+    head_metric: str = DEFAULT_HEAD_METRIC,
+    norm_rescale: bool = False,
+    head_residual: bool = False,
 ) -> PrunePlan:
     """Turn importance scores and a target into keep-indices.
 
@@ -191,26 +207,38 @@ def make_plan(
         target: the architecture to reach (validated against ``config``).
         config: the model's config.
         batch_agg: batch aggregation (default: the one stored with the scores).
-        depth_metric: ``bi`` or ``ppl``.
+        depth_metric: ``bi`` (Block Importance) or ``ppl`` (LM loss with the layer dropped).
         depth_mode: ``scattered`` or ``contiguous``.
+        head_metric: ``input`` (the paper's o_proj-input criterion), ``output`` (contribution
+            after o_proj) or ``loss`` (LM loss with the head dropped).
+        norm_rescale: after hidden pruning, scale each RMSNorm weight by the calibrated
+            kept/full RMS ratio of its input.
+        head_residual: fold dropped heads' o_proj columns into the kept heads of their group.
     Returns:
         A :class:`PrunePlan`.
+
+    Example:
+        >>> plan = make_plan(scores, Target(hidden_size=384), model.config)
+        >>> small = apply_plan(model, plan)
     """
+    check_head_metric(head_metric)
     t = target.resolved(config)
-    plan = PrunePlan()
+    plan = PrunePlan(head_residual=head_residual)
     n_layers = config.num_hidden_layers
     if t.num_hidden_layers < n_layers:
         plan.layers = select_layers(scores.depth(depth_metric), t.num_hidden_layers, depth_mode)
     kept_layers = plan.layers.tolist() if plan.layers is not None else list(range(n_layers))
     if t.hidden_size < config.hidden_size:
         plan.hidden = _top_sorted(scores.hidden(batch_agg), t.hidden_size)
+        if norm_rescale:
+            plan.norm_scale = norm_scales(scores, plan.hidden, kept_layers)
     if t.intermediate_size < config.intermediate_size:
         mlp = scores.mlp(batch_agg)  # (L, f)
         plan.mlp = {l: _top_sorted(mlp[l], t.intermediate_size) for l in kept_layers}
     if t.num_attention_heads < config.num_attention_heads:
         kv = kv_heads_of(config)
         group = config.num_attention_heads // kv  # query heads per KV head (HF repeat_kv layout)
-        heads = scores.heads(batch_agg).view(n_layers, kv, group)  # (L, kv, g)
+        heads = scores.heads(batch_agg, head_metric).view(n_layers, kv, group)  # (L, kv, g)
         for l in kept_layers:
             groups = torch.arange(kv)
             if t.num_key_value_heads < kv:  # explicit option: drop whole KV groups, weakest first
@@ -220,6 +248,24 @@ def make_plan(
             within = torch.stack([_top_sorted(heads[l, g], keep_per_group) for g in groups.tolist()])  # (kv', g')
             plan.heads[l] = (within + groups.unsqueeze(1) * group).flatten()
     return plan
+
+
+def norm_scales(scores: ImportanceScores, hidden: torch.Tensor, kept_layers: list[int]) -> dict[str, float]:
+    """Per RMSNorm site, the factor ``rms_K / rms_D`` for the kept channels ``hidden``.
+
+    Args:
+        scores: importance statistics with ``norm_ms`` (collected by this minitron version).
+        hidden: kept hidden-channel indices.
+        kept_layers: original indices of the layers that stay.
+    Returns:
+        ``{site: factor}``; empty for LayerNorm families (nothing to rescale).
+    """
+    if not scores.meta.get("norm_stats"):
+        raise ValueError("norm_rescale needs RMSNorm input statistics this importance file lacks (written by "
+                         "an older minitron); recompute the scores or pass norm_rescale=False")
+    kept = set(kept_layers)
+    return {site: rescale_factor(mean_sq, hidden) for site, mean_sq in scores.norm_ms.items()
+            if site == "norm.final" or int(site.split(".")[1]) in kept}
 
 
 def random_plan(config, target: Target, seed: int = 0) -> PrunePlan:
@@ -254,6 +300,46 @@ def random_plan(config, target: Target, seed: int = 0) -> PrunePlan:
 def _head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
     """Row indices of the kept heads in a (n_heads * head_dim, ...) projection."""
     return (heads.unsqueeze(1) * head_dim + torch.arange(head_dim)).flatten()
+
+
+def fold_dropped_heads(o_weight: torch.Tensor, keep: torch.Tensor, group: int, head_dim: int) -> torch.Tensor:
+    """The paper's head residual: add each dropped head's o_proj columns to the kept heads of its group.
+
+    A KV group's query heads read the same values, so a kept head's attention output stands in
+    for a dropped one's; each dropped head's columns are split equally over the kept heads of
+    its group. Groups with no kept head (whole KV group dropped) contribute nothing.
+
+    Args:
+        o_weight: (D, n_heads * head_dim) o_proj weight (not modified).
+        keep: kept query-head indices.
+        group: query heads per KV head.
+        head_dim: channels per head.
+    Returns:
+        A new (D, n_heads * head_dim) weight; cutting the dropped heads' columns comes after.
+    Example:
+        >>> fold_dropped_heads(torch.eye(4), torch.tensor([0, 2]), group=2, head_dim=1)[:, [0, 2]]
+        tensor([[1., 0.],
+                [1., 0.],
+                [0., 1.],
+                [0., 1.]])
+    """
+    d, width = o_weight.shape
+    n_heads = width // head_dim
+    kept = torch.zeros(n_heads, dtype=torch.bool, device=o_weight.device)
+    kept[keep.to(o_weight.device)] = True
+    kept = kept.view(n_heads // group, group)  # (kv, g)
+    w = o_weight.view(d, n_heads // group, group, head_dim)  # (D, kv, g, hd)
+    dropped_sum = (w * (~kept)[None, :, :, None]).sum(dim=2)  # (D, kv, hd)
+    share = dropped_sum / kept.sum(dim=1).clamp_min(1)[None, :, None]  # split over the kept heads
+    return (w + share[:, :, None, :] * kept[None, :, :, None]).reshape(d, width)
+
+
+def _norm_key(adapter: FamilyAdapter, site: str) -> str:
+    """State-dict key of the weight of norm site ``norm.{l}.{k}`` / ``norm.final``."""
+    if site == "norm.final":
+        return f"{adapter.final_norm}.weight"
+    _, l, k = site.split(".")
+    return f"{adapter.layers}.{l}.{adapter.layer_norms[int(k)]}.weight"
 
 
 def _weight_ops(adapter: FamilyAdapter, config, plan: PrunePlan) -> dict[str, list[tuple[int, torch.Tensor]]]:
@@ -351,6 +437,7 @@ def apply_plan(model: nn.Module, plan: PrunePlan, inplace: bool = False) -> nn.M
     config = model.config
     ops = _weight_ops(adapter, config, plan)
     if inplace:  # same objects, parameters compacted and re-pointed (minitron/inplace.py)
+        _fold_and_rescale_(model, adapter, plan)
         return apply_plan_inplace(model, plan, ops, pruned_config(config, plan))
     tied = tied_embeddings(model)
     state = model.state_dict()
@@ -359,6 +446,11 @@ def apply_plan(model: nn.Module, plan: PrunePlan, inplace: bool = False) -> nn.M
     kept = plan.layers.tolist() if plan.layers is not None else list(range(config.num_hidden_layers))
     renumber = {old: new for new, old in enumerate(kept)}
     layer_prefix = adapter.layers + "."
+    scales = {_norm_key(adapter, site): factor for site, factor in plan.norm_scale.items()}
+    head_dim = head_dim_of(config)
+    group = config.num_attention_heads // kv_heads_of(config)
+    folds = {f"{layer_prefix}{l}.{adapter.o_proj}.weight": keep for l, keep in plan.heads.items()} \
+        if plan.head_residual else {}
 
     new_state: dict[str, torch.Tensor] = {}
     for key in list(state):
@@ -369,11 +461,15 @@ def apply_plan(model: nn.Module, plan: PrunePlan, inplace: bool = False) -> nn.M
             if int(index) not in renumber:
                 continue
             new_key = f"{layer_prefix}{renumber[int(index)]}.{rest}"
+        if key in folds:  # a new tensor: the input model's weight stays as it was
+            tensor = fold_dropped_heads(tensor, folds[key], group, head_dim)
         steps = ops.get(key)
         if steps:
             tensor = _gather(tensor, steps, inplace)
         elif not inplace:
             tensor = tensor.clone()
+        if key in scales:
+            tensor = tensor.mul_(scales[key]) if inplace else tensor * scales[key]
         new_state[new_key] = tensor
 
     new_config = pruned_config(config, plan)
@@ -389,6 +485,21 @@ def apply_plan(model: nn.Module, plan: PrunePlan, inplace: bool = False) -> nn.M
     new_model.generation_config = copy.deepcopy(model.generation_config)
     new_model.train(model.training)
     return new_model
+
+
+@torch.no_grad()
+def _fold_and_rescale_(model: nn.Module, adapter: FamilyAdapter, plan: PrunePlan) -> None:
+    """The in-place path's weight edits before compaction: head-residual folds into ``o_proj`` and the
+    (scalar) RMSNorm rescales, written into the model's own tensors (the copy path makes new ones)."""
+    params = dict(model.named_parameters())
+    config = model.config
+    if plan.head_residual:
+        group = config.num_attention_heads // kv_heads_of(config)
+        for l, keep in plan.heads.items():
+            w = params[f"{adapter.layers}.{l}.{adapter.o_proj}.weight"]
+            w.copy_(fold_dropped_heads(w, keep, group, head_dim_of(config)))
+    for site, factor in plan.norm_scale.items():
+        params[_norm_key(adapter, site)].mul_(factor)  # a scalar: the same before or after the gather
 
 
 def _copy_buffers(old: nn.Module, new: nn.Module, renumber: dict[int, int], layer_prefix: str, clone: bool) -> None:

@@ -35,6 +35,21 @@ def target_parameters(model: nn.Module, target: Target) -> int:
     return count_config_parameters(type(model), target.config_for(model.config))
 
 
+def budget_of(model: nn.Module, params: float) -> float:
+    """The absolute parameter budget of ``params`` (a fraction ``<= 1`` of the model's count, or a count).
+
+    Raises:
+        ValueError: a non-positive budget, or one that leaves the model as large as it is.
+    """
+    total = target_parameters(model, Target())
+    if not 0 < params:
+        raise ValueError(f"params={params} must be a positive fraction (<= 1) or an absolute count")
+    budget = params * total if params <= 1 else params
+    if budget >= total:
+        raise ValueError(f"params={params} gives a budget of {budget:.0f} >= the model's {total} parameters; nothing to prune")
+    return budget
+
+
 def _round_down(value: float, divisor: int) -> int:
     return max(divisor, int(value) // divisor * divisor)
 
@@ -63,12 +78,7 @@ def target_for_budget(
         Target(hidden_size=..., intermediate_size=..., num_attention_heads=None, num_hidden_layers=None)
     """
     config = model.config
-    total = target_parameters(model, Target())
-    budget = params * total if params <= 1 else params
-    if not 0 < params:
-        raise ValueError(f"params={params} must be a positive fraction (<= 1) or an absolute count")
-    if budget >= total:
-        raise ValueError(f"params={params} gives a budget of {budget:.0f} >= the model's {total} parameters; nothing to prune")
+    budget = budget_of(model, params)
     # hidden stays a multiple of the head count too: some config classes (Llama) require it
     hidden_divisor = hidden_divisor or math.lcm(64 if config.hidden_size >= 1024 else 8, config.num_attention_heads)
     ffn_divisor = ffn_divisor or 2 * hidden_divisor

@@ -219,3 +219,126 @@ def test_heads_only_never_touches_kv(calib_ids):
     for old, new in zip(model.model.layers, pruned.model.layers):
         assert torch.equal(old.self_attn.k_proj.weight, new.self_attn.k_proj.weight)
         assert torch.equal(old.self_attn.v_proj.bias, new.self_attn.v_proj.bias)
+
+
+@pytest.mark.parametrize("head_metric", ["input", "output", "loss"])
+def test_every_head_metric_prunes_to_the_masked_original(calib_ids, head_metric):
+    model = make_model("mistral")
+    scores = minitron.collect_importance(model, calib_ids, minitron.ImportanceConfig(batch_size=4, head_loss=True),
+                                         progress=False)
+    plan = make_plan(scores, Target(num_attention_heads=4), model.config, head_metric=head_metric)
+    ranked = scores.heads(metric=head_metric).view(4, 2, 3)  # (L, kv, g)
+    for l, kept in plan.heads.items():  # in every group the weakest head by this metric is the one dropped
+        dropped = sorted(set(range(6)) - set(kept.tolist()))
+        assert dropped == [g * 3 + int(ranked[l, g].argmin()) for g in range(2)]
+    torch.testing.assert_close(logits(apply_plan(model, plan), calib_ids), masked_reference(model, calib_ids, plan),
+                               atol=ATOL, rtol=1e-4)
+
+
+def test_norm_rescale_matches_independent_computation(family, calib_ids):
+    """Every kept RMSNorm weight is multiplied by sqrt(mean over calibration tokens of rms_K(x_K)^2 / rms_D(x)^2),
+    recomputed here from the captured norm inputs; LayerNorm (Starcoder2) is left as it is."""
+    model = make_model(family)
+    scores = scores_for(model, calib_ids)
+    plan = make_plan(scores, Target(hidden_size=36), model.config, norm_rescale=True)
+    keep = plan.hidden
+    norms = {f"model.layers.{l}.{name}.weight": getattr(layer, name) for l, layer in enumerate(model.model.layers)
+             for name in ("input_layernorm", "post_attention_layernorm")}
+    norms["model.norm.weight"] = model.model.norm
+    inputs: dict[str, list[torch.Tensor]] = {}
+    handles = [m.register_forward_pre_hook(lambda mod, a, k=k: inputs.setdefault(k, []).append(a[0])) for k, m in norms.items()]
+    with torch.no_grad():
+        model(input_ids=calib_ids, use_cache=False)
+    for h in handles:
+        h.remove()
+    reference = sliced_reference_state(model, plan)
+    layer_norm = isinstance(model.model.norm, torch.nn.LayerNorm)
+    for key, xs in inputs.items():
+        x = torch.cat(xs).double().reshape(-1, 48)  # every calibration token (N, D)
+        eps = model.config.rms_norm_eps if not layer_norm else None
+        if layer_norm:
+            factor = 1.0
+        else:
+            ratio_sq = x[:, keep].square().mean(-1) / (x.square().mean(-1) + eps)  # (N,) rms_K^2 / rms_D^2
+            factor = float(ratio_sq.mean().sqrt())
+        reference[key] = reference[key] * factor
+    pruned = apply_plan(model, plan)
+    expected = copy.deepcopy(pruned)
+    expected.load_state_dict(reference, strict=True)
+    for key in norms:
+        torch.testing.assert_close(pruned.state_dict()[key], reference[key], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logits(pruned, calib_ids), logits(expected, calib_ids), atol=1e-5, rtol=1e-4)
+    # in place gives the same model; without the option the weights are plainly sliced
+    inplace = apply_plan(copy.deepcopy(model), plan, inplace=True)
+    torch.testing.assert_close(logits(inplace, calib_ids), logits(pruned, calib_ids), atol=0, rtol=0)
+    plain = apply_plan(model, make_plan(scores, Target(hidden_size=36), model.config, norm_rescale=False))
+    torch.testing.assert_close(plain.model.norm.weight, model.model.norm.weight[keep], atol=0, rtol=0)
+
+
+def test_head_residual_equals_original_with_dropped_heads_replaced_by_their_group_mean(family, calib_ids):
+    """Folding a dropped head's o_proj columns into the kept heads of its KV group equals feeding o_proj,
+    in place of the dropped head's output, the mean output of the kept heads of that group."""
+    model = make_model(family)
+    before = copy.deepcopy(model.state_dict())
+    kv = model.config.num_key_value_heads
+    group, head_dim = 6 // kv, 8
+    target = Target(num_attention_heads=4) if kv == 2 else Target(num_attention_heads=3, num_key_value_heads=3)
+    plan = make_plan(scores_for(model, calib_ids), target, model.config, head_residual=True)
+    pruned = apply_plan(model, plan)
+    for key, value in model.state_dict().items():  # the input model is untouched
+        assert torch.equal(value, before[key]), key
+
+    def replace_dropped(keep: torch.Tensor):
+        def hook(module, args):
+            a = args[0].view(*args[0].shape[:-1], 6, head_dim).clone()  # (B, S, H, hd)
+            out = torch.zeros_like(a)
+            for g in range(kv):
+                heads = range(g * group, (g + 1) * group)
+                kept = [h for h in heads if h in keep.tolist()]
+                for h in heads:
+                    if h in kept:
+                        out[..., h, :] = a[..., h, :]
+                    elif kept:  # a dropped head of a group with kept heads
+                        out[..., h, :] = a[..., kept, :].mean(dim=-2)
+            return (out.flatten(-2),)
+        return hook
+
+    handles = [model.model.layers[l].self_attn.o_proj.register_forward_pre_hook(replace_dropped(keep))
+               for l, keep in plan.heads.items()]
+    try:
+        expected = logits(model, calib_ids)
+    finally:
+        for h in handles:
+            h.remove()
+    torch.testing.assert_close(logits(pruned, calib_ids), expected, atol=ATOL, rtol=1e-4)
+    plain = logits(apply_plan(model, make_plan(scores_for(model, calib_ids), target, model.config)), calib_ids)
+    if kv == 2:  # GQA: the folded columns change the model
+        assert not torch.allclose(plain, expected, atol=1e-3)
+    else:  # MHA: whole KV groups (of one head) are dropped, no kept head shares their values: nothing to fold
+        torch.testing.assert_close(plain, expected, atol=ATOL, rtol=1e-4)
+
+
+def test_params_budget_shape_is_the_lowest_calibration_loss(calib_ids):
+    from minitron.budget import budget_candidates, choose_budget_target
+
+    model = make_model("llama")
+    total = minitron.count_parameters(model)
+    scores = scores_for(model, calib_ids)
+    target, candidates = choose_budget_target(model, 0.7, scores, calib_ids[:4], hidden_divisor=6, ffn_divisor=8,
+                                              batch_size=4, plan_options=dict(norm_rescale=True))
+    assert len(candidates) >= 3 and len({c.target.hidden_size for c in candidates}) == len(candidates)
+    for c in candidates:
+        assert c.params == minitron.target_parameters(model, c.target) <= 0.7 * total
+        if c.target.intermediate_size < 88:  # the largest FFN that fits: one step more breaks the budget
+            wider = Target(hidden_size=c.target.hidden_size, intermediate_size=c.target.intermediate_size + 8)
+            assert minitron.target_parameters(model, wider) > 0.7 * total
+        pruned = minitron.prune(model, target=c.target, scores=scores, norm_rescale=True, verbose=False)
+        assert c.loss == pytest.approx(minitron.lm_loss(pruned, calib_ids[:4]), rel=1e-6)
+    assert target == min(candidates, key=lambda c: c.loss).target
+    assert [c.target for c in candidates] == [c.target for c in budget_candidates(model, 0.7, hidden_divisor=6,
+                                                                                  ffn_divisor=8)]
+    # prune(params=...) with calibration data takes the measured shape (default divisors)
+    pruned = minitron.prune(model, calib_ids, params=0.7, seq_len=16, budget_blocks=4, norm_rescale=True,
+                            importance=minitron.ImportanceConfig(batch_size=4), progress=False, verbose=False)
+    chosen, _ = choose_budget_target(model, 0.7, scores, calib_ids[:4], batch_size=4, plan_options=dict(norm_rescale=True))
+    assert (pruned.config.hidden_size, pruned.config.intermediate_size) == (chosen.hidden_size, chosen.intermediate_size)

@@ -3,11 +3,14 @@
 One calibration pass with forward hooks (METHOD.md section 1) streams fp32
 accumulators for
 - MLP neurons: the input of ``down_proj`` (B, S, f),
-- attention heads: the input of ``o_proj`` (B, S, n_heads * head_dim),
+- attention heads: the input of ``o_proj`` (B, S, n_heads * head_dim) (the paper's ``input``
+  criterion) and each head's contribution after ``o_proj`` (B, S, n_heads) (``output``),
 - embedding channels: the output of every norm feeding a block and the final norm (B, S, D),
+  and, for RMSNorms, the mean normalised square of their inputs (to rescale the kept norm
+  weights after hidden pruning, :mod:`minitron.importance.norms`),
 - depth (Block Importance): row-wise cosine between each layer's input and output.
-Depth by perplexity (drop one layer, measure LM loss) needs one extra pass per
-layer and runs only when asked.
+Loss-based scores (drop one layer, or one head, and measure the LM loss) re-run part of the
+model per layer or head (:mod:`minitron.importance.ablation`) and run only when asked.
 
 Raw running sums are kept (not scores), so the batch aggregation can be chosen
 at prune time and one calibration serves many targets: :class:`ImportanceScores`
@@ -19,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,11 +30,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..adapters import FamilyAdapter, decoder_layers, get_adapter, head_dim_of, kv_heads_of
-from ..losses.cross_entropy import linear_cross_entropy_sum
+from ..adapters import decoder_layers, get_adapter, head_dim_of, kv_heads_of
+from ..losses.cross_entropy import next_token_loss_sum
 from ..validate import check_token_ids
+from .ablation import head_drop_losses, layer_drop_losses, layer_output
 from .aggregate import check_aggregation, finalize
-from .hooks import CalibrationHooks, _layer_io
+from .heads import check_head_metric, head_output_norms
+from .hooks import CalibrationHooks
+from .norms import is_rms_norm, norm_eps, normalized_square_sum
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +52,14 @@ class ImportanceConfig:
         seq_agg: sequence aggregation at calibration time (``mean`` | ``l2`` | ``var``).
         batch_agg: default batch aggregation when turning sums into scores (``l2`` | ``mean`` | ``var``).
         batch_size: calibration sequences per forward pass.
-        depth_ppl: also score layers by the LM-loss increase when each is dropped.
+        depth_ppl: also score layers by the LM loss when each is dropped (~L/2 extra forwards
+            over ``ppl_max_blocks`` blocks).
         ppl_max_blocks: calibration blocks used for the per-layer perplexity passes.
+        head_loss: also score query heads by the LM loss when each is dropped (~n_heads * L / 2
+            extra forwards over ``head_loss_blocks`` blocks).
+        head_loss_blocks: calibration blocks used for the per-head loss passes.
+        sink_tokens: leading positions of every block left out of the activation statistics
+            (attention sinks: the first tokens carry outsized activations in real models).
     """
 
     seq_agg: str = "mean"
@@ -55,11 +67,17 @@ class ImportanceConfig:
     batch_size: int = 8
     depth_ppl: bool = False
     ppl_max_blocks: int = 32
+    head_loss: bool = False
+    head_loss_blocks: int = 8
+    sink_tokens: int = 0
 
     def __post_init__(self) -> None:
         check_aggregation(self.batch_agg, self.seq_agg)
-        if self.batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        for name in ("batch_size", "ppl_max_blocks", "head_loss_blocks"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.sink_tokens < 0:
+            raise ValueError(f"sink_tokens must be >= 0, got {self.sink_tokens}")
 
 
 @dataclass
@@ -67,9 +85,13 @@ class ImportanceScores:
     """Raw importance statistics of one model, reusable for many pruning targets.
 
     ``sums[site] = (sum_x, sum_x2)`` fp32 per channel and ``counts[site]`` the number
-    of samples, for sites ``mlp.{l}``, ``attn.{l}``, ``norm.{l}.{k}`` and ``norm.final``.
+    of samples, for sites ``mlp.{l}``, ``attn.{l}`` (o_proj input channels), ``attn_out.{l}``
+    (per-head contribution after o_proj), ``norm.{l}.{k}`` and ``norm.final``.
+    ``norm_ms[site]`` (D,) is the mean over tokens of the squared normalised input of each
+    RMSNorm site (:mod:`minitron.importance.norms`).
     ``bi_cos_sum`` (L,) sums the per-token cosine between layer input and output over
-    ``bi_count`` tokens. ``ppl_loss`` (L,) is the calibration LM loss with layer l dropped.
+    ``bi_count`` tokens. ``ppl_loss`` (L,) is the calibration LM loss with layer l dropped,
+    ``head_loss`` (L, n_heads) with one query head dropped.
     """
 
     meta: dict
@@ -80,6 +102,8 @@ class ImportanceScores:
     ppl_loss: torch.Tensor | None = None
     base_loss: float | None = None
     batch_agg: str = "l2"
+    norm_ms: dict[str, torch.Tensor] = field(default_factory=dict)
+    head_loss: torch.Tensor | None = None
 
     def site_scores(self, site: str, batch_agg: str | None = None) -> torch.Tensor:
         sum_x, sum_x2 = self.sums[site]
@@ -93,8 +117,26 @@ class ImportanceScores:
         """Neuron scores (L, f)."""
         return torch.stack([self.site_scores(f"mlp.{l}", batch_agg) for l in range(self.num_layers)])
 
-    def heads(self, batch_agg: str | None = None) -> torch.Tensor:
-        """Query-head scores (L, n_heads): per-channel scores, L2 over head_dim."""
+    def heads(self, batch_agg: str | None = None, metric: str = "input") -> torch.Tensor:
+        """Query-head scores (L, n_heads), higher = more important.
+
+        Args:
+            batch_agg: batch aggregation (default: the stored one).
+            metric: ``input`` (paper): per-channel scores of the o_proj input, L2 over head_dim;
+                ``output``: the head's contribution after o_proj (norm of ``W_o[:, h] @ a_h``);
+                ``loss``: calibration LM loss with the head dropped (needs ``head_loss=True``).
+        """
+        check_head_metric(metric)
+        if metric == "loss":
+            if self.head_loss is None:
+                raise ValueError("head metric 'loss' needs per-head loss scores; calibrate with "
+                                 "ImportanceConfig(head_loss=True) (CLI: --head-metric loss)")
+            return self.head_loss.clone()
+        if metric == "output":
+            if "attn_out.0" not in self.sums:
+                raise ValueError("head metric 'output' needs statistics this importance file lacks "
+                                 "(written by an older minitron); recompute the scores")
+            return torch.stack([self.site_scores(f"attn_out.{l}", batch_agg) for l in range(self.num_layers)])
         n_heads, head_dim = self.meta["num_attention_heads"], self.meta["head_dim"]
         per_channel = torch.stack([self.site_scores(f"attn.{l}", batch_agg) for l in range(self.num_layers)])
         return per_channel.view(self.num_layers, n_heads, head_dim).norm(dim=-1)
@@ -126,11 +168,14 @@ class ImportanceScores:
         for site, (sum_x, sum_x2) in self.sums.items():
             tensors[f"{site}.sum_x"] = sum_x.contiguous().cpu()
             tensors[f"{site}.sum_x2"] = sum_x2.contiguous().cpu()
+        for site, mean_sq in self.norm_ms.items():
+            tensors[f"{site}.norm_ms"] = mean_sq.contiguous().cpu()
         tensors["bi_cos_sum"] = self.bi_cos_sum.cpu()
-        if self.ppl_loss is not None:
-            tensors["ppl_loss"] = self.ppl_loss.cpu()
+        for name in ("ppl_loss", "head_loss"):
+            if getattr(self, name) is not None:
+                tensors[name] = getattr(self, name).contiguous().cpu()
         header = {
-            "meta": self.meta, "counts": self.counts, "bi_count": self.bi_count,
+            "meta": self.meta, "counts": self.counts, "bi_count": self.bi_count, "norm_sites": list(self.norm_ms),
             "base_loss": self.base_loss, "batch_agg": self.batch_agg, "format": "minitron-importance-v1",
         }
         path = Path(path)
@@ -158,6 +203,8 @@ class ImportanceScores:
                 meta=header["meta"], sums=sums, counts={k: int(v) for k, v in header["counts"].items()},
                 bi_cos_sum=tensors["bi_cos_sum"], bi_count=int(header["bi_count"]),
                 ppl_loss=tensors.get("ppl_loss"), base_loss=header.get("base_loss"), batch_agg=header["batch_agg"],
+                norm_ms={site: tensors[f"{site}.norm_ms"] for site in header.get("norm_sites", [])},
+                head_loss=tensors.get("head_loss"),
             )
         except Exception as e:  # noqa: BLE001 - garbage, truncated or foreign files: one line naming the file
             raise ValueError(f"{path} is not a readable minitron importance file ({e}); recreate it with "
@@ -180,6 +227,11 @@ def model_shape_meta(model: nn.Module) -> dict:
         "num_attention_heads": c.num_attention_heads, "num_key_value_heads": kv_heads_of(c),
         "num_hidden_layers": c.num_hidden_layers, "head_dim": head_dim_of(c),
     }
+
+
+def _layer_io(args: tuple, kwargs: dict, output) -> tuple[torch.Tensor, torch.Tensor]:
+    h_in = args[0] if args else kwargs["hidden_states"]
+    return h_in, layer_output(output)
 
 
 @torch.no_grad()
@@ -208,21 +260,45 @@ def collect_importance(
     if blocks.numel() == 0 or blocks.dim() != 2:
         raise ValueError("empty calibration data: blocks must be a non-empty LongTensor (n_blocks, seq_len)")
     check_token_ids(model, blocks, "calibration data")
+    if config.sink_tokens >= blocks.shape[1]:
+        raise ValueError(f"sink_tokens={config.sink_tokens} leaves no position of the {blocks.shape[1]}-token blocks")
     device = next(model.parameters()).device
     meta = model_shape_meta(model)
-    meta.update(seq_agg=config.seq_agg, num_samples=int(blocks.shape[0]), seq_len=int(blocks.shape[1]))
+    meta.update(seq_agg=config.seq_agg, num_samples=int(blocks.shape[0]), seq_len=int(blocks.shape[1]),
+                sink_tokens=config.sink_tokens, norm_stats=True)
+    sink = config.sink_tokens
+    n_heads = meta["num_attention_heads"]
 
+    norm_sq: dict[str, list] = {}  # site -> [sum over tokens of n^2 (D,), tokens]: RMSNorm input statistics
+
+    def norm_in_hook(name: str):
+        def hook(module, args):
+            sums, tokens = normalized_square_sum(args[0][:, sink:], norm_eps(module))
+            entry = norm_sq.setdefault(name, [torch.zeros_like(sums), 0])
+            entry[0] += sums
+            entry[1] += tokens
+        return hook
+
+    layers = decoder_layers(model, adapter)
+    norms = [(f"norm.{l}.{k}", layer.get_submodule(n)) for l, layer in enumerate(layers)
+             for k, n in enumerate(adapter.layer_norms)] + [("norm.final", model.get_submodule(adapter.final_norm))]
+    # per-head output contribution: (B, S, H) norms of W_o[:, h] @ a_h, aggregated like any other site
+    head_out = [(f"attn_out.{l}", layer.get_submodule(adapter.o_proj), n_heads,
+                 lambda m, a: head_output_norms(a, m.weight, n_heads)) for l, layer in enumerate(layers)]
+    handles = [norm.register_forward_pre_hook(norm_in_hook(name)) for name, norm in norms if is_rms_norm(norm)]
     was_training = model.training
     model.eval()
     base = model.get_submodule(adapter.layers.rsplit(".", 1)[0])  # the decoder stack: no lm_head, no logits
     try:
-        with CalibrationHooks(model, adapter, config.seq_agg) as hooks:
+        with CalibrationHooks(model, adapter, config.seq_agg, sink=sink, extra=head_out) as hooks:
             for start in tqdm(range(0, blocks.shape[0], config.batch_size), desc="calibration", disable=not progress):
                 batch = blocks[start : start + config.batch_size].to(device)  # (B, S)
-                hooks.begin_batch(*batch.shape)  # per-batch buffers allocated before the pass
+                hooks.begin_batch(batch.shape[0], batch.shape[1] - sink)  # per-batch buffers before the pass
                 base(input_ids=batch, use_cache=False)
                 hooks.end_batch()  # all sites' running sums updated at once
     finally:
+        for h in handles:
+            h.remove()
         model.train(was_training)
 
     scores = ImportanceScores(
@@ -232,22 +308,15 @@ def collect_importance(
         bi_cos_sum=hooks.bi_cos_sum.cpu(),
         bi_count=hooks.bi_count,
         batch_agg=config.batch_agg,
+        norm_ms={name: (total / max(tokens, 1)).cpu() for name, (total, tokens) in norm_sq.items()},
     )
     if config.depth_ppl:
         ppl_blocks = blocks[: config.ppl_max_blocks]
         scores.base_loss = lm_loss(model, ppl_blocks, config.batch_size, progress=False)
-        scores.ppl_loss = layer_drop_losses(model, ppl_blocks, config.batch_size, adapter, progress)
+        scores.ppl_loss = layer_drop_losses(model, ppl_blocks, config.batch_size, progress)
+    if config.head_loss:
+        scores.head_loss = head_drop_losses(model, blocks[: config.head_loss_blocks], config.batch_size, progress)
     return scores
-
-
-class _SkipLayer:
-    """Forward hook that turns a decoder layer into the identity (its output = its input)."""
-
-    def __call__(self, module, args, kwargs, output):
-        h_in, _ = _layer_io(args, kwargs, output)
-        if isinstance(output, tuple):
-            return (h_in, *output[1:])
-        return h_in
 
 
 @torch.no_grad()
@@ -256,7 +325,7 @@ def lm_loss(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8, progres
     """Mean next-token cross-entropy of ``model`` over ``blocks`` (n, S); exp() of it is the perplexity.
 
     Runs the decoder, then the chunked cross-entropy over ``chunk_size`` tokens at a time
-    (:func:`minitron.losses.cross_entropy.linear_cross_entropy_sum`): no (B, S, V) fp32 logits.
+    (:func:`minitron.losses.cross_entropy.next_token_loss_sum`): no (B, S, V) fp32 logits.
 
     Args:
         model: a supported causal LM (decoder stack + final norm + lm_head).
@@ -281,9 +350,9 @@ def lm_loss(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8, progres
         for start in tqdm(range(0, blocks.shape[0], batch_size), desc="eval", disable=not progress):
             batch = blocks[start : start + batch_size].to(device)  # (B, S)
             hidden = decoder(input_ids=batch, use_cache=False).last_hidden_state  # (B, S, H), normed
-            h = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (B*(S-1), H)
-            total += linear_cross_entropy_sum(h, weight, batch[:, 1:].reshape(-1), bias, chunk_size=chunk_size).item()
-            tokens += batch[:, 1:].numel()
+            batch_total, batch_tokens = next_token_loss_sum(hidden, batch, weight, bias, chunk_size)
+            total += batch_total
+            tokens += batch_tokens
     finally:
         model.train(was_training)
     return total / max(tokens, 1)
@@ -292,18 +361,3 @@ def lm_loss(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8, progres
 def perplexity(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8) -> float:
     """exp(mean LM loss) of ``model`` on ``blocks`` (n, seq_len)."""
     return math.exp(lm_loss(model, blocks, batch_size))
-
-
-def layer_drop_losses(
-    model: nn.Module, blocks: torch.Tensor, batch_size: int, adapter: FamilyAdapter, progress: bool = True
-) -> torch.Tensor:
-    """LM loss with each decoder layer removed in turn -> (L,); higher means the layer matters more."""
-    layers = decoder_layers(model, adapter)
-    losses = []
-    for layer in tqdm(layers, desc="depth (ppl)", disable=not progress):
-        handle = layer.register_forward_hook(_SkipLayer(), with_kwargs=True)
-        try:
-            losses.append(lm_loss(model, blocks, batch_size))
-        finally:
-            handle.remove()
-    return torch.tensor(losses, dtype=torch.float32)

@@ -37,6 +37,7 @@ On CUDA with Triton the per-site updates go to the fused kernels of
 from __future__ import annotations
 
 import math
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -153,18 +154,24 @@ class CalibrationHooks:
         seq_agg: ``mean`` | ``l2`` | ``var``.
         impl: ``auto`` (Triton kernels for CUDA activations when available, else the batched
             PyTorch path), ``reference`` (the batched PyTorch path) or ``triton``.
+        sink: leading positions of every sequence left out of the site statistics (attention
+            sinks); :meth:`begin_batch` then takes ``seq_len - sink``. Block Importance uses every position.
+        extra: more sites ``(name, module, dim, fn)`` read from ``module``'s input: ``fn(module, a)``
+            maps the (sink-trimmed) input (B, S, d) to the site's activation (B, S, dim).
     Attributes:
         counts: samples seen per site.
         bi_cos_sum: (L,) fp32 sum over tokens of cos(layer input, layer output).
         bi_count: tokens seen by the Block-Importance sums.
     """
 
-    def __init__(self, model: nn.Module, adapter: FamilyAdapter, seq_agg: str = "mean", impl: str = "auto") -> None:
+    def __init__(self, model: nn.Module, adapter: FamilyAdapter, seq_agg: str = "mean", impl: str = "auto",
+                 sink: int = 0, extra: Sequence[tuple[str, nn.Module, int, Callable]] = ()) -> None:
         check_aggregation("l2", seq_agg)
-        self.seq_agg, self.impl = seq_agg, impl
+        self.seq_agg, self.impl, self.sink = seq_agg, impl, sink
         self.device = next(model.parameters()).device
         self.layers = decoder_layers(model, adapter)
         self._targets: list[tuple[str, nn.Module, bool]] = []  # (site, module, reads its input)
+        self._transforms: dict[str, Callable] = {}
         hidden = model.config.hidden_size
         dims: dict[str, int] = {}
         for l, layer in enumerate(self.layers):
@@ -176,6 +183,10 @@ class CalibrationHooks:
                 dims[f"norm.{l}.{k}"] = hidden
         self._targets.append(("norm.final", model.get_submodule(adapter.final_norm), False))
         dims["norm.final"] = hidden
+        for name, module, dim, fn in extra:
+            self._targets.append((name, module, True))
+            dims[name] = dim
+            self._transforms[name] = fn
         # all sites' running sums live in two fused fp32 vectors; site s owns [offset, offset + dim)
         self.offsets, total = {}, 0
         for site, _, _ in self._targets:
@@ -260,16 +271,23 @@ class CalibrationHooks:
     def __enter__(self) -> "CalibrationHooks":
         for site, module, reads_input in self._targets:
             if reads_input:
-                hook = lambda m, args, site=site: self._site(site, args[0])  # noqa: E731
+                hook = lambda m, args, site=site: self._site(site, self._trim(site, m, args[0]))  # noqa: E731
                 self._handles.append(module.register_forward_pre_hook(hook))
             else:
-                hook = lambda m, args, out, site=site: self._site(site, out)  # noqa: E731
+                hook = lambda m, args, out, site=site: self._site(site, self._trim(site, m, out))  # noqa: E731
                 self._handles.append(module.register_forward_hook(hook))
         for l, layer in enumerate(self.layers):
             def block_hook(m, args, kwargs, output, l=l):
                 self._block(l, *_layer_io(args, kwargs, output))
             self._handles.append(layer.register_forward_hook(block_hook, with_kwargs=True))
         return self
+
+    def _trim(self, site: str, module: nn.Module, act: torch.Tensor) -> torch.Tensor:
+        """The site's activation: sink positions dropped, then the site's transform if it has one."""
+        if self.sink:
+            act = act[:, self.sink :]
+        fn = self._transforms.get(site)
+        return fn(module, act) if fn is not None else act
 
     def __exit__(self, *exc) -> None:
         for h in self._handles:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["linear_cross_entropy", "linear_cross_entropy_sum"]
+__all__ = ["linear_cross_entropy", "linear_cross_entropy_sum", "next_token_loss_sum"]
 
 
 def _ce_chunk(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, y: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -77,3 +77,23 @@ def linear_cross_entropy_sum(
         else:
             total = total + _ce_chunk(h, weight, bias, y, ignore_index)
     return total
+
+
+def next_token_loss_sum(
+    hidden: torch.Tensor,  # (B, S, H) final (normed) hidden states
+    ids: torch.Tensor,  # (B, S) the token ids they were computed from
+    weight: torch.Tensor,  # (V, H)
+    bias: torch.Tensor | None = None,  # (V,)
+    chunk_size: int = 1024,
+) -> tuple[float, int]:
+    """Summed next-token cross-entropy of a block batch: position s predicts token s + 1.
+
+    Returns:
+        ``(total, tokens)``: the summed loss (nats, a Python float) and the number of predicted tokens.
+    Example:
+        >>> next_token_loss_sum(torch.randn(2, 5, 8), torch.randint(0, 50, (2, 5)), torch.randn(50, 8))[1]
+        8
+    """
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (B*(S-1), H)
+    labels = ids[:, 1:].reshape(-1)  # (B*(S-1),)
+    return linear_cross_entropy_sum(h, weight, labels, bias, chunk_size=chunk_size).item(), labels.numel()
