@@ -274,7 +274,10 @@ def bench_importance(dev: str, sz: dict, table: Table) -> None:
     model = LlamaForCausalLM(cfg).to(dev, dtype).eval()
     ids = torch.randint(0, cfg.vocab_size, (h["batch"], h["seq"]), device=dev)
     plain = bi.timed(model, ids, h["iters"], dev)
-    setting = f"Llama h={h['hidden']} L={h['layers']}, {h['batch']}x{h['seq']}"
+    # NB: a full forward including a 32000-vocab lm_head, hooked per site with accumulate_; the honest
+    # calibration comparison (decoder only, minitron's batched hooks) is the `calib` row and
+    # benchmarks/calib_inplace_real.py
+    setting = f"Llama h={h['hidden']} L={h['layers']}, {h['batch']}x{h['seq']}, forward incl. lm_head"
     table.add("importance hooks, forward", "plain (no hooks)", setting, f"{plain:.1f} ms", 1.0)
     for impl in impls:
         handles, _ = bi.add_hooks(model, impl)

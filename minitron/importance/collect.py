@@ -243,6 +243,11 @@ def collect_importance(
 ) -> ImportanceScores:
     """Run calibration forward passes and return raw importance statistics.
 
+    The passes run the decoder stack only (embeddings, layers, final norm): no lm_head and no
+    logits, which no importance site needs. Only ``config.depth_ppl`` evaluates the LM loss,
+    through the chunked cross-entropy (:func:`lm_loss`). The hooks are
+    :class:`minitron.importance.hooks.CalibrationHooks` (batched per-site updates).
+
     Args:
         model: a supported Hugging Face causal LM (left unchanged).
         blocks: LongTensor (n, seq_len) of calibration token ids (see :func:`minitron.data.load_text_blocks`).
