@@ -30,8 +30,9 @@ Parts (each measurement in a fresh subprocess, ``OMP_NUM_THREADS`` = ``--threads
    all N samples, and between two disjoint draws of n samples.
 
 Usage:
-    python benchmarks/calib_inplace_real.py                      # all parts, all models (~1 h on 2 shared cores)
+    python benchmarks/calib_inplace_real.py                      # all parts, all models (~1.5 h on 2 shared cores)
     python benchmarks/calib_inplace_real.py --models smollm2-135m --parts hooks
+    python benchmarks/calib_inplace_real.py --render             # rewrite the markdown from the JSON
 """
 
 from __future__ import annotations
@@ -363,7 +364,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker (1: steadier on a shared CPU)")
     ap.add_argument("--ckpt-dir", default="/tmp/minitron-bench-ckpt")
     ap.add_argument("--convergence-samples", type=int, default=256)
-    ap.add_argument("--out", default=str(RESULTS / "calib_inplace_real.json"))
+    ap.add_argument("--out", default=str(RESULTS / "calib_inplace_real.json"), help="results JSON (parts merge into it); "
+                    "the markdown is written next to it")
     ap.add_argument("--render", action="store_true", help="only rewrite the markdown from --out's JSON")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--spec", default="{}", help=argparse.SUPPRESS)
