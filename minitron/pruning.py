@@ -141,8 +141,7 @@ def nearest_multiples(value: int, divisor: int, upper: int) -> list[int]:
         [378, 387]
     """
     below = value // divisor * divisor
-    candidates = [below, below + divisor]
-    return [m for m in candidates if divisor <= m <= upper] or [min(max(divisor, below), upper // divisor * divisor)]
+    return [m for m in (below, below + divisor) if divisor <= m <= upper] or [divisor]
 
 
 @dataclass
