@@ -68,3 +68,10 @@ def test_prune_kv_groups_explicit(tmp_path, capsys):
     assert (config["num_attention_heads"], config["num_key_value_heads"]) == (4, 2)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "kv")
     assert model.model.layers[0].self_attn.k_proj.weight.shape == (2 * 32, 256)
+
+
+def test_prune_criteria_flags(tmp_path, capsys):
+    assert main(["prune", "--heads", "4", "--hidden-size", "192", "--head-metric", "loss", "--head-residual",
+                 "--no-norm-rescale", "--depth-metric", "bi", "--out", str(tmp_path / "h"), *FAST]) == 0
+    config = last_json(capsys.readouterr().out)["config"]
+    assert (config["num_attention_heads"], config["hidden_size"]) == (4, 192)
