@@ -38,8 +38,10 @@ def main() -> None:
     valid = load_text_blocks([builtin_text("valid")], tok, args.seq_len)
     scores = minitron.collect_importance(teacher, train[:256], progress=False)
     students = {
-        "width (`--params 0.5`)": minitron.prune(teacher, target=minitron.target_for_budget(teacher, 0.5), scores=scores),
-        "depth (4 of 8 layers, BI)": minitron.prune(teacher, target=minitron.Target(num_hidden_layers=4), scores=scores),
+        "width (`--params 0.5`)": minitron.prune(teacher, target=minitron.target_for_budget(teacher, 0.5), scores=scores,
+                                                   norm_rescale=False),
+        "depth (4 of 8 layers, BI)": minitron.prune(teacher, target=minitron.Target(num_hidden_layers=4), scores=scores,
+                                                    depth_metric="bi"),
     }
     teacher_ppl = minitron.perplexity(teacher, valid)
     rows = []

@@ -44,8 +44,8 @@ from torch import nn
 from .adapters import get_adapter, kv_heads_of
 from .data import load_text_blocks
 from .importance.collect import ImportanceConfig, ImportanceScores, collect_importance, lm_loss
-from .pruner import _tokenizer_for, prune
-from .pruning import Target, count_parameters
+from .pruner import _tokenizer_for, loss_scores_for, prune
+from .pruning import DEFAULT_DEPTH_METRIC, DEFAULT_HEAD_METRIC, Target, count_parameters
 from .sizing import target_parameters
 from .validate import (check_count, check_device, check_finite_scores, check_finite_weights, check_seq_len,
                        non_negative_int, positive_int)
@@ -356,7 +356,9 @@ def search(
         num_samples: calibration blocks.
         eval_blocks: at most this many validation blocks (None = all).
         batch_size: blocks per batch for calibration, evaluation and (default) retraining.
-        importance: calibration options (default :class:`ImportanceConfig` with ``batch_size``).
+        importance: calibration options (default :class:`ImportanceConfig` with ``batch_size``); the
+            loss-based scores of the default criteria (layer-drop losses when layers are searched)
+            are switched on.
         keep_candidates: keep every retrained candidate's checkpoint under ``runs/``
             (default: only the best is kept, in ``best/``).
         overwrite: allow an ``output_dir`` that is neither new, empty nor a previous search output;
@@ -419,7 +421,11 @@ def search(
     timings: dict[str, float] = {}
     t0 = time.time()
     if scores is None:
-        importance = importance or ImportanceConfig(batch_size=batch_size)
+        # the loss-based scores the default criteria need for the most-pruned heads / layers
+        smallest = Target(num_attention_heads=min(c.num_attention_heads for c in candidates),
+                          num_hidden_layers=min(c.num_hidden_layers for c in candidates))
+        importance = loss_scores_for(importance or ImportanceConfig(batch_size=batch_size), smallest, model.config,
+                                     DEFAULT_DEPTH_METRIC, DEFAULT_HEAD_METRIC)
         calib = blocks_of(calib_data, num_samples)
         scores = collect_importance(model, calib, importance, progress=progress)
     scores.check_matches(model)

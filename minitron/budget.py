@@ -69,6 +69,8 @@ def budget_candidates(
     hidden_fractions: Sequence[float] = HIDDEN_FRACTIONS,
     hidden_divisor: int | None = None,
     ffn_divisor: int | None = None,
+    num_attention_heads: int | None = None,
+    num_hidden_layers: int | None = None,
 ) -> list[BudgetCandidate]:
     """Shapes within the budget: for each hidden size, the largest FFN that fits.
 
@@ -80,6 +82,8 @@ def budget_candidates(
         hidden_divisor: hidden_size stays a multiple of this (default: lcm of the head count and
             64 for hidden >= 1024, else 8, as :func:`minitron.sizing.target_for_budget`).
         ffn_divisor: intermediate_size stays a multiple of this (default: 2x hidden_divisor).
+        num_attention_heads / num_hidden_layers: prune these axes too, to the given size, in every
+            candidate (default: kept).
     Returns:
         The candidates, largest hidden first; hidden sizes the config class rejects, or where no
         FFN fits, are left out.
@@ -99,10 +103,13 @@ def budget_candidates(
         ffn_sizes.append(config.intermediate_size)
     out = []
     for hidden in hidden_sizes:
-        if not _accepted(config, Target(hidden_size=hidden)):  # e.g. Llama needs hidden % heads == 0
+        def make(ffn: int, hidden: int = hidden) -> Target:
+            return Target(hidden_size=hidden, intermediate_size=ffn, num_attention_heads=num_attention_heads,
+                          num_hidden_layers=num_hidden_layers)
+
+        if not _accepted(config, make(config.intermediate_size)):  # e.g. Llama needs hidden % heads == 0
             continue
-        target = _largest_fitting(model, budget, lambda f, h=hidden: Target(hidden_size=h, intermediate_size=f),
-                                  ffn_sizes)
+        target = _largest_fitting(model, budget, make, ffn_sizes)
         if target is not None:
             out.append(BudgetCandidate(target, target_parameters(model, target)))
     if not out:
@@ -121,6 +128,8 @@ def choose_budget_target(
     hidden_fractions: Sequence[float] = HIDDEN_FRACTIONS,
     hidden_divisor: int | None = None,
     ffn_divisor: int | None = None,
+    num_attention_heads: int | None = None,
+    num_hidden_layers: int | None = None,
     batch_size: int = 8,
     plan_options: dict | None = None,
     progress: bool = False,
@@ -132,7 +141,8 @@ def choose_budget_target(
         params: a fraction of its parameters (``<= 1``) or an absolute count.
         scores: importance statistics of ``model``.
         blocks: LongTensor (n, S) of calibration ids scoring each candidate (a few blocks suffice).
-        hidden_fractions / hidden_divisor / ffn_divisor: the candidates (:func:`budget_candidates`).
+        hidden_fractions / hidden_divisor / ffn_divisor / num_attention_heads / num_hidden_layers:
+            the candidates (:func:`budget_candidates`).
         batch_size: blocks per forward.
         plan_options: keyword arguments of :func:`minitron.pruning.make_plan` (criteria, norm rescale).
         progress: print one line per candidate.
@@ -142,7 +152,8 @@ def choose_budget_target(
     Example:
         >>> target, table = choose_budget_target(model, 0.5, scores, calib_blocks[:8])
     """
-    candidates = budget_candidates(model, params, hidden_fractions, hidden_divisor, ffn_divisor)
+    candidates = budget_candidates(model, params, hidden_fractions, hidden_divisor, ffn_divisor, num_attention_heads,
+                                   num_hidden_layers)
     for c in candidates:
         plan = make_plan(scores, c.target, model.config, **(plan_options or {}))
         c.loss = lm_loss(apply_plan(model, plan), blocks, batch_size)

@@ -50,7 +50,9 @@ def _input_paths(model: Any, model_gguf: str | None, *data: Any) -> list[Any]:
 
 
 def _add_prune_arguments(p: argparse.ArgumentParser) -> None:
+    from .importance.heads import HEAD_METRICS
     from .models import DEFAULT_MODEL
+    from .pruning import DEFAULT_DEPTH_METRIC, DEFAULT_HEAD_METRIC, DEFAULT_HEAD_RESIDUAL, DEFAULT_NORM_RESCALE
 
     add_model_arguments(p, DEFAULT_MODEL)
     p.add_argument("--calib", default=BUILTIN, help=".txt/.jsonl calibration text (default: built-in corpus)")
@@ -74,7 +76,16 @@ def _add_prune_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--params", type=float, help="parameter budget: a fraction <= 1 or an absolute count "
                    "(width first; default 0.5 when no target is given)")
     i = p.add_argument_group("importance")
-    i.add_argument("--depth-metric", choices=("bi", "ppl"), default="bi")
+    i.add_argument("--depth-metric", choices=("ppl", "bi"), default=DEFAULT_DEPTH_METRIC,
+                   help="ppl: LM loss with the layer dropped; bi: Block Importance (the paper's)")
+    i.add_argument("--head-metric", choices=HEAD_METRICS, default=DEFAULT_HEAD_METRIC,
+                   help="output: each head's contribution after o_proj; input: the paper's o_proj-input "
+                   "criterion; loss: LM loss with the head dropped")
+    i.add_argument("--norm-rescale", action=argparse.BooleanOptionalAction, default=DEFAULT_NORM_RESCALE,
+                   help="after hidden pruning, scale the RMSNorm weights by the calibrated kept/full RMS ratio")
+    i.add_argument("--head-residual", action=argparse.BooleanOptionalAction, default=DEFAULT_HEAD_RESIDUAL,
+                   help="fold dropped heads' o_proj columns into the kept heads of their KV group (the paper's "
+                   "head residual)")
     i.add_argument("--depth-mode", choices=("scattered", "contiguous"), default="scattered")
     i.add_argument("--batch-agg", choices=("l2", "mean", "var"), default="l2")
     i.add_argument("--seq-agg", choices=("mean", "l2", "var"), default="mean")
@@ -106,6 +117,7 @@ def run_prune(args: argparse.Namespace) -> int:
     import minitron
     from minitron.data import builtin_text, load_text_blocks
     from minitron.outputs import check_output_dir, check_output_file, write_output_dir
+    from minitron.pruner import loss_scores_for
     from minitron.validate import check_device, check_finite_weights, check_seq_len, is_importance_file
 
     from minitron.models import load_model
@@ -141,19 +153,24 @@ def run_prune(args: argparse.Namespace) -> int:
         before_ppl = minitron.perplexity(model, eval_blocks, args.batch_size)
     before_params = minitron.count_parameters(model)
 
-    importance = minitron.ImportanceConfig(seq_agg=args.seq_agg, batch_agg=args.batch_agg, batch_size=args.batch_size,
-                                           depth_ppl=args.depth_metric == "ppl")
-    if scores is None and args.method == "activation":
+    blocks = None
+    if args.method == "activation":  # calibration, and the measurement of --params shapes
         blocks = load_text_blocks(_calib_source(args.calib), tokenizer, args.seq_len, args.num_samples,
                                   chat_template=args.chat_template)
+    importance = loss_scores_for(
+        minitron.ImportanceConfig(seq_agg=args.seq_agg, batch_agg=args.batch_agg, batch_size=args.batch_size),
+        target or minitron.Target(), model.config, args.depth_metric, args.head_metric)
+    if scores is None and args.method == "activation":
         scores = minitron.collect_importance(model, blocks, importance, progress=not args.no_progress)
         if args.save_scores:
             scores.save(args.save_scores)
             print(f"importance statistics written to {args.save_scores}")
     pruned = minitron.prune(
-        model, target=target, params=params if target is None else None, scores=scores, batch_agg=args.batch_agg,
-        depth_metric=args.depth_metric, depth_mode=args.depth_mode, method=args.method, inplace=args.inplace,
-        progress=not args.no_progress,
+        model, blocks, target=target, params=params if target is None else None, scores=scores, importance=importance,
+        seq_len=args.seq_len, num_samples=args.num_samples,
+        depth_metric=args.depth_metric, depth_mode=args.depth_mode, head_metric=args.head_metric,
+        norm_rescale=args.norm_rescale, head_residual=args.head_residual, method=args.method,
+        inplace=args.inplace, progress=not args.no_progress,
     )
 
     def write(tmp: Path) -> None:

@@ -13,7 +13,8 @@ from .adapters import get_adapter
 from .budget import choose_budget_target
 from .data import load_text_blocks
 from .importance.collect import ImportanceConfig, ImportanceScores, collect_importance
-from .pruning import DEFAULT_DEPTH_METRIC, DEFAULT_HEAD_METRIC, Target, apply_plan, count_parameters, make_plan, random_plan
+from .pruning import (DEFAULT_DEPTH_METRIC, DEFAULT_HEAD_METRIC, DEFAULT_HEAD_RESIDUAL, DEFAULT_NORM_RESCALE, Target,
+                      apply_plan, count_parameters, make_plan, random_plan)
 from .sizing import target_for_budget
 from .validate import check_count, check_finite_scores, check_finite_weights, check_seq_len
 
@@ -71,8 +72,8 @@ def prune(
     depth_metric: str = DEFAULT_DEPTH_METRIC,
     depth_mode: str = "scattered",
     head_metric: str = DEFAULT_HEAD_METRIC,
-    norm_rescale: bool = False,
-    head_residual: bool = False,
+    norm_rescale: bool = DEFAULT_NORM_RESCALE,
+    head_residual: bool = DEFAULT_HEAD_RESIDUAL,
     budget_blocks: int = 8,
     method: str = "activation",
     seed: int = 0,
@@ -99,13 +100,16 @@ def prune(
         seq_len: calibration block length in tokens.
         num_samples: calibration blocks used (official default 1024).
         batch_agg: batch aggregation override (``l2`` | ``mean`` | ``var``).
-        depth_metric: ``bi`` (Block Importance) or ``ppl`` (LM loss with the layer dropped).
+        depth_metric: ``ppl`` (LM loss with the layer dropped; default, ~L/2 extra forwards over
+            ``importance.ppl_max_blocks`` blocks when layers are pruned) or ``bi`` (Block Importance,
+            the paper's; free).
         depth_mode: ``scattered`` or ``contiguous`` layer removal.
-        head_metric: ``input`` (the paper's o_proj-input criterion), ``output`` (each head's
-            contribution after o_proj) or ``loss`` (LM loss with the head dropped).
-        norm_rescale: after hidden pruning, scale RMSNorm weights by the calibrated kept/full RMS ratio.
+        head_metric: ``output`` (each head's contribution after o_proj; default), ``input`` (the
+            paper's o_proj-input criterion) or ``loss`` (LM loss with the head dropped).
+        norm_rescale: after hidden pruning, scale RMSNorm weights by the calibrated kept/full RMS
+            ratio (default on).
         head_residual: the paper's head residual: fold dropped heads' o_proj columns into the kept
-            heads of their KV group.
+            heads of their KV group (default on).
         budget_blocks: calibration blocks that score each ``params`` candidate shape.
         method: ``activation`` (Minitron importance) or ``random`` (baseline of the same size).
         seed: seed of the random baseline.
@@ -151,6 +155,8 @@ def prune(
         batch_agg = importance.batch_agg
     options = dict(batch_agg=batch_agg, depth_metric=depth_metric, depth_mode=depth_mode, head_metric=head_metric,
                    norm_rescale=norm_rescale, head_residual=head_residual)
+    if target is not None:  # before any data is read
+        target.validate(model.config, divisors)
     blocks = None
     if method == "activation" and calib_data is not None and (scores is None or target is None):
         check_count("num_samples", num_samples)
@@ -163,7 +169,7 @@ def prune(
             scores = scores or collect_importance(model, blocks, importance or ImportanceConfig(), progress=progress)
             target, _ = choose_budget_target(model, params, scores, blocks[:budget_blocks], plan_options=options,
                                              batch_size=(importance or ImportanceConfig()).batch_size)
-    target.validate(model.config, divisors)
+        target.validate(model.config, divisors)
 
     if method == "random":
         plan = random_plan(model.config, target, seed)

@@ -31,17 +31,19 @@ import torch
 from torch import nn
 
 from .adapters import FamilyAdapter, get_adapter, head_dim_of, kv_heads_of
-from .importance.collect import ImportanceScores
+from .importance.collect import DEFAULT_DEPTH_METRIC, ImportanceScores
+from .importance.heads import DEFAULT_HEAD_METRIC, check_head_metric
 from .inplace import apply_plan_inplace
-from .importance.heads import check_head_metric
 from .importance.norms import rescale_factor
 from .ops.gather import compact_
 
 logger = logging.getLogger(__name__)
 
 DEPTH_MODES = ("scattered", "contiguous")
-DEFAULT_DEPTH_METRIC = "bi"
-DEFAULT_HEAD_METRIC = "input"
+# Defaults measured on SmolLM2-135M (benchmarks/results/prune_quality_real.md); the paper's
+# criteria stay available by name: depth_metric="bi", head_metric="input", no rescale, no residual.
+DEFAULT_NORM_RESCALE = True
+DEFAULT_HEAD_RESIDUAL = True
 
 
 @dataclass
@@ -196,8 +198,8 @@ def make_plan(
     depth_metric: str = DEFAULT_DEPTH_METRIC,
     depth_mode: str = "scattered",
     head_metric: str = DEFAULT_HEAD_METRIC,
-    norm_rescale: bool = False,
-    head_residual: bool = False,
+    norm_rescale: bool = DEFAULT_NORM_RESCALE,
+    head_residual: bool = DEFAULT_HEAD_RESIDUAL,
 ) -> PrunePlan:
     """Turn importance scores and a target into keep-indices.
 
@@ -206,13 +208,15 @@ def make_plan(
         target: the architecture to reach (validated against ``config``).
         config: the model's config.
         batch_agg: batch aggregation (default: the one stored with the scores).
-        depth_metric: ``bi`` (Block Importance) or ``ppl`` (LM loss with the layer dropped).
+        depth_metric: ``ppl`` (LM loss with the layer dropped; default) or ``bi`` (Block
+            Importance, the paper's).
         depth_mode: ``scattered`` or ``contiguous``.
-        head_metric: ``input`` (the paper's o_proj-input criterion), ``output`` (contribution
-            after o_proj) or ``loss`` (LM loss with the head dropped).
+        head_metric: ``output`` (contribution after o_proj; default), ``input`` (the paper's
+            o_proj-input criterion) or ``loss`` (LM loss with the head dropped).
         norm_rescale: after hidden pruning, scale each RMSNorm weight by the calibrated
-            kept/full RMS ratio of its input.
-        head_residual: fold dropped heads' o_proj columns into the kept heads of their group.
+            kept/full RMS ratio of its input (default on).
+        head_residual: fold dropped heads' o_proj columns into the kept heads of their group
+            (the paper's head residual; default on).
     Returns:
         A :class:`PrunePlan`.
 

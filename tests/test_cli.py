@@ -123,3 +123,10 @@ def test_distill_builtin_job_defaults_run(tmp_path, capsys):
     teacher, _ = load_model("builtin-tiny")
     assert minitron.count_parameters(student) <= 0.5 * minitron.count_parameters(teacher)
     assert (out / "final" / "tokenizer.json").exists()
+
+
+def test_prune_criteria_flags(tmp_path, capsys):
+    assert main(["prune", "--heads", "4", "--hidden-size", "192", "--head-metric", "loss", "--head-residual",
+                 "--no-norm-rescale", "--depth-metric", "bi", "--out", str(tmp_path / "h"), *FAST]) == 0
+    config = last_json(capsys.readouterr().out)["config"]
+    assert (config["num_attention_heads"], config["hidden_size"]) == (4, 192)

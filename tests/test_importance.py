@@ -51,7 +51,7 @@ def test_scores_match_direct_formulas(family, batch_agg, seq_agg, calib_ids):
     expected_mlp = torch.stack([direct(f"mlp.{l}") for l in range(L)])
     torch.testing.assert_close(scores.mlp(), expected_mlp, rtol=1e-4, atol=1e-6)
     expected_heads = torch.stack([direct(f"attn.{l}").view(H, hd).norm(dim=-1) for l in range(L)])
-    torch.testing.assert_close(scores.heads(), expected_heads, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(scores.heads(metric="input"), expected_heads, rtol=1e-4, atol=1e-6)
     norm_sites = [f"norm.{l}.{k}" for l in range(L) for k in range(2)] + ["norm.final"]
     expected_hidden = sum(direct(s) for s in norm_sites)
     torch.testing.assert_close(scores.hidden(), expected_hidden, rtol=1e-4, atol=1e-6)

@@ -22,7 +22,8 @@ def logits(model, ids):
 
 
 def scores_for(model, ids):
-    return minitron.collect_importance(model, ids, minitron.ImportanceConfig(batch_size=4), progress=False)
+    return minitron.collect_importance(model, ids, minitron.ImportanceConfig(batch_size=4, depth_ppl=True),
+                                       progress=False)
 
 
 def masked_reference(model, ids, plan: PrunePlan):
@@ -71,7 +72,7 @@ def test_pruned_equals_masked_original(family, calib_ids, target):
     model = make_model(family)
     if target.num_attention_heads and model.config.num_key_value_heads == 6:
         target = Target(num_attention_heads=target.num_attention_heads * 3 if target.num_attention_heads == 2 else 6)
-    plan = make_plan(scores_for(model, calib_ids), target, model.config)
+    plan = make_plan(scores_for(model, calib_ids), target, model.config, head_residual=False)
     pruned = apply_plan(model, plan)
     expected = masked_reference(model, calib_ids, plan)
     torch.testing.assert_close(logits(pruned, calib_ids), expected, atol=ATOL, rtol=1e-4)
@@ -99,7 +100,7 @@ def sliced_reference_state(model, plan: PrunePlan) -> dict[str, torch.Tensor]:
 
 def test_hidden_pruning_matches_sliced_reference(family, calib_ids):
     model = make_model(family)
-    plan = make_plan(scores_for(model, calib_ids), Target(hidden_size=36), model.config)
+    plan = make_plan(scores_for(model, calib_ids), Target(hidden_size=36), model.config, norm_rescale=False)
     assert plan.hidden.numel() == 36 and torch.all(plan.hidden[1:] > plan.hidden[:-1])
     pruned = apply_plan(model, plan)
     reference = copy.deepcopy(pruned)
@@ -198,7 +199,7 @@ def test_kv_group_pruning_is_explicit_and_equals_masked_original(family, calib_i
     kv, head_dim = model.config.num_key_value_heads, 8
     target = Target(num_attention_heads=2, num_key_value_heads=1) if kv == 2 else Target(num_attention_heads=3, num_key_value_heads=3)
     scores = scores_for(model, calib_ids)
-    plan = make_plan(scores, target, model.config)
+    plan = make_plan(scores, target, model.config, head_residual=False)
     group = model.config.num_attention_heads // kv
     for l, groups in plan.kv_groups.items():
         assert all(int(h) // group in groups.tolist() for h in plan.heads[l])  # query heads of kept groups only
@@ -226,7 +227,7 @@ def test_every_head_metric_prunes_to_the_masked_original(calib_ids, head_metric)
     model = make_model("mistral")
     scores = minitron.collect_importance(model, calib_ids, minitron.ImportanceConfig(batch_size=4, head_loss=True),
                                          progress=False)
-    plan = make_plan(scores, Target(num_attention_heads=4), model.config, head_metric=head_metric)
+    plan = make_plan(scores, Target(num_attention_heads=4), model.config, head_metric=head_metric, head_residual=False)
     ranked = scores.heads(metric=head_metric).view(4, 2, 3)  # (L, kv, g)
     for l, kept in plan.heads.items():  # in every group the weakest head by this metric is the one dropped
         dropped = sorted(set(range(6)) - set(kept.tolist()))
@@ -311,7 +312,8 @@ def test_head_residual_equals_original_with_dropped_heads_replaced_by_their_grou
         for h in handles:
             h.remove()
     torch.testing.assert_close(logits(pruned, calib_ids), expected, atol=ATOL, rtol=1e-4)
-    plain = logits(apply_plan(model, make_plan(scores_for(model, calib_ids), target, model.config)), calib_ids)
+    plain = logits(apply_plan(model, make_plan(scores_for(model, calib_ids), target, model.config, head_residual=False)),
+                   calib_ids)
     if kv == 2:  # GQA: the folded columns change the model
         assert not torch.allclose(plain, expected, atol=1e-3)
     else:  # MHA: whole KV groups (of one head) are dropped, no kept head shares their values: nothing to fold

@@ -35,13 +35,14 @@ from ..losses.cross_entropy import next_token_loss_sum
 from ..validate import check_token_ids
 from .ablation import head_drop_losses, layer_drop_losses, layer_output
 from .aggregate import check_aggregation, finalize
-from .heads import check_head_metric, head_output_norms
+from .heads import DEFAULT_HEAD_METRIC, check_head_metric, head_output_norms
 from .hooks import CalibrationHooks
 from .norms import is_rms_norm, norm_eps, normalized_square_sum
 
 logger = logging.getLogger(__name__)
 
-DEPTH_METRICS = ("bi", "ppl")
+DEPTH_METRICS = ("ppl", "bi")
+DEFAULT_DEPTH_METRIC = "ppl"  # measured best on SmolLM2-135M (benchmarks/results/prune_quality_real.md)
 
 
 @dataclass
@@ -117,13 +118,13 @@ class ImportanceScores:
         """Neuron scores (L, f)."""
         return torch.stack([self.site_scores(f"mlp.{l}", batch_agg) for l in range(self.num_layers)])
 
-    def heads(self, batch_agg: str | None = None, metric: str = "input") -> torch.Tensor:
+    def heads(self, batch_agg: str | None = None, metric: str = DEFAULT_HEAD_METRIC) -> torch.Tensor:
         """Query-head scores (L, n_heads), higher = more important.
 
         Args:
             batch_agg: batch aggregation (default: the stored one).
-            metric: ``input`` (paper): per-channel scores of the o_proj input, L2 over head_dim;
-                ``output``: the head's contribution after o_proj (norm of ``W_o[:, h] @ a_h``);
+            metric: ``output`` (default): the head's contribution after o_proj (norm of ``W_o[:, h] @ a_h``);
+                ``input`` (paper): per-channel scores of the o_proj input, L2 over head_dim;
                 ``loss``: calibration LM loss with the head dropped (needs ``head_loss=True``).
         """
         check_head_metric(metric)
@@ -146,10 +147,11 @@ class ImportanceScores:
         sites = [s for s in self.sums if s.startswith("norm.")]
         return torch.stack([self.site_scores(s, batch_agg) for s in sites]).sum(dim=0)
 
-    def depth(self, metric: str = "bi") -> torch.Tensor:
+    def depth(self, metric: str = DEFAULT_DEPTH_METRIC) -> torch.Tensor:
         """Layer scores (L,), higher = more important.
 
-        ``bi``: Block Importance ``1 - mean cos(h_in, h_out)``; ``ppl``: LM loss with the layer removed.
+        ``ppl`` (default): LM loss with the layer removed (needs ``depth_ppl=True``); ``bi``: Block
+        Importance ``1 - mean cos(h_in, h_out)`` (the paper's).
         """
         if metric == "bi":
             return 1.0 - self.bi_cos_sum / max(self.bi_count, 1)
@@ -157,7 +159,8 @@ class ImportanceScores:
             if self.ppl_loss is None:
                 raise ValueError(
                     "depth metric 'ppl' needs per-layer perplexity scores; calibrate with "
-                    "ImportanceConfig(depth_ppl=True) (CLI: --depth-metric ppl)"
+                    "ImportanceConfig(depth_ppl=True), or rank layers by Block Importance with depth_metric='bi' "
+                    "(CLI: --depth-metric bi)"
                 )
             return self.ppl_loss.clone()
         raise ValueError(f"unknown depth metric {metric!r}; allowed values: {', '.join(DEPTH_METRICS)}")

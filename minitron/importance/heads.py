@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 HEAD_METRICS = ("output", "input", "loss")
+DEFAULT_HEAD_METRIC = "output"  # measured best on SmolLM2-135M (benchmarks/results/prune_quality_real.md)
 
 
 def check_head_metric(metric: str) -> None:
