@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .importance.collect import ImportanceScores, lm_loss
+from .masked_eval import masked_plan
 from .pruning import Target, apply_plan, make_plan
 from .sizing import budget_of, target_parameters
 
@@ -132,6 +133,7 @@ def choose_budget_target(
     num_hidden_layers: int | None = None,
     batch_size: int = 8,
     plan_options: dict | None = None,
+    masked: bool = False,
     progress: bool = False,
 ) -> tuple[Target, list[BudgetCandidate]]:
     """Pick the budget shape with the lowest calibration loss right after pruning.
@@ -145,6 +147,9 @@ def choose_budget_target(
             the candidates (:func:`budget_candidates`).
         batch_size: blocks per forward.
         plan_options: keyword arguments of :func:`minitron.pruning.make_plan` (criteria, norm rescale).
+        masked: score each candidate on ``model`` itself under :func:`minitron.masked_eval.masked_plan`
+            (the same loss, no pruned copy: peak memory stays ~1x the model, for in-place pruning)
+            instead of on a pruned copy (faster: the copy's forwards are narrower).
         progress: print one line per candidate.
     Returns:
         ``(target, candidates)``, every candidate with its loss.
@@ -156,7 +161,11 @@ def choose_budget_target(
                                    num_hidden_layers)
     for c in candidates:
         plan = make_plan(scores, c.target, model.config, **(plan_options or {}))
-        c.loss = lm_loss(apply_plan(model, plan), blocks, batch_size)
+        if masked and (plan.layers is None and not plan.kv_groups and not (plan.head_residual and plan.heads)):
+            with masked_plan(model, plan):
+                c.loss = lm_loss(model, blocks, batch_size)
+        else:
+            c.loss = lm_loss(apply_plan(model, plan), blocks, batch_size)
         if progress:
             print(f"  params={params}: hidden {c.target.hidden_size}, FFN {c.target.intermediate_size}: "
                   f"calibration loss {c.loss:.4f}")

@@ -167,8 +167,9 @@ def prune(
             target = target_for_budget(model, params)
         else:  # measured: every candidate shape prunes hidden and FFN only, so no loss-based scores are needed
             scores = scores or collect_importance(model, blocks, importance or ImportanceConfig(), progress=progress)
+            # in place: candidates are scored on the model itself (masked), so no pruned copy raises the peak
             target, _ = choose_budget_target(model, params, scores, blocks[:budget_blocks], plan_options=options,
-                                             batch_size=(importance or ImportanceConfig()).batch_size)
+                                             batch_size=(importance or ImportanceConfig()).batch_size, masked=inplace)
         target.validate(model.config, divisors)
 
     if method == "random":
