@@ -87,6 +87,8 @@ def _add_prune_arguments(p: argparse.ArgumentParser) -> None:
                    help="fold dropped heads' o_proj columns into the kept heads of their KV group (the paper's "
                    "head residual)")
     i.add_argument("--depth-mode", choices=("scattered", "contiguous"), default="scattered")
+    i.add_argument("--depth-rounds", type=positive_int, default=1, help="with --depth-metric ppl: remove layers over "
+                   "this many rounds, re-scoring between rounds (costs ~N x the one-shot passes; default 1)")
     i.add_argument("--batch-agg", choices=("l2", "mean", "var"), default="l2")
     i.add_argument("--seq-agg", choices=("mean", "l2", "var"), default="mean")
     i.add_argument("--method", choices=("activation", "random"), default="activation")
@@ -131,6 +133,9 @@ def run_prune(args: argparse.Namespace) -> int:
         raise ValueError("--params cannot be combined with --hidden-size/--ffn/--heads/--layers/--kv-heads; give "
                          "either a parameter budget or explicit targets")
     params = args.params if args.params is not None or target is not None else 0.5
+    if args.depth_rounds > 1 and (args.depth_metric != "ppl" or args.depth_mode != "scattered"):
+        raise ValueError(f"--depth-rounds={args.depth_rounds} needs --depth-metric ppl and --depth-mode scattered "
+                         "(iterative removal re-scores by layer-drop loss)")
     check_device(args.device)
     inputs = _input_paths(args.model, args.model_gguf, args.calib, args.eval, args.load_scores)
     check_output_dir(args.out, "prune", inputs=inputs, overwrite=args.overwrite)  # before any long work
@@ -159,7 +164,8 @@ def run_prune(args: argparse.Namespace) -> int:
                                   chat_template=args.chat_template)
     importance = loss_scores_for(
         minitron.ImportanceConfig(seq_agg=args.seq_agg, batch_agg=args.batch_agg, batch_size=args.batch_size),
-        target or minitron.Target(), model.config, args.depth_metric, args.head_metric)
+        target or minitron.Target(), model.config, "bi" if args.depth_rounds > 1 else args.depth_metric,
+        args.head_metric)
     if scores is None and args.method == "activation":
         scores = minitron.collect_importance(model, blocks, importance, progress=not args.no_progress)
         if args.save_scores:
@@ -168,7 +174,8 @@ def run_prune(args: argparse.Namespace) -> int:
     pruned = minitron.prune(
         model, blocks, target=target, params=params if target is None else None, scores=scores, importance=importance,
         seq_len=args.seq_len, num_samples=args.num_samples,
-        depth_metric=args.depth_metric, depth_mode=args.depth_mode, head_metric=args.head_metric,
+        depth_metric=args.depth_metric, depth_mode=args.depth_mode, depth_rounds=args.depth_rounds,
+        head_metric=args.head_metric,
         norm_rescale=args.norm_rescale, head_residual=args.head_residual, method=args.method,
         inplace=args.inplace, progress=not args.no_progress,
     )

@@ -130,3 +130,12 @@ def test_prune_criteria_flags(tmp_path, capsys):
                  "--no-norm-rescale", "--depth-metric", "bi", "--out", str(tmp_path / "h"), *FAST]) == 0
     config = last_json(capsys.readouterr().out)["config"]
     assert (config["num_attention_heads"], config["hidden_size"]) == (4, 192)
+
+
+def test_prune_depth_rounds_flag(tmp_path, capsys):
+    assert main(["prune", "--layers", "6", "--depth-rounds", "2", "--out", str(tmp_path / "d"), *FAST]) == 0
+    assert last_json(capsys.readouterr().out)["config"]["num_hidden_layers"] == 6
+    assert main(["prune", "--layers", "6", "--depth-rounds", "2", "--depth-metric", "bi", "--out",
+                 str(tmp_path / "e"), *FAST]) == 2
+    assert "--depth-rounds=2 needs --depth-metric ppl" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()

@@ -229,3 +229,21 @@ def test_greedy_layer_removal_equals_rescoring_by_hand(calib_ids):
         expected.append(worst)
         kept.remove(worst)
     assert greedy_layer_removal(model, calib_ids, drop=2, step=1, batch_size=5) == expected
+
+
+def test_prune_depth_rounds_keeps_the_layers_iterative_removal_keeps(calib_ids):
+    from minitron.importance.ablation import greedy_layer_removal
+
+    model = make_model("llama", seed=1)
+    removed = greedy_layer_removal(model, calib_ids, drop=2, step=1, batch_size=4)
+    assert sorted(removed) != sorted(greedy_layer_removal(model, calib_ids, drop=2, step=2, batch_size=4))  # has teeth
+    config = minitron.ImportanceConfig(batch_size=4)
+    pruned = minitron.prune(model, calib_ids, minitron.Target(num_hidden_layers=2), seq_len=16, importance=config,
+                            depth_rounds=2, verbose=False, progress=False)
+    kept = sorted(set(range(4)) - set(removed))
+    assert pruned.config.num_hidden_layers == 2
+    for new, old in enumerate(kept):  # the pruned model's layers are the original kept ones
+        torch.testing.assert_close(pruned.model.layers[new].mlp.up_proj.weight, model.model.layers[old].mlp.up_proj.weight)
+    with pytest.raises(ValueError, match="depth_rounds"):
+        minitron.prune(model, calib_ids, minitron.Target(num_hidden_layers=2), depth_rounds=2, depth_metric="bi",
+                       verbose=False)
