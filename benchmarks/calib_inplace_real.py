@@ -157,9 +157,10 @@ def worker_hooks(ckpt: str, pairs: int, batch: int, seq_len: int) -> dict:
 
     model = _load(ckpt)
     blocks = _blocks(ckpt, (pairs + 1) * batch, seq_len)
-    cfg = minitron.ImportanceConfig(batch_size=batch)
+    cfg = minitron.ImportanceConfig(batch_size=batch)  # what prune() calibrates when heads are not pruned
+    cfg_heads = minitron.ImportanceConfig(batch_size=batch, head_output=True)  # + per-head output norms
     decoder = model.get_decoder()
-    times: dict[str, list[tuple[float, float]]] = {"plain": [], "hooked": []}
+    times: dict[str, list[tuple[float, float]]] = {"plain": [], "hooked": [], "heads": []}
     spent = _time_hook_methods()  # CPU seconds inside the hooks' own code, [None] for older minitron
     hook_cpu: list[float] = []
 
@@ -167,6 +168,8 @@ def worker_hooks(ckpt: str, pairs: int, batch: int, seq_len: int) -> dict:
         w0, c0 = time.perf_counter(), time.thread_time()
         if kind == "plain":
             decoder(input_ids=x, use_cache=False)
+        elif kind == "heads":
+            minitron.collect_importance(model, x, cfg_heads, progress=False)
         else:
             before = spent[0] or 0.0
             minitron.collect_importance(model, x, cfg, progress=False)
@@ -176,16 +179,20 @@ def worker_hooks(ckpt: str, pairs: int, batch: int, seq_len: int) -> dict:
     with torch.no_grad():
         run("plain", blocks[:batch])  # warm-up both paths
         run("hooked", blocks[:batch])
+        run("heads", blocks[:batch])
+        order = ("plain", "hooked", "heads")
         for i in range(pairs):
             x = blocks[(i + 1) * batch : (i + 2) * batch]
-            for kind in (("plain", "hooked") if i % 2 == 0 else ("hooked", "plain")):
+            for kind in order[i % 3:] + order[: i % 3]:  # rotated, so no kind always runs first
                 times[kind].append(run(kind, x))
     wall = [h[0] / p[0] for p, h in zip(times["plain"], times["hooked"])]
     cpu = [h[1] / p[1] for p, h in zip(times["plain"], times["hooked"])]
     share = [c / p[1] for p, c in zip(times["plain"], hook_cpu[1:])] if spent[0] is not None else []
     tokens = batch * seq_len
     med = lambda k, j: statistics.median(t[j] for t in times[k])  # noqa: E731
+    heads_cpu = [h[1] / p[1] for p, h in zip(times["plain"], times["heads"])]
     return {"wall_ratio": statistics.median(wall), "cpu_ratio": statistics.median(cpu),
+            "heads_cpu_ratio": statistics.median(heads_cpu), "heads_cpu_ratios": [round(r, 3) for r in heads_cpu],
             "wall_ratios": [round(r, 3) for r in wall], "cpu_ratios": [round(r, 3) for r in cpu],
             "hook_share": statistics.median(share) if share else None,
             "plain_tok_s": tokens / med("plain", 0), "hooked_tok_s": tokens / med("hooked", 0),
@@ -421,14 +428,17 @@ def render(results: dict) -> str:
              "safetensors). 0.5b / 1.2b: Qwen2.5-0.5B / Llama-3.2-1B shapes with random weights. fp32, "
              "1 torch thread per worker. `load` = 1-minute load average when the row finished.", "",
              "## Hook overhead: hooked calibration pass / plain decoder pass (median over alternated pairs)", "",
-             "| model | batches | wall | thread CPU time | CPU inside the hooks / plain pass | plain tok/s | "
-             "hooked tok/s (calibration) | load |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "Default calibration (what `prune()` runs unless it prunes heads by their output "
+             "contribution); `+ head output`: with `ImportanceConfig(head_output=True)` (thread CPU time).", "",
+             "| model | batches | wall | thread CPU time | + head output, CPU | CPU inside the hooks / plain pass | "
+             "plain tok/s | hooked tok/s (calibration) | load |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, res in results.items():
         h = res.get("hooks")
         if h:
             share = "-" if h.get("hook_share") is None else f"{100 * h['hook_share']:.1f}%"
-            lines.append(f"| {name} | {h['batch']} | {h['wall_ratio']:.3f}x | {h['cpu_ratio']:.3f}x | {share} | "
+            heads = f"{h['heads_cpu_ratio']:.3f}x" if "heads_cpu_ratio" in h else "-"
+            lines.append(f"| {name} | {h['batch']} | {h['wall_ratio']:.3f}x | {h['cpu_ratio']:.3f}x | {heads} | {share} | "
                          f"{h['plain_tok_s']:.0f} | {h['hooked_tok_s']:.0f} | {h['load']:.1f} |")
     lines += ["", "## Peak RSS over the model's bytes (RSS before loading = 0)", "",
               "| model | model MiB | mode | whole prune() call | calibration alone | pruning step alone | "

@@ -62,7 +62,8 @@ def main() -> None:
     train = load_text_blocks([builtin_text("train")], tok, args.seq_len)
     valid = load_text_blocks([builtin_text("valid")], tok, args.seq_len)
     teacher_loss = minitron.lm_loss(teacher, valid)
-    scores = minitron.collect_importance(teacher, train[:256], progress=False)
+    scores = minitron.collect_importance(teacher, train[:256], minitron.ImportanceConfig(head_output=True),
+                                           progress=False)
 
     depth_target = minitron.Target(num_hidden_layers=teacher.config.num_hidden_layers // 2)
     budget = minitron.target_parameters(teacher, depth_target)

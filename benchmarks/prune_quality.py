@@ -33,7 +33,7 @@ def main() -> None:
     model, tok = load_model("builtin-tiny")
     calib = load_text_blocks([builtin_text("train")], tok, args.seq_len, args.num_samples)
     valid = load_text_blocks([builtin_text("valid")], tok, args.seq_len)
-    scores = minitron.collect_importance(model, calib, minitron.ImportanceConfig(depth_ppl=True, ppl_max_blocks=64))
+    scores = minitron.collect_importance(model, calib, minitron.ImportanceConfig(depth_ppl=True, ppl_max_blocks=64, head_output=True))
     c = model.config
     width = minitron.target_for_budget(model, 0.5)
     rows = [("original", c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_hidden_layers,

@@ -90,7 +90,7 @@ class Bench:
         self.valid_total = valid.shape[0]
         self.eval_index = torch.linspace(0, valid.shape[0] - 1, n).round().long()  # evenly spaced, fixed
         self.valid = valid[self.eval_index]
-        self.config = minitron.ImportanceConfig(batch_size=args.batch_size, depth_ppl=True,
+        self.config = minitron.ImportanceConfig(batch_size=args.batch_size, depth_ppl=True, head_output=True,
                                                 ppl_max_blocks=args.ppl_blocks, head_loss=True,
                                                 head_loss_blocks=args.head_loss_blocks)
         self.scores = self.calibrate("scores", self.config)
@@ -185,7 +185,7 @@ def heads_rows(b: Bench) -> list[Row]:
             b.random("heads", t), b.random("heads", t, residual=True)]
     if b.args.sink_tokens:  # the same criteria with the first tokens (attention sinks) left out
         sink = b.calibrate(f"scores-sink{b.args.sink_tokens}", minitron.ImportanceConfig(
-            batch_size=b.args.batch_size, sink_tokens=b.args.sink_tokens))
+            batch_size=b.args.batch_size, sink_tokens=b.args.sink_tokens, head_output=True))
         for metric in ("input", "output"):
             plans = [minitron.make_plan(s, t, c, head_metric=metric).heads for s in (b.scores, sink)]
             changed = sum(int(not torch.equal(plans[0][l], plans[1][l])) for l in plans[0])

@@ -133,7 +133,7 @@ def choose_budget_target(
     num_hidden_layers: int | None = None,
     batch_size: int = 8,
     plan_options: dict | None = None,
-    masked: bool = False,
+    masked: bool = True,
     progress: bool = False,
 ) -> tuple[Target, list[BudgetCandidate]]:
     """Pick the budget shape with the lowest calibration loss right after pruning.
@@ -148,8 +148,9 @@ def choose_budget_target(
         batch_size: blocks per forward.
         plan_options: keyword arguments of :func:`minitron.pruning.make_plan` (criteria, norm rescale).
         masked: score each candidate on ``model`` itself under :func:`minitron.masked_eval.masked_plan`
-            (the same loss, no pruned copy: peak memory stays ~1x the model, for in-place pruning)
-            instead of on a pruned copy (faster: the copy's forwards are narrower).
+            (default: the same loss with no pruned copy, so the peak stays at the model plus
+            activations; a copy per candidate would add ~``params`` x the model's bytes to the
+            peak of ``prune()``, in place or not). ``False`` scores pruned copies (narrower forwards).
         progress: print one line per candidate.
     Returns:
         ``(target, candidates)``, every candidate with its loss.

@@ -48,14 +48,16 @@ def loss_scores_for(importance: ImportanceConfig, target: Target, config, depth_
         config: the model's config.
         depth_metric / head_metric: the criteria that will rank layers and heads.
     Returns:
-        ``importance`` with ``depth_ppl`` set if layers are pruned by ``ppl`` and ``head_loss`` set
-        if heads are pruned by ``loss``.
+        ``importance`` with ``depth_ppl`` set if layers are pruned by ``ppl``, and ``head_loss`` /
+        ``head_output`` set if heads are pruned by ``loss`` / ``output``.
     """
     t = target.resolved(config)
     return dataclasses.replace(
         importance,
         depth_ppl=importance.depth_ppl or (depth_metric == "ppl" and t.num_hidden_layers < config.num_hidden_layers),
         head_loss=importance.head_loss or (head_metric == "loss" and t.num_attention_heads < config.num_attention_heads),
+        head_output=importance.head_output or (head_metric == "output"
+                                               and t.num_attention_heads < config.num_attention_heads),
     )
 
 
@@ -195,9 +197,9 @@ def prune(
             target = target_for_budget(model, params)
         else:  # measured: every candidate shape prunes hidden and FFN only, so no loss-based scores are needed
             scores = scores or collect_importance(model, blocks, importance or ImportanceConfig(), progress=progress)
-            # in place: candidates are scored on the model itself (masked), so no pruned copy raises the peak
+            # candidates are scored on the model itself (masked): no pruned copy raises the peak
             target, _ = choose_budget_target(model, params, scores, blocks[:budget_blocks], plan_options=options,
-                                             batch_size=(importance or ImportanceConfig()).batch_size, masked=inplace)
+                                             batch_size=(importance or ImportanceConfig()).batch_size)
         target.validate(model.config, divisors)
 
     if method == "random":

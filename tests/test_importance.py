@@ -140,7 +140,7 @@ def test_head_scores_match_attention_computed_by_hand(calib_ids):
     """`input` is the paper's criterion and `output` the contribution after o_proj, both recomputed
     from q/k/v/o weights with the head-to-group mapping and row layout written out by hand."""
     model = smollm_like_attention_model()
-    scores = minitron.collect_importance(model, calib_ids, minitron.ImportanceConfig(batch_size=4), progress=False)
+    scores = minitron.collect_importance(model, calib_ids, minitron.ImportanceConfig(batch_size=4, head_output=True), progress=False)
     inputs = []
     handles = [layer.register_forward_pre_hook(lambda m, a, kw: inputs.append(a[0] if a else kw["hidden_states"]),
                                                with_kwargs=True) for layer in model.model.layers]

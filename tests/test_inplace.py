@@ -48,7 +48,7 @@ def test_inplace_prune_of_a_mapped_checkpoint_equals_the_copy(family, checkpoint
     model = _load(checkpoint)
     embed = model.get_input_embeddings().weight
     assert not embed.untyped_storage().resizable() and mapped.file_mapping(embed) is not None  # the user's case
-    scores = minitron.collect_importance(model, calib_ids, minitron.ImportanceConfig(batch_size=4, depth_ppl=True), progress=False)
+    scores = minitron.collect_importance(model, calib_ids, minitron.ImportanceConfig(batch_size=4, depth_ppl=True, head_output=True), progress=False)
     target = _target(model.config)
     target.validate(model.config)
     plan = make_plan(scores, target, model.config)

@@ -21,7 +21,7 @@ TARGETS = [
 
 
 def _scores(model, ids):
-    return minitron.collect_importance(model, ids, minitron.ImportanceConfig(batch_size=4), progress=False)
+    return minitron.collect_importance(model, ids, minitron.ImportanceConfig(batch_size=4, head_output=True), progress=False)
 
 
 @pytest.mark.parametrize("target", TARGETS, ids=lambda t: "-".join(f"{k}={v}" for k, v in vars(t).items() if v))
@@ -65,18 +65,24 @@ def test_budget_candidates_score_the_same_masked_or_copied(calib_ids):
     assert len({round(c.loss, 4) for c in copied[1]}) == 5  # the candidates differ: the comparison has teeth
 
 
-def test_inplace_params_prune_builds_no_candidate_copy(calib_ids, monkeypatch):
-    """prune(params=..., inplace=True) scores its candidate shapes without a pruned copy (peak ~1x)
-    and lands on the same model as the copying call."""
+@pytest.mark.parametrize("inplace", [True, False])
+def test_params_prune_builds_no_candidate_copy(calib_ids, monkeypatch, inplace):
+    """prune(params=...) scores its candidate shapes without a pruned copy (the peak stays at model +
+    result) and lands on the same model as scoring copies does."""
     import minitron.budget
+    import minitron.pruner
 
-    expected = minitron.prune(make_model("llama"), calib_ids, params=0.6, seq_len=16, verbose=False)
+    with monkeypatch.context() as m:  # the reference: candidates scored as pruned copies
+        original = minitron.budget.choose_budget_target
+        m.setattr(minitron.pruner, "choose_budget_target",
+                  lambda *a, **k: original(*a, **{**k, "masked": False}))
+        expected = minitron.prune(make_model("llama"), calib_ids, params=0.6, seq_len=16, verbose=False)
     model = make_model("llama")
 
     def no_copy(*args, **kwargs):
         raise AssertionError("a budget candidate was built as a pruned copy")
 
     monkeypatch.setattr(minitron.budget, "apply_plan", no_copy)
-    pruned = minitron.prune(model, calib_ids, params=0.6, seq_len=16, inplace=True, verbose=False)
-    assert pruned is model and pruned.config.hidden_size == expected.config.hidden_size
+    pruned = minitron.prune(model, calib_ids, params=0.6, seq_len=16, inplace=inplace, verbose=False)
+    assert (pruned is model) == inplace and pruned.config.hidden_size == expected.config.hidden_size
     torch.testing.assert_close(pruned(calib_ids).logits, expected(calib_ids).logits, atol=1e-5, rtol=1e-4)

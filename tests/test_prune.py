@@ -22,7 +22,7 @@ def logits(model, ids):
 
 
 def scores_for(model, ids):
-    return minitron.collect_importance(model, ids, minitron.ImportanceConfig(batch_size=4, depth_ppl=True),
+    return minitron.collect_importance(model, ids, minitron.ImportanceConfig(batch_size=4, depth_ppl=True, head_output=True),
                                        progress=False)
 
 
@@ -225,7 +225,7 @@ def test_heads_only_never_touches_kv(calib_ids):
 @pytest.mark.parametrize("head_metric", ["input", "output", "loss"])
 def test_every_head_metric_prunes_to_the_masked_original(calib_ids, head_metric):
     model = make_model("mistral")
-    scores = minitron.collect_importance(model, calib_ids, minitron.ImportanceConfig(batch_size=4, head_loss=True),
+    scores = minitron.collect_importance(model, calib_ids, minitron.ImportanceConfig(batch_size=4, head_loss=True, head_output=True),
                                          progress=False)
     plan = make_plan(scores, Target(num_attention_heads=4), model.config, head_metric=head_metric, head_residual=False)
     ranked = scores.heads(metric=head_metric).view(4, 2, 3)  # (L, kv, g)

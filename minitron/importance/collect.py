@@ -59,6 +59,9 @@ class ImportanceConfig:
         head_loss: also score query heads by the LM loss when each is dropped (~n_heads * L / 2
             extra forwards over ``head_loss_blocks`` blocks).
         head_loss_blocks: calibration blocks used for the per-head loss passes.
+        head_output: also score query heads by their contribution after ``o_proj`` (the default
+            ``head_metric="output"``; a (hd, hd) product per head and token, ~5% of a calibration
+            pass on SmolLM2-135M). ``minitron.prune`` switches it on when the target prunes heads.
         sink_tokens: leading positions of every block left out of the activation statistics
             (attention sinks: the first tokens carry outsized activations in real models).
     """
@@ -70,6 +73,7 @@ class ImportanceConfig:
     ppl_max_blocks: int = 32
     head_loss: bool = False
     head_loss_blocks: int = 8
+    head_output: bool = False
     sink_tokens: int = 0
 
     def __post_init__(self) -> None:
@@ -135,8 +139,9 @@ class ImportanceScores:
             return self.head_loss.clone()
         if metric == "output":
             if "attn_out.0" not in self.sums:
-                raise ValueError("head metric 'output' needs statistics this importance file lacks "
-                                 "(written by an older minitron); recompute the scores")
+                raise ValueError("head metric 'output' needs per-head output norms; calibrate with "
+                                 "ImportanceConfig(head_output=True), or rank heads by the paper's o_proj-input "
+                                 "score with head_metric='input' (CLI: --head-metric input)")
             return torch.stack([self.site_scores(f"attn_out.{l}", batch_agg) for l in range(self.num_layers)])
         n_heads, head_dim = self.meta["num_attention_heads"], self.meta["head_dim"]
         per_channel = torch.stack([self.site_scores(f"attn.{l}", batch_agg) for l in range(self.num_layers)])
@@ -277,12 +282,15 @@ def collect_importance(
     sink = config.sink_tokens
     n_heads = meta["num_attention_heads"]
 
-    norm_sq: dict[str, list] = {}  # site -> [sum over tokens of n^2 (D,), tokens]: RMSNorm input statistics
+    # site -> [sum over tokens of n^2 (D,), tokens]: RMSNorm input statistics. The sums are allocated
+    # here, before any forward: a small tensor born inside the pass and kept across layers would sit
+    # between the layers' activations on the heap (see CalibrationHooks.begin_batch)
+    norm_sq: dict[str, list] = {}
 
     def norm_in_hook(name: str):
         def hook(module, args):
             sums, tokens = normalized_square_sum(args[0][:, sink:], norm_eps(module))
-            entry = norm_sq.setdefault(name, [torch.zeros_like(sums), 0])
+            entry = norm_sq[name]
             entry[0] += sums
             entry[1] += tokens
         return hook
@@ -292,8 +300,13 @@ def collect_importance(
              for k, n in enumerate(adapter.layer_norms)] + [("norm.final", model.get_submodule(adapter.final_norm))]
     # per-head output contribution: (B, S, H) norms of W_o[:, h] @ a_h, aggregated like any other site
     head_out = [(f"attn_out.{l}", layer.get_submodule(adapter.o_proj), n_heads,
-                 lambda m, a: head_output_norms(a, m.weight, n_heads)) for l, layer in enumerate(layers)]
-    handles = [norm.register_forward_pre_hook(norm_in_hook(name)) for name, norm in norms if is_rms_norm(norm)]
+                 lambda m, a: head_output_norms(a, m.weight, n_heads))
+                for l, layer in enumerate(layers)] if config.head_output else []
+    hidden = model.config.hidden_size
+    for name, norm in norms:
+        if is_rms_norm(norm):
+            norm_sq[name] = [torch.zeros(hidden, dtype=torch.float32, device=device), 0]
+    handles = [norm.register_forward_pre_hook(norm_in_hook(name)) for name, norm in norms if name in norm_sq]
     was_training = model.training
     model.eval()
     base = model.get_submodule(adapter.layers.rsplit(".", 1)[0])  # the decoder stack: no lm_head, no logits

@@ -5,8 +5,9 @@ The paper scores a query head by the L2 over ``head_dim`` of the per-channel sta
 activations can write little into the residual stream. The ``output`` criterion scores the
 vector the head actually adds to the residual stream at each token,
 ``y_h = W_o[:, h] @ a_h`` (D,), by its norm, aggregated like every other site
-(sequence mean, batch L2). ``||y_h||^2 = a_h^T (W_h^T W_h) a_h``, so only the (hd, hd) Gram
-matrix of each head's ``o_proj`` columns is formed, never the (B, S, H, D) per-head outputs.
+(sequence mean, batch L2). With ``W_h = Q_h R_h`` (QR of the head's (D, hd) ``o_proj`` columns),
+``||y_h|| = ||R_h a_h||``: only an (hd, hd) triangular factor per head is applied to each token,
+never the (B, S, H, D) per-head outputs.
 """
 
 from __future__ import annotations
@@ -38,8 +39,11 @@ def head_output_norms(act: torch.Tensor, o_weight: torch.Tensor, n_heads: int) -
         torch.Size([2, 5, 4])
     """
     b, s, width = act.shape
-    a = act.float().view(b, s, n_heads, width // n_heads)  # (B, S, H, hd)
-    w = o_weight.float().view(o_weight.shape[0], n_heads, width // n_heads)  # (D, H, hd)
-    gram = torch.einsum("dhi,dhj->hij", w, w)  # (H, hd, hd) = W_h^T W_h per head
-    sq = torch.einsum("bshi,bshi->bsh", torch.einsum("bshj,hij->bshi", a, gram), a)  # (B, S, H)
-    return sq.clamp_min(0.0).sqrt()  # rounding can leave tiny negatives
+    hd = width // n_heads
+    a = act.float().reshape(b * s, n_heads, hd)  # (N, H, hd)
+    w = o_weight.float().view(o_weight.shape[0], n_heads, hd).transpose(0, 1)  # (H, D, hd)
+    # W_h = Q_h R_h (R_h: (hd, hd) upper triangular), so ||W_h a|| = ||R_h a||: one small (hd, hd)
+    # product per head and token instead of a (D, hd) one; QR needs no positive-definite Gram matrix
+    r = torch.linalg.qr(w, mode="r").R  # (H, hd, hd)
+    z = torch.einsum("nhj,hij->nhi", a, r)  # (N, H, hd) = R_h a_h
+    return torch.linalg.vector_norm(z, dim=-1).view(b, s, n_heads)
