@@ -7,7 +7,7 @@ Example:
 
 The verbs ``minitron.prune``, ``minitron.distill`` and ``minitron.search`` are functions; their
 modules are named differently (``pruner``, ``distillation``, ``arch_search``) so that no function
-shadows a subpackage (``import minitron.distillation.cli`` works).
+shadows a subpackage (``import minitron.cli.distill`` works).
 """
 
 from .data import load_text_blocks

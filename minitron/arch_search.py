@@ -26,7 +26,6 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import csv
 import itertools
 import json
@@ -44,11 +43,11 @@ from torch import nn
 from .adapters import get_adapter, kv_heads_of
 from .data import load_text_blocks
 from .importance.collect import ImportanceConfig, ImportanceScores, collect_importance, lm_loss
-from .pruner import _tokenizer_for, loss_scores_for, prune
+from .models import resolve_tokenizer
+from .pruner import loss_scores_for, prune
 from .pruning import DEFAULT_DEPTH_METRIC, DEFAULT_HEAD_METRIC, Target, count_parameters
 from .sizing import target_parameters
-from .validate import (check_count, check_device, check_finite_scores, check_finite_weights, check_seq_len,
-                       non_negative_int, positive_int)
+from .validate import check_count, check_finite_scores, check_finite_weights, check_seq_len
 
 logger = logging.getLogger(__name__)
 
@@ -402,7 +401,7 @@ def search(
               f"parameters (model: {count_parameters(model):,})")
 
     def blocks_of(data: Any, n: int | None = None) -> torch.Tensor:
-        tok = None if isinstance(data, torch.Tensor) else _tokenizer_for(model, tokenizer)
+        tok = None if isinstance(data, torch.Tensor) else resolve_tokenizer(model, tokenizer)
         return load_text_blocks(data, tok, seq_len, n)
 
     train_blocks = blocks_of(train_data)
@@ -578,102 +577,3 @@ def write_report(result: SearchResult, tokenizer: Any = None) -> dict[str, str]:
 
     atomic_write_dir(files["best"], save)
     return {k: str(v) for k, v in files.items()}
-
-
-# ---- command line ----------------------------------------------------------------------------
-
-
-def register(subparsers: Any) -> argparse.ArgumentParser:
-    """Add the ``search`` subcommand to an argparse ``subparsers`` object.
-
-    Args:
-        subparsers: the object returned by ``parser.add_subparsers()``.
-    Returns:
-        The new sub-parser (its ``func`` default is :func:`run`).
-    Example:
-        >>> register(parser.add_subparsers(dest="command"))
-    """
-    p = subparsers.add_parser(
-        "search", help="architecture search within a parameter budget (prune + short KD per candidate)",
-        description="Minitron architecture search. With no arguments: the built-in model at 50%% of its parameters, "
-                    "retraining the 4 best candidates for 50 steps each (a few minutes on CPU).")
-    from .cli import add_model_arguments
-    from .models import BUILTIN_TINY
-
-    add_model_arguments(p, BUILTIN_TINY, what="model to search (default: the 7M built-in model, minutes on CPU; "
-                        "smollm2-135m takes hours there)")
-    p.add_argument("--calib", default="builtin", help=".txt/.jsonl calibration text (default: built-in corpus)")
-    p.add_argument("--train", default="builtin", help=".txt/.jsonl retraining text (default: built-in corpus)")
-    p.add_argument("--eval", default=None, help=".txt/.jsonl validation text (default: the built-in held-out "
-                   "split for the built-in model, else the tail of --train)")
-    p.add_argument("--out", default="out/minitron-search", help="output directory (a new or empty directory, or a "
-                   "previous `minitron search` output)")
-    p.add_argument("--overwrite", action="store_true", help="allow --out to be a non-empty directory not written by "
-                   "minitron search: the search's files replace same-named ones, nothing else is deleted")
-    p.add_argument("--params", type=float, default=0.5, help="budget: fraction <= 1 or absolute count")
-    p.add_argument("--tolerance", type=float, default=0.05)
-    p.add_argument("--retrain-steps", type=non_negative_int, default=50)
-    p.add_argument("--top", type=non_negative_int, default=4,
-                   help="retrain this many best-after-pruning candidates (0 = all)")
-    p.add_argument("--axes", default=",".join(AXES), help="comma-separated subset of hidden,ffn,heads,layers")
-    p.add_argument("--max-width-prune", type=float, default=0.4)
-    p.add_argument("--max-depth-prune", type=float, default=0.2)
-    for axis in AXES:
-        p.add_argument(f"--{axis}-divisor", type=int, default=None, help=f"grid step of {axis}")
-    p.add_argument("--seq-len", type=positive_int, default=128)
-    p.add_argument("--num-samples", type=positive_int, default=64, help="calibration blocks")
-    p.add_argument("--eval-blocks", type=positive_int, default=32)
-    p.add_argument("--batch-size", type=positive_int, default=4)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--loss-impl", default="auto", choices=("auto", "triton", "chunked", "naive"))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--load-scores", help="reuse importance statistics instead of calibrating")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=non_negative_int, default=None, help="torch CPU threads (default: 1 for the built-in model "
-                   "on CPU, which is tiny and much faster so on a shared CPU; else torch's default; 0 = torch's default)")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=run)
-    return p
-
-
-def run(args: argparse.Namespace) -> int:
-    """Execute ``minitron search``; prints the candidate table and writes ``args.out``.
-
-    Returns:
-        Exit status 0 (errors raise ValueError, reported by ``minitron.cli.main``).
-    """
-    from .cli import BUILTIN, _calib_source, _input_paths
-    from .data import builtin_text
-    from .distillation import DistillConfig
-    from .models import BUILTIN_TINY, load_model
-    from .outputs import check_output_dir
-
-    check_device(args.device)
-    check_output_dir(args.out, "search", inputs=_input_paths(args.model, args.model_gguf, args.calib, args.train,
-                                                             args.eval, args.load_scores), overwrite=args.overwrite)
-    tiny = args.model == BUILTIN_TINY and args.model_gguf is None
-    threads = args.threads if args.threads is not None else (1 if tiny and args.device == "cpu" else 0)
-    if threads:
-        torch.set_num_threads(threads)
-    model, tokenizer = load_model(args.model, gguf_file=args.model_gguf, device=args.device)
-    train = [builtin_text("train")] if args.train == BUILTIN else args.train
-    eval_data = [builtin_text("valid")] if args.eval is None and args.train == BUILTIN else args.eval
-    divisors = {a: getattr(args, f"{a}_divisor") for a in AXES if getattr(args, f"{a}_divisor")}
-    cfg = DistillConfig(steps=max(args.retrain_steps, 1), lr=args.lr, min_lr=args.lr / 10,
-                        warmup_steps=max(1, args.retrain_steps // 10), seq_len=args.seq_len,
-                        batch_size=args.batch_size, save_every=None, eval_every=None, keep_checkpoints=1,
-                        plot=False, seed=args.seed, loss_impl=args.loss_impl)
-    result = search(
-        model, _calib_source(args.calib), train, params=args.params, tolerance=args.tolerance,
-        retrain_steps=args.retrain_steps, top=args.top or None, eval_data=eval_data, tokenizer=tokenizer,
-        scores=ImportanceScores.load(args.load_scores) if args.load_scores else None, divisors=divisors,
-        max_width_prune=args.max_width_prune, max_depth_prune=args.max_depth_prune,
-        axes=tuple(a.strip() for a in args.axes.split(",") if a.strip()), distill_config=cfg,
-        output_dir=args.out, seed=args.seed, seq_len=args.seq_len, num_samples=args.num_samples,
-        eval_blocks=args.eval_blocks, batch_size=args.batch_size, overwrite=args.overwrite,
-        progress=not args.no_progress)
-    print(json.dumps({"best": result.best.name, "params": result.best.params,
-                      "loss_pruned": round(result.best.loss_pruned, 4),
-                      "loss_retrained": None if result.best.loss_retrained is None else round(result.best.loss_retrained, 4),
-                      "files": result.files, "seconds": result.seconds, "timings": result.timings}))
-    return 0

@@ -145,7 +145,7 @@ def choose_budget_target(
             the candidates (:func:`budget_candidates`).
         batch_size: blocks per forward.
         plan_options: keyword arguments of :func:`minitron.pruning.make_plan` (criteria, norm rescale).
-        progress: print one line per candidate.
+        progress: log one line per candidate at INFO (else DEBUG).
     Returns:
         ``(target, candidates)``, every candidate with its loss.
 
@@ -157,9 +157,8 @@ def choose_budget_target(
     for c in candidates:
         plan = make_plan(scores, c.target, model.config, **(plan_options or {}))
         c.loss = lm_loss(apply_plan(model, plan), blocks, batch_size)
-        if progress:
-            print(f"  params={params}: hidden {c.target.hidden_size}, FFN {c.target.intermediate_size}: "
-                  f"calibration loss {c.loss:.4f}")
+        logger.log(logging.INFO if progress else logging.DEBUG, "  params=%s: hidden %d, FFN %d: calibration loss %.4f",
+                   params, c.target.hidden_size, c.target.intermediate_size, c.loss)
     best = min(candidates, key=lambda c: c.loss)
     logger.info("params=%s: measured %d shapes, chose %s", params, len(candidates), best.target)
     return best.target, candidates

@@ -169,4 +169,4 @@ def test_bad_input(tmp_path):
 def test_cli_registers_search():
     args = build_parser().parse_args(["search", "--params", "0.6", "--top", "2", "--axes", "ffn,layers"])
     assert args.command == "search" and args.params == 0.6 and args.top == 2
-    assert args.func.__module__ == "minitron.arch_search"
+    assert args.func.__module__ == "minitron.cli.search"
