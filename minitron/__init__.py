@@ -13,11 +13,12 @@ shadows a subpackage (``import minitron.cli.distill`` works).
 from .data import load_text_blocks
 from .models import load_model
 from .distillation import DistillConfig, NonFiniteLossError, distill
-from .importance.collect import ImportanceConfig, ImportanceScores, collect_importance, lm_loss, perplexity
+from .evaluation import lm_loss, perplexity
+from .importance.collect import ImportanceConfig, ImportanceScores, collect_importance
 from .pruner import prune
 from .arch_search import SearchResult, search
-from .pruning import PrunePlan, Target, apply_plan, count_parameters, make_plan, random_plan
-from .sizing import target_for_budget, target_parameters
+from .pruning import PrunePlan, Target, apply_plan, make_plan, random_plan
+from .sizing import count_parameters, target_for_budget, target_parameters
 
 __version__ = "0.1.0"
 

@@ -42,10 +42,12 @@ from torch import nn
 
 from .adapters import get_adapter, kv_heads_of
 from .data import load_text_blocks
-from .importance.collect import ImportanceConfig, ImportanceScores, collect_importance, lm_loss
+from .evaluation import lm_loss
+from .importance.collect import ImportanceConfig, ImportanceScores, collect_importance
 from .models import resolve_tokenizer
 from .pruner import loss_scores_for, prune
-from .pruning import DEFAULT_DEPTH_METRIC, DEFAULT_HEAD_METRIC, Target, count_parameters
+from .pruning import DEFAULT_DEPTH_METRIC, DEFAULT_HEAD_METRIC, Target
+from .sizing import count_parameters
 from .sizing import target_parameters
 from .validate import check_count, check_finite_scores, check_finite_weights, check_seq_len
 

@@ -23,7 +23,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from .importance.collect import ImportanceScores, lm_loss
+from .evaluation import lm_loss
+from .importance.collect import ImportanceScores
 from .pruning import Target, apply_plan, make_plan
 from .sizing import budget_of, target_parameters
 

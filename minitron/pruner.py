@@ -12,11 +12,11 @@ from torch import nn
 from .adapters import get_adapter
 from .budget import choose_budget_target
 from .data import load_text_blocks
-from .models import resolve_tokenizer
 from .importance.collect import ImportanceConfig, ImportanceScores, collect_importance
+from .models import resolve_tokenizer
 from .pruning import (DEFAULT_DEPTH_METRIC, DEFAULT_HEAD_METRIC, DEFAULT_HEAD_RESIDUAL, DEFAULT_NORM_RESCALE, Target,
-                      apply_plan, count_parameters, make_plan, random_plan)
-from .sizing import target_for_budget
+                      apply_plan, make_plan, random_plan)
+from .sizing import count_parameters, target_for_budget
 from .validate import check_count, check_finite_scores, check_finite_weights, check_seq_len
 
 logger = logging.getLogger(__name__)
