@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 import minitron
 from minitron.cli import build_parser
-from minitron.arch_search import ParamCounter, SearchResult, enumerate_candidates, search
+from minitron.arch_search import ParamCounter, SearchConfig, SearchResult, enumerate_candidates, search
 from minitron.sizing import target_parameters
 
 from .conftest import COMMON, make_model
@@ -98,9 +98,9 @@ def test_search_end_to_end(tmp_path):
     calib = torch.randint(0, COMMON["vocab_size"], (8, 16), generator=g)
     train = torch.randint(0, COMMON["vocab_size"], (2000,), generator=g)
     valid = torch.randint(0, COMMON["vocab_size"], (6, 16), generator=g)
-    res = search(model, calib, train, params=0.6, tolerance=0.08, retrain_steps=2, top=3, eval_data=valid,
-                 divisors=DIVS, max_depth_prune=0.25, output_dir=tmp_path / "s", seq_len=16, batch_size=4,
-                 progress=False, verbose=False)
+    res = search(model, calib, train, params=0.6, eval_data=valid, output_dir=tmp_path / "s", progress=False,
+                 config=SearchConfig(tolerance=0.08, retrain_steps=2, top=3, divisors=DIVS, max_depth_prune=0.25,
+                                     seq_len=16, batch_size=4))
     assert isinstance(res, SearchResult)
     n = len(res.candidates)
     assert n > 3
@@ -137,8 +137,8 @@ def test_search_end_to_end(tmp_path):
 def test_search_without_retraining(tmp_path):
     model = make_model("qwen2")
     ids = torch.randint(0, COMMON["vocab_size"], (400,), generator=torch.Generator().manual_seed(0))
-    res = search(model, ids, ids, params=0.7, tolerance=0.1, retrain_steps=0, divisors=DIVS,
-                 output_dir=tmp_path, seq_len=16, progress=False, verbose=False)
+    res = search(model, ids, ids, params=0.7, output_dir=tmp_path, progress=False,
+                 config=SearchConfig(tolerance=0.1, retrain_steps=0, divisors=DIVS, seq_len=16))
     assert res.best.rank_pruned == 1 and all(c.loss_retrained is None for c in res.candidates)
     assert minitron.count_parameters(res.model) == res.best.params <= res.budget
 
@@ -149,7 +149,7 @@ def test_bad_input(tmp_path):
     with pytest.raises(ValueError, match=r"infeasible budget.*smallest reachable size is [\d,]+ parameters"):
         enumerate_candidates(model, 0.1)
     with pytest.raises(ValueError, match="infeasible budget"):
-        search(model, ids, ids, params=0.1, output_dir=tmp_path, seq_len=16, verbose=False)
+        search(model, ids, ids, params=0.1, output_dir=tmp_path, config=SearchConfig(seq_len=16))
     for tol in (-0.1, 1.0, 2):
         with pytest.raises(ValueError, match="tolerance"):
             enumerate_candidates(model, 0.5, tol)
@@ -160,10 +160,10 @@ def test_bad_input(tmp_path):
     with pytest.raises(ValueError, match="divisor"):
         enumerate_candidates(model, 0.5, divisors={"depth": 2})
     with pytest.raises(ValueError, match="top"):
-        search(model, ids, ids, params=0.6, top=0, divisors=DIVS, output_dir=tmp_path, seq_len=16, verbose=False)
+        search(model, ids, ids, params=0.6, output_dir=tmp_path, config=SearchConfig(top=0, divisors=DIVS, seq_len=16))
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50))
     with pytest.raises(ValueError, match="unsupported architecture"):
-        search(gpt2, ids, ids, params=0.5, output_dir=tmp_path, verbose=False)
+        search(gpt2, ids, ids, params=0.5, output_dir=tmp_path)
 
 
 def test_cli_registers_search():

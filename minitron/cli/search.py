@@ -70,10 +70,10 @@ def run(args: argparse.Namespace) -> int:
     Returns:
         Exit status 0 (errors raise ValueError, reported by ``minitron.cli.main``).
     """
-    from ..arch_search import search
+    from ..arch_search import SearchConfig, search
     from ..distillation import DistillConfig
     from ..importance.collect import ImportanceScores
-    from ..models import BUILTIN_TINY, load_model
+    from ..models import load_model
     from ..outputs import check_output_dir
     from ..validate import check_device
 
@@ -90,19 +90,22 @@ def run(args: argparse.Namespace) -> int:
     train = text_source(args.train)
     eval_data = text_source(BUILTIN, "valid") if args.eval is None and args.train == BUILTIN else args.eval
     divisors = {a: getattr(args, f"{a}_divisor") for a in AXES if getattr(args, f"{a}_divisor")}
-    cfg = DistillConfig(steps=max(args.retrain_steps, 1), lr=args.lr, min_lr=args.lr / 10,
-                        warmup_steps=max(1, args.retrain_steps // 10), seq_len=args.seq_len,
-                        batch_size=args.batch_size, save_every=None, eval_every=None, keep_checkpoints=1,
-                        plot=False, seed=args.seed, loss_impl=args.loss_impl)
-    result = search(
-        model, text_source(args.calib), train, params=args.params, tolerance=args.tolerance,
-        retrain_steps=args.retrain_steps, top=args.top or None, eval_data=eval_data, tokenizer=tokenizer,
-        scores=ImportanceScores.load(args.load_scores) if args.load_scores else None, divisors=divisors,
+    distill_config = DistillConfig(steps=max(args.retrain_steps, 1), lr=args.lr, min_lr=args.lr / 10,
+                                   warmup_steps=max(1, args.retrain_steps // 10), seq_len=args.seq_len,
+                                   batch_size=args.batch_size, save_every=None, eval_every=None,
+                                   keep_checkpoints=1, plot=False, seed=args.seed, loss_impl=args.loss_impl)
+    config = SearchConfig(
+        tolerance=args.tolerance, retrain_steps=args.retrain_steps, top=args.top or None, divisors=divisors,
         max_width_prune=args.max_width_prune, max_depth_prune=args.max_depth_prune,
-        axes=tuple(a.strip() for a in args.axes.split(",") if a.strip()), distill_config=cfg,
-        output_dir=args.out, seed=args.seed, seq_len=args.seq_len, num_samples=args.num_samples,
-        eval_blocks=args.eval_blocks, batch_size=args.batch_size, overwrite=args.overwrite,
-        progress=not args.no_progress)
+        axes=tuple(a.strip() for a in args.axes.split(",") if a.strip()), seed=args.seed, seq_len=args.seq_len,
+        num_samples=args.num_samples, eval_blocks=args.eval_blocks, batch_size=args.batch_size, distill=distill_config)
+    result = search(
+        model, text_source(args.calib), train, params=args.params, config=config, eval_data=eval_data,
+        tokenizer=tokenizer, scores=ImportanceScores.load(args.load_scores) if args.load_scores else None,
+        output_dir=args.out, overwrite=args.overwrite, progress=not args.no_progress)
+    print(result.markdown())
+    print(f"best: {result.best.name} ({result.best.params:,} parameters) -> {result.files['best']} "
+          f"({result.seconds:.0f} s)")
     print(json.dumps({"best": result.best.name, "params": result.best.params,
                       "loss_pruned": round(result.best.loss_pruned, 4),
                       "loss_retrained": None if result.best.loss_retrained is None else round(result.best.loss_retrained, 4),
