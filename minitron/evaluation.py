@@ -208,6 +208,9 @@ def heads_zeroed(model: nn.Module, layer: int, heads: Sequence[int]) -> Iterator
         model: a supported causal LM.
         layer: decoder layer index.
         heads: query-head indices; head h owns ``o_proj`` input columns ``h*head_dim .. (h+1)*head_dim - 1``.
+    Example:
+        >>> with heads_zeroed(model, 0, [1, 2]):
+        ...     loss = lm_loss(model, blocks)
     """
     adapter = get_adapter(model)
     o_proj = decoder_layers(model, adapter)[layer].get_submodule(adapter.o_proj)

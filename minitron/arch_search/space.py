@@ -71,6 +71,14 @@ def default_divisors(config) -> dict[str, int]:
 
     hidden: lcm(num_attention_heads, power of two nearest hidden/32); FFN: power of two nearest
     ffn/32 (at least 8); heads: ``num_key_value_heads``; layers: 1.
+
+    Args:
+        config: the model's config.
+    Returns:
+        ``{target field: step}``.
+    Example:
+        >>> default_divisors(model.config)["num_hidden_layers"]
+        1
     """
     return {
         "hidden_size": math.lcm(int(config.num_attention_heads), _pow2_divisor(int(config.hidden_size))),
@@ -94,7 +102,19 @@ def _normalise_divisors(config, divisors: dict[str, int] | None) -> dict[str, in
 
 
 def axis_values(current: int, max_prune: float, divisor: int, searched: bool) -> list[int]:
-    """Allowed sizes of one axis, largest first: ``current`` and multiples of ``divisor`` >= ``current*(1-max_prune)``."""
+    """Allowed sizes of one axis, largest first: ``current`` and multiples of ``divisor`` >= ``current*(1-max_prune)``.
+
+    Args:
+        current: the model's size on this axis.
+        max_prune: largest fraction removed.
+        divisor: grid step.
+        searched: whether the axis is searched at all (else only ``current``).
+    Returns:
+        The sizes, descending.
+    Example:
+        >>> axis_values(48, 0.4, 6, True)
+        [48, 42, 36, 30]
+    """
     if not searched:
         return [current]
     low = current * (1 - max_prune) - 1e-9

@@ -14,8 +14,6 @@ import argparse
 import logging
 import sys
 
-from . import distill, prune, search
-
 __all__ = ["build_parser", "main"]
 
 
@@ -28,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
         >>> args = build_parser().parse_args(["prune", "--model", "builtin-tiny"])
         >>> args.func(args)
     """
+    from . import distill, prune, search  # here, not at import: `python -m minitron.cli.distill` runs it once
+
     parser = argparse.ArgumentParser(prog="minitron", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")

@@ -111,8 +111,17 @@ def _weight_ops(adapter: FamilyAdapter, config, plan: PrunePlan) -> dict[str, li
 
 
 def pruned_config(config, plan: PrunePlan):
-    """The config of ``model`` pruned by ``plan`` (:meth:`Target.config_for` of :meth:`PrunePlan.target`,
-    per-layer lists taken at the kept layers)."""
+    """The config of a model pruned by ``plan``: :meth:`Target.config_for` of :meth:`PrunePlan.target`,
+    per-layer lists (``layer_types``) taken at the kept layers.
+
+    Args:
+        config: the unpruned model's config.
+        plan: keep-indices per axis.
+    Returns:
+        A new config (``head_dim`` explicit).
+    Example:
+        >>> pruned_config(model.config, plan).num_hidden_layers
+    """
     kept = plan.layers.tolist() if plan.layers is not None else None
     return plan.target(config).config_for(config, kept)
 
@@ -146,6 +155,8 @@ def apply_plan(model: nn.Module, plan: PrunePlan, inplace: bool = False) -> nn.M
             input is left untouched and new tensors are allocated.
     Returns:
         The pruned model (the same object when ``inplace``).
+    Example:
+        >>> small = apply_plan(model, make_plan(scores, Target(intermediate_size=1024), model.config))
     """
     adapter = get_adapter(model)
     config = model.config

@@ -49,7 +49,16 @@ class PrunePlan:
     head_residual: bool = False
 
     def target(self, config) -> Target:
-        """The architecture this plan prunes ``config`` to (axes the plan leaves alone keep their size)."""
+        """The architecture this plan prunes ``config`` to.
+
+        Args:
+            config: the unpruned model's config.
+        Returns:
+            A :class:`Target` with the plan's kept counts; axes the plan leaves alone are ``None``.
+        Example:
+            >>> make_plan(scores, Target(hidden_size=384), config).target(config).hidden_size
+            384
+        """
         first = lambda d: int(next(iter(d.values())).numel()) if d else None  # noqa: E731 - same count in every layer
         return Target(
             hidden_size=None if self.hidden is None else int(self.hidden.numel()),
@@ -71,6 +80,16 @@ def select_layers(depth_scores: torch.Tensor, keep: int, mode: str = "scattered"
 
     ``scattered`` keeps the top-``keep`` layers; ``contiguous`` drops the block of
     ``L - keep`` consecutive layers with the lowest total score.
+
+    Args:
+        depth_scores: (L,) per-layer scores.
+        keep: layers to keep.
+        mode: ``scattered`` or ``contiguous``.
+    Returns:
+        Sorted (keep,) original indices of the kept layers.
+    Example:
+        >>> select_layers(torch.tensor([3.0, 0.5, 1.0, 2.0]), 2, "contiguous")  # drops layers 1..2 (sum 1.5)
+        tensor([0, 3])
     """
     n = depth_scores.numel()
     if mode == "scattered":

@@ -35,7 +35,16 @@ class Target:
     num_key_value_heads: int | None = None
 
     def resolved(self, config) -> "Target":
-        """Fill ``None`` fields from ``config``."""
+        """This target with its ``None`` fields filled from ``config``.
+
+        Args:
+            config: the unpruned model's config.
+        Returns:
+            A new :class:`Target` with every field set.
+        Example:
+            >>> Target(hidden_size=384).resolved(config).num_hidden_layers == config.num_hidden_layers
+            True
+        """
         current = {f.name: getattr(config, f.name, None) for f in fields(self)}
         current["num_key_value_heads"] = kv_heads_of(config)
         return Target(**{name: value if getattr(self, name) is None else getattr(self, name)
@@ -66,7 +75,17 @@ class Target:
         return new
 
     def validate(self, config, divisors: dict[str, int] | None = None) -> None:
-        """Raise ``ValueError`` naming the field and the allowed values if the target is infeasible."""
+        """Raise ``ValueError`` naming the field and the allowed values if the target is infeasible.
+
+        Args:
+            config: the unpruned model's config.
+            divisors: optional required divisor per field, e.g. ``{"hidden_size": 64}``.
+        Raises:
+            ValueError: a field is not a positive integer, grows the model, misses its divisor, breaks the
+                KV grouping, or the config class rejects the pruned config.
+        Example:
+            >>> Target(num_attention_heads=5).validate(config)  # 3 KV heads: raises, allowed 3, 6, 9
+        """
         original = Target().resolved(config)  # the model's own sizes
         for f in fields(self):
             value = getattr(self, f.name)
