@@ -141,13 +141,12 @@ def prune(
         batch_agg = importance.batch_agg
     options = dict(batch_agg=batch_agg, depth_metric=depth_metric, depth_mode=depth_mode, head_metric=head_metric,
                    norm_rescale=norm_rescale, head_residual=head_residual)
-    if target is not None:  # before any data is read
-        target.validate(model.config, divisors)
     blocks = None
     if method == "activation" and calib_data is not None and (scores is None or target is None):
         check_count("num_samples", num_samples)
         check_seq_len(model, seq_len)
-        blocks = load_text_blocks(calib_data, None if isinstance(calib_data, torch.Tensor) else resolve_tokenizer(model, tokenizer), seq_len, num_samples)
+        text_tokenizer = None if isinstance(calib_data, torch.Tensor) else resolve_tokenizer(model, tokenizer)
+        blocks = load_text_blocks(calib_data, text_tokenizer, seq_len, num_samples)
     if target is None:
         if blocks is None:
             target = target_for_budget(model, params)

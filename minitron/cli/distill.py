@@ -123,13 +123,16 @@ def _pruned_student(teacher: Any, tokenizer: Any, params: float, num_samples: in
     import minitron
     from ..data import load_text_blocks
     from ..models import BUILTIN, text_source
+    from ..pruner import pruning_summary
 
     if num_samples < 1:
         raise ValueError(f"--num-samples must be >= 1, got {num_samples}")
     blocks = load_text_blocks(text_source(BUILTIN), tokenizer, 256, num_samples, chat_template=chat_template)
     print(f"minitron distill: no --student given: pruning the teacher to params={params} (calibration: "
           f"{blocks.shape[0]} x 256 tokens of the built-in text)")
-    return minitron.prune(teacher, blocks, params=params, progress=progress)
+    student = minitron.prune(teacher, blocks, params=params, progress=progress, verbose=False)
+    print(pruning_summary(minitron.count_parameters(teacher), student))
+    return student
 
 
 def run(args: argparse.Namespace) -> int:
