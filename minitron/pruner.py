@@ -15,27 +15,13 @@ from .budget import choose_budget_target
 from .data import load_text_blocks
 from .importance.ablation import greedy_layer_removal
 from .importance.collect import ImportanceConfig, ImportanceScores, collect_importance
+from .models import resolve_tokenizer
 from .pruning import (DEFAULT_DEPTH_METRIC, DEFAULT_HEAD_METRIC, DEFAULT_HEAD_RESIDUAL, DEFAULT_NORM_RESCALE, Target,
-                      apply_plan, count_parameters, make_plan, random_plan)
-from .sizing import target_for_budget
+                      apply_plan, make_plan, random_plan)
+from .sizing import count_parameters, target_for_budget
 from .validate import check_count, check_finite_scores, check_finite_weights, check_seq_len
 
 logger = logging.getLogger(__name__)
-
-
-def _tokenizer_for(model: nn.Module, tokenizer: Any) -> Any:
-    """``tokenizer``, else the model's own found locally, else None (text data then fails asking for one)."""
-    if tokenizer is not None:
-        return tokenizer
-    from transformers import AutoTokenizer
-
-    source = getattr(model.config, "_name_or_path", "")
-    if not source:
-        return None
-    try:
-        return AutoTokenizer.from_pretrained(source, local_files_only=True)
-    except (OSError, ValueError):  # not found locally: token-id data needs none
-        return None
 
 
 def loss_scores_for(importance: ImportanceConfig, target: Target, config, depth_metric: str,
@@ -154,7 +140,7 @@ def prune(
             storage has been shrunk under them. With ``inplace=False`` (default) the input
             model is left untouched and the pruned one is new memory (peak: model + pruned).
         progress: tqdm bars during calibration.
-        verbose: print a one-line parameter summary.
+        verbose: log the one-line parameter summary (:func:`pruning_summary`) at INFO (else DEBUG).
     Returns:
         The pruned model, a standard model of the same class (``save_pretrained`` works).
     Raises:
@@ -182,8 +168,6 @@ def prune(
         batch_agg = importance.batch_agg
     options = dict(batch_agg=batch_agg, depth_metric=depth_metric, depth_mode=depth_mode, head_metric=head_metric,
                    norm_rescale=norm_rescale, head_residual=head_residual)
-    if target is not None:  # before any data is read
-        target.validate(model.config, divisors)
     if depth_rounds < 1 or (depth_rounds > 1 and (depth_metric != "ppl" or depth_mode != "scattered")):
         raise ValueError(f"depth_rounds={depth_rounds}: must be >= 1, and > 1 only with depth_metric='ppl' and "
                          "depth_mode='scattered' (iterative removal re-scores by layer-drop loss)")
@@ -191,7 +175,8 @@ def prune(
     if method == "activation" and calib_data is not None and (scores is None or target is None or depth_rounds > 1):
         check_count("num_samples", num_samples)
         check_seq_len(model, seq_len)
-        blocks = load_text_blocks(calib_data, None if isinstance(calib_data, torch.Tensor) else _tokenizer_for(model, tokenizer), seq_len, num_samples)
+        text_tokenizer = None if isinstance(calib_data, torch.Tensor) else resolve_tokenizer(model, tokenizer)
+        blocks = load_text_blocks(calib_data, text_tokenizer, seq_len, num_samples)
     if target is None:
         if blocks is None:
             target = target_for_budget(model, params)
@@ -221,14 +206,23 @@ def prune(
 
     before = count_parameters(model)
     pruned = apply_plan(model, plan, inplace=inplace)
+    logger.log(logging.INFO if verbose else logging.DEBUG, "%s", pruning_summary(before, pruned))
+    return pruned
+
+
+def pruning_summary(params_before: int, pruned: nn.Module) -> str:
+    """One line: parameters before -> after and the pruned architecture.
+
+    Args:
+        params_before: parameter count of the unpruned model.
+        pruned: the pruned model.
+    Returns:
+        e.g. ``minitron: 7.30M -> 3.61M parameters (49.5%); hidden 192, ffn 512, heads 6/2 kv, head_dim 32, layers 8``.
+    """
     after = count_parameters(pruned)
     c = pruned.config
-    summary = (
-        f"minitron: {before / 1e6:.2f}M -> {after / 1e6:.2f}M parameters ({100 * after / before:.1f}%); "
+    return (
+        f"minitron: {params_before / 1e6:.2f}M -> {after / 1e6:.2f}M parameters ({100 * after / params_before:.1f}%); "
         f"hidden {c.hidden_size}, ffn {c.intermediate_size}, heads {c.num_attention_heads}/{c.num_key_value_heads} kv, "
         f"head_dim {c.head_dim}, layers {c.num_hidden_layers}"
     )
-    logger.info(summary)
-    if verbose:
-        print(summary)
-    return pruned

@@ -1,4 +1,4 @@
-"""Parameter counting and the parameter-budget rule behind ``prune(params=...)``.
+"""Parameter counting (:func:`count_parameters`) and the parameter-budget rule behind ``prune(params=...)``.
 
 Parameters are counted exactly by instantiating the pruned config on the meta
 device (no memory, no compute), so every family's biases, norms and tied
@@ -21,7 +21,25 @@ import math
 import torch
 from torch import nn
 
-from .pruning import Target, count_parameters
+from .pruning.target import Target
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of distinct parameters of ``model`` (tied weights counted once).
+
+    Args:
+        model: any module (meta-device models work: only shapes are read).
+    Returns:
+        The parameter count.
+    Example:
+        >>> count_parameters(model) / 1e6  # millions
+    """
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
 
 
 def count_config_parameters(model_cls: type[nn.Module], config) -> int:

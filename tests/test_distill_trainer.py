@@ -173,7 +173,7 @@ def test_vocab_mismatch_raises(teacher_and_data, tmp_path):
 
 
 def test_cli_register_and_run(teacher_and_data, tmp_path):
-    from minitron.distillation import cli
+    from minitron.cli import distill as cli
 
     teacher, train, _ = teacher_and_data
     teacher.save_pretrained(tmp_path / "teacher")

@@ -216,7 +216,8 @@ def test_sink_tokens_drop_leading_positions(calib_ids):
 
 
 def test_greedy_layer_removal_equals_rescoring_by_hand(calib_ids):
-    from minitron.importance.ablation import greedy_layer_removal, layer_drop_losses
+    from minitron.evaluation import layer_drop_losses
+    from minitron.importance.ablation import greedy_layer_removal
 
     model = make_model("qwen3")
     one_shot = layer_drop_losses(model, calib_ids, batch_size=5)

@@ -8,7 +8,7 @@ from tests.conftest import make_model
 
 import minitron
 from minitron.budget import choose_budget_target
-from minitron.importance.collect import lm_loss
+from minitron.evaluation import lm_loss
 from minitron.masked_eval import masked_plan
 from minitron.pruning import PrunePlan, Target, apply_plan, make_plan
 

@@ -144,7 +144,7 @@ def test_failed_write_keeps_previous_output_and_stale_temps_are_cleaned(tmp_path
 
 
 def test_search_refuses_unsafe_outputs(model_dir, tmp_path, capsys):
-    from minitron.arch_search import search
+    from minitron.arch_search import SearchConfig, search
     from tests.conftest import make_model
 
     assert main(["search", "--model", str(model_dir), "--out", str(model_dir.parent), "--no-progress"]) == 2
@@ -154,7 +154,8 @@ def test_search_refuses_unsafe_outputs(model_dir, tmp_path, capsys):
     (mine / "data.csv").write_text("1,2")
     ids = torch.randint(0, 101, (8, 16))
     with pytest.raises(ValueError, match="not empty and was not written by `minitron search`.*overwrite=True"):
-        search(make_model("llama"), ids, ids, params=0.8, output_dir=mine, seq_len=16, verbose=False, progress=False)
+        search(make_model("llama"), ids, ids, params=0.8, output_dir=mine, config=SearchConfig(seq_len=16),
+               progress=False)
     assert digest(mine) == {"data.csv": hashlib.sha256(b"1,2").hexdigest()}
 
 

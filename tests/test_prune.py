@@ -155,19 +155,101 @@ def test_inplace_prune_reuses_model_object(calib_ids):
     torch.testing.assert_close(logits(model, calib_ids), logits(reference, calib_ids), atol=0, rtol=0)
 
 
-def test_depth_contiguous_and_ppl(calib_ids):
+def _layer_drop_losses_by_hand(model, ids) -> torch.Tensor:
+    """(L,) next-token loss of the full HF forward with each layer made the identity (no minitron code)."""
+    layers = model.get_submodule(get_adapter(model).layers)
+    losses = []
+    for layer in layers:
+        handle = layer.register_forward_hook(
+            lambda m, args, kwargs, out: args[0] if args else kwargs["hidden_states"], with_kwargs=True)
+        try:
+            out = logits(model, ids)  # (B, S, V)
+        finally:
+            handle.remove()
+        losses.append(torch.nn.functional.cross_entropy(out[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()))
+    return torch.stack(losses)
+
+
+def _block_importance_by_hand(model, ids) -> torch.Tensor:
+    """(L,) 1 - mean over tokens of cos(layer input, layer output), from forward hooks."""
+    layers = model.get_submodule(get_adapter(model).layers)
+    cos = {}
+
+    def hook(l):
+        def fn(m, args, kwargs, out):
+            h_in = args[0] if args else kwargs["hidden_states"]
+            h_out = out[0] if isinstance(out, tuple) else out
+            cos[l] = torch.nn.functional.cosine_similarity(h_in.flatten(0, 1), h_out.flatten(0, 1), dim=-1).mean()
+        return fn
+
+    handles = [layer.register_forward_hook(hook(l), with_kwargs=True) for l, layer in enumerate(layers)]
+    try:
+        logits(model, ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return 1.0 - torch.stack([cos[l] for l in range(len(layers))])
+
+
+def _kept_layers(model, pruned) -> list[int]:
+    """Original indices of the pruned model's layers, found by their (unchanged) weights."""
+    adapter = get_adapter(model)
+    original = [layer.get_submodule(adapter.q_proj).weight for layer in model.get_submodule(adapter.layers)]
+    kept = []
+    for layer in pruned.get_submodule(adapter.layers):
+        w = layer.get_submodule(adapter.q_proj).weight
+        kept.append(next(l for l, o in enumerate(original) if o.shape == w.shape and torch.equal(o, w)))
+    return kept
+
+
+@pytest.mark.parametrize("metric", ["ppl", "bi"])
+@pytest.mark.parametrize("mode", ["scattered", "contiguous"])
+def test_depth_keeps_the_layers_the_metric_ranks_highest(calib_ids, metric, mode):
     model = make_model("llama")
-    pruned = minitron.prune(model, calib_ids, Target(num_hidden_layers=2), seq_len=16, depth_metric="ppl",
-                            depth_mode="contiguous", progress=False, verbose=False)
-    assert pruned.config.num_hidden_layers == 2
+    n, keep = model.config.num_hidden_layers, 2
+    pruned = minitron.prune(model, calib_ids, Target(num_hidden_layers=keep), seq_len=16, depth_metric=metric,
+                            depth_mode=mode, progress=False, verbose=False)
+    assert pruned.config.num_hidden_layers == keep
+    kept = _kept_layers(model, pruned)
+    assert kept == sorted(kept) and len(set(kept)) == keep
+    # the independent ranking: higher = more important (loss without the layer / 1 - cos)
+    score = _layer_drop_losses_by_hand(model, calib_ids) if metric == "ppl" else _block_importance_by_hand(model, calib_ids)
+    if mode == "scattered":
+        expected = sorted(score.argsort(descending=True)[:keep].tolist())
+        assert (score.sort().values.diff().abs() > 1e-5).all()  # no near-tie could flip the selection
+    else:
+        drop = n - keep  # the contiguous block of `drop` layers with the lowest total score goes
+        sums = [score[s : s + drop].sum().item() for s in range(n - drop + 1)]
+        start = min(range(len(sums)), key=sums.__getitem__)
+        expected = [l for l in range(n) if not start <= l < start + drop]
+        dropped = [l for l in range(n) if l not in kept]
+        assert dropped == list(range(dropped[0], dropped[0] + drop))  # one contiguous block removed
+    assert kept == expected, (metric, mode, score.tolist())
 
 
-def test_random_baseline_has_same_shape(calib_ids):
+def test_random_baseline(calib_ids):
+    """Same shape as the importance selection, a different selection, reproducible per seed, and exactly the
+    masked original of its plan."""
     model = make_model("qwen2")
     target = Target(hidden_size=40, intermediate_size=64, num_attention_heads=4, num_hidden_layers=3)
     a = minitron.prune(model, calib_ids, target, seq_len=16, progress=False, verbose=False)
     b = minitron.prune(model, target=target, method="random", seed=3, verbose=False)
     assert {k: v.shape for k, v in a.state_dict().items()} == {k: v.shape for k, v in b.state_dict().items()}
+
+    def same(x, y) -> bool:
+        return all(torch.equal(v, y.state_dict()[k]) for k, v in x.state_dict().items())
+
+    assert not same(a, b)  # random is not the activation selection
+    assert same(b, minitron.prune(model, target=target, method="random", seed=3, verbose=False))  # reproducible
+    assert not same(b, minitron.prune(model, target=target, method="random", seed=4, verbose=False))
+    # without hidden pruning (no norm involved) the random model is the original with its plan masked
+    narrow = Target(intermediate_size=64, num_attention_heads=4, num_hidden_layers=3)
+    for seed in (3, 4):
+        plan = minitron.random_plan(model.config, narrow, seed)
+        assert plan.layers.numel() == 3 and all(v.numel() == 64 for v in plan.mlp.values())
+        pruned = minitron.prune(model, target=narrow, method="random", seed=seed, verbose=False)
+        torch.testing.assert_close(logits(pruned, calib_ids), masked_reference(model, calib_ids, plan),
+                                   atol=ATOL, rtol=1e-4)
 
 
 def test_scores_roundtrip_one_calibration_many_targets(calib_ids, tmp_path):

@@ -11,8 +11,8 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 import minitron
-from minitron.cli import build_parser
-from minitron.arch_search import ParamCounter, SearchResult, enumerate_candidates, search
+from minitron.cli import build_parser, main
+from minitron.arch_search import ParamCounter, SearchConfig, SearchResult, enumerate_candidates, search
 from minitron.sizing import target_parameters
 
 from .conftest import COMMON, make_model
@@ -98,9 +98,9 @@ def test_search_end_to_end(tmp_path):
     calib = torch.randint(0, COMMON["vocab_size"], (8, 16), generator=g)
     train = torch.randint(0, COMMON["vocab_size"], (2000,), generator=g)
     valid = torch.randint(0, COMMON["vocab_size"], (6, 16), generator=g)
-    res = search(model, calib, train, params=0.6, tolerance=0.08, retrain_steps=2, top=3, eval_data=valid,
-                 divisors=DIVS, max_depth_prune=0.25, output_dir=tmp_path / "s", seq_len=16, batch_size=4,
-                 progress=False, verbose=False)
+    res = search(model, calib, train, params=0.6, eval_data=valid, output_dir=tmp_path / "s", progress=False,
+                 config=SearchConfig(tolerance=0.08, retrain_steps=2, top=3, divisors=DIVS, max_depth_prune=0.25,
+                                     seq_len=16, batch_size=4))
     assert isinstance(res, SearchResult)
     n = len(res.candidates)
     assert n > 3
@@ -137,8 +137,8 @@ def test_search_end_to_end(tmp_path):
 def test_search_without_retraining(tmp_path):
     model = make_model("qwen2")
     ids = torch.randint(0, COMMON["vocab_size"], (400,), generator=torch.Generator().manual_seed(0))
-    res = search(model, ids, ids, params=0.7, tolerance=0.1, retrain_steps=0, divisors=DIVS,
-                 output_dir=tmp_path, seq_len=16, progress=False, verbose=False)
+    res = search(model, ids, ids, params=0.7, output_dir=tmp_path, progress=False,
+                 config=SearchConfig(tolerance=0.1, retrain_steps=0, divisors=DIVS, seq_len=16))
     assert res.best.rank_pruned == 1 and all(c.loss_retrained is None for c in res.candidates)
     assert minitron.count_parameters(res.model) == res.best.params <= res.budget
 
@@ -149,7 +149,7 @@ def test_bad_input(tmp_path):
     with pytest.raises(ValueError, match=r"infeasible budget.*smallest reachable size is [\d,]+ parameters"):
         enumerate_candidates(model, 0.1)
     with pytest.raises(ValueError, match="infeasible budget"):
-        search(model, ids, ids, params=0.1, output_dir=tmp_path, seq_len=16, verbose=False)
+        search(model, ids, ids, params=0.1, output_dir=tmp_path, config=SearchConfig(seq_len=16))
     for tol in (-0.1, 1.0, 2):
         with pytest.raises(ValueError, match="tolerance"):
             enumerate_candidates(model, 0.5, tol)
@@ -160,13 +160,57 @@ def test_bad_input(tmp_path):
     with pytest.raises(ValueError, match="divisor"):
         enumerate_candidates(model, 0.5, divisors={"depth": 2})
     with pytest.raises(ValueError, match="top"):
-        search(model, ids, ids, params=0.6, top=0, divisors=DIVS, output_dir=tmp_path, seq_len=16, verbose=False)
+        search(model, ids, ids, params=0.6, output_dir=tmp_path, config=SearchConfig(top=0, divisors=DIVS, seq_len=16))
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50))
     with pytest.raises(ValueError, match="unsupported architecture"):
-        search(gpt2, ids, ids, params=0.5, output_dir=tmp_path, verbose=False)
+        search(gpt2, ids, ids, params=0.5, output_dir=tmp_path)
 
 
-def test_cli_registers_search():
-    args = build_parser().parse_args(["search", "--params", "0.6", "--top", "2", "--axes", "ffn,layers"])
-    assert args.command == "search" and args.params == 0.6 and args.top == 2
-    assert args.func.__module__ == "minitron.arch_search"
+def test_search_without_output_dir_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = make_model("llama")
+    ids = torch.randint(0, COMMON["vocab_size"], (400,), generator=torch.Generator().manual_seed(0))
+    res = search(model, ids, ids, params=0.85, progress=False,
+                 config=SearchConfig(tolerance=0.1, retrain_steps=1, top=1, divisors=DIVS, axes=("ffn",), seq_len=16))
+    assert res.output_dir is None and res.files == {} and res.best.loss_retrained is not None
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_search_cli_end_to_end_on_builtin_model(tmp_path, capsys):
+    """`minitron search` on the built-in model over a tiny space (FFN only): table, files and best checkpoint."""
+    out = tmp_path / "search"
+    argv = ["search", "--model", "builtin-tiny", "--out", str(out), "--params", "0.9", "--tolerance", "0.06",
+            "--axes", "ffn", "--ffn-divisor", "32", "--retrain-steps", "1", "--top", "2", "--seq-len", "32",
+            "--num-samples", "4", "--eval-blocks", "2", "--batch-size", "2", "--no-progress"]
+    args = build_parser().parse_args(argv)
+    assert args.command == "search" and args.params == 0.9 and args.top == 2 and args.axes == "ffn"
+    assert args.func.__module__ == "minitron.cli.search"
+    assert main(argv) == 0
+    stdout = capsys.readouterr().out
+    report = json.loads([line for line in stdout.splitlines() if line.startswith("{")][-1])
+    data = json.loads((out / "candidates.json").read_text())
+    cands = data["candidates"]
+    # the space: FFN only, multiples of 32 within 40% of 768, inside the 6% window under 90% of the parameters
+    assert len(cands) >= 2
+    total = data["original_params"]
+    for c in cands:
+        assert (c["hidden_size"], c["num_attention_heads"], c["num_hidden_layers"]) == (256, 8, 8)
+        assert c["intermediate_size"] % 32 == 0 and c["intermediate_size"] >= 768 * 0.6
+        assert 0.9 * total * 0.94 <= c["params"] <= 0.9 * total
+    assert sorted(c["rank_pruned"] for c in cands) == list(range(1, len(cands) + 1))
+    retrained = [c for c in cands if c["loss_retrained"] is not None]
+    assert sorted(c["rank_pruned"] for c in retrained) == [1, 2] and sorted(c["rank_retrained"] for c in retrained) == [1, 2]
+    best = min(retrained, key=lambda c: c["loss_retrained"])
+    assert data["best"] == report["best"] == best["name"] and report["params"] == best["params"]
+    assert report["loss_retrained"] == round(best["loss_retrained"], 4)
+    # the report files and the table printed on stdout
+    assert set(report["files"]) == {"csv", "json", "markdown", "plot", "best"}
+    assert len((out / "candidates.csv").read_text().strip().splitlines()) == len(cands) + 1
+    table = (out / "candidates.md").read_text()
+    assert all(c["name"] in table and c["name"] in stdout for c in cands) and "rank retrained" in stdout
+    assert (out / "losses.png").read_bytes()[:4] == b"\x89PNG"
+    # the best checkpoint: the best candidate's architecture, loadable with its tokenizer
+    loaded = AutoModelForCausalLM.from_pretrained(out / "best")
+    assert loaded.config.intermediate_size == best["intermediate_size"]
+    assert minitron.count_parameters(loaded) == best["params"]
+    assert (out / "best" / "tokenizer_config.json").is_file()

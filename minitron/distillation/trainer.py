@@ -285,17 +285,9 @@ def _needs_tokenizer(data: Any) -> bool:
 def _resolve_tokenizer(student: nn.Module, tokenizer: Any, datas: Sequence[Any]) -> Any:
     if tokenizer is not None or not any(d is not None and _needs_tokenizer(d) for d in datas):
         return tokenizer
-    path = getattr(getattr(student, "config", None), "_name_or_path", "") or ""
-    if path and Path(path).is_dir():
-        from transformers import AutoTokenizer
+    from minitron.models import resolve_tokenizer
 
-        try:
-            return AutoTokenizer.from_pretrained(path, local_files_only=True)
-        except Exception as e:  # noqa: BLE001 - re-raised with the fix
-            raise ValueError(f"text data needs a tokenizer and loading one from the student path {path} failed ({e}); "
-                             "pass tokenizer=") from e
-    raise ValueError("text data needs a tokenizer: pass tokenizer= (or load the student from a local directory "
-                     "that holds its tokenizer, or pass token ids)")
+    return resolve_tokenizer(student, required=True)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,215 +1,19 @@
-"""Loss-based (ablation) importance: the calibration LM loss with one layer or one head removed.
+"""Iterative layer removal: the layer-drop loss criterion re-applied to the shrinking model.
 
-A component matters as much as the loss rises without it. Removing a decoder layer (the
-perplexity depth criterion of Minitron) or one attention head (zeroing its slice of the
-``o_proj`` input) changes nothing before that layer, so the decoder prefix is computed once:
-:class:`DecoderStream` keeps the input of the current layer for every calibration batch and only
-the layers from the ablated one onward are re-run.
-
-Cost on ``n`` calibration blocks of an ``L``-layer model, counted in forwards of the whole
-model over those blocks (``F``), lm_head included in each count:
-- one layer dropped at a time (:func:`layer_drop_losses`): ~``L / 2 + 1`` F;
-- one head dropped at a time (:func:`head_drop_losses`): ~``n_heads * L / 2`` F;
-- iterative layer removal of ``k`` layers, ``r`` per round (:func:`greedy_layer_removal`):
-  ``ceil(k / r)`` rounds of the above on the shrinking model, ~``(k / r) * L / 2`` F.
+One-shot layer-drop losses (:func:`minitron.evaluation.layer_drop_losses`) rank every layer on the
+full model; :func:`greedy_layer_removal` removes a few at a time and re-scores the rest, ~``(k / r) * L / 2``
+forwards of the whole model for ``k`` layers removed ``r`` per round.
 """
 
 from __future__ import annotations
-
-from contextlib import contextmanager
-from typing import Iterator, Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..adapters import FamilyAdapter, decoder_layers, get_adapter, head_dim_of
-from ..losses.cross_entropy import next_token_loss_sum
+from ..evaluation import DecoderStream, eval_mode
 
-
-class _StopForward(Exception):
-    """Raised by a hook to end a forward pass once what it needs is captured."""
-
-
-def layer_output(output) -> torch.Tensor:
-    """The hidden states a decoder layer returns (a tensor, or the first element of a tuple)."""
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
-class DecoderStream:
-    """Re-runs the tail of a decoder stack on cached layer inputs.
-
-    Holds, for every calibration batch, the embedding output (the input of layer 0), the input of
-    the layer the stream has advanced to, and the keyword arguments the model passes to each
-    layer (rotary tables, attention masks: captured once from a real forward, so every family's
-    per-layer masks are reproduced exactly).
-
-    Args:
-        model: a supported causal LM (put in eval mode by the caller; used under ``no_grad``).
-        blocks: LongTensor (n, S) of calibration token ids.
-        batch_size: blocks per forward.
-        chunk_size: tokens per (chunk, V) logits tile of the cross-entropy.
-
-    Example:
-        >>> stream = DecoderStream(model, blocks, 8)
-        >>> stream.tail_loss(range(1, model.config.num_hidden_layers))  # layer 0 dropped
-    """
-
-    def __init__(self, model: nn.Module, blocks: torch.Tensor, batch_size: int = 8, chunk_size: int = 1024) -> None:
-        self.model = model
-        self.adapter: FamilyAdapter = get_adapter(model)
-        self.layers = decoder_layers(model, self.adapter)
-        self.final_norm = model.get_submodule(self.adapter.final_norm)
-        head = model.get_output_embeddings()
-        self.weight, self.bias = head.weight, getattr(head, "bias", None)  # (V, D), (V,) | None
-        self.chunk_size = chunk_size
-        device = next(model.parameters()).device
-        self.ids: list[torch.Tensor] = []  # (B, S) per batch
-        self.embedded: list[torch.Tensor] = []  # (B, S, D) input of layer 0 per batch
-        self.kwargs: list[list[dict]] = []  # per batch, per layer
-        decoder = model.get_submodule(self.adapter.layers.rsplit(".", 1)[0])
-        for start in range(0, blocks.shape[0], batch_size):
-            batch = blocks[start : start + batch_size].to(device)
-            captured: list[dict] = []
-            first: list[torch.Tensor] = []
-
-            def capture(module, args, kwargs):
-                if not captured:
-                    first.append(args[0] if args else kwargs["hidden_states"])
-                captured.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
-                if len(captured) == len(self.layers):
-                    raise _StopForward  # every layer's arguments are known: the final norm is not needed
-
-            # layer l's kwargs do not depend on layer l-1's output, so each layer is skipped by
-            # replacing its forward with the identity while its pre-hook records the arguments
-            handles = [layer.register_forward_pre_hook(capture, with_kwargs=True) for layer in self.layers]
-            try:
-                with _identity_layers(self.layers):
-                    decoder(input_ids=batch, use_cache=False)
-            except _StopForward:
-                pass
-            finally:
-                for h in handles:
-                    h.remove()
-            self.ids.append(batch)
-            self.embedded.append(first[0])
-            self.kwargs.append(captured)
-        self.hidden = list(self.embedded)  # (B, S, D) per batch: the input of the next layer to run
-
-    def reset(self) -> None:
-        """Go back to the input of the first layer."""
-        self.hidden = list(self.embedded)
-
-    def _run(self, index: int, batch: int, hidden: torch.Tensor) -> torch.Tensor:
-        return layer_output(self.layers[index](hidden, **self.kwargs[batch][index]))
-
-    def advance(self, index: int) -> None:
-        """Run layer ``index`` on the current inputs: they become the next layer's inputs."""
-        self.hidden = [self._run(index, b, h) for b, h in enumerate(self.hidden)]
-
-    def tail_loss(self, layer_ids: Sequence[int]) -> float:
-        """Token-mean next-token loss of running ``layer_ids`` (in order) on the current inputs.
-
-        Args:
-            layer_ids: original indices of the layers to run, e.g. ``range(l + 1, L)`` to drop layer l.
-        Returns:
-            Mean cross-entropy in nats over all calibration tokens that have a next token.
-        """
-        total, tokens = 0.0, 0
-        for b, h in enumerate(self.hidden):
-            for index in layer_ids:
-                h = self._run(index, b, h)
-            batch_total, batch_tokens = next_token_loss_sum(
-                self.final_norm(h), self.ids[b], self.weight, self.bias, self.chunk_size)  # (B, S, D) normed
-            total += batch_total
-            tokens += batch_tokens
-        return total / max(tokens, 1)
-
-
-@contextmanager
-def _identity_layers(layers: nn.ModuleList) -> Iterator[None]:
-    """Temporarily make every layer return its input (used to capture arguments cheaply)."""
-    originals = [layer.forward for layer in layers]
-    try:
-        for layer in layers:
-            layer.forward = lambda hidden_states, *args, **kwargs: hidden_states  # noqa: E731
-        yield
-    finally:
-        for layer, forward in zip(layers, originals):
-            layer.forward = forward
-
-
-@contextmanager
-def heads_zeroed(model: nn.Module, layer: int, heads: Sequence[int]) -> Iterator[None]:
-    """Zero the ``o_proj`` input of query ``heads`` of decoder ``layer`` (their contribution is removed).
-
-    Args:
-        model: a supported causal LM.
-        layer: decoder layer index.
-        heads: query-head indices; head h owns ``o_proj`` input columns ``h*head_dim .. (h+1)*head_dim - 1``.
-    """
-    adapter = get_adapter(model)
-    o_proj = decoder_layers(model, adapter)[layer].get_submodule(adapter.o_proj)
-    head_dim = head_dim_of(model.config)
-    mask = torch.ones(o_proj.in_features, device=o_proj.weight.device, dtype=o_proj.weight.dtype)
-    for h in heads:
-        mask[h * head_dim : (h + 1) * head_dim] = 0.0
-    handle = o_proj.register_forward_pre_hook(lambda module, args: (args[0] * mask, *args[1:]))
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-@torch.no_grad()
-def layer_drop_losses(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8, progress: bool = False) -> torch.Tensor:
-    """LM loss with each decoder layer removed in turn.
-
-    Args:
-        model: a supported causal LM (left unchanged).
-        blocks: LongTensor (n, S) calibration ids.
-        batch_size: blocks per forward.
-        progress: tqdm bar.
-    Returns:
-        (L,) fp32 losses; higher means the layer matters more.
-    Example:
-        >>> layer_drop_losses(model, blocks[:32]).argsort()[:4]  # the 4 least important layers
-    """
-    with _eval(model):
-        stream = DecoderStream(model, blocks, batch_size)
-        n = len(stream.layers)
-        losses = []
-        for l in tqdm(range(n), desc="depth (ppl)", disable=not progress):
-            losses.append(stream.tail_loss(range(l + 1, n)))
-            stream.advance(l)
-    return torch.tensor(losses, dtype=torch.float32)
-
-
-@torch.no_grad()
-def head_drop_losses(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8, progress: bool = False) -> torch.Tensor:
-    """LM loss with each query head removed in turn (its ``o_proj`` input zeroed; K/V untouched).
-
-    Args:
-        model: a supported causal LM (left unchanged).
-        blocks: LongTensor (n, S) calibration ids.
-        batch_size: blocks per forward.
-        progress: tqdm bar.
-    Returns:
-        (L, n_heads) fp32 losses; higher means the head matters more.
-    Example:
-        >>> head_drop_losses(model, blocks[:4]).shape  # (num_hidden_layers, num_attention_heads)
-    """
-    n_heads = model.config.num_attention_heads
-    with _eval(model):
-        stream = DecoderStream(model, blocks, batch_size)
-        n = len(stream.layers)
-        losses = torch.zeros(n, n_heads, dtype=torch.float32)
-        for l in tqdm(range(n), desc="heads (loss)", disable=not progress):
-            for h in range(n_heads):
-                with heads_zeroed(model, l, [h]):
-                    losses[l, h] = stream.tail_loss(range(l, n))
-            stream.advance(l)
-    return losses
+__all__ = ["greedy_layer_removal"]
 
 
 @torch.no_grad()
@@ -237,7 +41,7 @@ def greedy_layer_removal(
     """
     if step < 1:
         raise ValueError(f"step must be >= 1, got {step}")
-    with _eval(model):
+    with eval_mode(model):
         stream = DecoderStream(model, blocks, batch_size)
         kept = list(range(len(stream.layers)))
         removed: list[int] = []
@@ -253,13 +57,3 @@ def greedy_layer_removal(
             removed += batch
             kept = [l for l in kept if l not in batch]
     return removed
-
-
-@contextmanager
-def _eval(model: nn.Module) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)

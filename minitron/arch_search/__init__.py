@@ -1,0 +1,22 @@
+"""Minitron architecture search (METHOD.md section 3): :func:`search` and its parts.
+
+- :mod:`.space`: the candidate grid and exact parameter counts (:func:`enumerate_candidates`);
+- :mod:`.config`: the search options (:class:`SearchConfig`);
+- :mod:`.loop`: calibrate once, prune and measure every candidate, retrain the best (:func:`search`);
+- :mod:`.report`: :class:`SearchResult`, the markdown table and the files.
+
+Example:
+    >>> result = minitron.search(model, calib_texts, train_texts, params=0.5, tokenizer=tok,
+    ...                          config=minitron.SearchConfig(retrain_steps=200, top=8),
+    ...                          eval_data=valid_texts, output_dir="out/search")
+    >>> print(result.markdown())
+    >>> result.model.save_pretrained("out/best")
+"""
+
+from .config import SearchConfig
+from .loop import search
+from .report import SearchResult, markdown_table, write_report
+from .space import AXES, AXIS_FIELDS, Candidate, ParamCounter, axis_values, default_divisors, enumerate_candidates
+
+__all__ = ["AXES", "AXIS_FIELDS", "Candidate", "ParamCounter", "SearchConfig", "SearchResult", "axis_values",
+           "default_divisors", "enumerate_candidates", "markdown_table", "search", "write_report"]
