@@ -86,3 +86,25 @@ def test_params_prune_builds_no_candidate_copy(calib_ids, monkeypatch, inplace):
     pruned = minitron.prune(model, calib_ids, params=0.6, seq_len=16, inplace=inplace, verbose=False)
     assert (pruned is model) == inplace and pruned.config.hidden_size == expected.config.hidden_size
     torch.testing.assert_close(pruned(calib_ids).logits, expected(calib_ids).logits, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tile_bytes,max_tokens", [(64 * 4 * 7, 7), (16 << 20, 4096), (1, 3)])
+def test_vocab_tiled_cross_entropy_equals_full_logits(dtype, tile_bytes, max_tokens):
+    """Evaluation's cross-entropy: vocabulary tiles (odd sizes, tails, a label in every tile,
+    ignored tokens) give the full-logits value; bf16 weights are upcast per slice."""
+    import torch.nn.functional as F
+
+    from minitron.losses.cross_entropy import cross_entropy_sum_vocab_tiled
+
+    g = torch.Generator().manual_seed(0)
+    N, H, V = 23, 6, 301  # 301 rows: tiles of 64 leave a tail of 45
+    h = torch.randn(N, H, generator=g).to(dtype)
+    w = torch.randn(V, H, generator=g).to(dtype)
+    b = torch.randn(V, generator=g).to(dtype)
+    y = torch.randint(0, V, (N,), generator=g)
+    y[[2, 11]] = -100
+    y[3], y[4] = 0, V - 1
+    ref = F.cross_entropy(h.float() @ w.float().t() + b.float(), y, ignore_index=-100, reduction="sum")
+    got = cross_entropy_sum_vocab_tiled(h, w, y, b, tile_bytes=tile_bytes, max_tokens=max_tokens)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)

@@ -3,7 +3,8 @@
 Each chunk of ``chunk_size`` tokens computes its (chunk, V) fp32 logits, reduces them to a summed
 loss and drops them; with grad enabled the chunk is recomputed in backward (activation
 checkpointing), so the full (N, V) logits and their gradient never exist at once. Used by the
-CLM term of distillation and by evaluation (:func:`minitron.importance.collect.lm_loss`).
+CLM term of distillation. Evaluation (:func:`minitron.evaluation.lm_loss`) uses the no-grad
+:func:`cross_entropy_sum_vocab_tiled`, which also tiles the vocabulary.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["linear_cross_entropy", "linear_cross_entropy_sum", "next_token_loss_sum"]
+__all__ = ["cross_entropy_sum_vocab_tiled", "linear_cross_entropy", "linear_cross_entropy_sum", "next_token_loss_sum"]
 
 
 def _ce_chunk(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, y: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -79,6 +80,61 @@ def linear_cross_entropy_sum(
     return total
 
 
+def cross_entropy_sum_vocab_tiled(
+    hidden: torch.Tensor,  # (N, H)
+    weight: torch.Tensor,  # (V, H)
+    labels: torch.Tensor,  # (N,)
+    bias: torch.Tensor | None = None,  # (V,)
+    ignore_index: int = -100,
+    tile_bytes: int = 16 << 20,
+    max_tokens: int = 4096,
+) -> torch.Tensor:
+    """Summed cross-entropy (no grad) in (tokens, vocab) tiles of about ``tile_bytes`` fp32 logits.
+
+    The vocabulary is walked in slices of ``Vc`` rows, keeping a running ``logsumexp`` and the
+    target logit per token, so the lm_head weight is read once per ``max_tokens`` tokens (not once
+    per small token chunk) and no tile exceeds ``tile_bytes`` whatever V is: evaluation memory stays
+    at the model plus a few such tiles (a (1024, V) fp32 chunk is 200 MiB at V=49152, 0.4x a
+    135M model). A bf16 weight is upcast one slice at a time.
+
+    Args:
+        hidden: (N, H) final (normed) hidden states.
+        weight: (V, H) lm_head weight.
+        labels: (N,) target ids, ``ignore_index`` where not counted.
+        bias: optional (V,) lm_head bias.
+        ignore_index: label value that is not counted.
+        tile_bytes: size of one fp32 logits tile.
+        max_tokens: tokens per pass over the vocabulary.
+    Returns:
+        Scalar fp32 sum of the per-token losses (equal to :func:`linear_cross_entropy_sum`).
+    Example:
+        >>> cross_entropy_sum_vocab_tiled(torch.randn(10, 8), torch.randn(50, 8), torch.randint(0, 50, (10,)))
+    """
+    total = hidden.new_zeros((), dtype=torch.float32)
+    vocab = weight.shape[0]
+    with torch.no_grad():
+        for i in range(0, hidden.shape[0], max_tokens):
+            h = hidden[i : i + max_tokens].float()  # (n, H)
+            y = labels[i : i + max_tokens]
+            n = h.shape[0]
+            rows = max(64, min(vocab, tile_bytes // (4 * n)))  # vocab rows per tile
+            lse = torch.full((n,), float("-inf"), device=h.device)  # running logsumexp (n,)
+            target = torch.zeros(n, device=h.device)  # logit of the label (n,)
+            valid = y != ignore_index
+            y_safe = torch.where(valid, y, torch.zeros_like(y))
+            for v0 in range(0, vocab, rows):
+                logits = h @ weight[v0 : v0 + rows].float().t()  # (n, Vc) fp32
+                if bias is not None:
+                    logits += bias[v0 : v0 + rows].float()
+                lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=-1))
+                here = (y_safe >= v0) & (y_safe < v0 + logits.shape[1])
+                if here.any():
+                    idx = here.nonzero().squeeze(1)
+                    target[idx] = logits[idx, y_safe[idx] - v0]
+            total = total + (lse - target)[valid].sum()
+    return total
+
+
 def next_token_loss_sum(
     hidden: torch.Tensor,  # (B, S, H) final (normed) hidden states
     ids: torch.Tensor,  # (B, S) the token ids they were computed from
@@ -96,4 +152,7 @@ def next_token_loss_sum(
     """
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (B*(S-1), H)
     labels = ids[:, 1:].reshape(-1)  # (B*(S-1),)
-    return linear_cross_entropy_sum(h, weight, labels, bias, chunk_size=chunk_size).item(), labels.numel()
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        return linear_cross_entropy_sum(h, weight, labels, bias, chunk_size=chunk_size).item(), labels.numel()
+    # evaluation: vocabulary tiles of ~16 MiB, so perplexity adds ~nothing to the model's memory
+    return cross_entropy_sum_vocab_tiled(h, weight, labels, bias, max_tokens=max(chunk_size, 4096)).item(), labels.numel()
