@@ -73,10 +73,31 @@ def check_seq_len(model: nn.Module, seq_len: int, flag: str = "seq_len") -> None
                          f"most {mpe}")
 
 
+def _all_finite(t: torch.Tensor, chunk: int = 1 << 20) -> bool:
+    """``torch.isfinite(t).all()`` over 1M-element slices: isfinite builds an ``abs()`` copy and bool
+    masks of its input, which for a whole embedding would be ~1.3x that weight's bytes at once. The
+    slices of a large memory-mapped weight (a stock ``from_pretrained`` checkpoint) have their file
+    pages dropped again once checked, so the check does not leave the whole file resident (clean
+    pages: later reads fault them back in from the page cache)."""
+    flat = t.reshape(-1)
+    release = None
+    if t.device.type == "cpu" and t.numel() * t.element_size() >= 8 << 20:
+        from .ops.mapped import file_mapping, release_pages_
+
+        release = release_pages_ if file_mapping(t) is not None and flat.is_contiguous() else None
+    for i in range(0, flat.numel(), chunk):
+        part = flat[i : i + chunk]
+        if not bool(torch.isfinite(part).all()):
+            return False
+        if release is not None:
+            release(part)
+    return True
+
+
 def check_finite_weights(model: nn.Module, what: str = "model") -> None:
     """Raise if any parameter or buffer of ``model`` holds NaN or inf (a corrupt or overflowed checkpoint)."""
     for name, t in (*model.named_parameters(), *model.named_buffers()):
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and not _all_finite(t.detach()):
             raise ValueError(f"the {what}'s weight {name} holds NaN/inf values; the checkpoint is corrupt or overflowed "
                              "(reload it, or load it in float32)")
 
