@@ -10,8 +10,8 @@ Single process, DDP and FSDP2 (``torchrun``) share one code path: student, teach
 intermediate projections sit in one wrapper module whose ``forward`` returns the losses
 (:class:`minitron.distillation.module.DistillModule`), so DDP / ``fully_shard`` wrap a single root
 (:mod:`minitron.distillation.distributed`). :func:`distill` checks the inputs and locks the run
-directory; :class:`Trainer` resumes, trains, evaluates and saves. The batch of optimizer step ``s`` is a pure function of
-``(seed, s)`` (:func:`minitron.distillation.data.batch_indices`), which is what makes resume exact.
+directory; :class:`Trainer` resumes, trains, evaluates and saves. The batch of optimizer step ``s``
+is a pure function of ``(seed, s)`` (:func:`minitron.distillation.data.batch_indices`), which is what makes resume exact.
 """
 
 from __future__ import annotations
@@ -31,15 +31,7 @@ from torch import nn
 
 from minitron.atomic import atomic_write_dir, atomic_write_text
 from minitron.distillation import distributed as D
-from minitron.distillation.checkpoint import (
-    check_student_tensors,
-    latest_checkpoint,
-    load_latest,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-    tied_aliases,
-)
+from minitron.distillation.checkpoint import latest_checkpoint, rng_state, save_checkpoint, set_rng_state
 from minitron.distillation.checks import check_models, check_vocab, local_dir
 from minitron.distillation.config import DistillConfig
 from minitron.distillation.data import batch_indices, check_nonempty, load_blocks
@@ -48,13 +40,7 @@ from minitron.distillation.module import TEACHER_OUTSIDE_MASS_LIMIT, DistillModu
 from minitron.distillation.optim import make_optimizer
 from minitron.distillation.plotting import plot_loss_curve
 from minitron.distillation.run_dir import (
-    METRICS,
-    PLOT,
-    RUN_FILE,
-    check_same_run,
-    open_run_dir,
-    run_fingerprint,
-    start_over,
+    METRICS, PLOT, RUN_FILE, load_resumable, open_run_dir, run_fingerprint, start_over,
 )
 from minitron.losses import check_impl_device
 from minitron.outputs import check_output_dir
@@ -182,15 +168,8 @@ def distill(
 
     lock = open_run_dir(out_dir) if env.is_main else None
     try:
-        resumed = load_latest(out_dir) if cfg.resume else None
-        if resumed is not None:
-            ckpt, state, saved_student = resumed
-            check_same_run(json.loads(state["run"]), run_info, out_dir)
-            if int(state["step"]) > cfg.steps:
-                raise ValueError(f"checkpoint {ckpt} is at step {int(state['step'])}, past steps={cfg.steps}; pass steps "
-                                 f">= {int(state['step'])} to continue that run, or resume=False to start over")
-            check_student_tensors(saved_student, run_info["student"], tied_aliases(student), ckpt)
-        elif env.is_main:
+        resumed = load_resumable(out_dir, cfg, run_info, student) if cfg.resume else None
+        if resumed is None and env.is_main:
             start_over(out_dir)
         trainer = Trainer(student, teacher, cfg, train_blocks, eval_blocks, env, tokenizer=tokenizer,
                           callbacks=callbacks, run_info=run_info)
@@ -248,11 +227,7 @@ class Trainer:
 
     def resume(self, resumed: tuple[Path, dict, dict] | None) -> None:
         """Load a checked checkpoint ``(path, trainer state, student tensors)``, or seed a fresh run."""
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_model_state_dict,
-            set_optimizer_state_dict,
-        )
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
         cfg, rank = self.cfg, self.env.rank
         if resumed is not None:
