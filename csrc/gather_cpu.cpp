@@ -1,4 +1,4 @@
-// gather_cpu.cpp -- CPU implementation + schema of minitron::compact_ and the
+// gather_cpu.cpp -- CPU kernel of minitron::compact_ (schema: minitron/ops/library.py) and the
 // pybind11 module `minitron._C` (also built JIT by minitron/ops/_loader.py).
 //
 // Op contract (in-place, storage-level):
@@ -181,10 +181,9 @@ bool cuda_kernels_compiled() { return false; }
 
 }  // namespace minitron
 
-TORCH_LIBRARY(minitron, m) {
-  m.def("compact_(Tensor(a!) self, int dim, Tensor index, int stage_bytes=-1) -> ()");
-}
-
+// The schema of minitron::compact_, its fake kernel and its pure-PyTorch kernel are defined in
+// Python at import (minitron/ops/library.py); this library only adds the CPU (and, in
+// gather_cuda.cpp, CUDA) kernels. Registering an impl before the schema exists is allowed.
 TORCH_LIBRARY_IMPL(minitron, CPU, m) { m.impl("compact_", &minitron::compact_cpu); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
