@@ -156,6 +156,7 @@ def distill(
     check_output_dir(out_dir, "distill", overwrite=cfg.overwrite, flag="output_dir", fix="overwrite=True",
                      inputs=[local_dir(m) for m in (student, teacher, tokenizer, teacher_tokenizer)]
                      + [train_data, eval_data])
+    D.barrier(env.world)  # every rank has checked output_dir before rank 0 locks and writes it
     check_models(student, teacher, cfg)
     for d in (train_data, eval_data):
         check_nonempty(d)

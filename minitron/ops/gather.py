@@ -86,7 +86,6 @@ SUPPORTED_DTYPES = (
 )
 
 
-
 class CompactFallbackWarning(UserWarning):
     """compact_ could not work in place and copied instead (memory peak = input + kept)."""
 
