@@ -2,7 +2,9 @@
 
 Order of attempts (first success wins, result cached for the process):
 
-1. ``import minitron._C`` -- prebuilt by ``setup.py`` (``pip install -e . --no-build-isolation``).
+1. ``import minitron._C`` -- prebuilt by ``setup.py`` (``pip install -e . --no-build-isolation``),
+   if the binary carries this source tree's ``build_spec.EXT_ABI`` tag (checked before loading:
+   a build from older sources that still defined the op schema would abort the process).
 2. JIT build with :func:`torch.utils.cpp_extension.load` (ninja) from the C++/CUDA sources
    (the repo's ``csrc/``, or ``minitron/_csrc`` in an installed wheel; the build is described
    once, in :mod:`minitron.ops.build_spec`, for this and ``setup.py``) into a cache dir (``$MINITRON_EXT_DIR`` or ``~/.cache/minitron/ext/<py>-<torch>-<cpu|cuXY>``).
@@ -19,6 +21,7 @@ Order of attempts (first success wins, result cached for the process):
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 import threading
@@ -93,11 +96,18 @@ def load_extension() -> Optional[ModuleType]:
             return _STATE["module"]
         mod = None
         errors = []
-        try:
-            from minitron import _C as mod  # type: ignore[attr-defined,no-redef]
-        except ImportError as e:  # not prebuilt (or built for another torch)
-            errors.append(f"prebuilt minitron._C: {e}")
-            mod = None
+        spec = importlib.util.find_spec("minitron._C")  # locates the binary without loading it
+        if spec is None or spec.origin is None:
+            errors.append("prebuilt minitron._C: not built")
+        elif not build_spec.abi_matches(spec.origin):
+            errors.append(f"prebuilt {spec.origin} was built from other sources (no {build_spec.EXT_ABI_TAG!r}); "
+                          "rebuild it with `pip install -e . --no-build-isolation`")
+        else:
+            try:
+                from minitron import _C as mod  # type: ignore[attr-defined,no-redef]
+            except ImportError as e:  # built for another torch, ...
+                errors.append(f"prebuilt minitron._C: {e}")
+                mod = None
         if mod is None and os.environ.get("MINITRON_NO_JIT", "0") != "1":
             try:
                 mod = _jit_build()

@@ -16,7 +16,12 @@ CPU_SOURCES = ("gather_cpu.cpp",)
 CUDA_SOURCES = ("gather_cuda.cpp", "gather_cuda_kernel.cu")
 HEADERS = ("gather_plan.h",)
 CUDA_DEFINE = "MINITRON_WITH_CUDA"  # set when the CUDA sources are compiled in
-CXX_FLAGS = ("-O3",)  # the C++ standard is chosen by torch.utils.cpp_extension
+# Version of what the library registers. Bump it whenever the registrations change: a prebuilt
+# minitron._C from other sources (e.g. one that still defined the op schema itself) would abort the
+# process when loaded, so the loader reads this tag from the binary first and skips a mismatch.
+EXT_ABI = 2
+EXT_ABI_TAG = f"minitron-ext-abi={EXT_ABI};"  # the string gather_cpu.cpp embeds
+CXX_FLAGS = ("-O3", f"-DMINITRON_EXT_ABI={EXT_ABI}")  # the C++ standard is chosen by torch.utils.cpp_extension
 NVCC_FLAGS = ("-O3",)
 PACKAGED_CSRC = "_csrc"  # csrc/ inside the installed minitron package
 
@@ -29,6 +34,14 @@ def csrc_dir() -> Path | None:
         if all((d / s).is_file() for s in CPU_SOURCES + HEADERS):
             return d
     return None
+
+
+def abi_matches(binary: str | Path) -> bool:
+    """Whether a built extension embeds this :data:`EXT_ABI` (read from the file, without loading it)."""
+    try:
+        return EXT_ABI_TAG.encode() in Path(binary).read_bytes()
+    except OSError:
+        return False
 
 
 def sources(with_cuda: bool) -> list[str]:

@@ -210,6 +210,21 @@ def test_op_is_defined_without_the_extension():
     assert res.returncode == 0 and res.stdout.strip().endswith("OK"), res.stderr[-3000:]
 
 
+def test_binary_from_other_sources_is_recognised_before_loading(tmp_path):
+    """A prebuilt minitron._C without this tree's ABI tag (e.g. one that still defines the op schema, which
+    would abort the process on load) is told apart by reading the file; the loaded extension carries the tag."""
+    from minitron.ops import _loader, build_spec
+
+    old = tmp_path / "old.so"
+    old.write_bytes(b"\x7fELF ... TORCH_LIBRARY(minitron, m) ... minitron-ext-abi=1;")
+    new = tmp_path / "new.so"
+    new.write_bytes(b"\x7fELF ... " + build_spec.EXT_ABI_TAG.encode() + b" ...")
+    assert not build_spec.abi_matches(old) and build_spec.abi_matches(new)
+    assert not build_spec.abi_matches(tmp_path / "missing.so")
+    if HAS_EXT:
+        assert _loader.load_extension().EXT_ABI == build_spec.EXT_ABI
+
+
 @pytest.mark.skipif(not HAS_EXT, reason="C++ extension unavailable")
 def test_wave_count_is_small():
     from minitron.ops import _loader
