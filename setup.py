@@ -11,18 +11,26 @@ C++/CUDA extension ``minitron._C`` (ops ``torch.ops.minitron.*``, see minitron/o
   * a failed build only warns: the package still installs and minitron.ops builds the
     extension JIT on first use, or runs its pure-PyTorch fallback;
   * ``MINITRON_NO_EXT=1`` skips the extension entirely.
+Sources, defines and flags come from ``minitron/ops/build_spec.py`` (shared with the JIT loader);
+``csrc/`` also ships inside the package as ``minitron/_csrc`` so an installed wheel can JIT-build.
 """
 
 import os
+import runpy
 import shutil
 import warnings
 
 from setuptools import find_packages, setup
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+# read by path: importing minitron here would import torch-heavy modules (and may not work yet)
+SPEC = runpy.run_path(os.path.join(HERE, "minitron", "ops", "build_spec.py"))
+
 packages = find_packages(include=["minitron", "minitron.*"])
 packages += ["minitron_kernels"] + [
     "minitron_kernels." + p for p in find_packages(where="kernels")
 ]
+packages += ["minitron." + SPEC["PACKAGED_CSRC"]]  # the C++/CUDA sources, as package data
 
 
 def _extension_config():
@@ -40,24 +48,17 @@ def _extension_config():
         warnings.warn(f"minitron: no C++ compiler ({cxx}) found; skipping the C++ extension")
         return [], {}
 
-    here = os.path.dirname(os.path.abspath(__file__))
-    csrc = os.path.join("csrc")
-    cxx_flags = ["-O3"]  # C++ standard: whatever this torch requires (c++17/20)
-    if torch.version.cuda and CUDA_HOME is not None:
-        ext = CUDAExtension(
-            "minitron._C",
-            sources=[os.path.join(csrc, f) for f in ("gather_cpu.cpp", "gather_cuda.cpp", "gather_cuda_kernel.cu")],
-            include_dirs=[os.path.join(here, csrc)],
-            define_macros=[("MINITRON_WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
-        )
+    csrc = "csrc"
+    with_cuda = bool(torch.version.cuda) and CUDA_HOME is not None
+    common = dict(
+        sources=[os.path.join(csrc, f) for f in SPEC["sources"](with_cuda)],
+        include_dirs=[os.path.join(HERE, csrc)],
+    )
+    if with_cuda:  # the define comes in through the flags, as in the JIT build
+        ext = CUDAExtension(SPEC["NAME"], **common,
+                            extra_compile_args={"cxx": SPEC["cxx_flags"](True), "nvcc": SPEC["nvcc_flags"]()})
     else:
-        ext = CppExtension(
-            "minitron._C",
-            sources=[os.path.join(csrc, "gather_cpu.cpp")],
-            include_dirs=[os.path.join(here, csrc)],
-            extra_compile_args={"cxx": cxx_flags},
-        )
+        ext = CppExtension(SPEC["NAME"], **common, extra_compile_args={"cxx": SPEC["cxx_flags"](False)})
 
     class OptionalBuildExtension(BuildExtension):
         """BuildExtension whose failure warns instead of failing the install."""
@@ -85,8 +86,11 @@ ext_modules, cmdclass = _extension_config()
 
 setup(
     packages=packages,
-    package_dir={"minitron_kernels": "kernels"},
-    package_data={"minitron": ["assets/*.txt", "assets/*/*"]},
+    package_dir={"minitron_kernels": "kernels", "minitron." + SPEC["PACKAGED_CSRC"]: "csrc"},
+    package_data={
+        "minitron": ["assets/*.txt", "assets/*/*"],
+        "minitron." + SPEC["PACKAGED_CSRC"]: ["*.cpp", "*.cu", "*.h", "*.sh"],
+    },
     include_package_data=True,
     ext_modules=ext_modules,
     cmdclass=cmdclass,

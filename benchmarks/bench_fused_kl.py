@@ -20,16 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import subprocess
 import sys
 import time
 
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+from common import max_rss_mb, rss_mb
 
 
 def gemm_only_step(hs, ws, ht, wt, chunk: int) -> None:
@@ -86,7 +81,7 @@ def worker(impl: str, n: int, v: int, h: int, device: str, warmup: int, reps: in
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     else:
-        base = _rss_mb()
+        base = rss_mb()
     for _ in range(warmup):
         run()
     if device == "cuda":
@@ -98,7 +93,7 @@ def worker(impl: str, n: int, v: int, h: int, device: str, warmup: int, reps: in
         torch.cuda.synchronize()
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base  # ru_maxrss in KiB on Linux
+        peak = max_rss_mb() - base
     ms = (time.perf_counter() - t0) / max(reps, 1) * 1e3
     return {"ms": ms, "peak_mb": peak, "path": impl if impl in ("liger", "gemm") else last_impl()}
 

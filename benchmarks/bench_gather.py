@@ -32,26 +32,10 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
+
+from common import RESULTS, cpu_name, md_head, reset_hwm, status_kb, write_result
 
 VARIANTS = ["index_select-copy", "index_select-replace", "compact_[cpu-ext]", "compact_[torch]"]
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return -1
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the peak RSS (VmHWM) counter
-        return True
-    except OSError:
-        return False
 
 
 def _prune_copy(w, r, c):
@@ -90,8 +74,8 @@ def _child(variant: str, scenario: str, layers: int, hidden: int, ffn: int, voca
     # warm-up (loads the extension / index_select code paths) on a tiny tensor
     compact_(torch.randn(8, 8), 0, torch.tensor([1, 3]), backend=backend)
 
-    rss_before = _status_kb("VmRSS")
-    hwm_reset = _reset_hwm()
+    rss_before = status_kb("VmRSS")
+    hwm_reset = reset_hwm()
     t0 = time.perf_counter()
     if variant == "index_select-copy":
         pruned = [_prune_copy(w, keep_idx[r], keep_idx[c]) for w, (r, c) in zip(weights, specs)]
@@ -107,8 +91,8 @@ def _child(variant: str, scenario: str, layers: int, hidden: int, ffn: int, voca
                 if ix is not None:
                     compact_(weights[i], d, ix, backend=backend)  # input re-pointed in place
     dt = time.perf_counter() - t0
-    peak_kb = _status_kb("VmHWM") if hwm_reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    after_kb = _status_kb("VmRSS")
+    peak_kb = status_kb("VmHWM") if hwm_reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    after_kb = status_kb("VmRSS")
     checksum = float(sum(w.double().sum() for w in weights))
     kept_bytes = sum(w.untyped_storage().nbytes() for w in weights)
     return {
@@ -125,17 +109,6 @@ def _child(variant: str, scenario: str, layers: int, hidden: int, ffn: int, voca
     }
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=6)
@@ -145,7 +118,7 @@ def main() -> None:
     ap.add_argument("--keep", type=float, default=0.5)
     ap.add_argument("--scenarios", default="stack,embedding")
     ap.add_argument("--repeats", type=int, default=1, help="subprocess runs per variant (best time, max peak)")
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "gather_cpu.md"))
+    ap.add_argument("--out", default=str(RESULTS / "gather_cpu.md"))
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -155,7 +128,7 @@ def main() -> None:
     import torch
 
     text = "# compact_ vs index_select: peak memory and time of pruning (CPU)\n\n"
-    text += (f"- CPU: {_cpu_name()} ({os.cpu_count()} cores visible), torch {torch.__version__}, "
+    text += (f"- CPU: {cpu_name()} ({os.cpu_count()} cores visible), torch {torch.__version__}, "
              f"Python {platform.python_version()}\n")
     text += ("- each variant runs in a fresh subprocess; extra = peak RSS (VmHWM, reset right before "
              "pruning) - RSS before pruning; time = wall time of the pruning loop "
@@ -165,8 +138,7 @@ def main() -> None:
     for scen in [x for x in a.scenarios.split(",") if x]:
         text += _run_scenario(a, scen) + "\n"
     print(text)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(text)
+    write_result(a.out, text)
 
 
 def _run_scenario(a: argparse.Namespace, scen: str) -> str:
@@ -201,8 +173,7 @@ def _run_scenario(a: argparse.Namespace, scen: str) -> str:
         f"- model {base['model_mb']:.1f} MB fp32 -> {base['kept_mb']:.1f} MB kept; "
         f"all variants give identical weights (checksum match: {ok})",
         "",
-        "| variant | peak extra MB | extra / model | time s | time vs index_select-copy |",
-        "|---|---:|---:|---:|---:|",
+        md_head(["variant", "peak extra MB", "extra / model", "time s", "time vs index_select-copy"], "lrrrr"),
     ]
     for r in rows:
         lines.append(

@@ -46,8 +46,9 @@ import sys
 import time
 from pathlib import Path
 
+from common import RESULTS, reset_hwm, status_kb
+
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
 
 SHAPES = {
     "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
@@ -65,23 +66,6 @@ PLAN = {
 
 
 # ---- memory probes ---------------------------------------------------------------------------
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return -1
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the peak RSS (VmHWM) counter
-        return True
-    except OSError:
-        return False
 
 
 def _model_bytes(model) -> int:
@@ -211,14 +195,14 @@ def worker_memory(ckpt: str, inplace: bool, phase: str, n_samples: int, batch: i
     blocks = _blocks(ckpt, n_samples, seq_len)  # tokenised before the model is loaded
     gather_backend("cpu")  # load the C++ extension now, not inside the measured call
     gc.collect()
-    r0 = _status_kb("VmRSS")
+    r0 = status_kb("VmRSS")
     model = _load(ckpt)
     model_bytes = _model_bytes(model)
     n_mapped = sum(mapped.file_mapping(p) is not None for p in model.parameters())
     n_params = len(list(model.parameters()))
     cfg = minitron.ImportanceConfig(batch_size=batch)
     out = {"model_mb": model_bytes / 2**20, "mapped_params": f"{n_mapped}/{n_params}",
-           "rss_loaded_mb": (_status_kb("VmRSS") - r0) / 1024, "hwm_reset": _reset_hwm()}
+           "rss_loaded_mb": (status_kb("VmRSS") - r0) / 1024, "hwm_reset": reset_hwm()}
     t0 = time.perf_counter()
     if phase == "whole":
         pruned = minitron.prune(model, blocks, params=0.5, importance=cfg, seq_len=seq_len, num_samples=n_samples,
@@ -227,16 +211,16 @@ def worker_memory(ckpt: str, inplace: bool, phase: str, n_samples: int, batch: i
     else:
         scores = minitron.collect_importance(model, blocks, cfg, progress=False)
         out["calib_s"] = time.perf_counter() - t0
-        out["calib_peak_x"] = (_status_kb("VmHWM") - r0) * 1024 / model_bytes
+        out["calib_peak_x"] = (status_kb("VmHWM") - r0) * 1024 / model_bytes
         gc.collect()
-        r1 = _status_kb("VmRSS")
-        _reset_hwm()
+        r1 = status_kb("VmRSS")
+        reset_hwm()
         t1 = time.perf_counter()
         pruned = minitron.prune(model, params=0.5, scores=scores, inplace=inplace, verbose=False)
         out["seconds"] = time.perf_counter() - t1
-        out["step_extra_mb"] = (_status_kb("VmHWM") - r1) / 1024
-    out["peak_x"] = (_status_kb("VmHWM") - r0) * 1024 / model_bytes
-    out["after_x"] = (_status_kb("VmRSS") - r0) * 1024 / model_bytes
+        out["step_extra_mb"] = (status_kb("VmHWM") - r1) / 1024
+    out["peak_x"] = (status_kb("VmHWM") - r0) * 1024 / model_bytes
+    out["after_x"] = (status_kb("VmRSS") - r0) * 1024 / model_bytes
     out["pruned_mb"] = _model_bytes(pruned) / 2**20
     out["same_object"] = pruned is model
     return out

@@ -54,8 +54,8 @@ EOF
 status=0
 if [[ "$phase" == tests || "$phase" == all ]]; then
     # kernels vs the pure-PyTorch references on the GPU, the CUDA gather op, and the losses
-    "$PY" -m pytest -q -p no:cacheprovider tests/test_fused_kl.py tests/test_importance_kernels.py \
-        tests/test_gather.py tests/test_distill_losses.py tests/test_importance.py 2>&1 | tee "$out/gpu_tests.log"
+    "$PY" -m pytest -q -p no:cacheprovider tests/kernels/ \
+        tests/test_distill_losses.py tests/test_importance.py 2>&1 | tee "$out/gpu_tests.log"
     status=$((status | ${PIPESTATUS[0]}))
 fi
 if [[ "$phase" == suite || "$phase" == all ]]; then

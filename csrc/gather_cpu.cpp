@@ -1,4 +1,4 @@
-// gather_cpu.cpp -- CPU implementation + schema of minitron::compact_ and the
+// gather_cpu.cpp -- CPU kernel of minitron::compact_ (schema: minitron/ops/library.py) and the
 // pybind11 module `minitron._C` (also built JIT by minitron/ops/_loader.py).
 //
 // Op contract (in-place, storage-level):
@@ -181,10 +181,19 @@ bool cuda_kernels_compiled() { return false; }
 
 }  // namespace minitron
 
-TORCH_LIBRARY(minitron, m) {
-  m.def("compact_(Tensor(a!) self, int dim, Tensor index, int stage_bytes=-1) -> ()");
-}
+#ifndef MINITRON_EXT_ABI
+#error "build with -DMINITRON_EXT_ABI=<n>: setup.py and the JIT loader pass it from minitron/ops/build_spec.py"
+#endif
+#define MINITRON_STR2(x) #x
+#define MINITRON_STR(x) MINITRON_STR2(x)
+// Read from the binary by minitron/ops/_loader.py BEFORE it imports this module (build_spec.EXT_ABI_TAG):
+// loading a build whose registrations clash with the Python ones would abort the process.
+extern "C" __attribute__((visibility("default"), used)) const char minitron_ext_abi[] =
+    "minitron-ext-abi=" MINITRON_STR(MINITRON_EXT_ABI) ";";
 
+// The schema of minitron::compact_, its fake kernel and its pure-PyTorch kernel are defined in
+// Python at import (minitron/ops/library.py); this library only adds the CPU (and, in
+// gather_cuda.cpp, CUDA) kernels. Registering an impl before the schema exists is allowed.
 TORCH_LIBRARY_IMPL(minitron, CPU, m) { m.impl("compact_", &minitron::compact_cpu); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -193,4 +202,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Shrink a CPU tensor's storage to nbytes in place via realloc; False if not possible");
   m.def("plan_waves", &minitron::plan_waves, "Number of copy waves for a given geometry");
   m.def("cuda_kernels_compiled", &minitron::cuda_kernels_compiled);
+  m.attr("EXT_ABI") = MINITRON_EXT_ABI;
 }

@@ -1,1 +1,6 @@
-"""Triton kernels of minitron (installed as ``minitron_kernels``)."""
+"""Triton kernels of minitron (installed as ``minitron_kernels``), each with its pure-PyTorch reference.
+
+``fused_kl`` / ``fused_kl_reference``: one chunk of the fused linear + KD loss.
+``importance`` / ``importance_reference``: activation and Block Importance accumulation.
+``aot_compile``: ahead-of-time compile check of every kernel for a GPU architecture.
+"""

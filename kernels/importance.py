@@ -10,12 +10,12 @@ When B * cdiv(D, BLOCK_D) programs are too few to fill the GPU (small calibratio
 narrow activations), ``mean`` and ``l2`` split S as well (split-K style): grid
 (B, cdiv(D, BLOCK_D), splits), each program adds its partial sum of |a| or a^2 into a (B, D)
 fp32 scratch with atomics, and three small ops on that scratch finish x_b. ``var`` never splits.
-Reference: :func:`minitron.importance.aggregate.accumulate_reference`.
+Reference: :func:`minitron_kernels.importance_reference.accumulate_reference`.
 
 ``block_cos_sum_triton``: Block Importance (ShortGPT) numerator. Each program takes BLOCK_R
 rows of (h_in, h_out) (N, D), loops over D, computes cos per row in fp32 and atomically adds
 the block's sum into ``sum_cos`` (1,). O(N) extra memory at most, never N x N.
-Reference: :func:`minitron.importance.aggregate.block_importance_reference`.
+Reference: :func:`minitron_kernels.importance_reference.block_importance_reference`.
 """
 
 from __future__ import annotations

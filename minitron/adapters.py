@@ -112,3 +112,32 @@ def head_dim_of(config) -> int:
 def kv_heads_of(config) -> int:
     kv = getattr(config, "num_key_value_heads", None)
     return int(kv) if kv else int(config.num_attention_heads)
+
+
+def base_decoder(model: nn.Module) -> nn.Module:
+    """The decoder stack of a causal LM (embeddings, ``.layers``, final norm; returns ``last_hidden_state``).
+
+    Args:
+        model: a Hugging Face ``*ForCausalLM`` (``get_decoder()``, else its ``.model``).
+    Raises:
+        ValueError: no base decoder with a ``.layers`` list.
+    """
+    dec = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
+    if dec is None or not hasattr(dec, "layers"):
+        raise ValueError(
+            f"{type(model).__name__}: cannot find the base decoder with a .layers list "
+            "(expected a Hugging Face *ForCausalLM with model.get_decoder())"
+        )
+    return dec
+
+
+def lm_head_params(model: nn.Module):
+    """``(weight (V, H), bias (V,) | None)`` of the output embeddings (tied: the input embedding's weight).
+
+    Raises:
+        ValueError: the model has no output embeddings.
+    """
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no output embeddings (lm_head)")
+    return head.weight, getattr(head, "bias", None)

@@ -8,7 +8,8 @@ Accepted inputs (no hub downloads ever):
   file (any case; one document per line: an object with a ``text`` string, an
   ``input_ids`` list or ``messages`` (a chat: a list of ``{"role", "content"}`` dicts),
   a JSON string, or a list of token ids),
-- a LongTensor of token ids, 1-D (a stream) or 2-D (already packed).
+- a LongTensor of token ids, 1-D (a stream) or 2-D (already packed), or a ``.pt`` file holding one
+  (read with ``torch.load(weights_only=True)``: no code runs).
 
 Text documents are tokenised and joined with the EOS token, token-id documents are
 concatenated as they are; the stream is cut into non-overlapping blocks of ``seq_len``
@@ -182,6 +183,28 @@ def _documents(data: Any) -> Iterable[str | list[int] | _Chat]:
     )
 
 
+def is_token_file(data: Any) -> bool:
+    """Whether ``data`` is a path to a ``.pt`` token-id file."""
+    return isinstance(data, (str, os.PathLike)) and Path(data).suffix.lower() == ".pt"
+
+
+def load_token_file(path: str | os.PathLike) -> torch.Tensor:
+    """Read a ``.pt`` file holding a LongTensor of token ids (``torch.load(weights_only=True)``: no code runs)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"token-id file not found: {path}; pass an existing .pt file")
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; pass a .pt file holding a LongTensor of token ids")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated zip, pickle with code, ...: name the file
+        raise ValueError(f"{path} is not a readable tensor file ({type(e).__name__}); save token ids with "
+                         "torch.save(LongTensor, path)") from None
+    if not isinstance(data, torch.Tensor):
+        raise ValueError(f"{path} holds a {type(data).__name__}, not a tensor of token ids")
+    return data
+
+
 def load_text_blocks(
     data: Any, tokenizer: Any, seq_len: int, max_blocks: int | None = None, *, chat_template: bool = False
 ) -> torch.Tensor:
@@ -204,6 +227,8 @@ def load_text_blocks(
         raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
     if max_blocks is not None and (isinstance(max_blocks, bool) or not isinstance(max_blocks, int) or max_blocks < 1):
         raise ValueError(f"the number of blocks/samples must be a positive integer (or None for all), got {max_blocks!r}")
+    if is_token_file(data):
+        data = load_token_file(data)
     if isinstance(data, torch.Tensor):
         if data.is_floating_point() or data.dtype == torch.bool:
             raise ValueError(f"token-id tensor must be an integer tensor, got dtype {data.dtype}")

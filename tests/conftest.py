@@ -1,63 +1,18 @@
-"""Tiny random models of every supported family, built from configs (no downloads)."""
+"""Fixtures shared by the test modules; plain helpers are in ``tests/helpers.py``.
+
+The Triton interpreter is set up in ``tests/kernels/conftest.py`` (the one place): nothing here
+imports transformers or triton at import time.
+"""
 
 from __future__ import annotations
-
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    # Triton kernels run on the CPU in interpreter mode. The flag is read when triton is first
-    # imported, and transformers imports triton, so it must be set before the import below.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from transformers import (  # noqa: E402
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    Qwen3Config,
-    Qwen3ForCausalLM,
-    Starcoder2Config,
-    Starcoder2ForCausalLM,
-)
-
-COMMON = dict(
-    vocab_size=101, hidden_size=48, intermediate_size=88, num_hidden_layers=4, num_attention_heads=6,
-    num_key_value_heads=2, max_position_embeddings=64,
-)
-
-FAMILIES = {
-    "llama": lambda: LlamaForCausalLM(LlamaConfig(**COMMON, tie_word_embeddings=True)),
-    "llama_mha_untied": lambda: LlamaForCausalLM(LlamaConfig(**{**COMMON, "num_key_value_heads": 6})),
-    "mistral": lambda: MistralForCausalLM(MistralConfig(**COMMON, sliding_window=None)),
-    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**COMMON, tie_word_embeddings=True)),
-    "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**COMMON, head_dim=8)),
-    "starcoder2": lambda: Starcoder2ForCausalLM(Starcoder2Config(**COMMON, use_bias=True)),
-}
+from tests.helpers import COMMON, FAMILY_NAMES
 
 
-def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Give norms, biases and weights non-trivial values so that a wrong index shows up."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g) if name.endswith("weight") else 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.08 * torch.randn(p.shape, generator=g))
-    return model.eval()
-
-
-def make_model(family: str, seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return randomize_(FAMILIES[family](), seed)
-
-
-@pytest.fixture(params=sorted(FAMILIES))
+@pytest.fixture(params=sorted(FAMILY_NAMES))
 def family(request) -> str:
     return request.param
 
@@ -67,19 +22,20 @@ def calib_ids() -> torch.Tensor:
     return torch.randint(0, COMMON["vocab_size"], (10, 16), generator=torch.Generator().manual_seed(1))
 
 
-def save_checkpoint(path, family: str = "llama", seed: int = 0):
-    """A tiny model of ``family`` saved as a local HF checkpoint, with the built-in tokenizer's files.
+@pytest.fixture(scope="module")
+def teacher_and_data():
+    """A random teacher with peaked next-token distributions, and text sampled from it (KD has signal)."""
+    from tests.helpers import T, V, tiny
 
-    The tokenizer only has to load and save (its ids exceed the tiny vocabulary: use token-id data
-    or ``--method random`` with it).
-    """
-    import shutil
-    from pathlib import Path
-
-    from minitron.data import BUILTIN_MODEL
-
-    path = Path(path)
-    make_model(family, seed).save_pretrained(path)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(BUILTIN_MODEL / name, path / name)
-    return path
+    torch.set_num_threads(1)
+    teacher = tiny(seed=0).eval()
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(25)  # logits std ~3: low-entropy, context-dependent distributions
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        data = torch.randint(0, V, (320, 1), generator=g)
+        for _ in range(T - 1):  # full-context recompute: no KV-cache API, which differs across versions
+            logits = teacher(data, use_cache=False).logits[:, -1].float()  # (320, V)
+            data = torch.cat([data, torch.multinomial(logits.softmax(-1), 1, generator=g)], 1)
+    # data: (320, T)
+    return teacher, data[:256], data[256:]

@@ -10,7 +10,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import minitron
 from minitron.data import load_text_blocks
-from tests.conftest import make_model
+from tests.helpers import make_model
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from minitron.distillation import DistillConfig, distill
 from minitron.distillation.checkpoint import LATEST, TRAINER_STATE, latest_checkpoint
 from minitron.distillation.metrics import read_rows
 from minitron.runlock import OutputInUseError, acquire
-from tests.test_distill_trainer import T, V, quick_cfg, rows, small_student, teacher_and_data, tiny  # noqa: F401
+from tests.helpers import T, V, quick_cfg, rows, small_student, tiny
 
 
 @pytest.fixture(autouse=True)

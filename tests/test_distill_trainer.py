@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
-from minitron.distillation import DistillConfig, NonFiniteLossError, distill
+from minitron.distillation import NonFiniteLossError, distill
 from minitron.distillation.checkpoint import latest_checkpoint, load_student_state
-
-V, T = 64, 32
+from tests.helpers import T, V, quick_cfg, rows, small_student
 
 
 @pytest.fixture(autouse=True)
@@ -22,44 +19,6 @@ def _one_thread():
     torch.set_num_threads(1)  # tiny models: threads only add contention on a shared CPU
     yield
     torch.set_num_threads(n)
-
-
-def tiny(hidden=32, layers=2, heads=4, kv=2, inter=64, seed=0, **kw) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                                        num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=64, **kw))
-
-
-def small_student(seed=1, **kw) -> LlamaForCausalLM:
-    return tiny(hidden=16, layers=1, heads=2, kv=1, inter=32, seed=seed, **kw)
-
-
-def rows(run_dir: Path, split: str) -> list[dict]:
-    with open(run_dir / "metrics.jsonl", encoding="utf-8") as f:
-        return [r for r in map(json.loads, f) if r["split"] == split]
-
-
-@pytest.fixture(scope="module")
-def teacher_and_data():
-    """A random teacher with peaked next-token distributions, and text sampled from it (KD has signal)."""
-    torch.set_num_threads(1)
-    teacher = tiny(seed=0).eval()
-    with torch.no_grad():
-        teacher.lm_head.weight.mul_(25)  # logits std ~3: low-entropy, context-dependent distributions
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        data = torch.randint(0, V, (320, 1), generator=g)
-        for _ in range(T - 1):  # full-context recompute: no KV-cache API, which differs across versions
-            logits = teacher(data, use_cache=False).logits[:, -1].float()  # (320, V)
-            data = torch.cat([data, torch.multinomial(logits.softmax(-1), 1, generator=g)], 1)
-    # data: (320, T)
-    return teacher, data[:256], data[256:]
-
-
-def quick_cfg(tmp: Path, **kw) -> DistillConfig:
-    base = dict(steps=8, seq_len=T, batch_size=8, lr=1e-2, min_lr=1e-3, warmup_steps=2, save_every=0, eval_every=0,
-                output_dir=str(tmp), progress=False, plot=False)
-    return DistillConfig(**{**base, **kw})
 
 
 def test_kd_lowers_kl_and_beats_ce(teacher_and_data, tmp_path):

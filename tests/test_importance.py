@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import minitron
 from minitron.importance.aggregate import finalize
-from tests.conftest import make_model, randomize_
+from tests.helpers import make_model, randomize_
 
 
 def capture(model, ids):

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 import minitron
 from minitron.ops import mapped
 from minitron.pruning import Target, apply_plan, make_plan
-from tests.conftest import make_model
+from tests.helpers import make_model
 
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.conftest import make_model
+from tests.helpers import make_model
 
 import minitron
 from minitron.budget import choose_budget_target

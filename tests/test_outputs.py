@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from minitron.cli import main
 from minitron.outputs import MARKER, check_output_dir, read_marker, write_output_dir
-from tests.conftest import save_checkpoint
+from tests.helpers import save_checkpoint
 
 FAST = ["--num-samples", "4", "--seq-len", "64", "--no-progress"]
 
@@ -145,7 +145,7 @@ def test_failed_write_keeps_previous_output_and_stale_temps_are_cleaned(tmp_path
 
 def test_search_refuses_unsafe_outputs(model_dir, tmp_path, capsys):
     from minitron.arch_search import SearchConfig, search
-    from tests.conftest import make_model
+    from tests.helpers import make_model
 
     assert main(["search", "--model", str(model_dir), "--out", str(model_dir.parent), "--no-progress"]) == 2
     assert "contains the input" in capsys.readouterr().err

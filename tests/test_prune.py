@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 import minitron
 from minitron.adapters import get_adapter
 from minitron.pruning import PrunePlan, Target, apply_plan, make_plan
-from tests.conftest import make_model
+from tests.helpers import make_model
 
 ATOL = 1e-5
 

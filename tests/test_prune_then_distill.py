@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 
 import minitron
-from tests.test_distill_trainer import quick_cfg, rows, teacher_and_data  # noqa: F401 - fixture
+from tests.helpers import quick_cfg, rows
 
 
-def test_pruned_student_recovers_by_distillation(teacher_and_data, tmp_path):  # noqa: F811
+def test_pruned_student_recovers_by_distillation(teacher_and_data, tmp_path):
     torch.set_num_threads(1)
     teacher, train, held_out = teacher_and_data
     student = minitron.prune(teacher, train[:64], minitron.Target(hidden_size=24, intermediate_size=32,

@@ -15,7 +15,7 @@ from minitron.cli import build_parser, main
 from minitron.arch_search import ParamCounter, SearchConfig, SearchResult, enumerate_candidates, search
 from minitron.sizing import target_parameters
 
-from .conftest import COMMON, make_model
+from tests.helpers import COMMON, make_model
 
 
 

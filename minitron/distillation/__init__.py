@@ -7,18 +7,15 @@ Example:
 """
 
 from minitron.distillation.config import DistillConfig
-from minitron.distillation.losses import (
-    IntermediateProjections,
-    dynamic_alpha,
-    intermediate_state_loss,
-    linear_cross_entropy,
-)
-from minitron.distillation.trainer import NonFiniteLossError, distill
+from minitron.distillation.trainer import NonFiniteLossError, Trainer, distill
+from minitron.losses.cross_entropy import linear_cross_entropy
+from minitron.losses.intermediate import IntermediateProjections, dynamic_alpha, intermediate_state_loss
 
 __all__ = [
     "DistillConfig",
     "IntermediateProjections",
     "NonFiniteLossError",
+    "Trainer",
     "distill",
     "dynamic_alpha",
     "intermediate_state_loss",

@@ -1,20 +1,18 @@
 """Training/eval data for distillation: packed token blocks and a deterministic batch order.
 
-Packing is delegated to the shared loader :func:`minitron.data.load_text_blocks`; this module
-adds ``.pt`` token-id files and an early empty-data check.
+Loading and packing is the shared loader :func:`minitron.data.load_text_blocks` (texts, chats,
+token ids, ``.txt``/``.jsonl``/``.pt`` files); this module adds an early empty-data check.
 The batch order is a pure function of ``(seed, step)``, so a resumed run sees exactly
 the batches the uninterrupted run would have seen.
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from minitron.data import load_text_blocks
+from minitron.data import is_token_file, load_text_blocks, load_token_file
 
 
 def check_nonempty(data: Any) -> None:
@@ -50,32 +48,10 @@ def load_blocks(data: Any, tokenizer: Any, seq_len: int, max_blocks: int | None 
         >>> load_blocks(torch.arange(100), None, seq_len=10).shape
         torch.Size([10, 10])
     """
-    if isinstance(data, (str, os.PathLike)) and Path(data).suffix.lower() == ".pt":
+    if is_token_file(data):
         data = load_token_file(data)
     check_nonempty(data)
-    blocks = load_text_blocks(data, tokenizer, seq_len, max_blocks=max_blocks, chat_template=chat_template)
-    if blocks.shape[0] == 0:
-        raise ValueError(
-            f"empty data: fewer than seq_len={seq_len} tokens after tokenisation; provide more data or lower seq_len"
-        )
-    return blocks.long().contiguous()
-
-
-def load_token_file(path: str | os.PathLike) -> torch.Tensor:
-    """Read a ``.pt`` file holding a LongTensor of token ids (``torch.load(weights_only=True)``: no code runs)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"token-id file not found: {path}; pass an existing .pt file")
-    if path.is_dir():
-        raise ValueError(f"{path} is a directory; pass a .pt file holding a LongTensor of token ids")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - truncated zip, pickle with code, ...: name the file
-        raise ValueError(f"{path} is not a readable tensor file ({type(e).__name__}); save token ids with "
-                         "torch.save(LongTensor, path)") from None
-    if not isinstance(data, torch.Tensor):
-        raise ValueError(f"{path} holds a {type(data).__name__}, not a tensor of token ids")
-    return data
+    return load_text_blocks(data, tokenizer, seq_len, max_blocks=max_blocks, chat_template=chat_template).contiguous()
 
 
 def batch_indices(n_blocks: int, seed: int, step: int, micro: int, batch_size: int, grad_accum: int) -> torch.Tensor:

@@ -128,3 +128,25 @@ def check_same_run(saved: dict, current: dict, output_dir: str | os.PathLike) ->
     if diff is not None:
         raise ValueError(f"{output_dir} holds a different distillation run ({diff}); pass another output_dir, or "
                          "resume=False (CLI --no-resume) to discard that run and start over")
+
+
+def load_resumable(output_dir: str | os.PathLike, cfg: DistillConfig, run_info: dict, student: nn.Module
+                   ) -> tuple[Path, dict, dict] | None:
+    """The checked checkpoint ``(path, trainer state, student tensors)`` of this run in ``output_dir``, or None.
+
+    Raises:
+        ValueError: ``output_dir`` holds another run, a checkpoint past ``cfg.steps``, or student
+            tensors that do not match ``student``.
+    """
+    from minitron.distillation.checkpoint import check_student_tensors, load_latest, tied_aliases
+
+    resumed = load_latest(output_dir)
+    if resumed is None:
+        return None
+    ckpt, state, saved_student = resumed
+    check_same_run(json.loads(state["run"]), run_info, output_dir)
+    if int(state["step"]) > cfg.steps:
+        raise ValueError(f"checkpoint {ckpt} is at step {int(state['step'])}, past steps={cfg.steps}; pass steps "
+                         f">= {int(state['step'])} to continue that run, or resume=False to start over")
+    check_student_tensors(saved_student, run_info["student"], tied_aliases(student), ckpt)
+    return resumed

@@ -1,4 +1,4 @@
-"""Streaming aggregation of activations into per-channel importance (pure-PyTorch reference).
+"""Streaming aggregation of activations into per-channel importance.
 
 Minitron (arXiv 2407.14679, METHOD.md section 1) scores a channel ``d`` of an
 activation ``a`` of shape (B, S, D) by reducing over the sequence, then over the
@@ -17,8 +17,9 @@ Sequence aggregations (per sample b, channel d, over the S positions):
 Batch aggregations (over the samples' sequence aggregates x_b):
     mean: sum_b x_b / n       l2: sqrt(sum_b x_b^2)        var: sum x^2/n - (sum x/n)^2
 
-``accumulate_reference`` is the reference the Triton kernel (minitron_kernels.importance)
-is tested against; ``accumulate_`` dispatches to the fastest available path.
+``accumulate_`` and ``block_importance_update_`` run the Triton kernels of
+:mod:`minitron_kernels.importance` or their references in
+:mod:`minitron_kernels.importance_reference` (re-exported here), as :mod:`minitron.dispatch` picks.
 """
 
 from __future__ import annotations
@@ -27,7 +28,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-SEQ_AGGREGATIONS = ("mean", "l2", "var")
+from minitron.dispatch import Dispatch
+from minitron_kernels.importance_reference import (  # noqa: F401 - re-exported
+    SEQ_AGGREGATIONS,
+    accumulate_reference,
+    block_importance_reference,
+    sequence_aggregate,
+)
+
+ACCUMULATE = Dispatch("minitron_kernels.importance:accumulate_triton", accumulate_reference)
+BLOCK_COS = Dispatch("minitron_kernels.importance:block_cos_sum_triton", block_importance_reference)
 BATCH_AGGREGATIONS = ("mean", "l2", "var")
 
 
@@ -37,34 +47,6 @@ def check_aggregation(batch_agg: str, seq_agg: str) -> None:
         raise ValueError(f"unknown batch_agg={batch_agg!r}; allowed values: {', '.join(BATCH_AGGREGATIONS)}")
     if seq_agg not in SEQ_AGGREGATIONS:
         raise ValueError(f"unknown seq_agg={seq_agg!r}; allowed values: {', '.join(SEQ_AGGREGATIONS)}")
-
-
-def sequence_aggregate(act: torch.Tensor, seq_agg: str = "mean") -> torch.Tensor:
-    """Reduce an activation (B, S, D) over S in fp32 -> (B, D)."""
-    a = act.float()
-    if seq_agg == "mean":
-        return a.abs().mean(dim=1)
-    if seq_agg == "l2":
-        return a.square().sum(dim=1).sqrt()
-    if seq_agg == "var":
-        return a.var(dim=1, unbiased=False)
-    raise ValueError(f"unknown seq_agg={seq_agg!r}; allowed values: {', '.join(SEQ_AGGREGATIONS)}")
-
-
-def accumulate_reference(sum_x: torch.Tensor, sum_x2: torch.Tensor, act: torch.Tensor, seq_agg: str = "mean") -> None:
-    """Reference update: ``sum_x += sum_b x_b`` and ``sum_x2 += sum_b x_b^2`` in place.
-
-    Args:
-        sum_x: fp32 (D,) running sum of per-sample sequence aggregates.
-        sum_x2: fp32 (D,) running sum of their squares.
-        act: activation (B, S, D) or (S, D) in any float dtype.
-        seq_agg: ``"mean"`` | ``"l2"`` | ``"var"``.
-    """
-    if act.dim() == 2:
-        act = act.unsqueeze(0)
-    x = sequence_aggregate(act.reshape(act.shape[0], act.shape[1], -1), seq_agg)  # (B, D)
-    sum_x += x.sum(dim=0)
-    sum_x2 += x.square().sum(dim=0)
 
 
 def finalize(sum_x: torch.Tensor, sum_x2: torch.Tensor, count: int, batch_agg: str = "l2") -> torch.Tensor:
@@ -118,50 +100,12 @@ def accumulate_(
     Returns:
         The name of the path that ran.
     """
-    if _use_triton(impl, act):
-        from minitron_kernels.importance import accumulate_triton
-
-        accumulate_triton(sum_x, sum_x2, act, seq_agg)
-        return "triton"
-    accumulate_reference(sum_x, sum_x2, act, seq_agg)
-    return "reference"
+    choice = ACCUMULATE.select(impl, act.device)
+    choice.fn(sum_x, sum_x2, act, seq_agg)
+    return choice.name
 
 
-IMPLS = ("auto", "triton", "reference")
-
-
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _use_triton(impl: str, t: torch.Tensor) -> bool:
-    """``auto``: Triton for CUDA tensors when triton imports; ``triton`` forces it (CPU needs TRITON_INTERPRET=1)."""
-    if impl == "reference":
-        return False
-    if impl == "triton":
-        if not _triton_available():
-            raise ImportError("impl='triton' needs the triton package (pip install triton)")
-        return True
-    if impl == "auto":
-        return t.is_cuda and _triton_available()
-    raise ValueError(f"unknown impl={impl!r}; allowed values: {', '.join(IMPLS)}")
-
-
-def block_importance_reference(sum_cos: torch.Tensor, h_in: torch.Tensor, h_out: torch.Tensor) -> None:
-    """Reference: ``sum_cos += sum over rows of cos(h_in[row], h_out[row])`` in fp32, O(B*S) memory.
-
-    Args:
-        sum_cos: fp32 (1,) running sum.
-        h_in, h_out: decoder-layer input and output (B, S, D) in any float dtype.
-    """
-    cos = torch.nn.functional.cosine_similarity(
-        h_in.reshape(-1, h_in.shape[-1]).float(), h_out.reshape(-1, h_out.shape[-1]).float(), dim=-1
-    )  # (B*S,)
-    sum_cos += cos.sum()
+IMPLS = ACCUMULATE.impls  # ("auto", "triton", "reference")
 
 
 def block_importance_update_(sum_cos: torch.Tensor, h_in: torch.Tensor, h_out: torch.Tensor, impl: str = "auto") -> str:
@@ -182,10 +126,6 @@ def block_importance_update_(sum_cos: torch.Tensor, h_in: torch.Tensor, h_out: t
     """
     if h_in.shape != h_out.shape:
         raise ValueError(f"h_in {tuple(h_in.shape)} and h_out {tuple(h_out.shape)} differ")
-    if _use_triton(impl, h_in):
-        from minitron_kernels.importance import block_cos_sum_triton
-
-        block_cos_sum_triton(sum_cos, h_in.detach(), h_out.detach())
-        return "triton"
-    block_importance_reference(sum_cos, h_in.detach(), h_out.detach())
-    return "reference"
+    choice = BLOCK_COS.select(impl, h_in.device)
+    choice.fn(sum_cos, h_in.detach(), h_out.detach())
+    return choice.name

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from ..adapters import FamilyAdapter, decoder_layers
-from .aggregate import _use_triton, accumulate_, block_importance_update_, check_aggregation
+from .aggregate import ACCUMULATE, accumulate_, block_importance_update_, check_aggregation
 
 CHUNK_BYTES = 1 << 20  # scratch per element-wise step: fits a typical L2 cache
 EPS = 1e-8  # cosine denominator clamp, as torch.nn.functional.cosine_similarity
@@ -212,7 +212,8 @@ class CalibrationHooks:
     # -- hooks ---------------------------------------------------------------------------------
 
     def _fused(self, act: torch.Tensor) -> bool:
-        return not _use_triton(self.impl, act)
+        """True: this object's fused PyTorch path; False: the Triton kernels, site by site."""
+        return ACCUMULATE.select(self.impl, act.device).name != "triton"
 
     def begin_batch(self, batch: int, seq_len: int) -> None:
         """Size the per-batch buffers for ``batch`` sequences of ``seq_len`` tokens (before the forward)."""

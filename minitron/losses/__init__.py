@@ -12,38 +12,45 @@ chunked   pure PyTorch, chunks of tokens, grads computed in forward       O(chun
 triton    as chunked, softmax/KL/grad-logits in Triton kernels            O(chunk * V)
 auto      triton for CUDA inputs when triton imports, else chunked
 ========  ==============================================================  =============
+
+The path is picked by :mod:`minitron.dispatch`; the loss tensor reports it as ``loss.impl``.
+
+Other losses: :mod:`minitron.losses.cross_entropy` (chunked next-token CE from hidden states),
+:mod:`minitron.losses.intermediate` (intermediate-state loss and its dynamic weight).
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
-import os
 
 import torch
 
+from minitron.dispatch import Dispatch, check_device
+from minitron.losses.cross_entropy import linear_cross_entropy
 from minitron.losses.fused import KDConfig, linear_kd_loss_fused
+from minitron.losses.intermediate import IntermediateProjections, dynamic_alpha, intermediate_state_loss
 from minitron.losses.reference import LOSSES, REDUCTIONS, keep_mask, linear_kd_loss_naive
 from minitron_kernels.fused_kl_reference import kd_chunk_reference, loss_kind
 
-__all__ = ["linear_kd_loss", "last_impl", "linear_kd_loss_naive", "IMPLS", "check_impl_device"]
+__all__ = ["linear_kd_loss", "last_impl", "linear_kd_loss_naive", "IMPLS", "check_impl_device", "KD_CHUNK",
+           "linear_cross_entropy", "IntermediateProjections", "dynamic_alpha", "intermediate_state_loss"]
 
-IMPLS = ("auto", "triton", "chunked", "naive")
+#: the chunk op of the chunked / triton paths; ``naive`` is the full-logits reference (no chunk op)
+KD_CHUNK = Dispatch("minitron_kernels.fused_kl:kd_chunk_triton", kd_chunk_reference, ("chunked", "naive"))
+IMPLS = KD_CHUNK.impls  # ("auto", "triton", "chunked", "naive")
 logger = logging.getLogger(__name__)
-_LAST_IMPL = "none"
+# the path of this thread's / task's last call, for last_impl() (the loss itself carries it as .impl)
+_last_path: contextvars.ContextVar[str] = contextvars.ContextVar("minitron_kd_last_path", default="none")
 _LOGGED: set[str] = set()
 
 
 def last_impl() -> str:
-    """Name of the path (``naive`` | ``chunked`` | ``triton``) the last :func:`linear_kd_loss` call used."""
-    return _LAST_IMPL
+    """Name of the path (``naive`` | ``chunked`` | ``triton``) of this thread's last :func:`linear_kd_loss` call.
 
-
-def _triton_chunk_fn():
-    try:
-        from minitron_kernels.fused_kl import kd_chunk_triton
-    except ImportError:  # triton not installed
-        return None
-    return kd_chunk_triton
+    The returned loss also carries it: ``linear_kd_loss(...).impl``.
+    """
+    return _last_path.get()
 
 
 def check_impl_device(impl: str, device: torch.device, name: str = "impl") -> None:
@@ -54,24 +61,7 @@ def check_impl_device(impl: str, device: torch.device, name: str = "impl") -> No
         device: where the loss runs.
         name: how the caller names the option, for the message (``impl``, ``loss_impl``).
     """
-    if impl == "triton" and torch.device(device).type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"{name}='triton' needs a CUDA GPU (this runs on {torch.device(device).type}); use "
-                         f"{name}='auto' or 'chunked'")
-
-
-def _resolve_impl(impl: str, device: torch.device):
-    if impl not in IMPLS:
-        raise ValueError(f"unknown impl={impl!r}; allowed values: {', '.join(IMPLS)}")
-    check_impl_device(impl, device)
-    if impl == "auto":
-        fn = _triton_chunk_fn() if device.type == "cuda" else None
-        return ("triton", fn) if fn is not None else ("chunked", kd_chunk_reference)
-    if impl == "triton":
-        fn = _triton_chunk_fn()
-        if fn is None:
-            raise ImportError("impl='triton' needs the triton package (pip install triton)")
-        return "triton", fn
-    return impl, kd_chunk_reference
+    check_device(impl, device, name=name, fallback="chunked")
 
 
 def linear_kd_loss(
@@ -120,15 +110,15 @@ def linear_kd_loss(
         impl: ``"auto"`` | ``"triton"`` | ``"chunked"`` | ``"naive"``.
         chunk_size: tokens per chunk for the chunked / triton paths.
     Returns:
-        fp32 scalar loss, or (N,) per-token losses for ``reduction="none"`` (0 where masked).
+        fp32 scalar loss, or (N,) per-token losses for ``reduction="none"`` (0 where masked); its
+        attribute ``impl`` names the path that ran (``naive`` | ``chunked`` | ``triton``).
     Example:
         >>> hs = torch.randn(6, 16, requires_grad=True)
         >>> ws = torch.randn(100, 16, requires_grad=True)
         >>> loss = linear_kd_loss(hs, ws, torch.randn(6, 32), torch.randn(100, 32), temperature=1.0)
-        >>> loss.backward(); last_impl()
+        >>> loss.backward(); loss.impl
         'chunked'
     """
-    global _LAST_IMPL
     if loss not in LOSSES:
         raise ValueError(f"unknown loss={loss!r}; allowed values: {', '.join(LOSSES)}")
     if reduction not in REDUCTIONS:
@@ -151,22 +141,27 @@ def linear_kd_loss(
                 ignore_index=ignore_index, loss=loss, beta=beta, temperature=temperature, top_k=top_k,
                 reduction=reduction, impl=impl, chunk_size=chunk_size,
             )
-    name, chunk_fn = _resolve_impl(impl, student_hidden.device)
-    _LAST_IMPL = name
+    choice = KD_CHUNK.select(impl, student_hidden.device)
+    name = choice.name
+    _last_path.set(name)
     if name not in _LOGGED:
         _LOGGED.add(name)
         logger.info("linear_kd_loss: using the %s path", name)
     kwargs = dict(loss=loss, beta=beta, temperature=temperature, top_k=top_k, reduction=reduction)
     if name == "naive":
-        return linear_kd_loss_naive(
+        out = linear_kd_loss_naive(
             student_hidden, student_weight, teacher_hidden, teacher_weight,
             student_bias=student_bias, teacher_bias=teacher_bias, mask=mask, labels=labels,
             ignore_index=ignore_index, **kwargs,
         )
+        out.impl = name
+        return out
     keep = None
     if mask is not None or labels is not None:
         keep = keep_mask(student_hidden.shape[0], student_hidden.device, mask, labels, ignore_index)
-    cfg = KDConfig(loss_kind(loss, beta), beta, temperature, top_k, reduction, chunk_size, chunk_fn)
-    return linear_kd_loss_fused(
+    cfg = KDConfig(loss_kind(loss, beta), beta, temperature, top_k, reduction, chunk_size, choice.fn)
+    out = linear_kd_loss_fused(
         student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, keep, cfg
     )
+    out.impl = name
+    return out

@@ -2,13 +2,18 @@
 
 Order of attempts (first success wins, result cached for the process):
 
-1. ``import minitron._C`` -- prebuilt by ``setup.py`` (``pip install -e . --no-build-isolation``).
-2. JIT build with :func:`torch.utils.cpp_extension.load` (ninja) from the repo's ``csrc/``
-   into a cache dir (``$MINITRON_EXT_DIR`` or ``~/.cache/minitron/ext/<py>-<torch>-<cpu|cuXY>``).
+1. ``import minitron._C`` -- prebuilt by ``setup.py`` (``pip install -e . --no-build-isolation``),
+   if the binary carries this source tree's ``build_spec.EXT_ABI`` tag (checked before loading:
+   a build from older sources that still defined the op schema would abort the process).
+2. JIT build with :func:`torch.utils.cpp_extension.load` (ninja) from the C++/CUDA sources
+   (the repo's ``csrc/``, or ``minitron/_csrc`` in an installed wheel; the build is described
+   once, in :mod:`minitron.ops.build_spec`, for this and ``setup.py``) into a cache dir (``$MINITRON_EXT_DIR`` or ``~/.cache/minitron/ext/<py>-<torch>-<cpu|cuXY>``).
    CUDA sources are included only when ``torch.version.cuda`` and a CUDA toolkit (CUDA_HOME)
    are both present. Nothing is ever downloaded.
-3. Give up: ``load_extension()`` returns ``None`` and callers use the pure-PyTorch fallback
-   (a single ``warnings.warn`` says so).
+3. Give up: ``load_extension()`` returns ``None`` and ``torch.ops.minitron.compact_`` runs its
+   pure-PyTorch kernel (a single ``warnings.warn`` says so). The op itself, its schema and its
+   fake kernel are always defined by :mod:`minitron.ops.library`; the extension only adds the
+   CPU/CUDA kernels.
 
 ``MINITRON_GATHER_BACKEND=torch`` skips 1-2 entirely (forces the fallback);
 ``MINITRON_NO_JIT=1`` skips step 2 only.
@@ -16,6 +21,7 @@ Order of attempts (first success wins, result cached for the process):
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 import threading
@@ -26,12 +32,10 @@ from typing import Optional
 
 import torch
 
+from . import build_spec, library  # noqa: F401 - library: the op is defined before any kernel is added
+
 _LOCK = threading.Lock()
 _STATE: dict = {"tried": False, "module": None, "error": None}
-
-CSRC_DIR = Path(__file__).resolve().parents[2] / "csrc"
-CPU_SOURCES = ["gather_cpu.cpp"]
-CUDA_SOURCES = ["gather_cuda.cpp", "gather_cuda_kernel.cu"]
 
 
 def forced_torch_fallback() -> bool:
@@ -64,23 +68,18 @@ def _cache_dir() -> Path:
 def _jit_build() -> ModuleType:
     from torch.utils.cpp_extension import load
 
-    if not all((CSRC_DIR / s).is_file() for s in CPU_SOURCES):
-        raise FileNotFoundError(f"C++ sources not found under {CSRC_DIR}")
-    sources = [str(CSRC_DIR / s) for s in CPU_SOURCES]
-    cflags = ["-O3"]  # the C++ standard is chosen by torch.utils.cpp_extension
-    cuda_flags: list[str] = []
-    if _cuda_build_possible():
-        sources += [str(CSRC_DIR / s) for s in CUDA_SOURCES]
-        cflags.append("-DMINITRON_WITH_CUDA")
-        cuda_flags = ["-O3", "-DMINITRON_WITH_CUDA"]
+    csrc = build_spec.csrc_dir()
+    if csrc is None:
+        raise FileNotFoundError("C++ sources not found (neither minitron/_csrc nor the repo's csrc/)")
+    with_cuda = _cuda_build_possible()
     build_dir = _cache_dir()
     build_dir.mkdir(parents=True, exist_ok=True)
     return load(
-        name="minitron_C_jit",
-        sources=sources,
-        extra_cflags=cflags,
-        extra_cuda_cflags=cuda_flags or None,
-        extra_include_paths=[str(CSRC_DIR)],
+        name=build_spec.JIT_NAME,
+        sources=[str(csrc / s) for s in build_spec.sources(with_cuda)],
+        extra_cflags=build_spec.cxx_flags(with_cuda),
+        extra_cuda_cflags=build_spec.nvcc_flags() if with_cuda else None,
+        extra_include_paths=[str(csrc)],
         build_directory=str(build_dir),
         verbose=os.environ.get("MINITRON_EXT_VERBOSE", "0") == "1",
     )
@@ -97,11 +96,18 @@ def load_extension() -> Optional[ModuleType]:
             return _STATE["module"]
         mod = None
         errors = []
-        try:
-            from minitron import _C as mod  # type: ignore[attr-defined,no-redef]
-        except ImportError as e:  # not prebuilt (or built for another torch)
-            errors.append(f"prebuilt minitron._C: {e}")
-            mod = None
+        spec = importlib.util.find_spec("minitron._C")  # locates the binary without loading it
+        if spec is None or spec.origin is None:
+            errors.append("prebuilt minitron._C: not built")
+        elif not build_spec.abi_matches(spec.origin):
+            errors.append(f"prebuilt {spec.origin} was built from other sources (no {build_spec.EXT_ABI_TAG!r}); "
+                          "rebuild it with `pip install -e . --no-build-isolation`")
+        else:
+            try:
+                from minitron import _C as mod  # type: ignore[attr-defined,no-redef]
+            except ImportError as e:  # built for another torch, ...
+                errors.append(f"prebuilt minitron._C: {e}")
+                mod = None
         if mod is None and os.environ.get("MINITRON_NO_JIT", "0") != "1":
             try:
                 mod = _jit_build()
@@ -112,16 +118,12 @@ def load_extension() -> Optional[ModuleType]:
             _STATE["error"] = "; ".join(errors) or "disabled by MINITRON_NO_JIT=1"
             warnings.warn(
                 "minitron: C++ gather extension unavailable "
-                f"({_STATE['error'][:500]}); compact_ uses the slower pure-PyTorch fallback "
+                f"({_STATE['error'][:500]}); compact_ uses its slower pure-PyTorch kernel "
                 "(same results, chunked copies). Install a C++ compiler + ninja, or build with "
                 "`pip install -e . --no-build-isolation`.",
                 RuntimeWarning,
                 stacklevel=3,
             )
-        else:
-            from . import gather as _gather  # noqa: F401  (registers the fake impl)
-
-            _gather._register_fake()
         _STATE["module"] = mod
         _STATE["tried"] = True
         return mod

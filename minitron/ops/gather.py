@@ -12,8 +12,9 @@ How it works
    contiguous ``[k, C]`` (``dim=0``) or ``[R, k]`` (``dim=1``) block. Because ``index`` is
    sorted and unique, every element moves *backwards* (destination offset <= source offset),
    so a forward, wave-scheduled copy never overwrites a value that is still to be read
-   (see ``csrc/gather_plan.h``). Implemented by the op ``torch.ops.minitron.compact_``
-   (C++/OpenMP on CPU, CUDA kernels on GPU) or by a chunked pure-PyTorch fallback.
+   (see ``csrc/gather_plan.h``). Implemented by the op ``torch.ops.minitron.compact_``, always
+   defined (:mod:`minitron.ops.library`): C++/OpenMP on CPU and CUDA kernels on GPU when the
+   extension is built, else its chunked pure-PyTorch kernel.
 3. Shrink the storage to ``k * C`` (or ``R * k``) elements and return a tensor viewing it.
    The input tensor object is re-pointed to the same compacted storage (``tensor.data =
    out``), so ``compact_(linear.weight, 0, idx)`` updates the parameter in place.
@@ -67,6 +68,7 @@ from typing import Optional, Union
 import torch
 
 from . import _loader, mapped
+from .library import compact_reference_
 
 __all__ = ["compact_", "gather_backend", "CompactFallbackWarning", "SUPPORTED_DTYPES"]
 
@@ -83,29 +85,9 @@ SUPPORTED_DTYPES = (
     torch.int64,
 )
 
-_DEFAULT_STAGE_BYTES = 4 << 20  # torch-fallback chunk (the C++ kernels have their own)
-_FAKE_REGISTERED = False
-
 
 class CompactFallbackWarning(UserWarning):
     """compact_ could not work in place and copied instead (memory peak = input + kept)."""
-
-
-def _register_fake() -> None:
-    """Register the fake (meta) kernel of ``minitron::compact_`` (needs the op defined)."""
-    global _FAKE_REGISTERED
-    if _FAKE_REGISTERED:
-        return
-
-    @torch.library.register_fake("minitron::compact_")
-    def _compact_fake(self: torch.Tensor, dim: int, index: torch.Tensor, stage_bytes: int = -1) -> None:
-        # Shape-only checks: the op mutates `self` in place and returns nothing.
-        torch._check(self.dim() == 2, lambda: "minitron::compact_: expected a 2-D tensor")
-        torch._check(dim in (0, 1), lambda: "minitron::compact_: dim must be 0 or 1")
-        torch._check(index.dim() == 1, lambda: "minitron::compact_: index must be 1-D")
-        return None
-
-    _FAKE_REGISTERED = True
 
 
 def gather_backend(device: Union[str, torch.device, int, None] = "cpu") -> str:
@@ -207,37 +189,6 @@ def _inplace_blocker(tensor: torch.Tensor) -> Optional[str]:
     return None
 
 
-def _torch_compact_(w: torch.Tensor, dim: int, index: torch.Tensor, stage_bytes: int) -> None:
-    """Pure-PyTorch in-place compaction of a contiguous 2-D ``w`` (same wave idea, chunked).
-
-    Writes the contiguous ``index_select`` result to the front of ``w``'s memory using
-    temporaries of at most ~``stage_bytes``. Safe because destination offsets never exceed
-    source offsets and each chunk's sources are read (into the temporary) before writing.
-    """
-    R, C = w.shape
-    k = index.numel()
-    es = w.element_size()
-    ar = torch.arange(k, device=index.device)
-    moved = (index != ar).nonzero()
-    if moved.numel() == 0 and (dim == 0 or k == C):
-        return  # identity: everything already in place
-    if dim == 0:
-        start = int(moved[0]) if moved.numel() else k
-        rows = max(1, stage_bytes // max(1, C * es))
-        for i in range(start, k, rows):
-            j = min(k, i + rows)
-            # temp [j-i, C]; writes rows [i, j) which no later chunk reads (index[m] >= m >= j)
-            w[i:j] = w.index_select(0, index[i:j])
-    else:
-        flat = w.view(-1)
-        rows = max(1, stage_bytes // max(1, k * es))
-        for a in range(0, R, rows):
-            b = min(R, a + rows)
-            tmp = w[a:b].index_select(1, index)  # [b-a, k]
-            # writes flat[a*k : b*k]; later rows are read from >= b*C >= b*k
-            flat[a * k : b * k].copy_(tmp.view(-1))
-
-
 @torch.compiler.disable
 def compact_(
     tensor: torch.Tensor,
@@ -323,10 +274,10 @@ def compact_(
         t = tensor.detach()  # same storage; no autograd bookkeeping for the mutation
         # 1-D [N] is the column case of a [1, N] matrix (faster element gather than N 1-elem rows)
         w2d, d2 = (t.view(1, -1), 1) if t.dim() == 1 else (t, dim)
-        if use_ext:
+        if use_ext:  # the C++/CUDA kernel of the op
             torch.ops.minitron.compact_(w2d, d2, index, _stage_bytes)
-        else:
-            _torch_compact_(w2d, d2, index, _stage_bytes if _stage_bytes > 0 else _DEFAULT_STAGE_BYTES)
+        else:  # its pure-PyTorch kernel, also when the extension is loaded but backend="torch" is forced
+            compact_reference_(w2d, d2, index, _stage_bytes)
         del w2d
 
         storage = t.untyped_storage()

@@ -1,10 +1,10 @@
 """Fused linear + KD loss: chunked and Triton paths vs the naive fp32 reference.
 
-The Triton path runs on CUDA when available, else on CPU under TRITON_INTERPRET=1. The
-interpreter flag is read when triton is first imported, and tests/conftest.py imports
-transformers (which imports triton) before this module; so on CPU the Triton/Liger tests are
-skipped in-process and ``test_triton_paths_in_interpreter_subprocess`` re-runs them in a fresh
-pytest process started with TRITON_INTERPRET=1 (small shapes keep the interpreter fast).
+The Triton path runs on CUDA when available, else on CPU under TRITON_INTERPRET=1, which
+tests/kernels/conftest.py sets before triton is first imported. Should triton have been imported
+without it anyway, the Triton/Liger tests skip in-process and
+``test_triton_paths_in_interpreter_subprocess`` re-runs them in a fresh pytest process started
+with TRITON_INTERPRET=1 (small shapes keep the interpreter fast).
 
 Tolerances (max |a - b| / max |b| over the whole tensor, ``_rel``):
   fp32 inputs:       loss and every gradient 2e-5 (all paths accumulate in fp32; only
@@ -18,19 +18,15 @@ Tolerances (max |a - b| / max |b| over the whole tensor, ``_rel``):
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.triton_support import have_triton, rerun_in_interpreter, triton_runnable
+from tests.helpers import have_triton, rerun_in_interpreter, triton_runnable
+
+from minitron.losses import last_impl, linear_kd_loss
 
 CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from minitron.losses import last_impl, linear_kd_loss  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
 # the interpreter evaluates masked -inf lanes with numpy (inf - inf in discarded branches)

@@ -4,8 +4,8 @@ The kernel tests run the kernels in the CPU interpreter, which executes their Py
 semantics with numpy and never lowers them. This test lowers every launch configuration the
 dispatch picks (``minitron_kernels.aot_compile``: TTIR -> PTX -> cubin with triton's bundled
 ptxas, no GPU needed) and checks the cubin's resource usage. It runs in a subprocess because
-this process imported triton in interpreter mode (tests/conftest.py), whose kernels cannot
-be compiled.
+this process imported triton in interpreter mode (tests/kernels/conftest.py), whose kernels
+cannot be compiled.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.triton_support import have_triton
+from tests.helpers import have_triton
 
 pytestmark = pytest.mark.skipif(not have_triton(), reason="triton not installed")
 ARCHS = ("80", "90")
@@ -29,7 +29,7 @@ def builds() -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     cmd = [sys.executable, "-m", "minitron_kernels.aot_compile", "--json", "--arch", *ARCHS]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1])
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[2])
     lines = [x for x in r.stdout.splitlines() if x.startswith("[")]
     if not lines and ("cuobjdump not found" in r.stderr or "ptxas" in r.stderr and "not found" in r.stderr):
         pytest.skip("NVIDIA binary tools missing from this triton install")

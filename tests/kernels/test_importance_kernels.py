@@ -1,9 +1,9 @@
-"""Triton importance kernels vs the PyTorch references of minitron.importance.aggregate.
+"""Triton importance kernels vs their PyTorch references (minitron_kernels.importance_reference).
 
-Runs on CUDA when available, else on CPU under TRITON_INTERPRET=1. tests/conftest.py imports
-transformers (and with it triton) before this module, so on CPU the kernel tests skip in-process
-and ``test_kernels_in_interpreter_subprocess`` re-runs them in a fresh pytest process with
-TRITON_INTERPRET=1 set from the start.
+Runs on CUDA when available, else on CPU under TRITON_INTERPRET=1 (set by tests/kernels/conftest.py
+before triton is first imported). Should triton have been imported without it anyway, the kernel
+tests skip in-process and ``test_kernels_in_interpreter_subprocess`` re-runs them in a fresh
+pytest process with TRITON_INTERPRET=1 set from the start.
 
 Tolerances: the kernels read the activation in its own dtype and accumulate in fp32, like the
 reference (which upcasts first), so all dtypes agree to fp32 summation-order error: rtol 1e-5
@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.triton_support import have_triton, rerun_in_interpreter, triton_runnable
+from tests.helpers import have_triton, rerun_in_interpreter, triton_runnable
 
 from minitron.importance.aggregate import (
     ImportanceAccumulator,

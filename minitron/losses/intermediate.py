@@ -1,12 +1,10 @@
-"""Distillation losses besides the logits KD (which is :func:`minitron.losses.linear_kd_loss`).
+"""Intermediate-state distillation losses (the logits KD is :func:`minitron.losses.linear_kd_loss`).
 
 - :class:`IntermediateProjections` + :func:`intermediate_state_loss`: student decoder-layer outputs
   through a learned ``Linear(h_s, h_t)`` per layer pair vs the teacher's, MSE or 1 - cosine,
   averaged over pairs (METHOD.md section 4, ``L_is``).
 - :func:`dynamic_alpha`: ModelOpt's ``LogitsAndIntermediatesLossBalancer`` scale, detached
   ``L_logits / L_is``, so ``alpha * L_is`` has the magnitude of ``L_logits``.
-- :func:`linear_cross_entropy` (re-exported from :mod:`minitron.losses.cross_entropy`): next-token
-  CE from hidden states + lm_head weight in token chunks.
 """
 
 from __future__ import annotations
@@ -17,9 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minitron.losses.cross_entropy import linear_cross_entropy
-
-__all__ = ["IntermediateProjections", "dynamic_alpha", "intermediate_state_loss", "linear_cross_entropy"]
+__all__ = ["IntermediateProjections", "dynamic_alpha", "intermediate_state_loss"]
 
 
 class IntermediateProjections(nn.Module):

@@ -15,7 +15,7 @@ import torch
 
 from minitron.ops.gather import CompactFallbackWarning, compact_, gather_backend
 
-CSRC = Path(__file__).resolve().parents[1] / "csrc"
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
 HAS_EXT = gather_backend("cpu") == "cpu-ext"
 BACKENDS = [pytest.param("auto", marks=pytest.mark.skipif(not HAS_EXT, reason="C++ extension unavailable")), "torch"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -183,6 +183,46 @@ def test_opcheck_and_compile():
     g = torch.compile(lambda x, i: compact_(x, 1, i).sum(), backend="eager")
     x, i2 = torch.randn(5, 8), torch.tensor([1, 3, 7])
     assert torch.allclose(g(x.clone(), i2), x[:, i2].sum())
+
+
+def test_op_is_defined_without_the_extension():
+    """Schema, fake kernel and pure-PyTorch kernel of minitron::compact_ exist before (and without) minitron._C."""
+    import os
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import sys, torch
+        import minitron.ops
+        from minitron.ops import gather_backend
+        assert gather_backend("cpu") == "torch-fallback"
+        assert "minitron._C" not in sys.modules and "minitron_C_jit" not in sys.modules
+        w = torch.randn(7, 5)
+        idx = torch.tensor([1, 3, 6])
+        ref = w.index_select(0, idx)
+        torch.ops.minitron.compact_(w, 0, idx)
+        assert torch.equal(w.reshape(-1)[: ref.numel()].view(3, 5), ref)
+        torch.library.opcheck(torch.ops.minitron.compact_.default, (torch.randn(4, 9), 1, torch.tensor([2, 3, 8])))
+        print("OK")
+    """)
+    env = {**os.environ, "MINITRON_GATHER_BACKEND": "torch", "PYTHONPATH": str(CSRC.parent)}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0 and res.stdout.strip().endswith("OK"), res.stderr[-3000:]
+
+
+def test_binary_from_other_sources_is_recognised_before_loading(tmp_path):
+    """A prebuilt minitron._C without this tree's ABI tag (e.g. one that still defines the op schema, which
+    would abort the process on load) is told apart by reading the file; the loaded extension carries the tag."""
+    from minitron.ops import _loader, build_spec
+
+    old = tmp_path / "old.so"
+    old.write_bytes(b"\x7fELF ... TORCH_LIBRARY(minitron, m) ... minitron-ext-abi=1;")
+    new = tmp_path / "new.so"
+    new.write_bytes(b"\x7fELF ... " + build_spec.EXT_ABI_TAG.encode() + b" ...")
+    assert not build_spec.abi_matches(old) and build_spec.abi_matches(new)
+    assert not build_spec.abi_matches(tmp_path / "missing.so")
+    if HAS_EXT:
+        assert _loader.load_extension().EXT_ABI == build_spec.EXT_ABI
 
 
 @pytest.mark.skipif(not HAS_EXT, reason="C++ extension unavailable")

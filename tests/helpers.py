@@ -1,0 +1,147 @@
+"""Shared test helpers: tiny models of every supported family, tiny distillation setups, Triton support.
+
+Plain functions and constants (fixtures live in ``conftest.py``). Nothing here imports
+transformers or triton at import time: ``tests/kernels/conftest.py`` must set the Triton
+interpreter flag before triton is first imported (transformers imports it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+# ---- tiny models of every supported family -------------------------------------------------
+
+COMMON = dict(
+    vocab_size=101, hidden_size=48, intermediate_size=88, num_hidden_layers=4, num_attention_heads=6,
+    num_key_value_heads=2, max_position_embeddings=64,
+)
+
+
+def _build(family: str) -> torch.nn.Module:
+    import transformers as tf
+
+    if family == "llama":
+        return tf.LlamaForCausalLM(tf.LlamaConfig(**COMMON, tie_word_embeddings=True))
+    if family == "llama_mha_untied":
+        return tf.LlamaForCausalLM(tf.LlamaConfig(**{**COMMON, "num_key_value_heads": 6}))
+    if family == "mistral":
+        return tf.MistralForCausalLM(tf.MistralConfig(**COMMON, sliding_window=None))
+    if family == "qwen2":
+        return tf.Qwen2ForCausalLM(tf.Qwen2Config(**COMMON, tie_word_embeddings=True))
+    if family == "qwen3":
+        return tf.Qwen3ForCausalLM(tf.Qwen3Config(**COMMON, head_dim=8))
+    if family == "starcoder2":
+        return tf.Starcoder2ForCausalLM(tf.Starcoder2Config(**COMMON, use_bias=True))
+    raise KeyError(family)
+
+
+FAMILY_NAMES = ("llama", "llama_mha_untied", "mistral", "qwen2", "qwen3", "starcoder2")
+FAMILIES = {name: (lambda name=name: _build(name)) for name in FAMILY_NAMES}
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give norms, biases and weights non-trivial values so that a wrong index shows up."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g) if name.endswith("weight") else 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.08 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def make_model(family: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return randomize_(FAMILIES[family](), seed)
+
+
+def save_checkpoint(path, family: str = "llama", seed: int = 0):
+    """A tiny model of ``family`` saved as a local HF checkpoint, with the built-in tokenizer's files.
+
+    The tokenizer only has to load and save (its ids exceed the tiny vocabulary: use token-id data
+    or ``--method random`` with it).
+    """
+    from minitron.data import BUILTIN_MODEL
+
+    path = Path(path)
+    make_model(family, seed).save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(BUILTIN_MODEL / name, path / name)
+    return path
+
+
+# ---- tiny distillation setups ----------------------------------------------------------------
+
+V, T = 64, 32  # vocabulary and block length of the distillation tests
+
+
+def tiny(hidden=32, layers=2, heads=4, kv=2, inter=64, seed=0, **kw):
+    """A random ``LlamaForCausalLM`` with vocabulary ``V`` (the default teacher of the distillation tests)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                                        num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=64, **kw))
+
+
+def small_student(seed=1, **kw):
+    return tiny(hidden=16, layers=1, heads=2, kv=1, inter=32, seed=seed, **kw)
+
+
+def rows(run_dir: Path, split: str) -> list[dict]:
+    with open(run_dir / "metrics.jsonl", encoding="utf-8") as f:
+        return [r for r in map(json.loads, f) if r["split"] == split]
+
+
+def quick_cfg(tmp: Path, **kw):
+    from minitron.distillation import DistillConfig
+
+    base = dict(steps=8, seq_len=T, batch_size=8, lr=1e-2, min_lr=1e-3, warmup_steps=2, save_every=0, eval_every=0,
+                output_dir=str(tmp), progress=False, plot=False)
+    return DistillConfig(**{**base, **kw})
+
+
+# ---- Triton ------------------------------------------------------------------------------------
+
+def have_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def triton_runnable() -> bool:
+    """Triton kernels can run here: CUDA, or CPU with triton imported in interpreter mode."""
+    if not have_triton():
+        return False
+    if torch.cuda.is_available():
+        return True
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(tl.zeros, InterpretedFunction)
+
+
+def rerun_in_interpreter(test_file: str, keyword: str, allow_skips: bool = True) -> None:
+    """Run ``test_file``'s tests matching ``keyword`` in a fresh pytest process with TRITON_INTERPRET=1.
+
+    For a process that imported triton before the interpreter flag was set (the flag is read at
+    import). Fails with the end of the child's output unless it passed (and, when
+    ``allow_skips`` is False, skipped nothing).
+    """
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file, "-k", keyword]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout
+    if not allow_skips:
+        assert " skipped" not in r.stdout, r.stdout[-4000:]
