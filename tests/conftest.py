@@ -13,10 +13,16 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from transformers import (  # noqa: E402
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
@@ -37,6 +43,19 @@ FAMILIES = {
     "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**COMMON, tie_word_embeddings=True)),
     "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**COMMON, head_dim=8)),
     "starcoder2": lambda: Starcoder2ForCausalLM(Starcoder2Config(**COMMON, use_bias=True)),
+    # sandwich norms, (1 + w) RMSNorm, sqrt(D)-scaled tied embeddings, both soft-caps active, a small
+    # sliding window on mixed layer_types (window 4 < the 16-token calibration rows)
+    "gemma2": lambda: Gemma2ForCausalLM(Gemma2Config(
+        **COMMON, head_dim=8, query_pre_attn_scalar=8, final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
+        sliding_window=4, layer_types=["sliding_attention", "full_attention"] * 2)),
+    # + per-head q/k norms, local/global rope bases, final soft-cap set (Gemma 3 ships without one)
+    "gemma3": lambda: Gemma3ForCausalLM(Gemma3TextConfig(
+        **COMMON, head_dim=8, query_pre_attn_scalar=8, final_logit_softcapping=30.0, sliding_window=4,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"])),
+    # fused qkv_proj / gate_up_proj, partial rotary
+    "phi3": lambda: Phi3ForCausalLM(Phi3Config(
+        **COMMON, head_dim=8, partial_rotary_factor=0.5, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2)),
 }
 
 

@@ -59,7 +59,7 @@ def test_required_divisor(model, calib_ids):
 
 def test_unsupported_architecture_lists_supported(calib_ids):
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=101))
-    with pytest.raises(ValueError, match=r"unsupported architecture: model_type='gpt2'.*llama, mistral, qwen2, qwen3, starcoder2"):
+    with pytest.raises(ValueError, match=r"unsupported architecture: model_type='gpt2'.*llama, mistral, qwen2, qwen3, starcoder2, gemma2, gemma3_text, phi3"):
         minitron.prune(gpt2, calib_ids, minitron.Target(intermediate_size=16))
 
 
