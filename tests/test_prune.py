@@ -446,3 +446,25 @@ def test_params_budget_shape_is_the_lowest_calibration_loss(calib_ids):
                             importance=minitron.ImportanceConfig(batch_size=4), progress=False, verbose=False)
     chosen, _ = choose_budget_target(model, 0.7, scores, calib_ids[:4], batch_size=4, plan_options=dict(norm_rescale=True))
     assert (pruned.config.hidden_size, pruned.config.intermediate_size) == (chosen.hidden_size, chosen.intermediate_size)
+
+
+def test_phi3_longrope_prunes_with_hidden_equal_heads_times_head_dim(calib_ids, tmp_path):
+    """Phi-3 128k / 3.5 ship longrope, whose factors Phi3Config checks against hidden_size // heads: pruning
+    hidden and heads together (32 = 4 * 8) keeps it valid; the pruned model reloads and generates alike."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    from tests.conftest import COMMON, randomize_
+
+    torch.manual_seed(0)
+    model = randomize_(Phi3ForCausalLM(Phi3Config(
+        **COMMON, head_dim=8, partial_rotary_factor=0.5, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        original_max_position_embeddings=8,  # shorter than the calibration rows: the long factors are used
+        rope_scaling={"rope_type": "longrope", "short_factor": [1.0, 1.1], "long_factor": [1.0, 1.5]})))
+    pruned = minitron.prune(model, calib_ids, Target(hidden_size=32, num_attention_heads=4, intermediate_size=64),
+                            seq_len=16, progress=False, verbose=False)
+    pruned.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    torch.testing.assert_close(logits(reloaded, calib_ids), logits(pruned, calib_ids))
+    # cached decoding (longrope switches factors past original_max_position_embeddings, in both alike)
+    gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(pruned.generate(calib_ids[:2, :6], **gen), reloaded.generate(calib_ids[:2, :6], **gen))

@@ -20,7 +20,7 @@ from minitron.losses import linear_kd_loss
 from minitron.losses.cross_entropy import linear_cross_entropy, softcap_of
 from minitron.losses.reference import divergence_from_logits
 
-from .conftest import make_model
+from tests.conftest import make_model
 
 
 def _logits_loss(model, ids):
