@@ -221,8 +221,16 @@ def apply_plan(model: nn.Module, plan: PrunePlan, inplace: bool = False) -> nn.M
     config = model.config
     ops = _weight_ops(adapter, config, plan)
     if inplace:  # same objects, parameters compacted and re-pointed (minitron/inplace.py)
-        _fold_and_rescale_(model, adapter, plan)
+        edits = _scalar_edits(model, adapter, plan)
+        layer_prefix = adapter.layers + "."
+        _fold_and_rescale_(model, adapter, plan, {k: v for k, v in edits.items() if k.startswith(layer_prefix)})
         model = apply_plan_inplace(model, plan, ops, pruned_config(config, plan))
+        # embedding / final norm: scaled after compaction, so only the kept columns are written (a
+        # memory-mapped embedding is never dirtied in full)
+        params = dict(model.named_parameters())
+        for key, (factor, offset) in edits.items():
+            if not key.startswith(layer_prefix):
+                _edit(params[key].data, factor, offset, inplace=True)
         _reset_embed_scale(model, adapter)
         return model
     tied = tied_embeddings(model)
@@ -275,9 +283,11 @@ def apply_plan(model: nn.Module, plan: PrunePlan, inplace: bool = False) -> nn.M
 
 
 @torch.no_grad()
-def _fold_and_rescale_(model: nn.Module, adapter: FamilyAdapter, plan: PrunePlan) -> None:
+def _fold_and_rescale_(model: nn.Module, adapter: FamilyAdapter, plan: PrunePlan,
+                       edits: dict[str, tuple[float, float]]) -> None:
     """The in-place path's weight edits before compaction: head-residual folds into ``o_proj`` and the
-    (scalar) RMSNorm rescales, written into the model's own tensors (the copy path makes new ones)."""
+    (scalar) edits of the layers' norms (:func:`_scalar_edits`, original layer numbers), written into
+    the model's own tensors (the copy path makes new ones)."""
     params = dict(model.named_parameters())
     config = model.config
     if plan.head_residual:
@@ -285,7 +295,7 @@ def _fold_and_rescale_(model: nn.Module, adapter: FamilyAdapter, plan: PrunePlan
         for l, keep in plan.heads.items():
             w = params[f"{adapter.layers}.{l}.{adapter.o_proj}.weight"]
             w.copy_(fold_dropped_heads(w, keep, group, head_dim_of(config)))
-    for key, (factor, offset) in _scalar_edits(model, adapter, plan).items():
+    for key, (factor, offset) in edits.items():
         _edit(params[key].data, factor, offset, inplace=True)  # a scalar: the same before or after the gather
 
 
