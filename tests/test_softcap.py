@@ -112,3 +112,26 @@ def test_distillation_losses_are_those_of_the_capped_models(calib_ids):
     ce = linear_cross_entropy(torch.zeros(3, 48), student.get_output_embeddings().weight, torch.tensor([1, 2, 3]),
                               softcap=softcap_of(student))
     assert torch.isfinite(ce)
+
+
+@pytest.mark.parametrize("impl", ["chunked", "triton"])
+def test_kd_loss_softcap_on_the_native_half_gemm_path(impl, monkeypatch):
+    """bf16 inputs on the CUDA-style path (fp32-output GEMMs, the logits gradient in a bf16 buffer): the
+    soft-cap's chain rule is applied in fp32 and written back into that buffer. Off CUDA the half GEMMs
+    are emulated as in tests/test_fused_kl.py."""
+    from minitron.losses import fused
+
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(fused, "_NATIVE_DEVICE_TYPES", ("cpu",))
+        monkeypatch.setattr(fused, "_mm_f32", lambda a, b: a.float() @ b.float())
+        monkeypatch.setattr(fused, "_addmm_f32_", lambda c, a, b: c.addmm_(a.float(), b.float()))
+        monkeypatch.setattr(fused, "_native_support", lambda device, dt: (True, True))
+    hs, ws, ht, wt = (x.bfloat16() for x in _kd_case(3))
+    results = {}
+    for name in ("naive", impl):
+        h, w = hs.clone().requires_grad_(), ws.clone().requires_grad_()
+        loss = linear_kd_loss(h, w, ht, wt, impl=name, chunk_size=4, student_softcap=5.0, teacher_softcap=7.0)
+        loss.backward()
+        results[name] = (loss.float(), h.grad.float(), w.grad.float())
+    for got, ref in zip(results[impl], results["naive"]):
+        assert float((got - ref).norm() / ref.norm()) < 2e-2
