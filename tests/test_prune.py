@@ -468,3 +468,25 @@ def test_phi3_longrope_prunes_with_hidden_equal_heads_times_head_dim(calib_ids, 
     # cached decoding (longrope switches factors past original_max_position_embeddings, in both alike)
     gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert torch.equal(pruned.generate(calib_ids[:2, :6], **gen), reloaded.generate(calib_ids[:2, :6], **gen))
+
+
+def test_depth_pruning_keeps_layer_types_and_equals_the_original_skipping_the_layer(family, calib_ids):
+    """Dropping layer 1: ``layer_types`` (sliding / full attention) is taken at the kept layers, every kept
+    layer keeps its own attention kind, and the pruned model (copy and in place) computes what the original
+    does with layer 1 passing its input through."""
+    model = make_model(family)
+    plan = PrunePlan(layers=torch.tensor([0, 2, 3]))
+    layer = model.model.layers[1]
+    hook = layer.register_forward_hook(
+        lambda m, args, kwargs, out: kwargs["hidden_states"] if "hidden_states" in kwargs else args[0], with_kwargs=True)
+    expected = logits(model, calib_ids)
+    hook.remove()
+    types = getattr(model.config, "layer_types", None)
+    windows = [getattr(l.self_attn, "sliding_window", None) for l in model.model.layers]
+    for pruned in (apply_plan(model, plan), apply_plan(copy.deepcopy(model), plan, inplace=True)):
+        assert pruned.config.num_hidden_layers == 3
+        if types is not None:
+            assert pruned.config.layer_types == [types[0], types[2], types[3]]
+        assert [getattr(l.self_attn, "sliding_window", None) for l in pruned.model.layers] == [windows[0], windows[2],
+                                                                                                  windows[3]]
+        torch.testing.assert_close(logits(pruned, calib_ids), expected, atol=ATOL, rtol=1e-4)
