@@ -6,8 +6,14 @@ the model root and to one decoder layer, where each role lives, so importance
 hooks and pruning code never mention a family by name.
 
 Supported: Llama (incl. GQA, tied embeddings), Mistral, Qwen2 (q/k/v bias),
-Qwen3 (per-head q/k norms), and Starcoder2 (non-gated GELU MLP, LayerNorm with
-bias, biases on every projection).
+Qwen3 (per-head q/k norms), Starcoder2 (non-gated GELU MLP, LayerNorm with
+bias, biases on every projection), Gemma 2 and Gemma 3 text (sandwich norms: four
+RMSNorms per layer, ``(1 + weight)`` RMSNorm, embeddings scaled by ``sqrt(hidden_size)``,
+attention / final-logit soft-capping, sliding-window ``layer_types``) and Phi-3 (fused
+``qkv_proj`` and ``gate_up_proj``, partial rotary).
+
+Mixture-of-experts models (Mixtral, Qwen2-MoE, Qwen3-MoE) are refused: their MLP is a router
+plus per-expert weights, which need per-expert neuron importance and gathers.
 """
 
 from __future__ import annotations
@@ -39,6 +45,13 @@ class FamilyAdapter:
     gate_proj: str | None = "mlp.gate_proj"  # None for non-gated MLPs
     down_proj: str = "mlp.down_proj"
     layer_norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")
+    # fused projections (Phi-3): rows are [q heads | k heads | v heads] and [gate | up]
+    qkv_proj: str | None = None
+    gate_up_proj: str | None = None
+    # RMSNorm computes ``x_hat * (norm_offset + weight)`` (Gemma: 1.0): rescales act on the sum
+    norm_offset: float = 0.0
+    # the embedding output is multiplied by sqrt(config.hidden_size) (Gemma's ``embed_scale``)
+    embed_scaled: bool = False
 
     # config field names (shared by all families supported today)
     cfg_hidden: str = "hidden_size"
@@ -50,12 +63,19 @@ class FamilyAdapter:
     @property
     def mlp_in(self) -> tuple[str, ...]:
         """Projections whose output rows are MLP neurons."""
+        if self.gate_up_proj:
+            return (self.gate_up_proj,)
         return (self.gate_proj, self.up_proj) if self.gate_proj else (self.up_proj,)
+
+    @property
+    def attn_in(self) -> tuple[str, ...]:
+        """Projections whose output rows are attention heads (q, k, v or the fused qkv)."""
+        return (self.qkv_proj,) if self.qkv_proj else (self.q_proj, self.k_proj, self.v_proj)
 
     @property
     def hidden_in(self) -> tuple[str, ...]:
         """Layer projections that read the residual stream (input columns = hidden channels)."""
-        return (self.q_proj, self.k_proj, self.v_proj, *self.mlp_in)
+        return (*self.attn_in, *self.mlp_in)
 
     @property
     def hidden_out(self) -> tuple[str, ...]:
@@ -68,7 +88,15 @@ STARCODER2 = FamilyAdapter(
     name="starcoder2", model_types=("starcoder2",), up_proj="mlp.c_fc", gate_proj=None, down_proj="mlp.c_proj"
 )
 
-ADAPTERS: tuple[FamilyAdapter, ...] = (LLAMA, STARCODER2)
+GEMMA = FamilyAdapter(
+    name="gemma", model_types=("gemma2", "gemma3_text"),
+    layer_norms=("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                 "post_feedforward_layernorm"),
+    norm_offset=1.0, embed_scaled=True,
+)
+PHI3 = FamilyAdapter(name="phi3", model_types=("phi3",), qkv_proj="self_attn.qkv_proj", gate_up_proj="mlp.gate_up_proj")
+
+ADAPTERS: tuple[FamilyAdapter, ...] = (LLAMA, STARCODER2, GEMMA, PHI3)
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(t for a in ADAPTERS for t in a.model_types)
 
 

@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import FamilyAdapter, decoder_layers, get_adapter, head_dim_of
-from .losses.cross_entropy import next_token_loss_sum
+from .losses.cross_entropy import next_token_loss_sum, softcap_of
 from .validate import check_token_ids
 
 __all__ = ["DecoderStream", "eval_mode", "head_drop_losses", "heads_zeroed", "layer_drop_losses", "layer_output", "lm_loss",
@@ -40,7 +40,8 @@ def lm_loss(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8, progres
     """Mean next-token cross-entropy of ``model`` over ``blocks`` (n, S); exp() of it is the perplexity.
 
     Runs the decoder, then the chunked cross-entropy over ``chunk_size`` tokens at a time
-    (:func:`minitron.losses.cross_entropy.next_token_loss_sum`): no (B, S, V) fp32 logits.
+    (:func:`minitron.losses.cross_entropy.next_token_loss_sum`): no (B, S, V) fp32 logits. A final-logit
+    soft-cap in the config (Gemma 2's ``final_logit_softcapping``) is applied as the model's forward does.
 
     Args:
         model: a supported causal LM (decoder stack + final norm + lm_head).
@@ -65,7 +66,7 @@ def lm_loss(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8, progres
         for start in tqdm(range(0, blocks.shape[0], batch_size), desc="eval", disable=not progress):
             batch = blocks[start : start + batch_size].to(device)  # (B, S)
             hidden = decoder(input_ids=batch, use_cache=False).last_hidden_state  # (B, S, H), normed
-            batch_total, batch_tokens = next_token_loss_sum(hidden, batch, weight, bias, chunk_size)
+            batch_total, batch_tokens = next_token_loss_sum(hidden, batch, weight, bias, chunk_size, softcap_of(model))
             total += batch_total
             tokens += batch_tokens
     finally:
@@ -124,6 +125,7 @@ class DecoderStream:
         head = model.get_output_embeddings()
         self.weight, self.bias = head.weight, getattr(head, "bias", None)  # (V, D), (V,) | None
         self.chunk_size = chunk_size
+        self.softcap = softcap_of(model)  # final-logit soft-cap (Gemma 2)
         device = next(model.parameters()).device
         self.ids: list[torch.Tensor] = []  # (B, S) per batch
         self.embedded: list[torch.Tensor] = []  # (B, S, D) input of layer 0 per batch
@@ -181,7 +183,7 @@ class DecoderStream:
             for index in layer_ids:
                 h = self._run(index, b, h)
             batch_total, batch_tokens = next_token_loss_sum(
-                self.final_norm(h), self.ids[b], self.weight, self.bias, self.chunk_size)  # (B, S, D) normed
+                self.final_norm(h), self.ids[b], self.weight, self.bias, self.chunk_size, self.softcap)  # (B, S, D) normed
             total += batch_total
             tokens += batch_tokens
         return total / max(tokens, 1)

@@ -41,12 +41,20 @@ def _mask(size: int, keep: torch.Tensor | None, like: torch.Tensor) -> torch.Ten
     return mask
 
 
-def _norm_over_kept(norm: nn.Module, x: torch.Tensor, mask: torch.Tensor, kept: int, scale: float) -> torch.Tensor:
-    """What the pruned norm outputs, at full width: ``x`` (..., D) has zeros on dropped channels."""
+def _norm_over_kept(norm: nn.Module, x: torch.Tensor, mask: torch.Tensor, kept: int, scale: float,
+                    offset: float = 0.0) -> torch.Tensor:
+    """What the pruned norm outputs, at full width: ``x`` (..., D) has zeros on dropped channels.
+
+    ``offset``: the norm multiplies by ``offset + weight`` (Gemma's ``1 + weight``, computed in fp32
+    and rounded once, as Gemma's RMSNorm does); the rescale acts on that sum.
+    """
     dtype = x.dtype
     xf = x.float()
     if is_rms_norm(norm):
         variance = xf.square().sum(-1, keepdim=True) / kept  # mean over the K kept channels
+        if offset:
+            y = xf * torch.rsqrt(variance + norm_eps(norm)) * ((norm.weight.float() + offset) * scale)
+            return y.to(dtype) * mask
         y = (xf * torch.rsqrt(variance + norm_eps(norm))).to(dtype)
         return norm.weight * scale * y * mask
     mean = xf.sum(-1, keepdim=True) / kept  # LayerNorm over the kept channels
@@ -94,7 +102,7 @@ def masked_plan(model: nn.Module, plan) -> Iterator[nn.Module]:
         return lambda module, args: (args[0] * mask, *args[1:])
 
     def norm_hook(mask: torch.Tensor, scale: float):
-        return lambda module, args, out: _norm_over_kept(module, args[0], mask, kept, scale)
+        return lambda module, args, out: _norm_over_kept(module, args[0], mask, kept, scale, adapter.norm_offset)
 
     try:
         if hidden is not None:

@@ -39,10 +39,26 @@ def _build(family: str) -> torch.nn.Module:
         return tf.Qwen3ForCausalLM(tf.Qwen3Config(**COMMON, head_dim=8))
     if family == "starcoder2":
         return tf.Starcoder2ForCausalLM(tf.Starcoder2Config(**COMMON, use_bias=True))
+    # sandwich norms, (1 + w) RMSNorm, sqrt(D)-scaled tied embeddings, both soft-caps active, a small
+    # sliding window on mixed layer_types (window 4 < the 16-token calibration rows)
+    if family == "gemma2":
+        return tf.Gemma2ForCausalLM(tf.Gemma2Config(
+            **COMMON, head_dim=8, query_pre_attn_scalar=8, final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
+            sliding_window=4, layer_types=["sliding_attention", "full_attention"] * 2))
+    # + per-head q/k norms, local/global rope bases, final soft-cap set (Gemma 3 ships without one)
+    if family == "gemma3":
+        return tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(
+            **COMMON, head_dim=8, query_pre_attn_scalar=8, final_logit_softcapping=30.0, sliding_window=4,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]))
+    # fused qkv_proj / gate_up_proj, partial rotary
+    if family == "phi3":
+        return tf.Phi3ForCausalLM(tf.Phi3Config(
+            **COMMON, head_dim=8, partial_rotary_factor=0.5, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1,
+            eos_token_id=2))
     raise KeyError(family)
 
 
-FAMILY_NAMES = ("llama", "llama_mha_untied", "mistral", "qwen2", "qwen3", "starcoder2")
+FAMILY_NAMES = ("llama", "llama_mha_untied", "mistral", "qwen2", "qwen3", "starcoder2", "gemma2", "gemma3", "phi3")
 FAMILIES = {name: (lambda name=name: _build(name)) for name in FAMILY_NAMES}
 
 

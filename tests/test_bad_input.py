@@ -59,7 +59,7 @@ def test_required_divisor(model, calib_ids):
 
 def test_unsupported_architecture_lists_supported(calib_ids):
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=101))
-    with pytest.raises(ValueError, match=r"unsupported architecture: model_type='gpt2'.*llama, mistral, qwen2, qwen3, starcoder2"):
+    with pytest.raises(ValueError, match=r"unsupported architecture: model_type='gpt2'.*llama, mistral, qwen2, qwen3, starcoder2, gemma2, gemma3_text, phi3"):
         minitron.prune(gpt2, calib_ids, minitron.Target(intermediate_size=16))
 
 
@@ -209,3 +209,19 @@ def test_garbage_scores_file(tmp_path):
     path.write_bytes(b"\x00garbage" * 10)
     with pytest.raises(ValueError, match=f"{path} is not a readable minitron importance file"):
         minitron.ImportanceScores.load(path)
+
+
+def test_phi3_longrope_needs_hidden_equal_heads_times_head_dim():
+    """Phi3Config validates longrope factors against hidden_size // num_attention_heads (not head_dim)."""
+    from transformers import Phi3Config
+
+    from tests.helpers import COMMON
+
+    config = Phi3Config(**COMMON, head_dim=8, partial_rotary_factor=0.5, pad_token_id=0, bos_token_id=1,
+                        eos_token_id=2, original_max_position_embeddings=32,
+                        rope_scaling={"rope_type": "longrope", "short_factor": [1.0, 1.1], "long_factor": [1.0, 1.5]})
+    for target in (minitron.Target(num_attention_heads=4), minitron.Target(hidden_size=36)):
+        with pytest.raises(ValueError, match=r"hidden_size = num_attention_heads \* head_dim \(8\)"):
+            target.validate(config)
+    minitron.Target(hidden_size=32, num_attention_heads=4).validate(config)  # 32 = 4 * 8: accepted
+    minitron.Target(intermediate_size=40).validate(config)

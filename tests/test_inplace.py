@@ -58,7 +58,8 @@ def test_inplace_prune_of_a_mapped_checkpoint_equals_the_copy(family, checkpoint
     config, layers = model.config, model.model.layers
     kept = plan.layers.tolist()
     layer = layers[kept[1]]  # becomes layer 1
-    up_name = "c_fc" if family == "starcoder2" else "up_proj"
+    up_name = {"starcoder2": "c_fc", "phi3": "gate_up_proj"}.get(family, "up_proj")
+    up_rows = 2 * 64 if family == "phi3" else 64  # Phi-3's fused rows are [gate | up]
     up = getattr(layer.mlp, up_name)
     calls = []
     up.register_forward_hook(lambda m, args, out: calls.append(out.shape))
@@ -69,20 +70,20 @@ def test_inplace_prune_of_a_mapped_checkpoint_equals_the_copy(family, checkpoint
     assert result is model and model.config is config and model.model.layers is layers
     assert model.model.layers[1] is layer and getattr(layer.mlp, up_name) is up
     assert layer.self_attn.layer_idx == 1
-    assert up.weight.shape == (64, 36) and up.in_features == 36 and up.out_features == 64
+    assert up.weight.shape == (up_rows, 36) and up.in_features == 36 and up.out_features == up_rows
 
     assert model.state_dict().keys() == copy.state_dict().keys()
     for key, value in copy.state_dict().items():
         assert torch.equal(model.state_dict()[key], value), key
     ids = calib_ids[:, :12]
     torch.testing.assert_close(_logits(model, ids), _logits(copy, ids), atol=0, rtol=0)
-    assert calls and calls[-1][-1] == 64  # the hook registered before pruning still fires, on pruned weights
+    assert calls and calls[-1][-1] == up_rows  # the hook registered before pruning still fires, on pruned weights
     if model.config.tie_word_embeddings:
         assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
 
     # every pruned weight left the file mapping (private memory holding the kept part only)
     for name, p in model.named_parameters():
-        if p.shape != copy.state_dict()[name].shape or name.endswith(("embed_tokens.weight", "q_proj.weight")):
+        if p.shape != copy.state_dict()[name].shape or name.endswith(("embed_tokens.weight", "q_proj.weight", "qkv_proj.weight")):
             assert mapped.file_mapping(p) is None, name
 
     # KV-cache decoding uses the renumbered layers: incremental logits equal a full forward

@@ -79,12 +79,23 @@ def test_pruned_equals_masked_original(family, calib_ids, target):
 
 
 def sliced_reference_state(model, plan: PrunePlan) -> dict[str, torch.Tensor]:
-    """Independent slicing of the original state dict along the hidden axis (rules written out by hand)."""
+    """Independent slicing of the original state dict along the hidden axis (rules written out by hand).
+
+    Gemma multiplies the embedding output by ``sqrt(config.hidden_size)``: the kept embedding columns are
+    scaled by ``c = sqrt(D / K)`` so the stream keeps its values, and with tied embeddings the final
+    ``(1 + w)`` norm by ``1 / c`` (it feeds the lm_head, which is the scaled embedding).
+    """
     h = plan.hidden
     out = {}
+    c = (model.config.hidden_size / h.numel()) ** 0.5
+    scaled = hasattr(model.model.embed_tokens, "embed_scale")
     for key, t in model.state_dict().items():
         if key.endswith("embed_tokens.weight") or key == "lm_head.weight":
             t = t[:, h]
+            if scaled and (key.endswith("embed_tokens.weight") or model.config.tie_word_embeddings):
+                t = t.clone().mul_(c)
+        elif scaled and key == "model.norm.weight" and model.config.tie_word_embeddings:
+            t = t[h].clone().add_(1.0).mul_(1.0 / c).sub_(1.0)
         elif ("norm" in key and "q_norm" not in key and "k_norm" not in key):
             t = t[h]
         elif any(s in key for s in ("q_proj.weight", "k_proj.weight", "v_proj.weight", "gate_proj.weight",
@@ -289,7 +300,12 @@ def test_kv_group_pruning_is_explicit_and_equals_masked_original(family, calib_i
         assert torch.equal(groups, strongest)
     pruned = apply_plan(model, plan)
     assert pruned.config.num_key_value_heads == target.num_key_value_heads
-    assert pruned.model.layers[0].self_attn.k_proj.weight.shape[0] == target.num_key_value_heads * head_dim
+    attn = pruned.model.layers[0].self_attn
+    if hasattr(attn, "qkv_proj"):  # Phi-3: fused rows [q | k | v]
+        rows = (target.num_attention_heads + 2 * target.num_key_value_heads) * head_dim
+        assert attn.qkv_proj.weight.shape[0] == rows
+    else:
+        assert attn.k_proj.weight.shape[0] == target.num_key_value_heads * head_dim
     torch.testing.assert_close(logits(pruned, calib_ids), masked_reference(model, calib_ids, plan), atol=ATOL, rtol=1e-4)
     pruned.save_pretrained(tmp_path)
     torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(tmp_path), calib_ids), logits(pruned, calib_ids))
@@ -326,8 +342,10 @@ def test_norm_rescale_matches_independent_computation(family, calib_ids):
     plan = make_plan(scores, Target(hidden_size=36), model.config, norm_rescale=True)
     keep = plan.hidden
     norms = {f"model.layers.{l}.{name}.weight": getattr(layer, name) for l, layer in enumerate(model.model.layers)
-             for name in ("input_layernorm", "post_attention_layernorm")}
+             for name in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                          "post_feedforward_layernorm") if hasattr(layer, name)}  # Gemma: four per layer
     norms["model.norm.weight"] = model.model.norm
+    offset = 1.0 if "Gemma" in type(model).__name__ else 0.0  # Gemma's norm multiplies by (1 + weight)
     inputs: dict[str, list[torch.Tensor]] = {}
     handles = [m.register_forward_pre_hook(lambda mod, a, k=k: inputs.setdefault(k, []).append(a[0])) for k, m in norms.items()]
     with torch.no_grad():
@@ -344,7 +362,7 @@ def test_norm_rescale_matches_independent_computation(family, calib_ids):
         else:
             ratio_sq = x[:, keep].square().mean(-1) / (x.square().mean(-1) + eps)  # (N,) rms_K^2 / rms_D^2
             factor = float(ratio_sq.mean().sqrt())
-        reference[key] = reference[key] * factor
+        reference[key] = (reference[key] + offset) * factor - offset
     pruned = apply_plan(model, plan)
     expected = copy.deepcopy(pruned)
     expected.load_state_dict(reference, strict=True)
@@ -354,8 +372,10 @@ def test_norm_rescale_matches_independent_computation(family, calib_ids):
     # in place gives the same model; without the option the weights are plainly sliced
     inplace = apply_plan(copy.deepcopy(model), plan, inplace=True)
     torch.testing.assert_close(logits(inplace, calib_ids), logits(pruned, calib_ids), atol=0, rtol=0)
-    plain = apply_plan(model, make_plan(scores, Target(hidden_size=36), model.config, norm_rescale=False))
-    torch.testing.assert_close(plain.model.norm.weight, model.model.norm.weight[keep], atol=0, rtol=0)
+    plain_plan = make_plan(scores, Target(hidden_size=36), model.config, norm_rescale=False)
+    plain = apply_plan(model, plain_plan)
+    torch.testing.assert_close(plain.model.norm.weight, sliced_reference_state(model, plain_plan)["model.norm.weight"],
+                               atol=0, rtol=0)
 
 
 def test_head_residual_equals_original_with_dropped_heads_replaced_by_their_group_mean(family, calib_ids):
@@ -426,3 +446,47 @@ def test_params_budget_shape_is_the_lowest_calibration_loss(calib_ids):
                             importance=minitron.ImportanceConfig(batch_size=4), progress=False, verbose=False)
     chosen, _ = choose_budget_target(model, 0.7, scores, calib_ids[:4], batch_size=4, plan_options=dict(norm_rescale=True))
     assert (pruned.config.hidden_size, pruned.config.intermediate_size) == (chosen.hidden_size, chosen.intermediate_size)
+
+
+def test_phi3_longrope_prunes_with_hidden_equal_heads_times_head_dim(calib_ids, tmp_path):
+    """Phi-3 128k / 3.5 ship longrope, whose factors Phi3Config checks against hidden_size // heads: pruning
+    hidden and heads together (32 = 4 * 8) keeps it valid; the pruned model reloads and generates alike."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    from tests.helpers import COMMON, randomize_
+
+    torch.manual_seed(0)
+    model = randomize_(Phi3ForCausalLM(Phi3Config(
+        **COMMON, head_dim=8, partial_rotary_factor=0.5, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        original_max_position_embeddings=8,  # shorter than the calibration rows: the long factors are used
+        rope_scaling={"rope_type": "longrope", "short_factor": [1.0, 1.1], "long_factor": [1.0, 1.5]})))
+    pruned = minitron.prune(model, calib_ids, Target(hidden_size=32, num_attention_heads=4, intermediate_size=64),
+                            seq_len=16, progress=False, verbose=False)
+    pruned.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    torch.testing.assert_close(logits(reloaded, calib_ids), logits(pruned, calib_ids))
+    # cached decoding (longrope switches factors past original_max_position_embeddings, in both alike)
+    gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(pruned.generate(calib_ids[:2, :6], **gen), reloaded.generate(calib_ids[:2, :6], **gen))
+
+
+def test_depth_pruning_keeps_layer_types_and_equals_the_original_skipping_the_layer(family, calib_ids):
+    """Dropping layer 1: ``layer_types`` (sliding / full attention) is taken at the kept layers, every kept
+    layer keeps its own attention kind, and the pruned model (copy and in place) computes what the original
+    does with layer 1 passing its input through."""
+    model = make_model(family)
+    plan = PrunePlan(layers=torch.tensor([0, 2, 3]))
+    layer = model.model.layers[1]
+    hook = layer.register_forward_hook(
+        lambda m, args, kwargs, out: kwargs["hidden_states"] if "hidden_states" in kwargs else args[0], with_kwargs=True)
+    expected = logits(model, calib_ids)
+    hook.remove()
+    types = getattr(model.config, "layer_types", None)
+    windows = [getattr(l.self_attn, "sliding_window", None) for l in model.model.layers]
+    for pruned in (apply_plan(model, plan), apply_plan(copy.deepcopy(model), plan, inplace=True)):
+        assert pruned.config.num_hidden_layers == 3
+        if types is not None:
+            assert pruned.config.layer_types == [types[0], types[2], types[3]]
+        assert [getattr(l.self_attn, "sliding_window", None) for l in pruned.model.layers] == [windows[0], windows[2],
+                                                                                                  windows[3]]
+        torch.testing.assert_close(logits(pruned, calib_ids), expected, atol=ATOL, rtol=1e-4)

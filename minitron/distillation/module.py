@@ -15,7 +15,7 @@ from torch import nn
 from minitron.adapters import base_decoder, lm_head_params
 from minitron.distillation.config import DistillConfig
 from minitron.losses import linear_kd_loss
-from minitron.losses.cross_entropy import linear_cross_entropy
+from minitron.losses.cross_entropy import linear_cross_entropy, softcap_of
 from minitron.losses.intermediate import IntermediateProjections, dynamic_alpha, intermediate_state_loss
 
 
@@ -109,17 +109,19 @@ class DistillModule(nn.Module):
         ws, bs = lm_head_params(self.student)
         wt_full, bt_full = lm_head_params(self.teacher)
         wt, bt = shared_vocab_head(wt_full, bt_full, ws.shape[0])  # KD over the shared ids (see distill())
+        cap_s, cap_t = softcap_of(self.student), softcap_of(self.teacher)  # final-logit soft-caps (Gemma 2)
         B, T = input_ids.shape
         hs_flat = h_s.reshape(B * T, -1)  # (N, Hs)
         ht_flat = h_t.reshape(B * T, -1) if h_t is not None else None  # (N, Ht)
         labels = input_ids[:, 1:].reshape(-1)  # (B*(T-1),)
         if mode == "eval":  # token sums: LM loss, KL(teacher || student) at tau=1, teacher LM loss
             n_lm = labels.numel()
-            ce_s = linear_cross_entropy(h_s[:, :-1].reshape(-1, h_s.shape[-1]), ws, labels, bs, chunk_size=cfg.ce_chunk_size)
+            ce_s = linear_cross_entropy(h_s[:, :-1].reshape(-1, h_s.shape[-1]), ws, labels, bs, chunk_size=cfg.ce_chunk_size,
+                                        softcap=cap_s)
             ce_t = linear_cross_entropy(h_t[:, :-1].reshape(-1, h_t.shape[-1]), wt_full, labels, bt_full,
-                                        chunk_size=cfg.ce_chunk_size)
+                                        chunk_size=cfg.ce_chunk_size, softcap=cap_t)
             kl = linear_kd_loss(hs_flat, ws, ht_flat, wt, student_bias=bs, teacher_bias=bt, loss="forward_kl",
-                                impl=cfg.loss_impl)
+                                impl=cfg.loss_impl, student_softcap=cap_s, teacher_softcap=cap_t)
             return {"lm_sum": ce_s * n_lm, "teacher_lm_sum": ce_t * n_lm, "kl_sum": kl * (B * T),
                     "n_lm": ce_s.new_tensor(float(n_lm)), "n_tok": ce_s.new_tensor(float(B * T))}
 
@@ -130,6 +132,7 @@ class DistillModule(nn.Module):
             kd = linear_kd_loss(
                 hs_flat, ws, ht_flat, wt, student_bias=bs, teacher_bias=bt, loss=cfg.logits_loss, beta=cfg.jsd_beta,
                 temperature=cfg.temperature, top_k=cfg.top_k, impl=cfg.loss_impl,
+                student_softcap=cap_s, teacher_softcap=cap_t,
             )
             out["kd_loss"] = kd
             kd_total = kd
@@ -144,7 +147,8 @@ class DistillModule(nn.Module):
                 kd_total = kd + alpha * l_is
             total = total + cfg.kd_weight * kd_total
         if cfg.clm_weight > 0:
-            ce = linear_cross_entropy(h_s[:, :-1].reshape(-1, h_s.shape[-1]), ws, labels, bs, chunk_size=cfg.ce_chunk_size)
+            ce = linear_cross_entropy(h_s[:, :-1].reshape(-1, h_s.shape[-1]), ws, labels, bs, chunk_size=cfg.ce_chunk_size,
+                                      softcap=cap_s)
             out["ce_loss"] = ce
             total = total + cfg.clm_weight * ce
         out["loss"] = total

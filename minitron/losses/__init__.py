@@ -82,6 +82,8 @@ def linear_kd_loss(
     reduction: str = "mean",
     impl: str = "auto",
     chunk_size: int = 1024,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
 ) -> torch.Tensor:
     """Fused lm_head projection + distillation divergence, averaged over counted tokens.
 
@@ -109,6 +111,9 @@ def linear_kd_loss(
         reduction: ``"mean"`` over counted tokens (0 if none) | ``"sum"`` | ``"none"`` (N,) fp32.
         impl: ``"auto"`` | ``"triton"`` | ``"chunked"`` | ``"naive"``.
         chunk_size: tokens per chunk for the chunked / triton paths.
+        student_softcap, teacher_softcap: final-logit soft-caps (``config.final_logit_softcapping``,
+            Gemma 2): each side's logits become ``cap * tanh(logits / cap)`` before the softmax, as
+            in the model's own forward; None for none.
     Returns:
         fp32 scalar loss, or (N,) per-token losses for ``reduction="none"`` (0 where masked); its
         attribute ``impl`` names the path that ran (``naive`` | ``chunked`` | ``triton``).
@@ -140,6 +145,7 @@ def linear_kd_loss(
                 student_bias=student_bias, teacher_bias=teacher_bias, mask=mask, labels=labels,
                 ignore_index=ignore_index, loss=loss, beta=beta, temperature=temperature, top_k=top_k,
                 reduction=reduction, impl=impl, chunk_size=chunk_size,
+                student_softcap=student_softcap, teacher_softcap=teacher_softcap,
             )
     choice = KD_CHUNK.select(impl, student_hidden.device)
     name = choice.name
@@ -152,14 +158,15 @@ def linear_kd_loss(
         out = linear_kd_loss_naive(
             student_hidden, student_weight, teacher_hidden, teacher_weight,
             student_bias=student_bias, teacher_bias=teacher_bias, mask=mask, labels=labels,
-            ignore_index=ignore_index, **kwargs,
+            ignore_index=ignore_index, student_softcap=student_softcap, teacher_softcap=teacher_softcap, **kwargs,
         )
         out.impl = name
         return out
     keep = None
     if mask is not None or labels is not None:
         keep = keep_mask(student_hidden.shape[0], student_hidden.device, mask, labels, ignore_index)
-    cfg = KDConfig(loss_kind(loss, beta), beta, temperature, top_k, reduction, chunk_size, choice.fn)
+    cfg = KDConfig(loss_kind(loss, beta), beta, temperature, top_k, reduction, chunk_size, choice.fn,
+                   student_softcap=student_softcap, teacher_softcap=teacher_softcap)
     out = linear_kd_loss_fused(
         student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, keep, cfg
     )

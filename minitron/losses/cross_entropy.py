@@ -5,6 +5,9 @@ loss and drops them; with grad enabled the chunk is recomputed in backward (acti
 checkpointing), so the full (N, V) logits and their gradient never exist at once. Used by the
 CLM term of distillation. Evaluation (:func:`minitron.evaluation.lm_loss`) uses the no-grad
 :func:`cross_entropy_sum_vocab_tiled`, which also tiles the vocabulary.
+
+``softcap`` (Gemma 2's ``config.final_logit_softcapping``) caps the logits as the model's own
+forward does, ``cap * tanh(logits / cap)``, before the softmax (:func:`softcap_of` reads it).
 """
 
 from __future__ import annotations
@@ -13,13 +16,23 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["cross_entropy_sum_vocab_tiled", "linear_cross_entropy", "linear_cross_entropy_sum", "next_token_loss_sum"]
+__all__ = ["cross_entropy_sum_vocab_tiled", "linear_cross_entropy", "linear_cross_entropy_sum", "next_token_loss_sum",
+           "softcap_of"]
 
 
-def _ce_chunk(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, y: torch.Tensor, ignore_index: int) -> torch.Tensor:
+def softcap_of(model) -> float | None:
+    """The final-logit soft-cap of ``model`` (``config.final_logit_softcapping``; None when it has none)."""
+    cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    return float(cap) if cap else None
+
+
+def _ce_chunk(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, y: torch.Tensor, ignore_index: int,
+              softcap: float | None = None) -> torch.Tensor:
     logits = h.float() @ w.float().t()  # (c, V) fp32
     if b is not None:
         logits = logits + b.float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
     return F.cross_entropy(logits, y, ignore_index=ignore_index, reduction="sum")
 
 
@@ -30,6 +43,7 @@ def linear_cross_entropy(
     bias: torch.Tensor | None = None,  # (V,)
     ignore_index: int = -100,
     chunk_size: int = 1024,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Mean cross-entropy of ``hidden @ weight.T + bias`` vs ``labels`` over non-ignored tokens.
 
@@ -43,12 +57,13 @@ def linear_cross_entropy(
         bias: optional (V,) lm_head bias.
         ignore_index: label value that is not counted.
         chunk_size: tokens per chunk.
+        softcap: final-logit soft-cap ``cap * tanh(logits / cap)`` (Gemma 2), None for none.
     Returns:
         Scalar fp32 mean CE (0 if no token counts).
     Example:
         >>> linear_cross_entropy(torch.randn(10, 8), torch.randn(50, 8), torch.randint(0, 50, (10,)))
     """
-    total = linear_cross_entropy_sum(hidden, weight, labels, bias, ignore_index, chunk_size)
+    total = linear_cross_entropy_sum(hidden, weight, labels, bias, ignore_index, chunk_size, softcap)
     count = (labels != ignore_index).sum().clamp_min(1)
     return total / count
 
@@ -60,6 +75,7 @@ def linear_cross_entropy_sum(
     bias: torch.Tensor | None = None,  # (V,)
     ignore_index: int = -100,
     chunk_size: int = 1024,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Summed (not averaged) cross-entropy over non-ignored tokens; arguments as :func:`linear_cross_entropy`.
 
@@ -74,9 +90,9 @@ def linear_cross_entropy_sum(
     for i in range(0, n, chunk_size):
         h, y = hidden[i : i + chunk_size], labels[i : i + chunk_size]
         if grad:
-            total = total + checkpoint(_ce_chunk, h, weight, bias, y, ignore_index, use_reentrant=False)
+            total = total + checkpoint(_ce_chunk, h, weight, bias, y, ignore_index, softcap, use_reentrant=False)
         else:
-            total = total + _ce_chunk(h, weight, bias, y, ignore_index)
+            total = total + _ce_chunk(h, weight, bias, y, ignore_index, softcap)
     return total
 
 
@@ -88,6 +104,7 @@ def cross_entropy_sum_vocab_tiled(
     ignore_index: int = -100,
     tile_bytes: int = 16 << 20,
     max_tokens: int = 4096,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Summed cross-entropy (no grad) in (tokens, vocab) tiles of about ``tile_bytes`` fp32 logits.
 
@@ -105,6 +122,7 @@ def cross_entropy_sum_vocab_tiled(
         ignore_index: label value that is not counted.
         tile_bytes: size of one fp32 logits tile.
         max_tokens: tokens per pass over the vocabulary.
+        softcap: final-logit soft-cap ``cap * tanh(logits / cap)`` (Gemma 2), None for none.
     Returns:
         Scalar fp32 sum of the per-token losses (equal to :func:`linear_cross_entropy_sum`).
     Example:
@@ -126,6 +144,8 @@ def cross_entropy_sum_vocab_tiled(
                 logits = h @ weight[v0 : v0 + rows].float().t()  # (n, Vc) fp32
                 if bias is not None:
                     logits += bias[v0 : v0 + rows].float()
+                if softcap:
+                    logits = torch.tanh(logits / softcap) * softcap
                 lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=-1))
                 here = (y_safe >= v0) & (y_safe < v0 + logits.shape[1])
                 if here.any():
@@ -141,6 +161,7 @@ def next_token_loss_sum(
     weight: torch.Tensor,  # (V, H)
     bias: torch.Tensor | None = None,  # (V,)
     chunk_size: int = 1024,
+    softcap: float | None = None,  # final-logit soft-cap (Gemma 2)
 ) -> tuple[float, int]:
     """Summed next-token cross-entropy of a block batch: position s predicts token s + 1.
 
@@ -153,6 +174,8 @@ def next_token_loss_sum(
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (B*(S-1), H)
     labels = ids[:, 1:].reshape(-1)  # (B*(S-1),)
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-        return linear_cross_entropy_sum(h, weight, labels, bias, chunk_size=chunk_size).item(), labels.numel()
+        return linear_cross_entropy_sum(h, weight, labels, bias, chunk_size=chunk_size, softcap=softcap).item(), \
+            labels.numel()
     # evaluation: vocabulary tiles of ~16 MiB, so perplexity adds ~nothing to the model's memory
-    return cross_entropy_sum_vocab_tiled(h, weight, labels, bias, max_tokens=max(chunk_size, 4096)).item(), labels.numel()
+    return cross_entropy_sum_vocab_tiled(h, weight, labels, bias, max_tokens=max(chunk_size, 4096),
+                                         softcap=softcap).item(), labels.numel()

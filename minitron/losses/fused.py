@@ -44,6 +44,8 @@ class KDConfig:
     reduction: str
     chunk_size: int
     chunk_fn: ChunkFn
+    student_softcap: float | None = None  # final-logit soft-caps: logits -> cap * tanh(logits / cap)
+    teacher_softcap: float | None = None
 
 
 def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -139,6 +141,14 @@ def kd_loop(
         h_s = gs.act(h_s)
         s_logits = gs.logits(h_s, bs)  # (c, Vs) fp32
         t_logits = gt.logits(gt.act(h_t), bt)  # (c, Vt) fp32
+        cap_grad = None  # d capped / d raw = 1 - tanh^2, taken before top-k masks logits to -inf
+        if cfg.student_softcap:
+            s_logits.div_(cfg.student_softcap).tanh_()
+            if want:
+                cap_grad = 1.0 - s_logits.square()  # (c, Vs) fp32
+            s_logits.mul_(cfg.student_softcap)
+        if cfg.teacher_softcap:
+            t_logits.div_(cfg.teacher_softcap).tanh_().mul_(cfg.teacher_softcap)
         if cfg.top_k is not None:
             topk_mask_(s_logits, t_logits, cfg.top_k)
         scale = None
@@ -149,6 +159,8 @@ def kd_loop(
         per_tok[i:j] = loss_c
         if g is None:
             continue
+        if cap_grad is not None:  # chain rule through the soft-cap, in fp32, written back in g's dtype
+            g.copy_(cap_grad.mul_(g.float()))
         if gh is not None:
             if idx is None:
                 gh[i:j] = gs.grad_act(g)

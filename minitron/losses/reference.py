@@ -114,6 +114,8 @@ def linear_kd_loss_naive(
     temperature: float = 1.0,
     top_k: int | None = None,
     reduction: str = "mean",
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
 ) -> torch.Tensor:
     """Reference linear + KD loss: full fp32 logits, plain autograd (memory O(N * V)).
 
@@ -136,5 +138,9 @@ def linear_kd_loss_naive(
         t_logits = ht @ teacher_weight.detach().float().t()  # (n_kept, Vt) fp32
         if teacher_bias is not None:
             t_logits = t_logits + teacher_bias.detach().float()
+        if teacher_softcap:
+            t_logits = torch.tanh(t_logits / teacher_softcap) * teacher_softcap
+    if student_softcap:
+        s_logits = torch.tanh(s_logits / student_softcap) * student_softcap
     per_tok = divergence_from_logits(s_logits, t_logits, loss, beta, temperature, top_k)  # (n_kept,)
     return reduce_loss(per_tok, keep, reduction)

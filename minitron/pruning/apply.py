@@ -88,19 +88,27 @@ def _weight_ops(adapter: FamilyAdapter, config, plan: PrunePlan) -> dict[str, li
         p = f"{adapter.layers}.{l}."
         q_rows = _head_rows(plan.heads[l], head_dim) if l in plan.heads else None
         kv_rows = _head_rows(plan.kv_groups[l], head_dim) if l in plan.kv_groups else None
-        for name in (adapter.k_proj, adapter.v_proj):
-            add(p + f"{name}.weight", 0, kv_rows)
-            add(p + f"{name}.bias", 0, kv_rows)
+        if adapter.qkv_proj:  # fused rows [q heads | k heads | v heads]
+            add(p + f"{adapter.qkv_proj}.weight", 0, _fused_qkv_rows(config, q_rows, kv_rows))
+            add(p + f"{adapter.qkv_proj}.bias", 0, _fused_qkv_rows(config, q_rows, kv_rows))
+        else:
+            for name in (adapter.k_proj, adapter.v_proj):
+                add(p + f"{name}.weight", 0, kv_rows)
+                add(p + f"{name}.bias", 0, kv_rows)
+            add(p + f"{adapter.q_proj}.weight", 0, q_rows)
+            add(p + f"{adapter.q_proj}.bias", 0, q_rows)
         mlp = plan.mlp.get(l)
         for norm in adapter.layer_norms:
             add(p + f"{norm}.weight", 0, hidden)
             add(p + f"{norm}.bias", 0, hidden)
-        add(p + f"{adapter.q_proj}.weight", 0, q_rows)
-        add(p + f"{adapter.q_proj}.bias", 0, q_rows)
         add(p + f"{adapter.o_proj}.weight", 1, q_rows)
+        if mlp is not None and adapter.gate_up_proj:  # fused rows [gate | up]
+            mlp_rows = torch.cat([mlp, mlp + config.intermediate_size])
+        else:
+            mlp_rows = mlp
         for name in adapter.mlp_in:
-            add(p + f"{name}.weight", 0, mlp)
-            add(p + f"{name}.bias", 0, mlp)
+            add(p + f"{name}.weight", 0, mlp_rows)
+            add(p + f"{name}.bias", 0, mlp_rows)
         add(p + f"{adapter.down_proj}.weight", 1, mlp)
         for name in adapter.hidden_in:
             add(p + f"{name}.weight", 1, hidden)
@@ -108,6 +116,57 @@ def _weight_ops(adapter: FamilyAdapter, config, plan: PrunePlan) -> dict[str, li
             add(p + f"{name}.weight", 0, hidden)
             add(p + f"{name}.bias", 0, hidden)
     return ops
+
+
+def _fused_qkv_rows(config, q_rows: torch.Tensor | None, kv_rows: torch.Tensor | None) -> torch.Tensor | None:
+    """Kept rows of a fused (q | k | v) projection: query heads in the q part, KV groups in k and v."""
+    if q_rows is None and kv_rows is None:
+        return None
+    head_dim = head_dim_of(config)
+    nq, nkv = config.num_attention_heads * head_dim, kv_heads_of(config) * head_dim
+    q = q_rows if q_rows is not None else torch.arange(nq)
+    kv = kv_rows if kv_rows is not None else torch.arange(nkv)
+    return torch.cat([q, nq + kv, nq + nkv + kv])
+
+
+def _scalar_edits(model: nn.Module, adapter: FamilyAdapter, plan: PrunePlan) -> dict[str, tuple[float, float]]:
+    """State-dict key (original names) -> ``(factor, offset)``: the weight becomes ``(w + offset) * factor - offset``.
+
+    * RMSNorm rescales (``plan.norm_scale``); a ``(1 + weight)`` norm (Gemma) scales ``1 + w``.
+    * Embeddings multiplied by ``sqrt(config.hidden_size)`` at forward time (Gemma): the pruned model
+      multiplies by ``sqrt(K)`` instead of ``sqrt(D)``, so the kept embedding rows are scaled by
+      ``c = sqrt(D / K)`` and the stream keeps its original per-channel values; with tied embeddings
+      the lm_head is scaled by ``c`` too, which the final norm undoes (factor ``1 / c``).
+
+    Every edit is a scalar, so it commutes with the gathers.
+    """
+    edits: dict[str, tuple[float, float]] = {
+        _norm_key(adapter, site): (factor, adapter.norm_offset) for site, factor in plan.norm_scale.items()}
+    if adapter.embed_scaled and plan.hidden is not None and plan.hidden.numel() < model.config.hidden_size:
+        c = (model.config.hidden_size / plan.hidden.numel()) ** 0.5
+        edits[f"{adapter.embed}.weight"] = (c, 0.0)
+        if tied_embeddings(model):
+            key = f"{adapter.final_norm}.weight"
+            factor, _ = edits.get(key, (1.0, adapter.norm_offset))
+            edits[key] = (factor / c, adapter.norm_offset)
+    return edits
+
+
+def _edit(tensor: torch.Tensor, factor: float, offset: float, inplace: bool) -> torch.Tensor:
+    if not inplace:
+        tensor = tensor.clone()
+    if offset:
+        return tensor.add_(offset).mul_(factor).sub_(offset)
+    return tensor.mul_(factor)
+
+
+def _reset_embed_scale(model: nn.Module, adapter: FamilyAdapter) -> None:
+    """Set a scaled embedding's ``embed_scale`` buffer to ``sqrt(config.hidden_size)`` of the (pruned) config,
+    the value stock ``from_pretrained`` computes (the buffer is not saved)."""
+    emb = model.get_submodule(adapter.embed)
+    old = getattr(emb, "embed_scale", None)
+    if adapter.embed_scaled and isinstance(old, torch.Tensor):
+        emb.embed_scale = torch.tensor(model.config.hidden_size ** 0.5, dtype=old.dtype, device=old.device)
 
 
 def pruned_config(config, plan: PrunePlan):
@@ -162,8 +221,18 @@ def apply_plan(model: nn.Module, plan: PrunePlan, inplace: bool = False) -> nn.M
     config = model.config
     ops = _weight_ops(adapter, config, plan)
     if inplace:  # same objects, parameters compacted and re-pointed (minitron/inplace.py)
-        _fold_and_rescale_(model, adapter, plan)
-        return apply_plan_inplace(model, plan, ops, pruned_config(config, plan))
+        edits = _scalar_edits(model, adapter, plan)
+        layer_prefix = adapter.layers + "."
+        _fold_and_rescale_(model, adapter, plan, {k: v for k, v in edits.items() if k.startswith(layer_prefix)})
+        model = apply_plan_inplace(model, plan, ops, pruned_config(config, plan))
+        # embedding / final norm: scaled after compaction, so only the kept columns are written (a
+        # memory-mapped embedding is never dirtied in full)
+        params = dict(model.named_parameters())
+        for key, (factor, offset) in edits.items():
+            if not key.startswith(layer_prefix):
+                _edit(params[key].data, factor, offset, inplace=True)
+        _reset_embed_scale(model, adapter)
+        return model
     tied = tied_embeddings(model)
     state = model.state_dict()
     if tied:
@@ -171,7 +240,7 @@ def apply_plan(model: nn.Module, plan: PrunePlan, inplace: bool = False) -> nn.M
     kept = plan.layers.tolist() if plan.layers is not None else list(range(config.num_hidden_layers))
     renumber = {old: new for new, old in enumerate(kept)}
     layer_prefix = adapter.layers + "."
-    scales = {_norm_key(adapter, site): factor for site, factor in plan.norm_scale.items()}
+    scales = _scalar_edits(model, adapter, plan)
     head_dim = head_dim_of(config)
     group = config.num_attention_heads // kv_heads_of(config)
     folds = {f"{layer_prefix}{l}.{adapter.o_proj}.weight": keep for l, keep in plan.heads.items()} \
@@ -194,7 +263,7 @@ def apply_plan(model: nn.Module, plan: PrunePlan, inplace: bool = False) -> nn.M
         elif not inplace:
             tensor = tensor.clone()
         if key in scales:
-            tensor = tensor.mul_(scales[key]) if inplace else tensor * scales[key]
+            tensor = _edit(tensor, *scales[key], inplace=True)  # tensor is already this prune's own copy
         new_state[new_key] = tensor
 
     new_config = pruned_config(config, plan)
@@ -207,15 +276,18 @@ def apply_plan(model: nn.Module, plan: PrunePlan, inplace: bool = False) -> nn.M
     if tied:
         new_model.get_output_embeddings().weight = new_model.get_input_embeddings().weight
     _copy_buffers(model, new_model, renumber, layer_prefix, clone=not inplace)
+    _reset_embed_scale(new_model, adapter)
     new_model.generation_config = copy.deepcopy(model.generation_config)
     new_model.train(model.training)
     return new_model
 
 
 @torch.no_grad()
-def _fold_and_rescale_(model: nn.Module, adapter: FamilyAdapter, plan: PrunePlan) -> None:
+def _fold_and_rescale_(model: nn.Module, adapter: FamilyAdapter, plan: PrunePlan,
+                       edits: dict[str, tuple[float, float]]) -> None:
     """The in-place path's weight edits before compaction: head-residual folds into ``o_proj`` and the
-    (scalar) RMSNorm rescales, written into the model's own tensors (the copy path makes new ones)."""
+    (scalar) edits of the layers' norms (:func:`_scalar_edits`, original layer numbers), written into
+    the model's own tensors (the copy path makes new ones)."""
     params = dict(model.named_parameters())
     config = model.config
     if plan.head_residual:
@@ -223,8 +295,8 @@ def _fold_and_rescale_(model: nn.Module, adapter: FamilyAdapter, plan: PrunePlan
         for l, keep in plan.heads.items():
             w = params[f"{adapter.layers}.{l}.{adapter.o_proj}.weight"]
             w.copy_(fold_dropped_heads(w, keep, group, head_dim_of(config)))
-    for site, factor in plan.norm_scale.items():
-        params[_norm_key(adapter, site)].mul_(factor)  # a scalar: the same before or after the gather
+    for key, (factor, offset) in edits.items():
+        _edit(params[key].data, factor, offset, inplace=True)  # a scalar: the same before or after the gather
 
 
 def _copy_buffers(old: nn.Module, new: nn.Module, renumber: dict[int, int], layer_prefix: str, clone: bool) -> None:

@@ -128,6 +128,14 @@ class Target:
                     f"which {type(config).__name__} requires; use a multiple of {t.num_attention_heads} "
                     f"(nearest: {', '.join(map(str, ok))})"
                 ) from err
+            if "short_factor" in str(err) or "long_factor" in str(err):  # Phi-3 longrope
+                hd = head_dim_of(config)
+                raise ValueError(
+                    f"{type(config).__name__} checks its longrope factors against hidden_size / num_attention_heads, "
+                    f"so the pruned model must keep hidden_size = num_attention_heads * head_dim ({hd}): "
+                    f"{t.hidden_size} != {t.num_attention_heads} * {hd}; prune both together, e.g. "
+                    f"hidden_size={t.num_attention_heads * hd} with num_attention_heads={t.num_attention_heads}"
+                ) from err
             raise ValueError(f"the pruned config is rejected by {type(config).__name__}: {err}") from err
 
 
