@@ -95,11 +95,13 @@ def masked_plan(model: nn.Module, plan) -> Iterator[nn.Module]:
     kept = int(plan.hidden.numel()) if plan.hidden is not None else config.hidden_size
     handles = []
 
+    # without autograd the fresh projection outputs / inputs are masked in place (no second copy of
+    # the activation alive at once); with it, out of place
     def mask_output(mask: torch.Tensor):
-        return lambda module, args, out: out * mask
+        return lambda module, args, out: out * mask if torch.is_grad_enabled() else out.mul_(mask)
 
     def mask_input(mask: torch.Tensor):
-        return lambda module, args: (args[0] * mask, *args[1:])
+        return lambda module, args: ((args[0] * mask if torch.is_grad_enabled() else args[0].mul_(mask)), *args[1:])
 
     def norm_hook(mask: torch.Tensor, scale: float):
         return lambda module, args, out: _norm_over_kept(module, args[0], mask, kept, scale, adapter.norm_offset)

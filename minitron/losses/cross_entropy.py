@@ -96,6 +96,20 @@ def linear_cross_entropy_sum(
     return total
 
 
+def _page_releaser(weight: torch.Tensor):
+    """``release_pages_`` for a large memory-mapped CPU ``weight`` (stock ``from_pretrained``), else None.
+
+    Reading every row of a mapped lm_head (the tied embedding) makes the whole file range resident,
+    up to ~0.2x a small model's bytes on top of its peak; its clean pages can be dropped once read
+    (later reads fault them back in from the page cache).
+    """
+    if weight.device.type != "cpu" or weight.numel() * weight.element_size() < 8 << 20 or not weight.is_contiguous():
+        return None
+    from ..ops.mapped import file_mapping, release_pages_
+
+    return release_pages_ if file_mapping(weight) is not None else None
+
+
 def cross_entropy_sum_vocab_tiled(
     hidden: torch.Tensor,  # (N, H)
     weight: torch.Tensor,  # (V, H)
@@ -130,6 +144,7 @@ def cross_entropy_sum_vocab_tiled(
     """
     total = hidden.new_zeros((), dtype=torch.float32)
     vocab = weight.shape[0]
+    release = _page_releaser(weight)
     with torch.no_grad():
         for i in range(0, hidden.shape[0], max_tokens):
             h = hidden[i : i + max_tokens].float()  # (n, H)
@@ -146,6 +161,8 @@ def cross_entropy_sum_vocab_tiled(
                     logits += bias[v0 : v0 + rows].float()
                 if softcap:
                     logits = torch.tanh(logits / softcap) * softcap
+                if release is not None:  # this slice of a memory-mapped lm_head is done: drop its pages
+                    release(weight[v0 : v0 + rows])
                 lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=-1))
                 here = (y_safe >= v0) & (y_safe < v0 + logits.shape[1])
                 if here.any():
