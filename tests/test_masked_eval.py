@@ -108,3 +108,33 @@ def test_vocab_tiled_cross_entropy_equals_full_logits(dtype, tile_bytes, max_tok
     ref = F.cross_entropy(h.float() @ w.float().t() + b.float(), y, ignore_index=-100, reduction="sum")
     got = cross_entropy_sum_vocab_tiled(h, w, y, b, tile_bytes=tile_bytes, max_tokens=max_tokens)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
+
+
+def test_lm_loss_of_a_memory_mapped_checkpoint_drops_lm_head_pages(tmp_path):
+    """Evaluation of a stock-loaded (memory-mapped) checkpoint: the same loss as full logits, and the
+    lm_head's file pages are not left resident (they would sit on top of prune()'s peak)."""
+    import sys
+
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from minitron.ops import mapped
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("memory maps via /proc (Linux)")
+    config = LlamaConfig(vocab_size=8300, hidden_size=256, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "ckpt")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").eval()
+    weight = model.get_output_embeddings().weight  # (8300, 256) fp32 = 8.1 MiB, tied to the embedding
+    if mapped.file_mapping(weight) is None:
+        pytest.skip("transformers did not memory-map this checkpoint")
+    ids = torch.randint(0, config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(ids).logits  # (2, 16, V): reads every row
+        expected = F.cross_entropy(logits[:, :-1].reshape(-1, config.vocab_size), ids[:, 1:].reshape(-1))
+    assert mapped.resident_bytes(weight) > weight.numel() * weight.element_size() // 2
+    assert lm_loss(model, ids, batch_size=2) == pytest.approx(float(expected), rel=1e-5)
+    assert 0 <= mapped.resident_bytes(weight) < weight.numel() * weight.element_size() // 4
