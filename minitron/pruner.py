@@ -183,8 +183,10 @@ def prune(
         else:  # measured: every candidate shape prunes hidden and FFN only, so no loss-based scores are needed
             scores = scores or collect_importance(model, blocks, importance or ImportanceConfig(), progress=progress)
             # candidates are scored on the model itself (masked): no pruned copy raises the peak
+            # scored 2 blocks per forward: the candidates' activations stay small next to the model
+            # (calibration has just released its own), so the call's peak stays near the model's bytes
             target, _ = choose_budget_target(model, params, scores, blocks[:budget_blocks], plan_options=options,
-                                             batch_size=(importance or ImportanceConfig()).batch_size)
+                                             batch_size=min(2, (importance or ImportanceConfig()).batch_size))
         target.validate(model.config, divisors)
 
     if method == "random":
