@@ -79,12 +79,10 @@ def _all_finite(t: torch.Tensor, chunk: int = 1 << 20) -> bool:
     slices of a large memory-mapped weight (a stock ``from_pretrained`` checkpoint) have their file
     pages dropped again once checked, so the check does not leave the whole file resident (clean
     pages: later reads fault them back in from the page cache)."""
-    flat = t.reshape(-1)
-    release = None
-    if t.device.type == "cpu" and t.numel() * t.element_size() >= 8 << 20:
-        from .ops.mapped import file_mapping, release_pages_
+    from .ops.mapped import page_releaser
 
-        release = release_pages_ if file_mapping(t) is not None and flat.is_contiguous() else None
+    flat = t.reshape(-1)
+    release = page_releaser(t)
     for i in range(0, flat.numel(), chunk):
         part = flat[i : i + chunk]
         if not bool(torch.isfinite(part).all()):

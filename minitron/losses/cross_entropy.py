@@ -96,20 +96,6 @@ def linear_cross_entropy_sum(
     return total
 
 
-def _page_releaser(weight: torch.Tensor):
-    """``release_pages_`` for a large memory-mapped CPU ``weight`` (stock ``from_pretrained``), else None.
-
-    Reading every row of a mapped lm_head (the tied embedding) makes the whole file range resident,
-    up to ~0.2x a small model's bytes on top of its peak; its clean pages can be dropped once read
-    (later reads fault them back in from the page cache).
-    """
-    if weight.device.type != "cpu" or weight.numel() * weight.element_size() < 8 << 20 or not weight.is_contiguous():
-        return None
-    from ..ops.mapped import file_mapping, release_pages_
-
-    return release_pages_ if file_mapping(weight) is not None else None
-
-
 def cross_entropy_sum_vocab_tiled(
     hidden: torch.Tensor,  # (N, H)
     weight: torch.Tensor,  # (V, H)
@@ -144,7 +130,11 @@ def cross_entropy_sum_vocab_tiled(
     """
     total = hidden.new_zeros((), dtype=torch.float32)
     vocab = weight.shape[0]
-    release = _page_releaser(weight)
+    # reading every row of a memory-mapped lm_head (the tied embedding) would leave the whole file
+    # range resident on top of the model's peak: drop each slice's clean pages once read
+    from ..ops.mapped import page_releaser
+
+    release = page_releaser(weight)
     with torch.no_grad():
         for i in range(0, hidden.shape[0], max_tokens):
             h = hidden[i : i + max_tokens].float()  # (n, H)

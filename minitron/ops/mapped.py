@@ -32,7 +32,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["Mapping", "file_mapping", "gather_release", "release_pages_", "resident_bytes"]
+__all__ = ["Mapping", "file_mapping", "gather_release", "page_releaser", "release_pages_", "resident_bytes"]
 
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _MADV_DONTNEED = 4
@@ -174,6 +174,18 @@ def release_pages_(tensor: torch.Tensor) -> int:
     if mapping is None or not tensor.is_contiguous():
         return 0
     return _release_range(mapping, *_storage_range(tensor))
+
+
+def page_releaser(tensor: torch.Tensor, min_bytes: int = 8 << 20):
+    """:func:`release_pages_` if ``tensor`` is a contiguous, memory-mapped CPU tensor of at least
+    ``min_bytes`` (worth dropping slices of once read), else ``None``.
+
+    Example:
+        >>> release = page_releaser(model.get_output_embeddings().weight)  # None for weights in RAM
+    """
+    if tensor.device.type != "cpu" or tensor.numel() * tensor.element_size() < min_bytes or not tensor.is_contiguous():
+        return None
+    return release_pages_ if file_mapping(tensor) is not None else None
 
 
 def resident_bytes(tensor: torch.Tensor) -> int:
