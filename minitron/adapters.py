@@ -12,8 +12,10 @@ RMSNorms per layer, ``(1 + weight)`` RMSNorm, embeddings scaled by ``sqrt(hidden
 attention / final-logit soft-capping, sliding-window ``layer_types``) and Phi-3 (fused
 ``qkv_proj`` and ``gate_up_proj``, partial rotary).
 
-Mixture-of-experts models (Mixtral, Qwen2-MoE, Qwen3-MoE) are refused: their MLP is a router
-plus per-expert weights, which need per-expert neuron importance and gathers.
+Mixture-of-experts families (Mixtral, Qwen2-MoE with its shared expert, Qwen3-MoE) add a
+:class:`MoESpec`: in a sparse layer the MLP is a router ``(E, D)`` plus experts stored as fused
+3-D tensors ``gate_up_proj (E, 2F, D)`` and ``down_proj (E, D, F)`` (transformers >= 5); Qwen
+MoE models may keep dense MLP layers (``mlp_only_layers`` / ``decoder_sparse_step``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from torch import nn
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    """Where the mixture-of-experts parts of a sparse decoder layer live (paths from the layer).
+
+    ``router`` is a module whose ``weight`` is (E, D); ``experts`` holds ``gate_up_proj`` (E, 2F, D)
+    (rows ``[gate | up]`` per expert) and ``down_proj`` (E, D, F). ``shared_expert`` (Qwen2-MoE) is a
+    dense gated MLP added to every token, scaled by ``sigmoid(shared_gate(x))``.
+    """
+
+    cfg_experts: str  # config field of the expert count
+    cfg_expert_ffn: str  # config field of each expert's FFN width
+    router: str = "mlp.gate"
+    experts: str = "mlp.experts"
+    shared_expert: str | None = None
+    shared_gate: str | None = None
+    cfg_shared_ffn: str | None = None
 
 
 @dataclass(frozen=True)
@@ -52,6 +72,8 @@ class FamilyAdapter:
     norm_offset: float = 0.0
     # the embedding output is multiplied by sqrt(config.hidden_size) (Gemma's ``embed_scale``)
     embed_scaled: bool = False
+    # mixture of experts (None: every layer has a dense MLP)
+    moe: MoESpec | None = None
 
     # config field names (shared by all families supported today)
     cfg_hidden: str = "hidden_size"
@@ -96,7 +118,15 @@ GEMMA = FamilyAdapter(
 )
 PHI3 = FamilyAdapter(name="phi3", model_types=("phi3",), qkv_proj="self_attn.qkv_proj", gate_up_proj="mlp.gate_up_proj")
 
-ADAPTERS: tuple[FamilyAdapter, ...] = (LLAMA, STARCODER2, GEMMA, PHI3)
+MIXTRAL = FamilyAdapter(name="mixtral", model_types=("mixtral",),
+                        moe=MoESpec(cfg_experts="num_local_experts", cfg_expert_ffn="intermediate_size"))
+QWEN2_MOE = FamilyAdapter(name="qwen2_moe", model_types=("qwen2_moe",), moe=MoESpec(
+    cfg_experts="num_experts", cfg_expert_ffn="moe_intermediate_size", shared_expert="mlp.shared_expert",
+    shared_gate="mlp.shared_expert_gate", cfg_shared_ffn="shared_expert_intermediate_size"))
+QWEN3_MOE = FamilyAdapter(name="qwen3_moe", model_types=("qwen3_moe",),
+                          moe=MoESpec(cfg_experts="num_experts", cfg_expert_ffn="moe_intermediate_size"))
+
+ADAPTERS: tuple[FamilyAdapter, ...] = (LLAMA, STARCODER2, GEMMA, PHI3, MIXTRAL, QWEN2_MOE, QWEN3_MOE)
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(t for a in ADAPTERS for t in a.model_types)
 
 
@@ -118,13 +148,52 @@ def get_adapter(model: nn.Module) -> FamilyAdapter:
     model_type = getattr(config, "model_type", None)
     for adapter in ADAPTERS:
         if model_type in adapter.model_types:
-            if getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None):
-                break
             return adapter
     raise ValueError(
         f"unsupported architecture: model_type={model_type!r} ({type(model).__name__}); "
-        f"minitron supports dense causal LMs of model_type {', '.join(SUPPORTED_MODEL_TYPES)}"
+        f"minitron supports causal LMs of model_type {', '.join(SUPPORTED_MODEL_TYPES)}"
     )
+
+
+def adapter_for_config(config) -> FamilyAdapter | None:
+    """The adapter of ``config.model_type`` (None when unsupported)."""
+    return next((a for a in ADAPTERS if getattr(config, "model_type", None) in a.model_types), None)
+
+
+def moe_spec_of(config) -> MoESpec | None:
+    """The :class:`MoESpec` of a mixture-of-experts config, None for dense families."""
+    adapter = adapter_for_config(config)
+    return adapter.moe if adapter is not None else None
+
+
+def moe_sizes(config) -> dict[str, int | None]:
+    """``num_experts``, ``expert_intermediate_size``, ``shared_expert_intermediate_size`` of ``config``
+    under minitron's names (``None``: no such axis, e.g. a dense model)."""
+    spec = moe_spec_of(config)
+    return {
+        "num_experts": getattr(config, spec.cfg_experts) if spec else None,
+        "expert_intermediate_size": getattr(config, spec.cfg_expert_ffn) if spec else None,
+        "shared_expert_intermediate_size": getattr(config, spec.cfg_shared_ffn) if spec and spec.cfg_shared_ffn else None,
+    }
+
+
+def sparse_layers(config) -> list[bool]:
+    """Per decoder layer: True where the MLP is a sparse MoE block (the rule the MoE families build with).
+
+    Mixtral: every layer. Qwen2/3-MoE: layer ``l`` unless ``l in mlp_only_layers`` or
+    ``(l + 1) % decoder_sparse_step != 0``. Dense families: all False.
+
+    Example:
+        >>> sparse_layers(Qwen2MoeConfig(num_hidden_layers=4, mlp_only_layers=[1]))
+        [True, False, True, True]
+    """
+    n = config.num_hidden_layers
+    spec = moe_spec_of(config)
+    if spec is None or not getattr(config, spec.cfg_experts, 0):
+        return [False] * n
+    dense = set(getattr(config, "mlp_only_layers", None) or [])
+    step = getattr(config, "decoder_sparse_step", 1) or 1
+    return [l not in dense and (l + 1) % step == 0 for l in range(n)]
 
 
 def decoder_layers(model: nn.Module, adapter: FamilyAdapter) -> nn.ModuleList:

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .adapters import decoder_layers, get_adapter
-from .ops.gather import compact_
+from .ops.expert_gather import compact_any_
 from .ops.mapped import release_pages_
 
 _SCALARS = (int, float, bool, str, type(None))
@@ -97,7 +97,7 @@ def apply_plan_inplace(model: nn.Module, plan, weight_ops: dict, new_config) -> 
         if param is None:  # absent bias, or the tied lm_head
             continue
         for dim, index in steps:
-            param.data = compact_(param, dim, index.to(param.device))  # copy fallback returns a new tensor
+            param.data = compact_any_(param.data if param.dim() == 3 else param, dim, index.to(param.device))
 
     # 2. depth: keep the chosen layers in order, renumbered; drop the file pages of the others
     if len(kept) < n_layers:

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..adapters import decoder_layers, get_adapter, head_dim_of, kv_heads_of
+from ..adapters import decoder_layers, get_adapter, head_dim_of, kv_heads_of, moe_sizes, moe_spec_of
 from ..evaluation import head_drop_losses, layer_drop_losses, layer_output, lm_loss
 from ..validate import check_token_ids
 from .aggregate import check_aggregation, finalize
@@ -145,6 +145,18 @@ class ImportanceScores:
         per_channel = torch.stack([self.site_scores(f"attn.{l}", batch_agg) for l in range(self.num_layers)])
         return per_channel.view(self.num_layers, n_heads, head_dim).norm(dim=-1)
 
+    def experts(self, layer: int, batch_agg: str | None = None) -> torch.Tensor:
+        """Expert scores (E,) of a sparse layer: the norm of each expert's routed contribution to the
+        residual stream, ``w_e(t) * ||expert_e(x_t)||`` (0 for tokens not routed to it), aggregated over
+        tokens and samples like every activation site."""
+        return self.site_scores(f"expert_out.{layer}", batch_agg)
+
+    def expert_mlp(self, layer: int, batch_agg: str | None = None) -> torch.Tensor:
+        """Per-expert neuron scores (E, F) of a sparse layer: each expert's down-projection input on the
+        tokens routed to it, times the token's routing weight (0 elsewhere)."""
+        n_experts = int(self.meta["num_experts"])
+        return self.site_scores(f"expert_mlp.{layer}", batch_agg).view(n_experts, -1)
+
     def hidden(self, batch_agg: str | None = None) -> torch.Tensor:
         """Embedding-channel scores (D,): sum over all norm sites of the per-site scores."""
         sites = [s for s in self.sums if s.startswith("norm.")]
@@ -228,11 +240,14 @@ class ImportanceScores:
 
 def model_shape_meta(model: nn.Module) -> dict:
     c = model.config
-    return {
+    meta = {
         "model_type": c.model_type, "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
         "num_attention_heads": c.num_attention_heads, "num_key_value_heads": kv_heads_of(c),
         "num_hidden_layers": c.num_hidden_layers, "head_dim": head_dim_of(c),
     }
+    if moe_spec_of(c) is not None:
+        meta.update(moe_sizes(c))
+    return meta
 
 
 def _layer_io(args: tuple, kwargs: dict, output) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,6 +6,10 @@ the decoder and runs it batch by batch. Sites (METHOD.md section 1):
 - ``mlp.{l}``: the input of ``down_proj`` (B, S, f);
 - ``attn.{l}``: the input of ``o_proj`` (B, S, n_heads * head_dim);
 - ``norm.{l}.{k}`` / ``norm.final``: the output of every norm feeding a block, and the final norm (B, S, D);
+- mixture-of-experts layers: ``expert_mlp.{l}`` (E * F) each expert's down-projection input times the
+  routing weight, ``expert_out.{l}`` (E) the norm of each expert's weighted output, both 0 for tokens
+  not routed to the expert (:mod:`minitron.importance.experts`), and ``shared_mlp.{l}`` the shared
+  expert's down-projection input;
 - Block Importance: the row-wise cosine between each decoder layer's input and output.
 
 Cost (why the hooked pass stays close to a plain one). The statistic of a site is a reduction
@@ -36,13 +40,15 @@ On CUDA with Triton the per-site updates go to the fused kernels of
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
-from ..adapters import FamilyAdapter, decoder_layers
+from ..adapters import FamilyAdapter, decoder_layers, sparse_layers
+from .experts import routed_experts_forward
 from .aggregate import ACCUMULATE, accumulate_, block_importance_update_, check_aggregation
 
 CHUNK_BYTES = 1 << 20  # scratch per element-wise step: fits a typical L2 cache
@@ -174,10 +180,25 @@ class CalibrationHooks:
         self._transforms: dict[str, Callable] = {}
         hidden = model.config.hidden_size
         dims: dict[str, int] = {}
+        sparse = sparse_layers(model.config)
+        self._experts: list[tuple[int, nn.Module]] = []  # (layer, experts module) of the sparse layers
         for l, layer in enumerate(self.layers):
-            down, o_proj = layer.get_submodule(adapter.down_proj), layer.get_submodule(adapter.o_proj)
-            self._targets += [(f"mlp.{l}", down, True), (f"attn.{l}", o_proj, True)]
-            dims[f"mlp.{l}"], dims[f"attn.{l}"] = down.in_features, o_proj.in_features
+            o_proj = layer.get_submodule(adapter.o_proj)
+            if sparse[l]:  # routed experts: statistics from their forward (importance/experts.py)
+                experts = layer.get_submodule(adapter.moe.experts)
+                n_experts, ffn = experts.gate_up_proj.shape[0], experts.down_proj.shape[-1]
+                dims[f"expert_mlp.{l}"], dims[f"expert_out.{l}"] = n_experts * ffn, n_experts
+                self._experts.append((l, experts))
+                if adapter.moe.shared_expert:
+                    shared_down = layer.get_submodule(f"{adapter.moe.shared_expert}.down_proj")
+                    self._targets.append((f"shared_mlp.{l}", shared_down, True))
+                    dims[f"shared_mlp.{l}"] = shared_down.in_features
+            else:
+                down = layer.get_submodule(adapter.down_proj)
+                self._targets.append((f"mlp.{l}", down, True))
+                dims[f"mlp.{l}"] = down.in_features
+            self._targets.append((f"attn.{l}", o_proj, True))
+            dims[f"attn.{l}"] = o_proj.in_features
             for k, norm_name in enumerate(adapter.layer_norms):
                 self._targets.append((f"norm.{l}.{k}", layer.get_submodule(norm_name), False))
                 dims[f"norm.{l}.{k}"] = hidden
@@ -189,7 +210,7 @@ class CalibrationHooks:
             self._transforms[name] = fn
         # all sites' running sums live in two fused fp32 vectors; site s owns [offset, offset + dim)
         self.offsets, total = {}, 0
-        for site, _, _ in self._targets:
+        for site in dims:
             self.offsets[site] = (total, dims[site])
             total += dims[site]
         self.sum_x = torch.zeros(total, dtype=torch.float32, device=self.device)
@@ -269,7 +290,49 @@ class CalibrationHooks:
         cos.div_(n_in.clamp_min(EPS).mul_(n_out.clamp_min(EPS)))
         self.bi_cos_sum[index] += cos.sum()
 
+    def _expert_forward(self, layer: int, experts: nn.Module, hidden_states: torch.Tensor,
+                        top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        """A sparse layer's experts forward, accumulating per-sample routed statistics (mean / l2 over the
+        sequence like every site; tokens not routed to an expert count as 0 for it)."""
+        mlp_site, out_site = f"expert_mlp.{layer}", f"expert_out.{layer}"
+        if mlp_site in self._fired:
+            self.end_batch()  # the module ran twice in one batch: fold what we have
+        if self._x is None or self._batch_size * (self._seq_len + self.sink) != hidden_states.shape[0]:
+            raise RuntimeError("CalibrationHooks: a sparse layer ran before begin_batch() sized the batch")
+        batch, seq = self._batch_size, self._seq_len + self.sink  # tokens per sample, sink included
+        (mlp_off, mlp_dim), (out_off, n_experts) = self.offsets[mlp_site], self.offsets[out_site]
+        ffn = mlp_dim // n_experts
+        x = self._x[:batch]
+        x[:, mlp_off : mlp_off + mlp_dim].zero_()
+        x[:, out_off : out_off + n_experts].zero_()
+        for site in (mlp_site, out_site):
+            self._fired.add(site)
+            self.counts[site] += batch
+        squared = self.seq_agg == "l2"
+
+        def on_expert(e: int, token_idx: torch.Tensor, weight: torch.Tensor, act: torch.Tensor,
+                      out: torch.Tensor) -> None:
+            sample, pos = token_idx // seq, token_idx % seq
+            if self.sink:
+                kept = pos >= self.sink
+                sample, weight, act, out = sample[kept], weight[kept], act[kept], out[kept]
+            w = weight.detach().float()[:, None]
+            neurons = act.detach().float().mul_(w)  # (n, F): routed contribution of each neuron
+            neurons = neurons.square_() if squared else neurons.abs_()
+            x[:, mlp_off + e * ffn : mlp_off + (e + 1) * ffn].index_add_(0, sample, neurons)
+            norm = torch.linalg.vector_norm(out.detach().float(), dim=-1).mul_(w[:, 0])  # (n,)
+            x[:, out_off + e].index_add_(0, sample, norm.square_() if squared else norm)
+
+        return routed_experts_forward(experts, hidden_states, top_k_index, top_k_weights, on_expert)
+
     def __enter__(self) -> "CalibrationHooks":
+        if self._experts and self.seq_agg == "var":
+            raise ValueError("seq_agg='var' is not available for mixture-of-experts models (routed experts see a "
+                             "varying subset of each sequence); use seq_agg='mean' or 'l2'")
+        self._saved_forwards = []
+        for l, experts in self._experts:  # an instance attribute shadows the class forward until __exit__
+            self._saved_forwards.append((experts, experts.__dict__.get("forward")))
+            experts.forward = functools.partial(self._expert_forward, l, experts)
         for site, module, reads_input in self._targets:
             if reads_input:
                 hook = lambda m, args, site=site: self._site(site, self._trim(site, m, args[0]))  # noqa: E731
@@ -294,6 +357,12 @@ class CalibrationHooks:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for experts, saved in getattr(self, "_saved_forwards", []):
+            if saved is None:
+                experts.__dict__.pop("forward", None)
+            else:
+                experts.forward = saved
+        self._saved_forwards = []
         self._norm_cache = None
 
     # -- per batch -----------------------------------------------------------------------------

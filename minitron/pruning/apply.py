@@ -16,9 +16,9 @@ import copy
 import torch
 from torch import nn
 
-from ..adapters import FamilyAdapter, get_adapter, head_dim_of, kv_heads_of
+from ..adapters import FamilyAdapter, get_adapter, head_dim_of, kv_heads_of, moe_sizes, sparse_layers
 from ..inplace import apply_plan_inplace
-from ..ops.gather import compact_
+from ..ops.expert_gather import compact_any_, select_any
 from .plan import PrunePlan
 
 __all__ = ["apply_plan", "fold_dropped_heads", "pruned_config", "tied_embeddings"]
@@ -84,6 +84,7 @@ def _weight_ops(adapter: FamilyAdapter, config, plan: PrunePlan) -> dict[str, li
         add(f"{adapter.final_norm}.{suffix}", 0, hidden)
     head_dim = head_dim_of(config)
     layer_ids = plan.layers.tolist() if plan.layers is not None else range(config.num_hidden_layers)
+    sparse = sparse_layers(config)
     for l in layer_ids:
         p = f"{adapter.layers}.{l}."
         q_rows = _head_rows(plan.heads[l], head_dim) if l in plan.heads else None
@@ -115,7 +116,38 @@ def _weight_ops(adapter: FamilyAdapter, config, plan: PrunePlan) -> dict[str, li
         for name in adapter.hidden_out:
             add(p + f"{name}.weight", 0, hidden)
             add(p + f"{name}.bias", 0, hidden)
+        if sparse[l]:
+            _expert_ops(add, p, adapter, config, plan, l)
     return ops
+
+
+def _expert_ops(add, prefix: str, adapter: FamilyAdapter, config, plan: PrunePlan, layer: int) -> None:
+    """The gathers of one sparse (MoE) layer: router rows, the 3-D expert tensors, the shared expert.
+
+    Experts (dim 0) are gathered first, so each kept expert's own neuron indices (``plan.expert_mlp``,
+    rows in kept-expert order) apply to the expert-pruned tensor.
+    """
+    moe, hidden = adapter.moe, plan.hidden
+    experts, neurons = plan.experts.get(layer), plan.expert_mlp.get(layer)
+    ffn = moe_sizes(config)["expert_intermediate_size"]
+    add(prefix + f"{moe.router}.weight", 0, experts)  # (E, D): one router row per expert
+    add(prefix + f"{moe.router}.weight", 1, hidden)
+    gate_up, down = prefix + f"{moe.experts}.gate_up_proj", prefix + f"{moe.experts}.down_proj"
+    add(gate_up, 0, experts)  # (E, 2F, D): rows [gate | up] per expert
+    add(gate_up, 1, None if neurons is None else torch.cat([neurons, neurons + ffn], dim=1))
+    add(gate_up, 2, hidden)
+    add(down, 0, experts)  # (E, D, F)
+    add(down, 1, hidden)
+    add(down, 2, neurons)
+    if moe.shared_expert:
+        shared = plan.shared_mlp.get(layer)
+        s = prefix + moe.shared_expert
+        for name in ("gate_proj", "up_proj"):
+            add(f"{s}.{name}.weight", 0, shared)
+            add(f"{s}.{name}.weight", 1, hidden)
+        add(f"{s}.down_proj.weight", 1, shared)
+        add(f"{s}.down_proj.weight", 0, hidden)
+        add(prefix + f"{moe.shared_gate}.weight", 1, hidden)  # (1, D)
 
 
 def _fused_qkv_rows(config, q_rows: torch.Tensor | None, kv_rows: torch.Tensor | None) -> torch.Tensor | None:
@@ -189,9 +221,9 @@ def _gather(tensor: torch.Tensor, steps: list[tuple[int, torch.Tensor]], inplace
     for i, (dim, index) in enumerate(steps):
         index = index.to(tensor.device)
         if i == 0 and not inplace:
-            tensor = tensor.index_select(dim, index)  # first step copies; later steps compact the copy
+            tensor = select_any(tensor, dim, index)  # first step copies; later steps compact the copy
         else:
-            tensor = compact_(tensor, dim, index)
+            tensor = compact_any_(tensor, dim, index)
     return tensor
 
 

@@ -14,7 +14,7 @@ from functools import cached_property
 
 import torch
 
-from ..adapters import kv_heads_of
+from ..adapters import kv_heads_of, moe_spec_of, sparse_layers
 from ..importance.collect import DEFAULT_DEPTH_METRIC, ImportanceScores
 from ..importance.heads import DEFAULT_HEAD_METRIC, check_head_metric
 from ..importance.norms import rescale_factor
@@ -34,7 +34,10 @@ DEFAULT_HEAD_RESIDUAL = True
 class PrunePlan:
     """Sorted keep-indices for every axis (``None`` = axis untouched).
 
-    ``heads[l]`` / ``mlp[l]`` are indexed by the ORIGINAL layer number ``l``.
+    ``heads[l]`` / ``mlp[l]`` are indexed by the ORIGINAL layer number ``l``; ``mlp`` holds the dense
+    MLP layers only. Mixture-of-experts layers: ``experts[l]`` kept expert ids, ``expert_mlp[l]``
+    (experts kept, k) each kept expert's own kept neurons (rows in kept-expert order), ``shared_mlp[l]``
+    the shared expert's kept neurons.
     ``norm_scale[site]`` multiplies the kept weight of a norm site (``norm.{l}.{k}`` with the
     original ``l``, or ``norm.final``). ``head_residual`` folds dropped heads' o_proj columns
     into the kept heads of their KV group.
@@ -47,6 +50,9 @@ class PrunePlan:
     kv_groups: dict[int, torch.Tensor] = field(default_factory=dict)
     norm_scale: dict[str, float] = field(default_factory=dict)
     head_residual: bool = False
+    experts: dict[int, torch.Tensor] = field(default_factory=dict)
+    expert_mlp: dict[int, torch.Tensor] = field(default_factory=dict)
+    shared_mlp: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def target(self, config) -> Target:
         """The architecture this plan prunes ``config`` to.
@@ -66,6 +72,9 @@ class PrunePlan:
             num_attention_heads=first(self.heads),
             num_hidden_layers=None if self.layers is None else int(self.layers.numel()),
             num_key_value_heads=first(self.kv_groups),
+            num_experts=first(self.experts),
+            expert_intermediate_size=int(next(iter(self.expert_mlp.values())).shape[1]) if self.expert_mlp else None,
+            shared_expert_intermediate_size=first(self.shared_mlp),
         )
 
 
@@ -112,9 +121,8 @@ class _ScoreSelector:
         self.scores, self.config, self.batch_agg = scores, config, batch_agg
         self.depth_metric, self.depth_mode, self.head_metric = depth_metric, depth_mode, head_metric
 
-    @cached_property
-    def _mlp(self) -> torch.Tensor:
-        return self.scores.mlp(self.batch_agg)  # (L, f)
+    def _site(self, site: str) -> torch.Tensor:
+        return self.scores.site_scores(site, self.batch_agg)
 
     @cached_property
     def _heads(self) -> torch.Tensor:
@@ -129,7 +137,17 @@ class _ScoreSelector:
         return _top_sorted(self.scores.hidden(self.batch_agg), keep)
 
     def mlp(self, layer: int, keep: int) -> torch.Tensor:
-        return _top_sorted(self._mlp[layer], keep)
+        return _top_sorted(self._site(f"mlp.{layer}"), keep)
+
+    def experts(self, layer: int, keep: int) -> torch.Tensor:
+        return _top_sorted(self.scores.experts(layer, self.batch_agg), keep)
+
+    def expert_mlp(self, layer: int, experts: torch.Tensor, keep: int) -> torch.Tensor:
+        per_expert = self.scores.expert_mlp(layer, self.batch_agg)  # (E, F): each expert ranks its own neurons
+        return torch.stack([_top_sorted(per_expert[e], keep) for e in experts.tolist()])
+
+    def shared_mlp(self, layer: int, keep: int) -> torch.Tensor:
+        return _top_sorted(self._site(f"shared_mlp.{layer}"), keep)
 
     def kv_groups(self, layer: int, keep: int) -> torch.Tensor:
         return _top_sorted(self._heads[layer].norm(dim=-1), keep)  # weakest groups (L2 of their heads) dropped
@@ -157,6 +175,16 @@ class _RandomSelector:
     def mlp(self, layer: int, keep: int) -> torch.Tensor:
         return self._pick(self.config.intermediate_size, keep)
 
+    def experts(self, layer: int, keep: int) -> torch.Tensor:
+        return self._pick(getattr(self.config, moe_spec_of(self.config).cfg_experts), keep)
+
+    def expert_mlp(self, layer: int, experts: torch.Tensor, keep: int) -> torch.Tensor:
+        width = getattr(self.config, moe_spec_of(self.config).cfg_expert_ffn)
+        return torch.stack([self._pick(width, keep) for _ in experts.tolist()])
+
+    def shared_mlp(self, layer: int, keep: int) -> torch.Tensor:
+        return self._pick(getattr(self.config, moe_spec_of(self.config).cfg_shared_ffn), keep)
+
     def kv_groups(self, layer: int, keep: int) -> torch.Tensor:
         return self._pick(kv_heads_of(self.config), keep)
 
@@ -174,8 +202,20 @@ def _build_plan(select: _ScoreSelector | _RandomSelector, target: Target, config
     kept_layers = plan.layers.tolist() if plan.layers is not None else list(range(n_layers))
     if t.hidden_size < config.hidden_size:
         plan.hidden = select.hidden(t.hidden_size)
+    sparse = sparse_layers(config)
+    original = Target().resolved(config)
     if t.intermediate_size < config.intermediate_size:
-        plan.mlp = {l: select.mlp(l, t.intermediate_size) for l in kept_layers}
+        plan.mlp = {l: select.mlp(l, t.intermediate_size) for l in kept_layers if not sparse[l]}
+    moe_layers = [l for l in kept_layers if sparse[l]]
+    for l in moe_layers:  # experts first: each kept expert then keeps its own neurons
+        experts = torch.arange(original.num_experts)
+        if t.num_experts < original.num_experts:
+            experts = plan.experts[l] = select.experts(l, t.num_experts)
+        if t.expert_intermediate_size < original.expert_intermediate_size:
+            plan.expert_mlp[l] = select.expert_mlp(l, experts, t.expert_intermediate_size)
+        if t.shared_expert_intermediate_size is not None and \
+                t.shared_expert_intermediate_size < original.shared_expert_intermediate_size:
+            plan.shared_mlp[l] = select.shared_mlp(l, t.shared_expert_intermediate_size)
     if t.num_attention_heads < config.num_attention_heads:
         kv = kv_heads_of(config)
         group = config.num_attention_heads // kv  # query heads per KV group

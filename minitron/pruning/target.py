@@ -6,7 +6,7 @@ import copy
 from dataclasses import dataclass, fields
 from typing import Sequence
 
-from ..adapters import head_dim_of, kv_heads_of
+from ..adapters import head_dim_of, kv_heads_of, moe_sizes, moe_spec_of, sparse_layers
 
 __all__ = ["Target", "nearest_multiples"]
 
@@ -23,9 +23,16 @@ class Target:
         num_key_value_heads: KV groups kept. Explicit opt-in: the official Minitron recipe
             never prunes K/V (ModelOpt removed it); whole groups are dropped by the L2 of
             their query-head scores, with their query heads.
+        num_experts: experts kept in every sparse (MoE) layer, ranked per layer by their
+            router-weighted output norm; at least ``num_experts_per_tok``.
+        expert_intermediate_size: FFN width of every expert (the same in all experts, as the fused
+            expert tensors require; each expert keeps its own most important neurons). On Mixtral,
+            whose config calls it ``intermediate_size``, either field may be given.
+        shared_expert_intermediate_size: FFN width of the shared expert (Qwen2-MoE).
 
     Example:
         >>> Target(hidden_size=3072, intermediate_size=9216)  # Llama-3.1-Minitron-4B-Width from 8B
+        >>> Target(num_experts=4, expert_intermediate_size=512)  # a mixture-of-experts model
     """
 
     hidden_size: int | None = None
@@ -33,6 +40,9 @@ class Target:
     num_attention_heads: int | None = None
     num_hidden_layers: int | None = None
     num_key_value_heads: int | None = None
+    num_experts: int | None = None
+    expert_intermediate_size: int | None = None
+    shared_expert_intermediate_size: int | None = None
 
     def resolved(self, config) -> "Target":
         """This target with its ``None`` fields filled from ``config``.
@@ -45,10 +55,13 @@ class Target:
             >>> Target(hidden_size=384).resolved(config).num_hidden_layers == config.num_hidden_layers
             True
         """
-        current = {f.name: getattr(config, f.name, None) for f in fields(self)}
-        current["num_key_value_heads"] = kv_heads_of(config)
-        return Target(**{name: value if getattr(self, name) is None else getattr(self, name)
-                         for name, value in current.items()})
+        current = model_sizes(config)
+        own = {f.name: getattr(self, f.name) for f in fields(self)}
+        spec = moe_spec_of(config)
+        if spec is not None and spec.cfg_expert_ffn == "intermediate_size":  # Mixtral: one field, two names
+            own["expert_intermediate_size"] = own["expert_intermediate_size"] or own["intermediate_size"]
+            own["intermediate_size"] = own["expert_intermediate_size"]
+        return Target(**{name: value if own[name] is None else own[name] for name, value in current.items()})
 
     def config_for(self, config, kept_layers: Sequence[int] | None = None):
         """The pruned config: a deep copy of ``config`` with this target's sizes (no validation: see
@@ -67,11 +80,21 @@ class Target:
         t = self.resolved(config)
         new = copy.deepcopy(config)
         new.head_dim = head_dim_of(config)
+        spec = moe_spec_of(config)
+        names = {"num_experts": spec and spec.cfg_experts, "expert_intermediate_size": spec and spec.cfg_expert_ffn,
+                 "shared_expert_intermediate_size": spec and spec.cfg_shared_ffn}
         for f in fields(t):
-            setattr(new, f.name, getattr(t, f.name))
+            value = getattr(t, f.name)
+            if value is not None:
+                setattr(new, names.get(f.name, f.name), value)
+        kept = list(range(t.num_hidden_layers) if kept_layers is None else kept_layers)
         if getattr(config, "layer_types", None) is not None:
-            kept = range(t.num_hidden_layers) if kept_layers is None else kept_layers
             new.layer_types = [config.layer_types[l] for l in kept]
+        if spec is not None and hasattr(config, "mlp_only_layers") and kept != list(range(config.num_hidden_layers)):
+            # depth pruning renumbers layers: name the dense ones explicitly, none implied by the step
+            sparse = sparse_layers(config)
+            new.mlp_only_layers = [i for i, l in enumerate(kept) if not sparse[l]]
+            new.decoder_sparse_step = 1
         return new
 
     def validate(self, config, divisors: dict[str, int] | None = None) -> None:
@@ -91,6 +114,10 @@ class Target:
             value = getattr(self, f.name)
             if value is None:
                 continue
+            if getattr(original, f.name) is None:
+                raise ValueError(f"{f.name}={value!r}: {type(config).__name__} has no such axis "
+                                 f"({'no shared expert' if f.name.startswith('shared') else 'not a mixture-of-experts model'}); "
+                                 "leave it unset")
             current = int(getattr(original, f.name))
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{f.name}={value!r} must be a positive integer (allowed: 1..{current})")
@@ -106,6 +133,17 @@ class Target:
                     f"use a multiple of {div} such as {max(div, value // div * div)}"
                 )
         t = self.resolved(config)
+        if (spec := moe_spec_of(config)) is not None:
+            if spec.cfg_expert_ffn == "intermediate_size" and None not in (self.intermediate_size, self.expert_intermediate_size) \
+                    and self.intermediate_size != self.expert_intermediate_size:
+                raise ValueError(f"intermediate_size={self.intermediate_size} and expert_intermediate_size="
+                                 f"{self.expert_intermediate_size} name the same {type(config).__name__} field (the "
+                                 "experts' FFN width); give one of them")
+            top_k = int(getattr(config, "num_experts_per_tok", 1) or 1)
+            if t.num_experts is not None and t.num_experts < top_k:
+                raise ValueError(f"num_experts={t.num_experts} is fewer than num_experts_per_tok={top_k}: every token "
+                                 f"is routed to {top_k} experts; keep at least {top_k} (allowed: {top_k}.."
+                                 f"{original.num_experts})")
         kv, group = t.num_key_value_heads, config.num_attention_heads // kv_heads_of(config)
         allowed = ", ".join(str(kv * m) for m in range(1, group + 1))
         if t.num_attention_heads % kv:
@@ -137,6 +175,13 @@ class Target:
                     f"hidden_size={t.num_attention_heads * hd} with num_attention_heads={t.num_attention_heads}"
                 ) from err
             raise ValueError(f"the pruned config is rejected by {type(config).__name__}: {err}") from err
+
+
+def model_sizes(config) -> dict[str, int | None]:
+    """Every :class:`Target` field's current value in ``config`` (``None``: the model has no such axis)."""
+    sizes = {f.name: getattr(config, f.name, None) for f in fields(Target)}
+    sizes["num_key_value_heads"] = kv_heads_of(config)
+    return {**sizes, **moe_sizes(config)}
 
 
 def nearest_multiples(value: int, divisor: int, upper: int) -> list[int]:
