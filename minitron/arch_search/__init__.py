@@ -1,6 +1,7 @@
 """Minitron architecture search (METHOD.md section 3): :func:`search` and its parts.
 
-- :mod:`.space`: the candidate grid and exact parameter counts (:func:`enumerate_candidates`);
+- :mod:`.space`: the candidate grid (mixture-of-experts axes included) and exact parameter counts
+  (:func:`enumerate_candidates`);
 - :mod:`.config`: the search options (:class:`SearchConfig`);
 - :mod:`.loop`: calibrate once, prune and measure every candidate, retrain the best (:func:`search`);
 - :mod:`.report`: :class:`SearchResult`, the markdown table and the files.
@@ -16,7 +17,9 @@ Example:
 from .config import SearchConfig
 from .loop import search
 from .report import SearchResult, markdown_table, write_report
-from .space import AXES, AXIS_FIELDS, Candidate, ParamCounter, axis_values, default_divisors, enumerate_candidates
+from .space import (ALL_AXES, AXES, AXIS_FIELDS, MOE_AXES, Candidate, ParamCounter, axis_values, default_divisors,
+                    enumerate_candidates, model_axes)
 
-__all__ = ["AXES", "AXIS_FIELDS", "Candidate", "ParamCounter", "SearchConfig", "SearchResult", "axis_values",
-           "default_divisors", "enumerate_candidates", "markdown_table", "search", "write_report"]
+__all__ = ["ALL_AXES", "AXES", "AXIS_FIELDS", "MOE_AXES", "Candidate", "ParamCounter", "SearchConfig", "SearchResult",
+           "axis_values", "default_divisors", "enumerate_candidates", "markdown_table", "model_axes", "search",
+           "write_report"]

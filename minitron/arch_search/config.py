@@ -7,7 +7,6 @@ from typing import Any, Sequence
 
 from ..importance.collect import ImportanceConfig
 from ..validate import check_count
-from .space import AXES
 
 __all__ = ["SearchConfig"]
 
@@ -21,11 +20,15 @@ class SearchConfig:
         retrain_steps: distillation steps per candidate (0 = rank by the loss after pruning only,
             ModelOpt-style; the paper warns that ranking is unreliable).
         top: retrain only the ``top`` candidates with the lowest loss after pruning (None = all).
-        divisors: grid step per axis, keyed by axis (``hidden``/``ffn``/``heads``/``layers``) or
+        divisors: grid step per axis, keyed by axis (``hidden``/``ffn``/``heads``/``layers``/``experts``/
+            ``expert_ffn``/``shared_ffn``) or
             :class:`minitron.Target` field (see :func:`minitron.arch_search.enumerate_candidates`).
-        max_width_prune: largest fraction of each width axis removed (official 0.4).
+        max_width_prune: largest fraction of each width axis removed (official 0.4); the experts,
+            expert-FFN and shared-FFN axes of mixture-of-experts models are width axes.
         max_depth_prune: largest fraction of layers removed (official 0.2).
-        axes: axes searched (``hidden``, ``ffn``, ``heads``, ``layers``).
+        axes: axes searched (``hidden``, ``ffn``, ``heads``, ``layers``; mixture-of-experts models also
+            ``experts``, ``expert_ffn``, ``shared_ffn``). None (default): every axis the model has
+            (:func:`minitron.arch_search.model_axes`).
         seed: seed of distillation (data order, RNG).
         seq_len: tokens per block for calibration, retraining and evaluation.
         num_samples: calibration blocks.
@@ -50,7 +53,7 @@ class SearchConfig:
     divisors: dict[str, int] | None = None
     max_width_prune: float = 0.4
     max_depth_prune: float = 0.2
-    axes: Sequence[str] = AXES
+    axes: Sequence[str] | None = None
     seed: int = 0
     seq_len: int = 256
     num_samples: int = 1024
@@ -67,4 +70,4 @@ class SearchConfig:
         check_count("seq_len", self.seq_len)
         check_count("num_samples", self.num_samples)
         check_count("eval_blocks", self.eval_blocks, allow_none=True)
-        self.axes = tuple(self.axes)
+        self.axes = None if self.axes is None else tuple(self.axes)

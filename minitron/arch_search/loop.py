@@ -1,6 +1,7 @@
 """``minitron.search``: Minitron architecture search (METHOD.md section 3).
 
-1. Enumerate every (layers, heads, FFN, hidden) combination whose exact parameter count lies in
+1. Enumerate every (layers, heads, FFN, hidden) combination (mixture-of-experts models: also
+   experts, expert FFN and shared-expert FFN) whose exact parameter count lies in
    ``[budget * (1 - tolerance), budget]``, with at most ``max_width_prune`` of each width axis and
    ``max_depth_prune`` of the layers removed (official limits: 40% / 20%) (:mod:`.space`).
 2. Prune every candidate from ONE importance calibration and measure the validation LM loss right
@@ -126,6 +127,9 @@ def search(
     # 1) prune every candidate, loss right after pruning
     for c in candidates:
         pruned = prune(model, target=c.target, scores=scores, progress=False, verbose=False)
+        # exact already, except a depth-pruned candidate of a model that mixes sparse and dense MLP
+        # layers: counted as the larger of its possible sizes until its layers were chosen
+        c.params = count_parameters(pruned)
         c.loss_pruned = lm_loss(pruned, valid, cfg.batch_size)
         del pruned
         logger.info("  pruned %20s %8.3fM  val loss %.4f", c.name, c.params / 1e6, c.loss_pruned)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -65,17 +65,23 @@ def markdown_table(cands: list[Candidate], original_params: int, original_loss: 
         The table, preceded by one line naming the budget and the unpruned model.
     """
     rows = sorted(cands, key=lambda c: (c.rank_retrained is None, c.rank_retrained or 0, c.rank_pruned or 0))
+    # mixture-of-experts columns only when some candidate has that axis
+    moe = [(title, f) for title, f in (("experts", "num_experts"), ("expert FFN", "expert_intermediate_size"),
+                                       ("shared FFN", "shared_expert_intermediate_size"))
+           if any(getattr(c, f) is not None for c in cands)]
     lines = [
         f"Budget {budget:,} parameters; unpruned model {original_params:,} parameters, val loss {original_loss:.4f}.",
         "",
-        "| candidate | hidden | FFN | heads | layers | params | % | loss pruned | rank pruned | loss retrained | rank retrained |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| candidate | hidden | FFN | heads | layers | " + "".join(f"{title} | " for title, _ in moe)
+        + "params | % | loss pruned | rank pruned | loss retrained | rank retrained |",
+        "|---|---:|---:|---:|---:|" + "---:|" * len(moe) + "---:|---:|---:|---:|---:|---:|",
     ]
     for c in rows:
+        extra = "".join(f"{'-' if getattr(c, f) is None else getattr(c, f)} | " for _, f in moe)
         lines.append(
             f"| {c.name} | {c.hidden_size} | {c.intermediate_size} | {c.num_attention_heads} | {c.num_hidden_layers} | "
-            f"{c.params:,} | {100 * c.params / original_params:.1f} | {_fmt(c.loss_pruned)} | {c.rank_pruned or '-'} | "
-            f"{_fmt(c.loss_retrained)} | {c.rank_retrained or '-'} |")
+            f"{extra}{c.params:,} | {100 * c.params / original_params:.1f} | {_fmt(c.loss_pruned)} | "
+            f"{c.rank_pruned or '-'} | {_fmt(c.loss_retrained)} | {c.rank_retrained or '-'} |")
     return "\n".join(lines)
 
 
@@ -119,7 +125,7 @@ def write_report(result: SearchResult, tokenizer: Any = None) -> dict[str, str]:
     if result.output_dir is None:
         raise ValueError("write_report needs result.output_dir")
     out = Path(result.output_dir)
-    rows = [{"name": c.name, **asdict(c)} for c in result.candidates]
+    rows = [{"name": c.name, **c.row()} for c in result.candidates]
     files = {"csv": out / "candidates.csv", "json": out / "candidates.json", "markdown": out / "candidates.md",
              "plot": out / "losses.png", "best": out / "best"}
     with files["csv"].open("w", newline="", encoding="utf-8") as f:

@@ -1,30 +1,66 @@
 """The candidate space of the architecture search: every (hidden, FFN, heads, layers) grid point
-whose exact parameter count lies in the budget window.
+(plus experts, expert FFN and shared-expert FFN on mixture-of-experts models) whose exact parameter
+count lies in the budget window.
 
 Parameter counts are exact: the model is instantiated on the meta device with one and with two
 layers for each distinct (hidden, FFN, heads) width (:func:`minitron.sizing.target_parameters`),
-and every layer count follows linearly (decoder layers of one model have equal sizes).
+and every layer count follows linearly (decoder layers of one model have equal sizes). On
+mixture-of-experts models a one-layer model is split into the parts outside the layers, the layer
+without its MLP, and the MLP (sparse or dense); the sparse MLP's count is bilinear in (experts, expert
+FFN) plus linear in the shared-expert FFN, fitted from a few meta models per hidden size and
+checked on one more point (:class:`ParamCounter`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
+import torch
 from torch import nn
 
-from ..adapters import get_adapter, kv_heads_of
+from ..adapters import get_adapter, kv_heads_of, moe_sizes, moe_spec_of, sparse_layers
 from ..pruning import Target
 from ..sizing import count_config_parameters, target_parameters
 
-__all__ = ["AXES", "AXIS_FIELDS", "Candidate", "ParamCounter", "axis_values", "default_divisors",
-           "enumerate_candidates"]
+__all__ = ["ALL_AXES", "AXES", "AXIS_FIELDS", "MOE_AXES", "Candidate", "ParamCounter", "axis_values",
+           "default_divisors", "enumerate_candidates", "model_axes"]
 
-AXES = ("hidden", "ffn", "heads", "layers")
+AXES = ("hidden", "ffn", "heads", "layers")  # every model's axes (the search space of a dense model)
+MOE_AXES = ("experts", "expert_ffn", "shared_ffn")  # mixture-of-experts models (shared_ffn: Qwen2-MoE)
+ALL_AXES = AXES + MOE_AXES
 AXIS_FIELDS = {"hidden": "hidden_size", "ffn": "intermediate_size", "heads": "num_attention_heads",
-               "layers": "num_hidden_layers"}
+               "layers": "num_hidden_layers", "experts": "num_experts", "expert_ffn": "expert_intermediate_size",
+               "shared_ffn": "shared_expert_intermediate_size"}
+
+
+def _ffn_is_expert_ffn(config) -> bool:
+    """Mixtral: the config's ``intermediate_size`` IS the experts' FFN width (one field, two names)."""
+    spec = moe_spec_of(config)
+    return spec is not None and spec.cfg_expert_ffn == "intermediate_size"
+
+
+def model_axes(config) -> tuple[str, ...]:
+    """The axes ``config``'s model has, each naming a distinct config field, in :data:`ALL_AXES` order.
+
+    Dense models: ``hidden, ffn, heads, layers``. Mixture-of-experts models add ``experts`` and
+    ``expert_ffn`` (and ``shared_ffn`` with a shared expert); ``ffn`` (the dense MLP width) is kept only
+    when some layer has a dense MLP (Qwen ``mlp_only_layers`` / ``decoder_sparse_step``): Mixtral's
+    ``intermediate_size`` is the expert FFN itself, searched as ``expert_ffn``.
+
+    Example:
+        >>> model_axes(mixtral.config)
+        ('hidden', 'heads', 'layers', 'experts', 'expert_ffn')
+    """
+    sizes = moe_sizes(config)
+    if sizes["num_experts"] is None:
+        return AXES
+    has_dense_mlp = not _ffn_is_expert_ffn(config) and not all(sparse_layers(config))
+    return tuple(a for a in ALL_AXES if (a != "ffn" or has_dense_mlp)
+                 and (a in AXES or sizes[AXIS_FIELDS[a]] is not None))
 
 
 @dataclass
@@ -33,6 +69,9 @@ class Candidate:
 
     Args:
         hidden_size / intermediate_size / num_attention_heads / num_hidden_layers: the architecture.
+        num_experts / expert_intermediate_size / shared_expert_intermediate_size: the mixture-of-experts
+            sizes (keyword-only; None on dense models and for axes the model lacks). On Mixtral
+            ``intermediate_size`` equals ``expert_intermediate_size`` (one config field).
         params: exact parameter count after pruning.
         loss_pruned: validation LM loss right after pruning (nats/token).
         rank_pruned: 1-based rank by ``loss_pruned`` among all candidates.
@@ -44,6 +83,9 @@ class Candidate:
     intermediate_size: int
     num_attention_heads: int
     num_hidden_layers: int
+    num_experts: int | None = field(default=None, kw_only=True)
+    expert_intermediate_size: int | None = field(default=None, kw_only=True)
+    shared_expert_intermediate_size: int | None = field(default=None, kw_only=True)
     params: int
     loss_pruned: float | None = None
     rank_pruned: int | None = None
@@ -53,12 +95,24 @@ class Candidate:
     @property
     def target(self) -> Target:
         """The :class:`Target` of this candidate."""
-        return Target(self.hidden_size, self.intermediate_size, self.num_attention_heads, self.num_hidden_layers)
+        return Target(self.hidden_size, self.intermediate_size, self.num_attention_heads, self.num_hidden_layers,
+                      num_experts=self.num_experts, expert_intermediate_size=self.expert_intermediate_size,
+                      shared_expert_intermediate_size=self.shared_expert_intermediate_size)
 
     @property
     def name(self) -> str:
-        """Short id, e.g. ``h192-f576-a8-l7``."""
-        return f"h{self.hidden_size}-f{self.intermediate_size}-a{self.num_attention_heads}-l{self.num_hidden_layers}"
+        """Short id, e.g. ``h192-f576-a8-l7`` (mixture of experts: ``h48-f88-a6-l4-e4-x24-s48``: experts,
+        expert FFN, shared-expert FFN)."""
+        moe = "".join(f"-{k}{v}" for k, v in (("e", self.num_experts), ("x", self.expert_intermediate_size),
+                                               ("s", self.shared_expert_intermediate_size)) if v is not None)
+        return f"h{self.hidden_size}-f{self.intermediate_size}-a{self.num_attention_heads}-l{self.num_hidden_layers}{moe}"
+
+    def row(self) -> dict:
+        """The candidate as a flat dict (the fields; mixture-of-experts fields only when set)."""
+        return {k: v for k, v in asdict(self).items() if v is not None or k not in _MOE_FIELDS}
+
+
+_MOE_FIELDS = ("num_experts", "expert_intermediate_size", "shared_expert_intermediate_size")
 
 
 def _pow2_divisor(size: int, floor: int = 8) -> int:
@@ -70,7 +124,9 @@ def default_divisors(config) -> dict[str, int]:
     """Grid step of every axis when ``divisors`` is not given.
 
     hidden: lcm(num_attention_heads, power of two nearest hidden/32); FFN: power of two nearest
-    ffn/32 (at least 8); heads: ``num_key_value_heads``; layers: 1.
+    ffn/32 (at least 8); heads: ``num_key_value_heads``; layers: 1. Mixture-of-experts models add
+    experts: 1 (the grid never goes below ``num_experts_per_tok``), expert FFN and shared-expert FFN:
+    as FFN.
 
     Args:
         config: the model's config.
@@ -80,23 +136,34 @@ def default_divisors(config) -> dict[str, int]:
         >>> default_divisors(model.config)["num_hidden_layers"]
         1
     """
-    return {
+    out = {
         "hidden_size": math.lcm(int(config.num_attention_heads), _pow2_divisor(int(config.hidden_size))),
         "intermediate_size": _pow2_divisor(int(config.intermediate_size)),
         "num_attention_heads": kv_heads_of(config),
         "num_hidden_layers": 1,
     }
+    sizes = moe_sizes(config)
+    if sizes["num_experts"] is not None:
+        out["num_experts"] = 1
+        out["expert_intermediate_size"] = _pow2_divisor(int(sizes["expert_intermediate_size"]))
+        if sizes["shared_expert_intermediate_size"] is not None:
+            out["shared_expert_intermediate_size"] = _pow2_divisor(int(sizes["shared_expert_intermediate_size"]))
+    return out
 
 
 def _normalise_divisors(config, divisors: dict[str, int] | None) -> dict[str, int]:
     out = default_divisors(config)
+    given = {}
     for key, value in (divisors or {}).items():
         name = AXIS_FIELDS.get(key, key)
         if name not in out:
-            raise ValueError(f"unknown divisor key {key!r}; allowed: {', '.join([*AXIS_FIELDS, *AXIS_FIELDS.values()])}")
+            keys = [a for a in AXIS_FIELDS if AXIS_FIELDS[a] in out]
+            raise ValueError(f"unknown divisor key {key!r}; allowed: {', '.join([*keys, *(AXIS_FIELDS[a] for a in keys)])}")
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"divisor {key}={value!r} must be a positive integer")
-        out[name] = value
+        out[name] = given[name] = value
+    if _ffn_is_expert_ffn(config) and "expert_intermediate_size" not in given and "intermediate_size" in given:
+        out["expert_intermediate_size"] = given["intermediate_size"]  # Mixtral: one field, either name
     out["num_attention_heads"] = math.lcm(out["num_attention_heads"], kv_heads_of(config))
     return out
 
@@ -125,6 +192,11 @@ def axis_values(current: int, max_prune: float, divisor: int, searched: bool) ->
 class ParamCounter:
     """Exact parameter counts of pruned configs, cached per width (meta device, 1- and 2-layer models).
 
+    Mixture-of-experts models are counted by parts (:class:`_MoECounter`): the parts outside the
+    decoder layers, a layer without its MLP, and a sparse or dense MLP; a model whose layers mix
+    sparse and dense MLPs (Qwen ``mlp_only_layers``) is counted for the layers ``kept_layers`` names
+    (default: the first ``num_hidden_layers``, as :meth:`minitron.Target.config_for` builds).
+
     Args:
         model: the unpruned model (only its class and config are read).
 
@@ -138,9 +210,24 @@ class ParamCounter:
         self.model = model
         self.config = model.config
         self._cache: dict[tuple[int, int, int], tuple[int, int]] = {}
+        self._moe = _MoECounter(model) if moe_spec_of(self.config) is not None else None
 
-    def __call__(self, target: Target) -> int:
-        t = target.resolved(self.config)
+    def __call__(self, target: Target, kept_layers: Sequence[int] | None = None) -> int:
+        return self._count(target.resolved(self.config), kept_layers)
+
+    def bounds(self, target: Target) -> tuple[int, int]:
+        """(fewest, most) parameters of ``target`` over every choice of kept layers.
+
+        Equal unless the model mixes sparse and dense MLP layers and ``target`` drops layers: which
+        kind the depth ranking drops is known only after calibration.
+        """
+        return self._bounds(target.resolved(self.config))
+
+    def _count(self, t: Target, kept_layers: Sequence[int] | None = None) -> int:
+        """The count of an already resolved target (every field set)."""
+        if self._moe is not None:
+            kept = range(t.num_hidden_layers) if kept_layers is None else kept_layers
+            return self._moe.count(t, sum(self._moe.sparse[l] for l in kept), len(kept))
         key = (t.hidden_size, t.intermediate_size, t.num_attention_heads)
         if key not in self._cache:
             one = target_parameters(self.model, Target(*key, num_hidden_layers=1))
@@ -151,6 +238,110 @@ class ParamCounter:
             self._cache[key] = (one - per_layer, per_layer)
         base, per_layer = self._cache[key]
         return base + t.num_hidden_layers * per_layer
+
+    def _bounds(self, t: Target) -> tuple[int, int]:
+        if self._moe is None:
+            n = self._count(t)
+            return n, n
+        n_sparse = sum(self._moe.sparse)
+        n_dense = len(self._moe.sparse) - n_sparse
+        keep = t.num_hidden_layers
+        counts = [self._moe.count(t, s, keep) for s in (max(0, keep - n_dense), min(n_sparse, keep))]
+        return min(counts), max(counts)
+
+
+class _MoECounter:
+    """Parameter counts of a mixture-of-experts model by parts, from one-layer meta models.
+
+    ``count(t, n_sparse, n_layers) = outside(hidden) + n_layers * layer_rest(hidden, heads)
+    + n_sparse * sparse_mlp(hidden, experts, expert FFN, shared FFN) + n_dense * dense_mlp(hidden, FFN)``.
+    ``sparse_mlp`` is fitted per hidden size as ``c0 + c1 E + c2 E x + c3 s`` (router rows, fused
+    expert tensors, shared expert) from four meta models and checked against a fifth; if the check
+    fails (a family whose MLP does not follow that form) every point is measured.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.cls, self.config = type(model), model.config
+        adapter = get_adapter(model)
+        self.sparse = sparse_layers(self.config)
+        self.layer_prefix = f"{adapter.layers}.0."
+        self.mlp_prefix = self.layer_prefix + adapter.moe.router.split(".")[0] + "."
+        self.first = {kind: next((l for l, s in enumerate(self.sparse) if s == kind), None) for kind in (True, False)}
+        self._outside: dict[int, int] = {}
+        self._rest: dict[tuple[int, int], int] = {}
+        self._dense: dict[tuple[int, int], int] = {}
+        self._sparse_fit: dict[int, tuple[int, int, int, int] | None] = {}
+        self._sparse: dict[tuple, int] = {}
+
+    def _measure(self, t: Target, sparse: bool) -> tuple[int, int, int]:
+        """(outside the layers, layer without MLP, MLP) parameters of a one-layer model of layer kind ``sparse``."""
+        layer = self.first[sparse]
+        config = Target(t.hidden_size, t.intermediate_size, t.num_attention_heads, 1, num_experts=t.num_experts,
+                        expert_intermediate_size=t.expert_intermediate_size,
+                        shared_expert_intermediate_size=t.shared_expert_intermediate_size,
+                        ).config_for(self.config, kept_layers=[layer])
+        outside = rest = mlp = 0
+        with torch.device("meta"):
+            model = self.cls(config)
+        for name, p in model.named_parameters():  # tied weights once (named_parameters drops duplicates)
+            if name.startswith(self.mlp_prefix):
+                mlp += p.numel()
+            elif name.startswith(self.layer_prefix):
+                rest += p.numel()
+            else:
+                outside += p.numel()
+        self._outside.setdefault(t.hidden_size, outside)
+        self._rest.setdefault((t.hidden_size, t.num_attention_heads), rest)
+        return outside, rest, mlp
+
+    def _sparse_mlp(self, t: Target) -> int:
+        h, e, x, s = t.hidden_size, t.num_experts, t.expert_intermediate_size, t.shared_expert_intermediate_size or 0
+        if h not in self._sparse_fit:
+            self._sparse_fit[h] = self._fit(t)
+        fit = self._sparse_fit[h]
+        if fit is not None:
+            c0, c1, c2, c3 = fit
+            return c0 + c1 * e + c2 * e * x + c3 * s
+        key = (h, e, x, s)
+        if key not in self._sparse:
+            self._sparse[key] = self._measure(t, True)[2]
+        return self._sparse[key]
+
+    def _fit(self, t: Target) -> tuple[int, int, int, int] | None:
+        shared = t.shared_expert_intermediate_size is not None
+
+        def mlp(e: int, x: int, s: int | None) -> int:
+            return self._measure(dataclasses.replace(t, num_experts=e, expert_intermediate_size=x,
+                                                     shared_expert_intermediate_size=s if shared else None), True)[2]
+
+        e, x, s = t.num_experts, t.expert_intermediate_size, t.shared_expert_intermediate_size or 0
+        p = mlp(e, x, s)
+        c3 = mlp(e, x, s + 1) - p if shared else 0
+        dx = mlp(e, x + 1, s) - p  # = c2 * e
+        if dx % e:
+            return None
+        c2 = dx // e
+        c1 = mlp(e + 1, x, s) - p - c2 * x
+        c0 = p - c1 * e - c2 * e * x - c3 * s
+        e2, x2, s2 = e + 2, x + 3, s + 2
+        if mlp(e2, x2, s2) != c0 + c1 * e2 + c2 * e2 * x2 + c3 * (s2 if shared else 0):
+            return None
+        return c0, c1, c2, c3
+
+    def count(self, t: Target, n_sparse: int, n_layers: int) -> int:
+        h, a = t.hidden_size, t.num_attention_heads
+        kind = self.first[True] is not None
+        if h not in self._outside or (h, a) not in self._rest:
+            self._measure(t, kind)
+        total = self._outside[h] + n_layers * self._rest[(h, a)]
+        if n_sparse:
+            total += n_sparse * self._sparse_mlp(t)
+        if n_layers - n_sparse:
+            key = (h, t.intermediate_size)
+            if key not in self._dense:
+                self._dense[key] = self._measure(t, False)[2]
+            total += (n_layers - n_sparse) * self._dense[key]
+        return total
 
 
 def _zero_layer_params(model: nn.Module, key: tuple[int, int, int]) -> int:
@@ -166,6 +357,27 @@ def _valid(model: nn.Module, target: Target) -> bool:
     return True
 
 
+def _searched_axes(model: nn.Module, axes: Sequence[str] | None) -> tuple[str, ...]:
+    """The axes to search (``None``: every axis the model has); Mixtral's ``ffn`` means ``expert_ffn``."""
+    config = model.config
+    available = model_axes(config)
+    if axes is None:
+        return available
+    unknown = [a for a in axes if a not in ALL_AXES]
+    if unknown or not axes:
+        raise ValueError(f"axes={list(axes)!r}: allowed axes are {', '.join(available)} (at least one)")
+    if _ffn_is_expert_ffn(config):
+        axes = ["expert_ffn" if a == "ffn" else a for a in axes]
+    missing = [a for a in axes if a not in available]
+    if missing:
+        why = {"experts": "not a mixture-of-experts model", "expert_ffn": "not a mixture-of-experts model",
+               "shared_ffn": "no shared expert", "ffn": "no dense MLP layer (every layer is a mixture of experts: "
+                                                      "search expert_ffn)"}
+        raise ValueError(f"axes={list(axes)!r}: {type(model).__name__} has no {', '.join(missing)} axis "
+                         f"({'; '.join(why[a] for a in missing)}); its axes are {', '.join(available)}")
+    return tuple(dict.fromkeys(axes))
+
+
 def enumerate_candidates(
     model: nn.Module,
     params: float,
@@ -174,7 +386,7 @@ def enumerate_candidates(
     divisors: dict[str, int] | None = None,
     max_width_prune: float = 0.4,
     max_depth_prune: float = 0.2,
-    axes: Sequence[str] = AXES,
+    axes: Sequence[str] | None = None,
     counter: ParamCounter | None = None,
 ) -> tuple[list[Candidate], int]:
     """All architectures within the budget window, largest first.
@@ -183,18 +395,25 @@ def enumerate_candidates(
         model: a supported causal LM.
         params: budget, a fraction of the model's parameters if ``<= 1``, else an absolute count.
         tolerance: candidates have ``budget * (1 - tolerance) <= params <= budget``; in ``[0, 1)``.
-        divisors: grid step per axis, keyed by axis (``hidden``/``ffn``/``heads``/``layers``) or
-            :class:`Target` field name; defaults from :func:`default_divisors`. Heads always stay
-            multiples of the KV heads.
-        max_width_prune: largest fraction of hidden, FFN and heads removed (each axis).
+        divisors: grid step per axis, keyed by axis (``hidden``/``ffn``/``heads``/``layers``/``experts``/
+            ``expert_ffn``/``shared_ffn``) or :class:`Target` field name; defaults from
+            :func:`default_divisors`. Heads always stay multiples of the KV heads.
+        max_width_prune: largest fraction of hidden, FFN and heads (and experts, expert FFN, shared
+            FFN) removed (each axis).
         max_depth_prune: largest fraction of layers removed.
-        axes: axes searched; the others keep the model's size.
+        axes: axes searched; the others keep the model's size. Default (None): every axis the model
+            has (:func:`model_axes`: ``hidden, ffn, heads, layers`` on dense models; mixture-of-experts
+            models add ``experts``, ``expert_ffn`` and, with a shared expert, ``shared_ffn``). On Mixtral
+            ``ffn`` and ``expert_ffn`` are the same config field, searched once as ``expert_ffn``.
         counter: a :class:`ParamCounter` to reuse.
     Returns:
-        ``(candidates, budget)`` with ``budget`` the absolute parameter budget.
+        ``(candidates, budget)`` with ``budget`` the absolute parameter budget. A model whose layers
+        mix sparse and dense MLPs counts a depth-pruned candidate with the larger of its possible
+        sizes (the layers kept are chosen later, by importance), so the pruned model never exceeds
+        the budget; :func:`minitron.search` replaces ``params`` by the pruned model's count.
     Raises:
-        ValueError: bad arguments, or no candidate in the window (names the budget and the
-            smallest reachable size).
+        ValueError: bad arguments, an axis the model lacks, or no candidate in the window (names the
+            budget and the smallest reachable size).
 
     Example:
         >>> cands, budget = enumerate_candidates(model, 0.5, 0.05)
@@ -205,31 +424,40 @@ def enumerate_candidates(
     for name, v in (("max_width_prune", max_width_prune), ("max_depth_prune", max_depth_prune)):
         if not 0 <= v < 1:
             raise ValueError(f"{name}={v!r} must be in [0, 1)")
-    unknown = [a for a in axes if a not in AXES]
-    if unknown or not axes:
-        raise ValueError(f"axes={list(axes)!r}: allowed axes are {', '.join(AXES)} (at least one)")
+    config = model.config
+    axes = _searched_axes(model, axes)
     if not isinstance(params, (int, float)) or params <= 0:
         raise ValueError(f"params={params!r} must be a positive fraction (<= 1) or an absolute parameter count")
     counter = counter or ParamCounter(model)
-    config = model.config
     total = counter(Target())
     budget = int(params * total) if params <= 1 else int(params)
     low = budget * (1 - tolerance)
     divs = _normalise_divisors(config, divisors)
+    current = Target().resolved(config)
+    top_k = int(getattr(config, "num_experts_per_tok", 1) or 1)
     grids = {}
-    for axis, name in AXIS_FIELDS.items():
+    for axis in model_axes(config):
+        name = AXIS_FIELDS[axis]
         limit = max_depth_prune if axis == "layers" else max_width_prune
-        grids[name] = axis_values(int(getattr(config, name)), limit, divs[name], axis in axes)
+        grids[name] = axis_values(int(getattr(current, name)), limit, divs[name], axis in axes)
+        if axis == "experts":  # every token is routed to top_k experts
+            grids[name] = [v for v in grids[name] if v >= top_k]
+    names = list(grids)
+    mixtral = _ffn_is_expert_ffn(config)
     out: list[Candidate] = []
     smallest: int | None = None
-    for h, f, a, l in itertools.product(*(grids[n] for n in AXIS_FIELDS.values())):
-        target = Target(h, f, a, l)
-        n = counter(target)
+    for values in itertools.product(*grids.values()):
+        target = dataclasses.replace(current, **dict(zip(names, values)))  # resolved: every field set
+        if mixtral:
+            target.intermediate_size = target.expert_intermediate_size  # one config field
+        n = counter._bounds(target)[1]
         if not (low <= n <= budget or smallest is None or n < smallest) or not _valid(model, target):
             continue
         smallest = n if smallest is None else min(smallest, n)
         if low <= n <= budget:
-            out.append(Candidate(h, f, a, l, n))
+            moe = {f: getattr(target, f) for f in _MOE_FIELDS if getattr(target, f) is not None}
+            out.append(Candidate(target.hidden_size, target.intermediate_size, target.num_attention_heads,
+                                 target.num_hidden_layers, params=n, **moe))
     if not out:
         reach = f"the smallest reachable size is {smallest:,} parameters ({smallest / total:.1%})" if smallest else \
             "no valid architecture exists on this grid"
