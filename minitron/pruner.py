@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters import get_adapter
+from .adapters import get_adapter, moe_sizes
 from .budget import choose_budget_target
 from .data import load_text_blocks
 from .importance.ablation import greedy_layer_removal
@@ -152,13 +152,17 @@ def prune(
         ...                        tokenizer=tok)
         >>> small.save_pretrained("out/")
     """
-    get_adapter(model)
+    adapter = get_adapter(model)
     if method not in ("activation", "random"):
         raise ValueError(f"unknown method={method!r}; allowed values: activation, random")
     if target is not None and params is not None:
         raise ValueError("give either target=Target(...) or params=<budget>, not both")
     if target is None and params is None:
         raise ValueError("nothing to prune: pass target=minitron.Target(...) or params=<fraction or count>")
+    if params is not None and adapter.moe is not None:
+        raise ValueError(f"params={params}: parameter budgets choose hidden/FFN splits of dense models; for the "
+                         f"mixture-of-experts {type(model).__name__} give target=minitron.Target(num_experts=..., "
+                         "expert_intermediate_size=..., ...) or let minitron.search rank candidates on the MoE axes")
     if scores is not None:
         scores.check_matches(model)
     check_finite_weights(model)
@@ -223,8 +227,12 @@ def pruning_summary(params_before: int, pruned: nn.Module) -> str:
     """
     after = count_parameters(pruned)
     c = pruned.config
+    moe = moe_sizes(c)
+    experts = "" if moe["num_experts"] is None else (
+        f", experts {moe['num_experts']} (top {c.num_experts_per_tok}) x ffn {moe['expert_intermediate_size']}"
+        + ("" if moe["shared_expert_intermediate_size"] is None else f", shared ffn {moe['shared_expert_intermediate_size']}"))
     return (
         f"minitron: {params_before / 1e6:.2f}M -> {after / 1e6:.2f}M parameters ({100 * after / params_before:.1f}%); "
         f"hidden {c.hidden_size}, ffn {c.intermediate_size}, heads {c.num_attention_heads}/{c.num_key_value_heads} kv, "
-        f"head_dim {c.head_dim}, layers {c.num_hidden_layers}"
+        f"head_dim {c.head_dim}, layers {c.num_hidden_layers}{experts}"
     )

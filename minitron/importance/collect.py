@@ -117,7 +117,11 @@ class ImportanceScores:
         return int(self.meta["num_hidden_layers"])
 
     def mlp(self, batch_agg: str | None = None) -> torch.Tensor:
-        """Neuron scores (L, f)."""
+        """Neuron scores (L, f) of the dense MLPs (mixture-of-experts layers: :meth:`expert_mlp`)."""
+        missing = [l for l in range(self.num_layers) if f"mlp.{l}" not in self.sums]
+        if missing:
+            raise ValueError(f"layers {missing} are mixture-of-experts layers without a dense MLP: read their neuron "
+                             "scores with expert_mlp(layer) (and shared-expert ones with site_scores('shared_mlp.<l>'))")
         return torch.stack([self.site_scores(f"mlp.{l}", batch_agg) for l in range(self.num_layers)])
 
     def heads(self, batch_agg: str | None = None, metric: str = DEFAULT_HEAD_METRIC) -> torch.Tensor:

@@ -182,6 +182,7 @@ class CalibrationHooks:
         dims: dict[str, int] = {}
         sparse = sparse_layers(model.config)
         self._experts: list[tuple[int, nn.Module]] = []  # (layer, experts module) of the sparse layers
+        self._flat_sites: set[str] = set()
         for l, layer in enumerate(self.layers):
             o_proj = layer.get_submodule(adapter.o_proj)
             if sparse[l]:  # routed experts: statistics from their forward (importance/experts.py)
@@ -193,6 +194,7 @@ class CalibrationHooks:
                     shared_down = layer.get_submodule(f"{adapter.moe.shared_expert}.down_proj")
                     self._targets.append((f"shared_mlp.{l}", shared_down, True))
                     dims[f"shared_mlp.{l}"] = shared_down.in_features
+                    self._flat_sites.add(f"shared_mlp.{l}")  # runs on the flattened (B*S, D) tokens
             else:
                 down = layer.get_submodule(adapter.down_proj)
                 self._targets.append((f"mlp.{l}", down, True))
@@ -348,6 +350,8 @@ class CalibrationHooks:
 
     def _trim(self, site: str, module: nn.Module, act: torch.Tensor) -> torch.Tensor:
         """The site's activation: sink positions dropped, then the site's transform if it has one."""
+        if site in self._flat_sites and act.dim() == 2:  # (B*S, d) -> (B, S, d) of the current batch
+            act = act.view(self._batch_size, -1, act.shape[-1])
         if self.sink:
             act = act[:, self.sink :]
         fn = self._transforms.get(site)

@@ -8,7 +8,11 @@ from typing import Sequence
 
 from ..adapters import head_dim_of, kv_heads_of, moe_sizes, moe_spec_of, sparse_layers
 
-__all__ = ["Target", "nearest_multiples"]
+__all__ = ["MOE_WIDTH_MULTIPLE", "Target", "model_sizes", "nearest_multiples"]
+
+# hidden and expert FFN widths of a pruned MoE model: 8 elements = 16 bytes in bf16/fp16 (the row alignment
+# torch's grouped GEMM requires; 32 bytes in fp32)
+MOE_WIDTH_MULTIPLE = 8
 
 
 @dataclass
@@ -139,6 +143,14 @@ class Target:
                 raise ValueError(f"intermediate_size={self.intermediate_size} and expert_intermediate_size="
                                  f"{self.expert_intermediate_size} name the same {type(config).__name__} field (the "
                                  "experts' FFN width); give one of them")
+            for name in ("hidden_size", "expert_intermediate_size"):  # experts' rows feed grouped GEMMs
+                value = getattr(t, name)
+                if value % MOE_WIDTH_MULTIPLE and value != getattr(original, name):
+                    ok = nearest_multiples(value, MOE_WIDTH_MULTIPLE, getattr(original, name))
+                    raise ValueError(
+                        f"{name}={value}: transformers runs {type(config).__name__}'s experts as grouped GEMMs "
+                        "(experts_implementation 'grouped_mm', the default), which need rows of a multiple of 16 "
+                        f"bytes; use a multiple of {MOE_WIDTH_MULTIPLE} (nearest: {', '.join(map(str, ok))})")
             top_k = int(getattr(config, "num_experts_per_tok", 1) or 1)
             if t.num_experts is not None and t.num_experts < top_k:
                 raise ValueError(f"num_experts={t.num_experts} is fewer than num_experts_per_tok={top_k}: every token "
