@@ -146,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     import minitron
+    from ..adapters import moe_spec_of
     from ..data import load_text_blocks
     from ..distillation.trainer import distill
     from ..models import BUILTIN, input_paths, load_model, load_tokenizer, text_source
@@ -159,6 +160,10 @@ def run(args: argparse.Namespace) -> int:
     inputs += input_paths(args.student, args.student_gguf) + input_paths(args.tokenizer, None)
     check_output_dir(cfg.output_dir, "distill", inputs=inputs, overwrite=cfg.overwrite, flag="--output-dir")
     teacher, teacher_tokenizer = load_model(args.teacher, gguf_file=args.teacher_gguf)
+    if args.student is None and moe_spec_of(teacher.config) is not None:
+        raise ValueError(f"no --student given: the in-process student is pruned to --params, a budget that "
+                         f"chooses dense shapes; for the mixture-of-experts {type(teacher).__name__} prune it first "
+                         "(`minitron prune --experts N --expert-ffn N ...`) and pass that as --student")
     if args.student is None:
         student = _pruned_student(teacher, teacher_tokenizer, args.params, args.num_samples, cfg.chat_template,
                                   cfg.progress)

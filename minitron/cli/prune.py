@@ -15,6 +15,9 @@ from typing import Any
 
 from .common import BUILTIN, add_model_arguments, default_device, input_paths, positive_int, text_source
 
+DENSE_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "num_key_value_heads")
+MOE_FIELDS = ("num_experts", "expert_intermediate_size", "shared_expert_intermediate_size")
+
 def _add_prune_arguments(p: argparse.ArgumentParser) -> None:
     from ..importance.heads import HEAD_METRICS
     from ..models import DEFAULT_MODEL
@@ -34,11 +37,17 @@ def _add_prune_arguments(p: argparse.ArgumentParser) -> None:
                    "or file not written by minitron: minitron's files replace same-named ones, nothing else is deleted")
     g = p.add_argument_group("target (any subset; or --params)")
     g.add_argument("--hidden-size", type=int, help="embedding channels to keep")
-    g.add_argument("--ffn", type=int, help="MLP neurons to keep (intermediate_size)")
+    g.add_argument("--ffn", type=int, help="MLP neurons to keep (intermediate_size; Mixtral: the experts' FFN, "
+                   "as --expert-ffn; Qwen-MoE: the dense MLP layers')")
     g.add_argument("--heads", type=int, help="query heads to keep (multiple of the KV heads)")
     g.add_argument("--layers", type=int, help="decoder layers to keep")
     g.add_argument("--kv-heads", type=int, help="KV groups to keep (explicit opt-in: the Minitron recipe keeps "
                    "every K/V head; needs --heads)")
+    g.add_argument("--experts", type=int, help="mixture of experts: experts to keep in every sparse layer (ranked "
+                   "per layer by router-weighted output norm; at least num_experts_per_tok)")
+    g.add_argument("--expert-ffn", type=int, help="mixture of experts: FFN neurons every kept expert keeps (each "
+                   "expert its own most important ones)")
+    g.add_argument("--shared-expert-ffn", type=int, help="Qwen2-MoE: FFN neurons of the shared expert to keep")
     g.add_argument("--params", type=float, help="parameter budget: a fraction <= 1 or an absolute count "
                    "(width first; default 0.5 when no target is given)")
     i = p.add_argument_group("importance")
@@ -77,17 +86,20 @@ def run_prune(args: argparse.Namespace) -> int:
     from ..data import load_text_blocks
     from ..models import is_builtin_model, load_model
     from ..outputs import check_output_dir, check_output_file, write_output_dir
+    from ..adapters import moe_sizes, moe_spec_of
     from ..pruner import loss_scores_for, pruning_summary
+    from ..pruning.target import model_sizes
     from ..validate import check_device, check_finite_weights, check_seq_len, is_importance_file
 
     started = time.time()
     fields = {"hidden_size": args.hidden_size, "intermediate_size": args.ffn,
               "num_attention_heads": args.heads, "num_hidden_layers": args.layers,
-              "num_key_value_heads": args.kv_heads}
+              "num_key_value_heads": args.kv_heads, "num_experts": args.experts,
+              "expert_intermediate_size": args.expert_ffn, "shared_expert_intermediate_size": args.shared_expert_ffn}
     target = minitron.Target(**fields) if any(v is not None for v in fields.values()) else None
     if target is not None and args.params is not None:
-        raise ValueError("--params cannot be combined with --hidden-size/--ffn/--heads/--layers/--kv-heads; give "
-                         "either a parameter budget or explicit targets")
+        raise ValueError("--params cannot be combined with --hidden-size/--ffn/--heads/--layers/--kv-heads/--experts/"
+                         "--expert-ffn/--shared-expert-ffn; give either a parameter budget or explicit targets")
     params = args.params if args.params is not None or target is not None else 0.5
     if args.depth_rounds > 1 and (args.depth_metric != "ppl" or args.depth_mode != "scattered"):
         raise ValueError(f"--depth-rounds={args.depth_rounds} needs --depth-metric ppl and --depth-mode scattered "
@@ -100,6 +112,14 @@ def run_prune(args: argparse.Namespace) -> int:
                           is_ours=is_importance_file)
     scores = minitron.ImportanceScores.load(args.load_scores) if args.load_scores else None
     model, tokenizer = load_model(args.model, gguf_file=args.model_gguf, device=args.device, dtype=args.dtype)
+    if target is not None:  # before calibration: a target the model cannot take (e.g. --experts on a dense model)
+        target.validate(model.config)
+    elif moe_spec_of(model.config) is not None:
+        raise ValueError(f"--params{'' if args.params is not None else ' (the default when no target is given)'}: "
+                         "parameter budgets choose hidden/FFN shapes of dense models; for the mixture-of-experts "
+                         f"{type(model).__name__} give explicit targets (--experts, --expert-ffn"
+                         f"{', --shared-expert-ffn' if moe_sizes(model.config)['shared_expert_intermediate_size'] else ''}"
+                         ", --hidden-size, --heads, --layers) or rank candidates with `minitron search`")
     check_finite_weights(model)
     check_seq_len(model, args.seq_len, "--seq-len")
 
@@ -140,9 +160,13 @@ def run_prune(args: argparse.Namespace) -> int:
         tokenizer.save_pretrained(tmp)
 
     write_output_dir(args.out, "prune", write, overwrite=args.overwrite)
+    sizes = model_sizes(pruned.config)  # mixture-of-experts sizes under minitron's names, only when present
+    config = {k: getattr(pruned.config, k) for k in (*DENSE_FIELDS, "head_dim")}
+    config.update({k: sizes[k] for k in MOE_FIELDS if sizes[k] is not None})
+    if sizes["num_experts"] is not None:
+        config["num_experts_per_tok"] = pruned.config.num_experts_per_tok
     report = {"model": str(args.model), "out": str(args.out), "params_before": before_params,
-              "params_after": minitron.count_parameters(pruned),
-              "config": {k: getattr(pruned.config, k) for k in (*fields, "head_dim")}}
+              "params_after": minitron.count_parameters(pruned), "config": config}
     if eval_blocks is not None:
         report["ppl_before"] = round(before_ppl, 3)
         report["ppl_after"] = round(minitron.perplexity(pruned, eval_blocks, args.batch_size), 3)

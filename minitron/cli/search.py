@@ -10,7 +10,7 @@ import argparse
 import json
 from typing import Any
 
-from ..arch_search import AXES
+from ..arch_search import ALL_AXES
 from ..models import BUILTIN_TINY
 from .common import BUILTIN, add_model_arguments, default_device, input_paths, non_negative_int, positive_int, text_source
 
@@ -43,11 +43,13 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--retrain-steps", type=non_negative_int, default=50)
     p.add_argument("--top", type=non_negative_int, default=4,
                    help="retrain this many best-after-pruning candidates (0 = all)")
-    p.add_argument("--axes", default=",".join(AXES), help="comma-separated subset of hidden,ffn,heads,layers")
+    p.add_argument("--axes", default=None, help="comma-separated subset of hidden,ffn,heads,layers and, on "
+                   "mixture-of-experts models, experts,expert_ffn,shared_ffn (default: every axis the model has; "
+                   "Mixtral's ffn is its expert_ffn)")
     p.add_argument("--max-width-prune", type=float, default=0.4)
     p.add_argument("--max-depth-prune", type=float, default=0.2)
-    for axis in AXES:
-        p.add_argument(f"--{axis}-divisor", type=int, default=None, help=f"grid step of {axis}")
+    for axis in ALL_AXES:
+        p.add_argument(f"--{axis.replace('_', '-')}-divisor", type=int, default=None, help=f"grid step of {axis}")
     p.add_argument("--seq-len", type=positive_int, default=128)
     p.add_argument("--num-samples", type=positive_int, default=64, help="calibration blocks")
     p.add_argument("--eval-blocks", type=positive_int, default=32)
@@ -89,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model, gguf_file=args.model_gguf, device=args.device)
     train = text_source(args.train)
     eval_data = text_source(BUILTIN, "valid") if args.eval is None and args.train == BUILTIN else args.eval
-    divisors = {a: getattr(args, f"{a}_divisor") for a in AXES if getattr(args, f"{a}_divisor")}
+    divisors = {a: getattr(args, f"{a}_divisor") for a in ALL_AXES if getattr(args, f"{a}_divisor")}
     distill_config = DistillConfig(steps=max(args.retrain_steps, 1), lr=args.lr, min_lr=args.lr / 10,
                                    warmup_steps=max(1, args.retrain_steps // 10), seq_len=args.seq_len,
                                    batch_size=args.batch_size, save_every=None, eval_every=None,
@@ -97,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
     config = SearchConfig(
         tolerance=args.tolerance, retrain_steps=args.retrain_steps, top=args.top or None, divisors=divisors,
         max_width_prune=args.max_width_prune, max_depth_prune=args.max_depth_prune,
-        axes=tuple(a.strip() for a in args.axes.split(",") if a.strip()), seed=args.seed, seq_len=args.seq_len,
+        axes=None if args.axes is None else tuple(a.strip().replace("-", "_") for a in args.axes.split(",") if a.strip()),
+        seed=args.seed, seq_len=args.seq_len,
         num_samples=args.num_samples, eval_blocks=args.eval_blocks, batch_size=args.batch_size, distill=distill_config)
     result = search(
         model, text_source(args.calib), train, params=args.params, config=config, eval_data=eval_data,
