@@ -78,7 +78,8 @@ def masked_plan(model: nn.Module, plan) -> Iterator[nn.Module]:
     Returns:
         A context manager yielding ``model``.
     Raises:
-        ValueError: the plan removes layers or KV groups, or folds the head residual.
+        ValueError: the plan removes layers or KV groups, or folds the head residual; or the model is a
+            mixture-of-experts model.
 
     Example:
         >>> with masked_plan(model, plan):
@@ -88,6 +89,9 @@ def masked_plan(model: nn.Module, plan) -> Iterator[nn.Module]:
         raise ValueError("masked_plan emulates hidden, MLP-neuron and query-head pruning only; "
                          "build the pruned model with apply_plan for layer / KV-group / head-residual plans")
     adapter = get_adapter(model)
+    if adapter.moe is not None:
+        raise ValueError(f"masked_plan does not emulate mixture-of-experts layers ({type(model).__name__}); "
+                         "build the pruned model with apply_plan")
     config = model.config
     embed = model.get_submodule(adapter.embed)
     layers = decoder_layers(model, adapter)

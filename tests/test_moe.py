@@ -431,6 +431,14 @@ def test_params_budget_on_moe_asks_for_an_explicit_target(calib_ids):
         minitron.prune(build("qwen3_moe"), calib_ids, params=0.5, seq_len=16, progress=False)
 
 
+def test_masked_plan_refuses_moe_models_instead_of_emulating_them_wrongly():
+    from minitron.masked_eval import masked_plan
+
+    with pytest.raises(ValueError, match="mixture-of-experts"):
+        with masked_plan(build("mixtral"), PrunePlan(hidden=torch.arange(40))):
+            pass
+
+
 def test_unsupported_architecture_lists_the_moe_families():
     import transformers as tf
 
