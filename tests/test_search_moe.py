@@ -201,3 +201,13 @@ def test_dense_rows_have_no_moe_fields():
     m = Candidate(48, 88, 6, 4, params=10, num_experts=4, expert_intermediate_size=24)
     assert m.name == "h48-f88-a6-l4-e4-x24" and m.row()["num_experts"] == 4
     assert "shared_expert_intermediate_size" not in m.row()
+
+
+def test_moe_width_divisors_are_multiples_of_the_grouped_gemm_width():
+    from minitron.arch_search.space import _normalise_divisors
+    from minitron.pruning.target import MOE_WIDTH_MULTIPLE
+
+    divs = _normalise_divisors(moe_model("qwen3_moe").config, {"hidden": 6, "expert_ffn": 4, "ffn": 4})
+    assert divs["hidden_size"] % MOE_WIDTH_MULTIPLE == 0 and divs["hidden_size"] % 6 == 0
+    assert divs["expert_intermediate_size"] % MOE_WIDTH_MULTIPLE == 0 and divs["intermediate_size"] == 4
+    assert _normalise_divisors(make_model("llama").config, {"hidden": 6})["hidden_size"] == 6

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..adapters import get_adapter, kv_heads_of, moe_sizes, moe_spec_of, sparse_layers
 from ..pruning import Target
+from ..pruning.target import MOE_WIDTH_MULTIPLE
 from ..sizing import count_config_parameters, target_parameters
 
 __all__ = ["ALL_AXES", "AXES", "AXIS_FIELDS", "MOE_AXES", "Candidate", "ParamCounter", "axis_values",
@@ -126,7 +127,8 @@ def default_divisors(config) -> dict[str, int]:
     hidden: lcm(num_attention_heads, power of two nearest hidden/32); FFN: power of two nearest
     ffn/32 (at least 8); heads: ``num_key_value_heads``; layers: 1. Mixture-of-experts models add
     experts: 1 (the grid never goes below ``num_experts_per_tok``), expert FFN and shared-expert FFN:
-    as FFN.
+    as FFN. On those models hidden and expert-FFN steps (given ones too) are made multiples of
+    :data:`minitron.pruning.target.MOE_WIDTH_MULTIPLE` (the experts' grouped GEMMs need it).
 
     Args:
         config: the model's config.
@@ -165,6 +167,9 @@ def _normalise_divisors(config, divisors: dict[str, int] | None) -> dict[str, in
     if _ffn_is_expert_ffn(config) and "expert_intermediate_size" not in given and "intermediate_size" in given:
         out["expert_intermediate_size"] = given["intermediate_size"]  # Mixtral: one field, either name
     out["num_attention_heads"] = math.lcm(out["num_attention_heads"], kv_heads_of(config))
+    if "num_experts" in out:  # the experts' grouped GEMMs need these widths in multiples of MOE_WIDTH_MULTIPLE
+        for name in ("hidden_size", "expert_intermediate_size"):
+            out[name] = math.lcm(out[name], MOE_WIDTH_MULTIPLE)
     return out
 
 
