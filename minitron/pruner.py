@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters import get_adapter, moe_sizes
+from .adapters import get_adapter, head_dim_of, moe_sizes, sparse_layers
 from .budget import choose_budget_target
 from .data import load_text_blocks
 from .importance.ablation import greedy_layer_removal
@@ -228,11 +228,13 @@ def pruning_summary(params_before: int, pruned: nn.Module) -> str:
     after = count_parameters(pruned)
     c = pruned.config
     moe = moe_sizes(c)
+    sparse = sparse_layers(c)
+    dense_ffn = f"ffn {c.intermediate_size}, " if not all(sparse) else ""  # the dense MLPs' width, where any exist
     experts = "" if moe["num_experts"] is None else (
         f", experts {moe['num_experts']} (top {c.num_experts_per_tok}) x ffn {moe['expert_intermediate_size']}"
         + ("" if moe["shared_expert_intermediate_size"] is None else f", shared ffn {moe['shared_expert_intermediate_size']}"))
     return (
         f"minitron: {params_before / 1e6:.2f}M -> {after / 1e6:.2f}M parameters ({100 * after / params_before:.1f}%); "
-        f"hidden {c.hidden_size}, ffn {c.intermediate_size}, heads {c.num_attention_heads}/{c.num_key_value_heads} kv, "
-        f"head_dim {c.head_dim}, layers {c.num_hidden_layers}{experts}"
+        f"hidden {c.hidden_size}, {dense_ffn}heads {c.num_attention_heads}/{c.num_key_value_heads} kv, "
+        f"head_dim {head_dim_of(c)}, layers {c.num_hidden_layers}{experts}"
     )

@@ -426,6 +426,26 @@ def test_infeasible_moe_targets_name_the_fix():
         Target(num_experts=2).validate(dense.config)
 
 
+def test_pruning_summary_names_experts_and_only_existing_dense_ffn():
+    from minitron.pruner import pruning_summary
+
+    mixtral = build("mixtral")
+    line = pruning_summary(minitron.count_parameters(mixtral), mixtral)
+    assert "experts 6 (top 2) x ffn 40" in line and "ffn 40," not in line.split("experts")[0]
+    qwen2 = build("qwen2_moe")
+    assert "ffn 88" in pruning_summary(1, qwen2) and "shared ffn 56" in pruning_summary(1, qwen2)
+
+
+def test_dense_ffn_target_on_an_all_sparse_model_is_refused():
+    import transformers as tf
+
+    model = tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(**BASE, head_dim=8, intermediate_size=88, moe_intermediate_size=40,
+                                                     num_experts=6, num_experts_per_tok=2))
+    with pytest.raises(ValueError, match="no dense MLP has that width.*expert_intermediate_size"):
+        Target(intermediate_size=64).validate(model.config)
+    Target(intermediate_size=64).validate(build("qwen3_moe").config)  # it has dense layers
+
+
 def test_params_budget_on_moe_asks_for_an_explicit_target(calib_ids):
     with pytest.raises(ValueError, match="num_experts=.*expert_intermediate_size"):
         minitron.prune(build("qwen3_moe"), calib_ids, params=0.5, seq_len=16, progress=False)
