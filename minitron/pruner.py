@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .adapters import get_adapter, head_dim_of, moe_sizes, sparse_layers
+from .ops.mapped import release_unreferenced_pages
 from .budget import choose_budget_target
 from .data import load_text_blocks
 from .importance.ablation import greedy_layer_removal
@@ -166,6 +167,8 @@ def prune(
     if scores is not None:
         scores.check_matches(model)
     check_finite_weights(model)
+    # pages of the checkpoint file the loader read and converted (MoE experts) but no parameter maps
+    release_unreferenced_pages([*model.parameters(), *model.buffers()])
     if target is not None:  # cheap checks before any data is read
         target.validate(model.config, divisors)
     if importance is not None and batch_agg is None:

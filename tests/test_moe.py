@@ -361,6 +361,20 @@ def test_random_plan_and_distillation_of_a_pruned_moe_student(calib_ids, tmp_pat
     assert last["kl_to_teacher"] < 0.9 * first["kl_to_teacher"]  # the routed student learns from the teacher
 
 
+def test_pages_the_loader_read_for_converted_experts_are_dropped(tmp_path, calib_ids):
+    """transformers saves experts per expert (w1/w2/w3) and stacks them while loading, in private memory:
+    the file pages it read are no parameter's any more and are released (values unchanged)."""
+    from minitron.ops.mapped import release_unreferenced_pages
+
+    build("mixtral").save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    before = logits(model, calib_ids)
+    tensors = [*model.parameters(), *model.buffers()]
+    assert release_unreferenced_pages(tensors) > 0
+    assert release_unreferenced_pages(tensors) == 0  # nothing of them left resident
+    torch.testing.assert_close(logits(model, calib_ids), before, atol=0, rtol=0)
+
+
 # ---- the 3-D gathers ----------------------------------------------------------------------------
 
 CASES = [(0, "experts"), (1, "shared"), (1, "per_expert"), (2, "shared"), (2, "per_expert")]
