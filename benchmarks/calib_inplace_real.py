@@ -443,7 +443,9 @@ def render(results: dict) -> str:
                   "the baseline RSS was taken on a trimmed heap (free heap left by tokenising was then counted in the "
                   "baseline and reused by the call)."]
     lines += ["", "Baseline: the C heap is trimmed (`malloc_trim`) right before the RSS baseline is read, so 1.00x is "
-              "the model plus live memory only.", "",
+              "the model plus live memory only. `calibration alone`: `collect_importance` called directly (as "
+              "before `prune(scores=...)`), which does not trim the heap; `prune()` trims it before every decoder "
+              "layer during its own calibration and scoring, so its whole call can peak below that column (135M).", "",
               "Notes: in-place peaks can sit below 1.00x because calibration never reads the embedding rows of "
               "tokens absent from its text, so those file pages are never resident (the pruning step then reads "
               "them once, chunk by chunk: most of the in-place 'step extra'). The copy path holds the model and "
