@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .evaluation import lm_loss
+from .heap import trim_heap
 from .importance.collect import ImportanceScores
 from .masked_eval import masked_plan
 from .pruning import Target, apply_plan, make_plan
@@ -168,6 +169,7 @@ def choose_budget_target(
                 c.loss = lm_loss(model, blocks, batch_size)
         else:
             c.loss = lm_loss(apply_plan(model, plan), blocks, batch_size)
+        trim_heap()  # each candidate starts from the live memory, not the previous one's freed tiles
         logger.log(logging.INFO if progress else logging.DEBUG, "  params=%s: hidden %d, FFN %d: calibration loss %.4f",
                    params, c.target.hidden_size, c.target.intermediate_size, c.loss)
     best = min(candidates, key=lambda c: c.loss)

@@ -27,11 +27,28 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import FamilyAdapter, decoder_layers, get_adapter, head_dim_of
-from .losses.cross_entropy import next_token_loss_sum, softcap_of
+from .losses.cross_entropy import cross_entropy_sum_vocab_tiled, softcap_of
 from .validate import check_token_ids
+
+# fp32 logits per vocabulary tile of the evaluation cross-entropy. 4 MiB, not the loss's 16 MiB default:
+# the tiles and their logsumexp temporaries come from the C heap (under glibc's dynamic mmap threshold),
+# where 16 MiB ones left up to ~90 MiB of freed holes resident during one lm_loss on SmolLM2-135M (live:
+# ~40 MiB); 4 MiB tiles kept it at the decoder's own ~45 MiB, and the pass ran no slower (the lm_head is
+# still read once per 4096 tokens)
+EVAL_TILE_BYTES = 4 << 20
 
 __all__ = ["DecoderStream", "eval_mode", "head_drop_losses", "heads_zeroed", "layer_drop_losses", "layer_output", "lm_loss",
            "perplexity"]
+
+
+def _next_token_loss_sum(hidden: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                         chunk_size: int, softcap: float | None) -> tuple[float, int]:
+    """:func:`~minitron.losses.cross_entropy.next_token_loss_sum` without grad, in :data:`EVAL_TILE_BYTES` tiles."""
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (B*(S-1), H)
+    labels = ids[:, 1:].reshape(-1)  # (B*(S-1),)
+    total = cross_entropy_sum_vocab_tiled(h, weight, labels, bias, tile_bytes=EVAL_TILE_BYTES,
+                                          max_tokens=max(chunk_size, 4096), softcap=softcap)
+    return total.item(), labels.numel()
 
 
 @torch.no_grad()
@@ -66,7 +83,7 @@ def lm_loss(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8, progres
         for start in tqdm(range(0, blocks.shape[0], batch_size), desc="eval", disable=not progress):
             batch = blocks[start : start + batch_size].to(device)  # (B, S)
             hidden = decoder(input_ids=batch, use_cache=False).last_hidden_state  # (B, S, H), normed
-            batch_total, batch_tokens = next_token_loss_sum(hidden, batch, weight, bias, chunk_size, softcap_of(model))
+            batch_total, batch_tokens = _next_token_loss_sum(hidden, batch, weight, bias, chunk_size, softcap_of(model))
             total += batch_total
             tokens += batch_tokens
     finally:
@@ -182,7 +199,7 @@ class DecoderStream:
         for b, h in enumerate(self.hidden):
             for index in layer_ids:
                 h = self._run(index, b, h)
-            batch_total, batch_tokens = next_token_loss_sum(
+            batch_total, batch_tokens = _next_token_loss_sum(
                 self.final_norm(h), self.ids[b], self.weight, self.bias, self.chunk_size, self.softcap)  # (B, S, D) normed
             total += batch_total
             tokens += batch_tokens
