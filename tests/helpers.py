@@ -62,6 +62,33 @@ FAMILY_NAMES = ("llama", "llama_mha_untied", "mistral", "qwen2", "qwen3", "starc
 FAMILIES = {name: (lambda name=name: _build(name)) for name in FAMILY_NAMES}
 
 
+MOE_FAMILY_NAMES = ("mixtral", "qwen2_moe", "qwen3_moe")
+MOE_COMMON = {k: v for k, v in COMMON.items() if k != "intermediate_size"}
+
+
+def make_moe_model(family: str, seed: int = 0) -> torch.nn.Module:
+    """Tiny random MoE models: 6 experts, top-2. Mixtral (every layer sparse); Qwen2-MoE with a shared expert
+    and a dense layer 1 (``mlp_only_layers``); Qwen3-MoE with dense layers 0 and 2 (``decoder_sparse_step=2``)
+    and renormalised top-k weights."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    if family == "mixtral":
+        model = tf.MixtralForCausalLM(tf.MixtralConfig(**MOE_COMMON, intermediate_size=40, num_local_experts=6,
+                                                       num_experts_per_tok=2))
+    elif family == "qwen2_moe":
+        model = tf.Qwen2MoeForCausalLM(tf.Qwen2MoeConfig(
+            **MOE_COMMON, intermediate_size=88, moe_intermediate_size=40, shared_expert_intermediate_size=56,
+            num_experts=6, num_experts_per_tok=2, mlp_only_layers=[1]))
+    elif family == "qwen3_moe":
+        model = tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(
+            **MOE_COMMON, head_dim=8, intermediate_size=88, moe_intermediate_size=40, num_experts=6,
+            num_experts_per_tok=2, decoder_sparse_step=2, norm_topk_prob=True))
+    else:
+        raise KeyError(family)
+    return randomize_(model, seed)
+
+
 def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Give norms, biases and weights non-trivial values so that a wrong index shows up."""
     g = torch.Generator().manual_seed(seed)

@@ -13,8 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from minitron.cli import main
 from minitron.pruning.target import model_sizes
-from tests.helpers import save_checkpoint
-from tests.test_search_moe import C, moe_model
+from tests.helpers import MOE_COMMON, make_moe_model, save_checkpoint
 
 FAST = ["--num-samples", "4", "--seq-len", "16", "--batch-size", "2", "--no-progress"]
 
@@ -32,7 +31,7 @@ def moe_checkpoint(path: Path, family: str) -> Path:
     the data below are token ids)."""
     from minitron.data import BUILTIN_MODEL
 
-    moe_model(family).save_pretrained(path)
+    make_moe_model(family).save_pretrained(path)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(BUILTIN_MODEL / name, path / name)
     return path
@@ -42,7 +41,7 @@ def token_file(path: Path, n_docs: int = 12, length: int = 40, seed: int = 0) ->
     g = torch.Generator().manual_seed(seed)
     with open(path, "w", encoding="utf-8") as f:
         for _ in range(n_docs):
-            f.write(json.dumps({"input_ids": torch.randint(0, C["vocab_size"], (length,), generator=g).tolist()}) + "\n")
+            f.write(json.dumps({"input_ids": torch.randint(0, MOE_COMMON["vocab_size"], (length,), generator=g).tolist()}) + "\n")
     return path
 
 
@@ -81,7 +80,7 @@ def test_prune_moe_flags_and_reload(tmp_path, capsys, family, flags, expect):
     assert sparse.mlp.experts.down_proj.shape[0] == expect["num_experts"]
     assert sparse.mlp.experts.down_proj.shape[-1] == expect["expert_intermediate_size"]
     assert sum(p.numel() for p in loaded.parameters()) == report["params_after"]
-    ids = torch.randint(0, C["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, MOE_COMMON["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.isfinite(loaded(ids).logits).all()
         assert loaded.generate(ids[:1, :4], max_new_tokens=4, do_sample=False).shape == (1, 8)

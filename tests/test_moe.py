@@ -23,35 +23,9 @@ from minitron.adapters import get_adapter, head_dim_of, moe_sizes, sparse_layers
 from minitron.importance.experts import routed_experts_forward
 from minitron.ops.expert_gather import compact_experts_, select_experts
 from minitron.pruning import PrunePlan, Target, apply_plan, make_plan, random_plan
-from tests.helpers import COMMON, randomize_
+from tests.helpers import COMMON, MOE_COMMON, MOE_FAMILY_NAMES, make_moe_model
 
-MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
-BASE = {k: v for k, v in COMMON.items() if k != "intermediate_size"}
-
-
-def build(family: str, seed: int = 0) -> torch.nn.Module:
-    """Tiny MoE models: 6 experts, top-2; Qwen2-MoE with a shared expert and a dense layer (``mlp_only_layers``),
-    Qwen3-MoE with dense layers from ``decoder_sparse_step=2`` and renormalised top-k weights."""
-    import transformers as tf
-
-    torch.manual_seed(seed)
-    if family == "mixtral":
-        model = tf.MixtralForCausalLM(tf.MixtralConfig(**BASE, intermediate_size=40, num_local_experts=6,
-                                                       num_experts_per_tok=2))
-    elif family == "qwen2_moe":
-        model = tf.Qwen2MoeForCausalLM(tf.Qwen2MoeConfig(
-            **BASE, intermediate_size=88, moe_intermediate_size=40, shared_expert_intermediate_size=56, num_experts=6,
-            num_experts_per_tok=2, mlp_only_layers=[1]))
-    elif family == "qwen3_moe":
-        model = tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(
-            **BASE, head_dim=8, intermediate_size=88, moe_intermediate_size=40, num_experts=6, num_experts_per_tok=2,
-            decoder_sparse_step=2, norm_topk_prob=True))
-    else:
-        raise KeyError(family)
-    return randomize_(model, seed)
-
-
-@pytest.fixture(params=MOE_FAMILIES)
+@pytest.fixture(params=MOE_FAMILY_NAMES)
 def moe_family(request) -> str:
     return request.param
 
@@ -83,7 +57,6 @@ def _router_top_k(router, x: torch.Tensor, allowed: torch.Tensor | None):
 def masked_reference(model, ids, plan: PrunePlan):
     """Logits of the original model with the plan's dropped experts, neurons, heads and layers masked out."""
     model = copy.deepcopy(model)
-    adapter = get_adapter(model)
     sparse = sparse_layers(model.config)
     head_dim = head_dim_of(model.config)
     handles = []
@@ -127,7 +100,7 @@ def masked_reference(model, ids, plan: PrunePlan):
 # ---- calibration ------------------------------------------------------------------------------
 
 def test_routed_experts_forward_equals_the_models_own(moe_family):
-    model = build(moe_family)
+    model = make_moe_model(moe_family)
     layer = next(layer for l, layer in enumerate(model.model.layers) if sparse_layers(model.config)[l])
     x = torch.randn(20, model.config.hidden_size)
     _, weights, idx = layer.mlp.gate(x)
@@ -142,7 +115,7 @@ def test_routed_experts_forward_equals_the_models_own(moe_family):
 def test_expert_statistics_match_a_dense_recomputation(moe_family, calib_ids, seq_agg):
     """Per-expert neuron and output statistics = every expert run on every token, times its routing weight
     (0 where the token is not routed to it), aggregated over the sequence, then L2 over the samples."""
-    model = build(moe_family)
+    model = make_moe_model(moe_family)
     l = sparse_layers(model.config).index(True)
     layer = model.model.layers[l]
     captured = []
@@ -175,7 +148,7 @@ def test_expert_statistics_match_a_dense_recomputation(moe_family, calib_ids, se
 
 def test_var_sequence_aggregation_is_refused_with_the_alternatives(calib_ids):
     with pytest.raises(ValueError, match="seq_agg='mean' or 'l2'"):
-        scores_for(build("mixtral"), calib_ids, seq_agg="var", batch_agg="mean")
+        scores_for(make_moe_model("mixtral"), calib_ids, seq_agg="var", batch_agg="mean")
 
 
 # ---- pruning = masked original ----------------------------------------------------------------
@@ -196,7 +169,7 @@ def test_pruned_equals_masked_original(moe_family, calib_ids, name):
         pytest.skip("only Qwen2-MoE has a shared expert")
     if moe_family == "qwen2_moe" and name != "shared":
         fields["shared_expert_intermediate_size"] = 40
-    model = build(moe_family)
+    model = make_moe_model(moe_family)
     target = Target(**fields)
     plan = make_plan(scores_for(model, calib_ids), target, model.config, head_residual=False)
     got, want = plan.target(model.config).resolved(model.config), target.resolved(model.config)
@@ -213,7 +186,7 @@ def test_pruned_equals_masked_original(moe_family, calib_ids, name):
 
 
 def test_each_expert_keeps_its_own_highest_scoring_neurons(calib_ids):
-    model = build("mixtral")
+    model = make_moe_model("mixtral")
     scores = scores_for(model, calib_ids)
     plan = make_plan(scores, Target(num_experts=4, expert_intermediate_size=8), model.config)
     for l, kept in plan.experts.items():
@@ -228,7 +201,7 @@ def test_each_expert_keeps_its_own_highest_scoring_neurons(calib_ids):
 def test_tokens_routed_only_to_kept_experts_are_unchanged_with_renormalised_top_k(calib_ids):
     """Mixtral renormalises the top-k weights: for a token whose top-k experts are all kept, the pruned
     layer's output equals the original layer's, whatever the other experts' logits were."""
-    model = build("mixtral")
+    model = make_moe_model("mixtral")
     plan = make_plan(scores_for(model, calib_ids), Target(num_experts=4), model.config)
     pruned = apply_plan(model, plan)
     x = torch.randn(64, model.config.hidden_size)
@@ -245,7 +218,7 @@ def test_tokens_routed_only_to_kept_experts_are_unchanged_with_renormalised_top_
 def test_unnormalised_top_k_weights_are_renormalised_over_the_kept_experts(calib_ids):
     """Qwen2-MoE (norm_topk_prob=False) weights a token's experts by their softmax probability over ALL
     experts; pruned, the softmax runs over the kept ones, so each kept weight grows by Z_all / Z_kept."""
-    model = build("qwen2_moe")
+    model = make_moe_model("qwen2_moe")
     assert model.config.norm_topk_prob is False
     plan = make_plan(scores_for(model, calib_ids), Target(num_experts=4), model.config)
     pruned = apply_plan(model, plan)
@@ -263,7 +236,7 @@ def test_unnormalised_top_k_weights_are_renormalised_over_the_kept_experts(calib
 def test_hidden_pruning_slices_router_experts_and_shared_expert(moe_family, calib_ids):
     """Every MoE tensor gathered by hand from the original state: router rows/columns, the 3-D expert
     tensors (kept experts, each expert's own neurons, hidden channels), the shared expert and its gate."""
-    model = build(moe_family)
+    model = make_moe_model(moe_family)
     extra = {"shared_expert_intermediate_size": 48} if moe_family == "qwen2_moe" else {}
     plan = make_plan(scores_for(model, calib_ids), Target(hidden_size=40, num_experts=5, expert_intermediate_size=32,
                                                           **extra), model.config, norm_rescale=False)
@@ -293,7 +266,7 @@ def test_hidden_pruning_slices_router_experts_and_shared_expert(moe_family, cali
 # ---- checkpoints, generation, in place ----------------------------------------------------------
 
 def test_all_axes_save_reload_and_generate(moe_family, calib_ids, tmp_path):
-    model = build(moe_family)
+    model = make_moe_model(moe_family)
     before = copy.deepcopy(model.state_dict())
     extra = {"shared_expert_intermediate_size": 32} if moe_family == "qwen2_moe" else {}
     target = Target(hidden_size=40, num_attention_heads=4, num_hidden_layers=3, num_experts=4,
@@ -324,7 +297,7 @@ def test_all_axes_save_reload_and_generate(moe_family, calib_ids, tmp_path):
                                     dict(hidden_size=40, num_experts=4, expert_intermediate_size=16, num_hidden_layers=3)],
                          ids=["expert_ffn_only", "all"])
 def test_inplace_prune_of_a_mapped_checkpoint_equals_the_copy(moe_family, calib_ids, tmp_path, fields):
-    build(moe_family).save_pretrained(tmp_path)
+    make_moe_model(moe_family).save_pretrained(tmp_path)
     model = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     reference = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     scores = scores_for(reference, calib_ids)
@@ -346,7 +319,7 @@ def test_inplace_prune_of_a_mapped_checkpoint_equals_the_copy(moe_family, calib_
 def test_random_plan_and_distillation_of_a_pruned_moe_student(calib_ids, tmp_path):
     from tests.helpers import quick_cfg, rows
 
-    teacher = build("qwen2_moe")
+    teacher = make_moe_model("qwen2_moe")
     with torch.no_grad():
         teacher.lm_head.weight.mul_(4)  # more peaked next-token distributions: KD has signal
     plan = random_plan(teacher.config, Target(num_experts=3, expert_intermediate_size=16,
@@ -366,7 +339,7 @@ def test_pages_the_loader_read_for_converted_experts_are_dropped(tmp_path, calib
     the file pages it read are no parameter's any more and are released (values unchanged)."""
     from minitron.ops.mapped import release_unreferenced_pages
 
-    build("mixtral").save_pretrained(tmp_path)
+    make_moe_model("mixtral").save_pretrained(tmp_path)
     model = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     before = logits(model, calib_ids)
     tensors = [*model.parameters(), *model.buffers()]
@@ -420,7 +393,7 @@ def test_expert_gather_rejects_bad_indices():
 # ---- bad input ------------------------------------------------------------------------------------
 
 def test_infeasible_moe_targets_name_the_fix():
-    mixtral = build("mixtral")
+    mixtral = make_moe_model("mixtral")
     with pytest.raises(ValueError, match="keep at least 2"):
         Target(num_experts=1).validate(mixtral.config)
     with pytest.raises(ValueError, match="name the same MixtralConfig field"):
@@ -443,33 +416,33 @@ def test_infeasible_moe_targets_name_the_fix():
 def test_pruning_summary_names_experts_and_only_existing_dense_ffn():
     from minitron.pruner import pruning_summary
 
-    mixtral = build("mixtral")
+    mixtral = make_moe_model("mixtral")
     line = pruning_summary(minitron.count_parameters(mixtral), mixtral)
     assert "experts 6 (top 2) x ffn 40" in line and "ffn 40," not in line.split("experts")[0]
-    qwen2 = build("qwen2_moe")
+    qwen2 = make_moe_model("qwen2_moe")
     assert "ffn 88" in pruning_summary(1, qwen2) and "shared ffn 56" in pruning_summary(1, qwen2)
 
 
 def test_dense_ffn_target_on_an_all_sparse_model_is_refused():
     import transformers as tf
 
-    model = tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(**BASE, head_dim=8, intermediate_size=88, moe_intermediate_size=40,
+    model = tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(**MOE_COMMON, head_dim=8, intermediate_size=88, moe_intermediate_size=40,
                                                      num_experts=6, num_experts_per_tok=2))
     with pytest.raises(ValueError, match="no dense MLP has that width.*expert_intermediate_size"):
         Target(intermediate_size=64).validate(model.config)
-    Target(intermediate_size=64).validate(build("qwen3_moe").config)  # it has dense layers
+    Target(intermediate_size=64).validate(make_moe_model("qwen3_moe").config)  # it has dense layers
 
 
 def test_params_budget_on_moe_asks_for_an_explicit_target(calib_ids):
     with pytest.raises(ValueError, match="num_experts=.*expert_intermediate_size"):
-        minitron.prune(build("qwen3_moe"), calib_ids, params=0.5, seq_len=16, progress=False)
+        minitron.prune(make_moe_model("qwen3_moe"), calib_ids, params=0.5, seq_len=16, progress=False)
 
 
 def test_masked_plan_refuses_moe_models_instead_of_emulating_them_wrongly():
     from minitron.masked_eval import masked_plan
 
     with pytest.raises(ValueError, match="mixture-of-experts"):
-        with masked_plan(build("mixtral"), PrunePlan(hidden=torch.arange(40))):
+        with masked_plan(make_moe_model("mixtral"), PrunePlan(hidden=torch.arange(40))):
             pass
 
 

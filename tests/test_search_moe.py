@@ -14,34 +14,8 @@ from minitron.arch_search import ParamCounter, SearchConfig, default_divisors, e
 from minitron.pruning.target import model_sizes
 from minitron.sizing import target_parameters
 
-from tests.helpers import make_model, randomize_
+from tests.helpers import MOE_COMMON, MOE_FAMILY_NAMES, make_model, make_moe_model
 
-C = dict(vocab_size=101, hidden_size=48, num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=2,
-         max_position_embeddings=64)
-
-
-def moe_model(family: str, seed: int = 0) -> torch.nn.Module:
-    """Tiny random MoE models: Mixtral, Qwen2-MoE (shared expert, layer 1 dense), Qwen3-MoE (layers 0, 2 dense)."""
-    import transformers as tf
-
-    torch.manual_seed(seed)
-    if family == "mixtral":
-        model = tf.MixtralForCausalLM(tf.MixtralConfig(**C, intermediate_size=40, num_local_experts=6,
-                                                       num_experts_per_tok=2))
-    elif family == "qwen2_moe":
-        model = tf.Qwen2MoeForCausalLM(tf.Qwen2MoeConfig(
-            **C, intermediate_size=88, moe_intermediate_size=40, shared_expert_intermediate_size=56, num_experts=6,
-            num_experts_per_tok=2, mlp_only_layers=[1]))
-    elif family == "qwen3_moe":
-        model = tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(
-            **C, head_dim=8, intermediate_size=88, moe_intermediate_size=40, num_experts=6, num_experts_per_tok=2,
-            decoder_sparse_step=2, norm_topk_prob=True))
-    else:
-        raise KeyError(family)
-    return randomize_(model, seed)
-
-
-MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
 MOE_FIELDS = ("num_experts", "expert_intermediate_size", "shared_expert_intermediate_size")
 
 
@@ -57,24 +31,24 @@ def test_model_axes_and_divisors():
     assert model_axes(make_model("llama").config) == ("hidden", "ffn", "heads", "layers")
     assert "num_experts" not in default_divisors(make_model("llama").config)
     # Mixtral's intermediate_size IS the expert FFN: searched once, as expert_ffn
-    assert model_axes(moe_model("mixtral").config) == ("hidden", "heads", "layers", "experts", "expert_ffn")
-    assert model_axes(moe_model("qwen2_moe").config) == ("hidden", "ffn", "heads", "layers", "experts", "expert_ffn",
+    assert model_axes(make_moe_model("mixtral").config) == ("hidden", "heads", "layers", "experts", "expert_ffn")
+    assert model_axes(make_moe_model("qwen2_moe").config) == ("hidden", "ffn", "heads", "layers", "experts", "expert_ffn",
                                                           "shared_ffn")
-    assert model_axes(moe_model("qwen3_moe").config) == ("hidden", "ffn", "heads", "layers", "experts", "expert_ffn")
+    assert model_axes(make_moe_model("qwen3_moe").config) == ("hidden", "ffn", "heads", "layers", "experts", "expert_ffn")
     # a Qwen3-MoE whose every layer is sparse has no dense MLP to search
     import transformers as tf
 
-    all_sparse = tf.Qwen3MoeConfig(**C, head_dim=8, intermediate_size=88, moe_intermediate_size=40, num_experts=6,
+    all_sparse = tf.Qwen3MoeConfig(**MOE_COMMON, head_dim=8, intermediate_size=88, moe_intermediate_size=40, num_experts=6,
                                    num_experts_per_tok=2)
     assert model_axes(all_sparse) == ("hidden", "heads", "layers", "experts", "expert_ffn")
-    divs = default_divisors(moe_model("qwen2_moe").config)
+    divs = default_divisors(make_moe_model("qwen2_moe").config)
     assert divs["num_experts"] == 1 and divs["expert_intermediate_size"] == 8
     assert divs["shared_expert_intermediate_size"] == 8
 
 
-@pytest.mark.parametrize("family", MOE)
+@pytest.mark.parametrize("family", MOE_FAMILY_NAMES)
 def test_param_counter_exact_on_moe(family):
-    model = moe_model(family)
+    model = make_moe_model(family)
     counter = ParamCounter(model)
     shared = model_sizes(model.config)["shared_expert_intermediate_size"] is not None
     targets = [minitron.Target(), minitron.Target(num_experts=4), minitron.Target(expert_intermediate_size=24),
@@ -97,7 +71,7 @@ def test_param_counter_exact_on_moe(family):
 def test_mixed_dense_and_sparse_layers_counted_for_the_layers_kept(family):
     """Which layers (sparse or dense MLP) a depth-pruned candidate keeps is chosen by importance: the
     counter gives the exact count for each choice and bounds them; the pruned model lies inside."""
-    model = moe_model(family)
+    model = make_moe_model(family)
     counter = ParamCounter(model)
     t = minitron.Target(num_hidden_layers=3, num_experts=4, expert_intermediate_size=24)
     lo, hi = counter.bounds(t)
@@ -105,14 +79,14 @@ def test_mixed_dense_and_sparse_layers_counted_for_the_layers_kept(family):
     exact = {counter(t, kept) for kept in ([0, 1, 2], [0, 1, 3], [0, 2, 3], [1, 2, 3])}
     assert min(exact) == lo and max(exact) == hi
     g = torch.Generator().manual_seed(0)
-    calib = torch.randint(0, C["vocab_size"], (4, 16), generator=g)
+    calib = torch.randint(0, MOE_COMMON["vocab_size"], (4, 16), generator=g)
     pruned = minitron.prune(model, calib, t, seq_len=16, progress=False, verbose=False)
     assert minitron.count_parameters(pruned) in exact
 
 
-@pytest.mark.parametrize("family", MOE)
+@pytest.mark.parametrize("family", MOE_FAMILY_NAMES)
 def test_enumeration_searches_the_moe_axes(family):
-    model = moe_model(family)
+    model = make_moe_model(family)
     sizes = model_sizes(model.config)
     cands, budget = enumerate_candidates(model, 0.75, 0.1, divisors={"hidden": 8}, max_depth_prune=0.25)
     assert cands and len({c.name for c in cands}) == len(cands)  # no duplicates (Mixtral: ffn is the expert FFN)
@@ -120,7 +94,7 @@ def test_enumeration_searches_the_moe_axes(family):
     for c in cands:
         assert budget * 0.9 <= c.params <= budget
         assert c.params == counter.bounds(c.target)[1]
-        if c.num_hidden_layers == C["num_hidden_layers"] or family == "mixtral":
+        if c.num_hidden_layers == MOE_COMMON["num_hidden_layers"] or family == "mixtral":
             assert c.params == target_parameters(model, c.target)
         assert 2 <= c.num_experts <= 6 and c.num_experts >= 6 * 0.6  # top-k 2, max_width_prune 0.4
         assert c.expert_intermediate_size % 8 == 0 and c.expert_intermediate_size >= 40 * 0.6
@@ -143,11 +117,11 @@ def test_axes_the_model_lacks_are_refused():
     with pytest.raises(ValueError, match=r"LlamaForCausalLM has no experts axis \(not a mixture-of-experts model\)"):
         enumerate_candidates(make_model("llama"), 0.8, axes=("experts",))
     with pytest.raises(ValueError, match=r"has no shared_ffn axis \(no shared expert\)"):
-        enumerate_candidates(moe_model("qwen3_moe"), 0.8, axes=("shared_ffn",))
+        enumerate_candidates(make_moe_model("qwen3_moe"), 0.8, axes=("shared_ffn",))
     with pytest.raises(ValueError, match="allowed axes are hidden, heads, layers, experts, expert_ffn"):
-        enumerate_candidates(moe_model("mixtral"), 0.8, axes=("width",))
+        enumerate_candidates(make_moe_model("mixtral"), 0.8, axes=("width",))
     # Mixtral: `ffn` names the same config field as `expert_ffn`
-    mixtral = moe_model("mixtral")
+    mixtral = make_moe_model("mixtral")
     a, _ = enumerate_candidates(mixtral, 0.85, 0.1, axes=("ffn",))
     b, _ = enumerate_candidates(mixtral, 0.85, 0.1, axes=("expert_ffn",))
     assert [c.name for c in a] == [c.name for c in b] and {c.expert_intermediate_size for c in a} > set()
@@ -156,12 +130,12 @@ def test_axes_the_model_lacks_are_refused():
 
 @pytest.mark.parametrize("family", ["qwen2_moe", "mixtral"])
 def test_search_prunes_experts_end_to_end(family, tmp_path):
-    model = moe_model(family)
+    model = make_moe_model(family)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     g = torch.Generator().manual_seed(3)
-    calib = torch.randint(0, C["vocab_size"], (8, 16), generator=g)
-    train = torch.randint(0, C["vocab_size"], (1200,), generator=g)
-    valid = torch.randint(0, C["vocab_size"], (4, 16), generator=g)
+    calib = torch.randint(0, MOE_COMMON["vocab_size"], (8, 16), generator=g)
+    train = torch.randint(0, MOE_COMMON["vocab_size"], (1200,), generator=g)
+    valid = torch.randint(0, MOE_COMMON["vocab_size"], (4, 16), generator=g)
     axes = ("experts", "expert_ffn", "shared_ffn") if family == "qwen2_moe" else ("experts", "expert_ffn", "heads")
     res = search(model, calib, train, params=0.75, eval_data=valid, output_dir=tmp_path / "s", progress=False,
                  config=SearchConfig(tolerance=0.1, retrain_steps=2, top=2, axes=axes, seq_len=16, batch_size=4))
@@ -207,7 +181,7 @@ def test_moe_width_divisors_are_multiples_of_the_grouped_gemm_width():
     from minitron.arch_search.space import _normalise_divisors
     from minitron.pruning.target import MOE_WIDTH_MULTIPLE
 
-    divs = _normalise_divisors(moe_model("qwen3_moe").config, {"hidden": 6, "expert_ffn": 4, "ffn": 4})
+    divs = _normalise_divisors(make_moe_model("qwen3_moe").config, {"hidden": 6, "expert_ffn": 4, "ffn": 4})
     assert divs["hidden_size"] % MOE_WIDTH_MULTIPLE == 0 and divs["hidden_size"] % 6 == 0
     assert divs["expert_intermediate_size"] % MOE_WIDTH_MULTIPLE == 0 and divs["intermediate_size"] == 4
     assert _normalise_divisors(make_model("llama").config, {"hidden": 6})["hidden_size"] == 6
