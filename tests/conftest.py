@@ -18,6 +18,16 @@ def family(request) -> str:
 
 
 @pytest.fixture
+def one_torch_thread():
+    """One torch thread for the test (tiny models: more threads only add contention on a shared CPU).
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def calib_ids() -> torch.Tensor:
     return torch.randint(0, COMMON["vocab_size"], (10, 16), generator=torch.Generator().manual_seed(1))
 

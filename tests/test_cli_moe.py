@@ -18,12 +18,7 @@ from tests.helpers import MOE_COMMON, make_moe_model, save_checkpoint
 FAST = ["--num-samples", "4", "--seq-len", "16", "--batch-size", "2", "--no-progress"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def moe_checkpoint(path: Path, family: str) -> Path:

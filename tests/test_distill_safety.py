@@ -22,12 +22,7 @@ from minitron.runlock import OutputInUseError, acquire
 from tests.helpers import T, V, quick_cfg, rows, small_student, tiny
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def strict_json(line: str) -> dict:

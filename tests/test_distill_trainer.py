@@ -13,12 +13,7 @@ from minitron.distillation.checkpoint import latest_checkpoint, load_student_sta
 from tests.helpers import T, V, quick_cfg, rows, small_student
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add contention on a shared CPU
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_kd_lowers_kl_and_beats_ce(teacher_and_data, tmp_path):

@@ -19,13 +19,7 @@ from tests.helpers import COMMON, make_model
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: several times faster than two on a shared, oversubscribed CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 DIVS = {"hidden": 6, "ffn": 8}  # hidden 48 -> {30, 36, 42, 48}, ffn 88 -> {56, 64, 72, 80, 88}

@@ -19,12 +19,7 @@ from tests.helpers import MOE_COMMON, MOE_FAMILY_NAMES, make_model, make_moe_mod
 MOE_FIELDS = ("num_experts", "expert_intermediate_size", "shared_expert_intermediate_size")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_model_axes_and_divisors():
