@@ -106,6 +106,21 @@ def make_model(family: str, seed: int = 0) -> torch.nn.Module:
     return randomize_(FAMILIES[family](), seed)
 
 
+def assert_kv_cache_generation(model: torch.nn.Module, ids: torch.Tensor) -> None:
+    """Incremental decoding with the KV cache equals a full forward, and greedy generation runs.
+
+    ``ids``: (B >= 1, >= 12) token ids; the cache holds the first 8 positions, then the rest are decoded.
+    """
+    ids = ids[:2, :12]
+    with torch.no_grad():
+        out = model(input_ids=ids[:, :8], use_cache=True)
+        step = model(input_ids=ids[:, 8:], past_key_values=out.past_key_values, use_cache=True).logits
+        full = model(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(step, full[:, 8:], atol=1e-5, rtol=1e-4)
+    generated = model.generate(ids[:1, :4], max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert generated.shape == (1, 8)
+
+
 def save_checkpoint(path, family: str = "llama", seed: int = 0):
     """A tiny model of ``family`` saved as a local HF checkpoint, with the built-in tokenizer's files.
 

@@ -23,7 +23,7 @@ from minitron.adapters import get_adapter, head_dim_of, moe_sizes, sparse_layers
 from minitron.importance.experts import routed_experts_forward
 from minitron.ops.expert_gather import compact_experts_, select_experts
 from minitron.pruning import PrunePlan, Target, apply_plan, make_plan, random_plan
-from tests.helpers import COMMON, MOE_COMMON, MOE_FAMILY_NAMES, make_moe_model
+from tests.helpers import COMMON, MOE_COMMON, MOE_FAMILY_NAMES, assert_kv_cache_generation, make_moe_model
 
 @pytest.fixture(params=MOE_FAMILY_NAMES)
 def moe_family(request) -> str:
@@ -284,13 +284,7 @@ def test_all_axes_save_reload_and_generate(moe_family, calib_ids, tmp_path):
     assert [hasattr(layer.mlp, "experts") for layer in reloaded.model.layers] == sparse_layers(reloaded.config)
     assert [hasattr(layer.mlp, "experts") for layer in pruned.model.layers] == sparse_layers(reloaded.config)
     torch.testing.assert_close(logits(reloaded, calib_ids), logits(pruned, calib_ids), atol=0, rtol=0)
-    ids = calib_ids[:2, :12]
-    with torch.no_grad():
-        out = reloaded(input_ids=ids[:, :8], use_cache=True)
-        step = reloaded(input_ids=ids[:, 8:], past_key_values=out.past_key_values, use_cache=True).logits
-    torch.testing.assert_close(step, logits(reloaded, ids)[:, 8:], atol=1e-5, rtol=1e-4)
-    generated = reloaded.generate(ids[:1, :4], max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
-    assert generated.shape == (1, 8)
+    assert_kv_cache_generation(reloaded, calib_ids)
 
 
 @pytest.mark.parametrize("fields", [dict(expert_intermediate_size=24),
