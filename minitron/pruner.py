@@ -192,7 +192,7 @@ def prune(
             # the C heap (glibc) keeps freed activations resident: trimmed before every layer's forward,
             # and once calibration is over, a pass leaves about one layer's freed activations behind
             # instead of ~0.1-0.2x the model (135M), the same on every run (heap.py)
-            with trimmed_layers(decoder_layers(model, get_adapter(model))):
+            with trimmed_layers(decoder_layers(model, adapter)):
                 scores = scores or collect_importance(model, blocks, importance or ImportanceConfig(),
                                                       progress=progress)
                 trim_heap()
@@ -214,7 +214,7 @@ def prune(
             # (iterative removal computes its own layer-drop losses)
             importance = loss_scores_for(importance or ImportanceConfig(), target, model.config,
                                          "bi" if depth_rounds > 1 else depth_metric, head_metric)
-            with trimmed_layers(decoder_layers(model, get_adapter(model))):
+            with trimmed_layers(decoder_layers(model, adapter)):
                 scores = collect_importance(model, blocks, importance, progress=progress)
         check_finite_scores(scores)
         if depth_rounds > 1 and target.resolved(model.config).num_hidden_layers < model.config.num_hidden_layers:

@@ -85,19 +85,26 @@ def file_mapping(tensor: torch.Tensor) -> Optional[Mapping]:
     if tensor.device.type != "cpu" or tensor.numel() == 0 or not sys.platform.startswith("linux"):
         return None
     lo, hi = _storage_range(tensor)
+    for a, b, perms, inode, path in _maps():
+        if a <= lo < b:
+            if inode == "0" or not path.startswith("/") or hi > b:
+                return None
+            return Mapping(a, b, perms, path)
+    return None
+
+
+def _maps() -> list[tuple[int, int, str, str, str]]:
+    """Every line of ``/proc/self/maps`` as ``(start, end, perms, inode, path)`` (empty if unreadable)."""
+    out = []
     try:
         with open("/proc/self/maps") as f:
             for line in f:
                 span, perms, _off, _dev, inode, *rest = line.split(maxsplit=5)
                 a, b = (int(x, 16) for x in span.split("-"))
-                if a <= lo < b:
-                    path = rest[0].strip() if rest else ""
-                    if inode == "0" or not path.startswith("/") or hi > b:
-                        return None
-                    return Mapping(a, b, perms, path)
+                out.append((a, b, perms, inode, rest[0].strip() if rest else ""))
     except OSError:
-        return None
-    return None
+        return []
+    return out
 
 
 def _pagemap(first_page: int, n_pages: int) -> Optional[torch.Tensor]:
@@ -278,17 +285,7 @@ def release_unreferenced_pages(tensors) -> int:
     """
     if not sys.platform.startswith("linux"):
         return 0
-    try:
-        with open("/proc/self/maps") as f:
-            maps = []
-            for line in f:
-                span, perms, _off, _dev, inode, *rest = line.split(maxsplit=5)
-                path = rest[0].strip() if rest else ""
-                if inode != "0" and path.startswith("/"):
-                    a, b = (int(x, 16) for x in span.split("-"))
-                    maps.append(Mapping(a, b, perms, path))
-    except OSError:
-        return 0
+    maps = [Mapping(a, b, perms, path) for a, b, perms, inode, path in _maps() if inode != "0" and path.startswith("/")]
     covered: dict[Mapping, list[tuple[int, int]]] = {}
     for t in tensors:
         if t.device.type != "cpu" or t.numel() == 0:
