@@ -1,7 +1,10 @@
 """Build script: packages, package data, and (issue 5) the optional C++/CUDA extension.
 
-Metadata lives in pyproject.toml. The Triton kernels in ``kernels/`` install as the
-top-level package ``minitron_kernels`` (importable by other compression tools).
+Metadata lives in pyproject.toml. The Triton kernels live in ``kernels/minitron_kernels/`` and install
+as the top-level package ``minitron_kernels`` (importable by other compression tools). ``kernels/`` is
+only a source folder, never a package: ``kernels`` is the import name of Hugging Face's PyPI package,
+which transformers imports, so a ``kernels`` package here would shadow it whenever the checkout root
+is on ``sys.path`` (tests/test_import_names.py guards every top-level name of the repo).
 
 C++/CUDA extension ``minitron._C`` (ops ``torch.ops.minitron.*``, see minitron/ops/gather.py):
   * built against the *installed* torch -- use ``pip install -e . --no-build-isolation``
@@ -27,9 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SPEC = runpy.run_path(os.path.join(HERE, "minitron", "ops", "build_spec.py"))
 
 packages = find_packages(include=["minitron", "minitron.*"])
-packages += ["minitron_kernels"] + [
-    "minitron_kernels." + p for p in find_packages(where="kernels")
-]
+packages += find_packages(where="kernels", include=["minitron_kernels", "minitron_kernels.*"])
 packages += ["minitron." + SPEC["PACKAGED_CSRC"]]  # the C++/CUDA sources, as package data
 
 
@@ -86,7 +87,7 @@ ext_modules, cmdclass = _extension_config()
 
 setup(
     packages=packages,
-    package_dir={"minitron_kernels": "kernels", "minitron." + SPEC["PACKAGED_CSRC"]: "csrc"},
+    package_dir={"minitron_kernels": "kernels/minitron_kernels", "minitron." + SPEC["PACKAGED_CSRC"]: "csrc"},
     package_data={
         "minitron": ["assets/*.txt", "assets/*/*"],
         "minitron." + SPEC["PACKAGED_CSRC"]: ["*.cpp", "*.cu", "*.h", "*.sh"],

@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         head = (f"# Triton kernels compiled for NVIDIA GPUs (no GPU used)\n\n"
                 f"Command: `python -m minitron_kernels.aot_compile {' '.join(argv or sys.argv[1:])}`; "
                 f"triton {triton.__version__}, ptxas bundled with triton. One row per launch configuration "
-                "the dispatch picks for the representative shapes in `kernels/aot_compile.py`. "
+                "the dispatch picks for the representative shapes in `kernels/minitron_kernels/aot_compile.py`. "
                 "regs/thread and spill bytes (STACK + LOCAL) from `cuobjdump -res-usage`; spill 0 = no "
                 "register spills. Compile seconds are on the 2-core CPU (cache cold or warm).\n\n")
         with open(args.out, "w") as f:
