@@ -17,18 +17,28 @@ Order of attempts (first success wins, result cached for the process):
 
 ``MINITRON_GATHER_BACKEND=torch`` skips 1-2 entirely (forces the fallback);
 ``MINITRON_NO_JIT=1`` skips step 2 only.
+
+Interrupted builds: torch's JIT build guards its folder with a plain ``lock`` file that it removes
+when the build ends; a build killed mid-way (SIGKILL, a closed terminal) leaves it, and every later
+``load()`` would poll it forever. Every minitron build therefore first takes an OS file lock
+(``fcntl.flock`` on ``.minitron-build.flock`` in the same folder), which the kernel drops when its
+holder dies. Holding it, a ``lock`` file can only be a dead build's: it is removed with a warning
+naming it. Waiting for another live build is bounded by ``MINITRON_EXT_LOCK_TIMEOUT`` seconds
+(default 600); past that the pure-PyTorch kernel is used, with a warning naming the lock file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 from types import ModuleType
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -65,6 +75,66 @@ def _cache_dir() -> Path:
     return base / "minitron" / "ext" / tag
 
 
+TORCH_BUILD_LOCK = "lock"  # the FileBaton of torch.utils.cpp_extension._jit_compile
+BUILD_FLOCK = ".minitron-build.flock"
+DEFAULT_LOCK_TIMEOUT_S = 600.0
+
+
+def _lock_timeout_s() -> float:
+    raw = os.environ.get("MINITRON_EXT_LOCK_TIMEOUT", "")
+    try:
+        return float(raw) if raw else DEFAULT_LOCK_TIMEOUT_S
+    except ValueError:
+        raise ValueError(f"MINITRON_EXT_LOCK_TIMEOUT={raw!r} is not a number of seconds") from None
+
+
+@contextlib.contextmanager
+def _exclusive_build(build_dir: Path, timeout_s: float) -> Iterator[None]:
+    """Hold the folder's build lock; clear torch's ``lock`` file when its owner is gone.
+
+    Raises:
+        TimeoutError: another live build held the folder for ``timeout_s`` (names the lock file).
+    """
+    torch_lock = build_dir / TORCH_BUILD_LOCK
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): a bounded wait on torch's own lock file
+        deadline = time.monotonic() + timeout_s
+        while torch_lock.exists():
+            if time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"the extension build folder is locked by {torch_lock} for over {timeout_s:.0f} s; "
+                    "if no other build is running, delete that file") from None
+            time.sleep(0.2)
+        yield
+        return
+
+    flock_path = build_dir / BUILD_FLOCK
+    fd = os.open(flock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(
+                        f"another process has been building the extension in {build_dir} for over "
+                        f"{timeout_s:.0f} s (it holds {flock_path}); raise MINITRON_EXT_LOCK_TIMEOUT to wait "
+                        "longer") from None
+                time.sleep(0.2)
+        # Every minitron build holds the flock for its whole duration, and the kernel drops it when the
+        # holder dies: a torch lock file seen now was left by a build that was killed.
+        if torch_lock.exists() or torch_lock.is_symlink():
+            warnings.warn(f"minitron: removing the stale build lock {torch_lock} (an earlier extension build "
+                          "was interrupted); rebuilding", RuntimeWarning, stacklevel=4)
+            torch_lock.unlink()
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
 def _jit_build() -> ModuleType:
     from torch.utils.cpp_extension import load
 
@@ -74,15 +144,21 @@ def _jit_build() -> ModuleType:
     with_cuda = _cuda_build_possible()
     build_dir = _cache_dir()
     build_dir.mkdir(parents=True, exist_ok=True)
-    return load(
-        name=build_spec.JIT_NAME,
-        sources=[str(csrc / s) for s in build_spec.sources(with_cuda)],
-        extra_cflags=build_spec.cxx_flags(with_cuda),
-        extra_cuda_cflags=build_spec.nvcc_flags() if with_cuda else None,
-        extra_include_paths=[str(csrc)],
-        build_directory=str(build_dir),
-        verbose=os.environ.get("MINITRON_EXT_VERBOSE", "0") == "1",
-    )
+    with _exclusive_build(build_dir, _lock_timeout_s()):
+        return load(
+            name=build_spec.JIT_NAME,
+            sources=[str(csrc / s) for s in build_spec.sources(with_cuda)],
+            extra_cflags=build_spec.cxx_flags(with_cuda),
+            extra_cuda_cflags=build_spec.nvcc_flags() if with_cuda else None,
+            extra_include_paths=[str(csrc)],
+            build_directory=str(build_dir),
+            verbose=os.environ.get("MINITRON_EXT_VERBOSE", "0") == "1",
+        )
+
+
+def _prebuilt_spec():
+    """The import spec of the binary ``setup.py`` built, located without loading it (None: not built)."""
+    return importlib.util.find_spec("minitron._C")
 
 
 def load_extension() -> Optional[ModuleType]:
@@ -96,7 +172,7 @@ def load_extension() -> Optional[ModuleType]:
             return _STATE["module"]
         mod = None
         errors = []
-        spec = importlib.util.find_spec("minitron._C")  # locates the binary without loading it
+        spec = _prebuilt_spec()
         if spec is None or spec.origin is None:
             errors.append("prebuilt minitron._C: not built")
         elif not build_spec.abi_matches(spec.origin):
@@ -118,7 +194,7 @@ def load_extension() -> Optional[ModuleType]:
             _STATE["error"] = "; ".join(errors) or "disabled by MINITRON_NO_JIT=1"
             warnings.warn(
                 "minitron: C++ gather extension unavailable "
-                f"({_STATE['error'][:500]}); compact_ uses its slower pure-PyTorch kernel "
+                f"({_STATE['error'][:800]}); compact_ uses its slower pure-PyTorch kernel "
                 "(same results, chunked copies). Install a C++ compiler + ninja, or build with "
                 "`pip install -e . --no-build-isolation`.",
                 RuntimeWarning,
