@@ -36,6 +36,7 @@ ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 BUILTIN_TEXT = ASSETS_DIR / "pydoc_topics.txt"
 BUILTIN_MODEL = ASSETS_DIR / "tiny-llama-pydoc"
 BUILTIN_VALID_FRACTION = 0.1  # the tail of the text the built-in model never saw in training
+DEFAULT_SEQ_LEN = 256  # calibration / search blocks when neither the user nor the data sets a length
 
 
 def builtin_text(split: str = "train") -> str:
@@ -203,6 +204,48 @@ def load_token_file(path: str | os.PathLike) -> torch.Tensor:
     if not isinstance(data, torch.Tensor):
         raise ValueError(f"{path} holds a {type(data).__name__}, not a tensor of token ids")
     return data
+
+
+def resolve_seq_len(data: Any, seq_len: int | None, models: Iterable[Any] = (), *,
+                    default: int = DEFAULT_SEQ_LEN, flag: str = "seq_len") -> int:
+    """The block length of a run: the user's ``seq_len``, else the data's own, else a default that fits the models.
+
+    A 2-D tensor (or ``.pt`` file) of token ids given with no ``seq_len`` is B blocks of S tokens and is used
+    as such; any other data is packed into blocks of ``default`` tokens, lowered to the smallest
+    ``max_position_embeddings`` of ``models``. Whichever length results is checked against those limits.
+
+    Args:
+        data: the run's training / calibration data (any kind :func:`load_text_blocks` takes).
+        seq_len: the length the user asked for, or None.
+        models: the models the blocks go through (their configs' ``max_position_embeddings`` bound the length).
+        default: the length used for data without a shape of its own.
+        flag: the option's name in error messages (``--seq-len`` on the command line).
+    Returns:
+        The tokens per block.
+    Raises:
+        ValueError: the length exceeds a model's ``max_position_embeddings`` (names the fix).
+
+    Example:
+        >>> resolve_seq_len(torch.zeros(8, 32, dtype=torch.long), None, [model])  # 8 blocks of 32 tokens
+        32
+    """
+    limits = [(getattr(getattr(m, "config", None), "max_position_embeddings", None), m) for m in models]
+    limit = min((mpe for mpe, _ in limits if isinstance(mpe, int) and mpe > 0), default=None)
+    if seq_len is not None:
+        if limit is not None and seq_len > limit:
+            raise ValueError(f"{flag}={seq_len} exceeds the model's max_position_embeddings={limit}; lower {flag} "
+                             f"to at most {limit}")
+        return seq_len
+    if is_token_file(data):
+        data = load_token_file(data)
+    if isinstance(data, torch.Tensor) and data.dim() == 2 and data.shape[1] > 0:
+        rows = int(data.shape[1])
+        if limit is not None and rows > limit:
+            raise ValueError(f"the token-id blocks have {rows} tokens per row, more than the model's "
+                             f"max_position_embeddings={limit}; pass rows of at most {limit} tokens, or set {flag} "
+                             f"(at most {limit}) to re-pack them")
+        return rows
+    return default if limit is None else min(default, limit)
 
 
 def load_text_blocks(

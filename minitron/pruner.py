@@ -12,7 +12,7 @@ from torch import nn
 
 from .adapters import decoder_layers, get_adapter, head_dim_of, moe_sizes, sparse_layers
 from .budget import choose_budget_target
-from .data import load_text_blocks
+from .data import load_text_blocks, resolve_seq_len
 from .heap import trim_heap, trimmed_layers
 from .importance.ablation import greedy_layer_removal
 from .importance.collect import ImportanceConfig, ImportanceScores, collect_importance
@@ -21,7 +21,7 @@ from .ops.mapped import release_unreferenced_pages
 from .pruning import (DEFAULT_DEPTH_METRIC, DEFAULT_HEAD_METRIC, DEFAULT_HEAD_RESIDUAL, DEFAULT_NORM_RESCALE, Target,
                       apply_plan, make_plan, random_plan)
 from .sizing import count_parameters, target_for_budget
-from .validate import check_count, check_finite_scores, check_finite_weights, check_seq_len
+from .validate import check_count, check_finite_scores, check_finite_weights
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def prune(
     tokenizer: Any = None,
     scores: ImportanceScores | None = None,
     importance: ImportanceConfig | None = None,
-    seq_len: int = 256,
+    seq_len: int | None = None,
     num_samples: int = 1024,
     batch_agg: str | None = None,
     depth_metric: str = DEFAULT_DEPTH_METRIC,
@@ -107,7 +107,9 @@ def prune(
         tokenizer: tokenizer for text data (default: loaded from the model's local path).
         scores: precomputed :class:`ImportanceScores` (one calibration, many targets).
         importance: aggregation / batching options for calibration.
-        seq_len: calibration block length in tokens.
+        seq_len: calibration block length in tokens. Default: a 2-D token-id tensor ``(B, S)`` is used as
+            B blocks of S tokens; other data is packed into blocks of 256 tokens (fewer when the model's
+            ``max_position_embeddings`` is smaller).
         num_samples: calibration blocks used (official default 1024).
         batch_agg: batch aggregation override (``l2`` | ``mean`` | ``var``).
         depth_metric: ``ppl`` (LM loss with the layer dropped; default, ~L/2 extra forwards over
@@ -182,7 +184,7 @@ def prune(
     blocks = None
     if method == "activation" and calib_data is not None and (scores is None or target is None or depth_rounds > 1):
         check_count("num_samples", num_samples)
-        check_seq_len(model, seq_len)
+        seq_len = resolve_seq_len(calib_data, seq_len, [model])
         text_tokenizer = None if isinstance(calib_data, torch.Tensor) else resolve_tokenizer(model, tokenizer)
         blocks = load_text_blocks(calib_data, text_tokenizer, seq_len, num_samples)
     if target is None:

@@ -30,7 +30,8 @@ class SearchConfig:
             ``experts``, ``expert_ffn``, ``shared_ffn``). None (default): every axis the model has
             (:func:`minitron.arch_search.model_axes`).
         seed: seed of distillation (data order, RNG).
-        seq_len: tokens per block for calibration, retraining and evaluation.
+        seq_len: tokens per block for calibration, retraining and evaluation (default: the rows of a 2-D
+            token-id tensor of ``train_data``, else 256 or the model's ``max_position_embeddings`` if smaller).
         num_samples: calibration blocks.
         eval_blocks: at most this many validation blocks (None = all).
         batch_size: blocks per batch for calibration, evaluation and (default) retraining.
@@ -55,7 +56,7 @@ class SearchConfig:
     max_depth_prune: float = 0.2
     axes: Sequence[str] | None = None
     seed: int = 0
-    seq_len: int = 256
+    seq_len: int | None = None
     num_samples: int = 1024
     eval_blocks: int | None = 64
     batch_size: int = 8
@@ -67,7 +68,7 @@ class SearchConfig:
         check_count("retrain_steps", self.retrain_steps, low=0)
         check_count("top", self.top, allow_none=True)
         check_count("batch_size", self.batch_size)
-        check_count("seq_len", self.seq_len)
+        check_count("seq_len", self.seq_len, allow_none=True)
         check_count("num_samples", self.num_samples)
         check_count("eval_blocks", self.eval_blocks, allow_none=True)
         self.axes = None if self.axes is None else tuple(self.axes)

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import tempfile
@@ -26,14 +27,14 @@ import torch
 from torch import nn
 
 from ..adapters import get_adapter
-from ..data import load_text_blocks
+from ..data import load_text_blocks, resolve_seq_len
 from ..evaluation import lm_loss
 from ..importance.collect import ImportanceConfig, ImportanceScores, collect_importance
 from ..models import resolve_tokenizer
 from ..pruner import loss_scores_for, prune
 from ..pruning import DEFAULT_DEPTH_METRIC, DEFAULT_HEAD_METRIC, Target
 from ..sizing import count_parameters
-from ..validate import check_finite_scores, check_finite_weights, check_seq_len
+from ..validate import check_finite_scores, check_finite_weights
 from .config import SearchConfig
 from .report import SearchResult, write_report
 from .space import Candidate, ParamCounter, enumerate_candidates
@@ -102,7 +103,7 @@ def search(
     cfg = config or SearchConfig()
     started = time.time()
     get_adapter(model)
-    check_seq_len(model, cfg.seq_len)
+    cfg = dataclasses.replace(cfg, seq_len=resolve_seq_len(train_data, cfg.seq_len, [model]))
     check_finite_weights(model)
     if output_dir is not None:
         model_dir = getattr(model.config, "_name_or_path", "")

@@ -18,6 +18,7 @@ import dataclasses
 from typing import Any
 
 from ..distillation.config import (
+    DEFAULT_DISTILL_SEQ_LEN,
     DistillConfig,
     INTERMEDIATE_LOSSES,
     LOGITS_LOSSES,
@@ -32,7 +33,7 @@ _SKIP = {"intermediate_layers", "adam_betas", "extra", "resume", "progress", "pl
 BUILTIN_JOB = {"steps": 40, "seq_len": 256, "batch_size": 8, "lr": 2e-4, "min_lr": 2e-5, "warmup_steps": 4,
                "save_every": None, "eval_every": None, "output_dir": "out/minitron-distilled"}
 """Defaults of the built-in job (no ``--data``) for the fields the user did not set: minutes on 2 CPU cores."""
-_OPTIONAL_INT = {"top_k", "save_every", "eval_every", "eval_batches", "keep_checkpoints"}
+_OPTIONAL_INT = {"seq_len", "top_k", "save_every", "eval_every", "eval_batches", "keep_checkpoints"}
 
 
 def _pairs(text: str) -> list[tuple[int, int]]:
@@ -41,6 +42,10 @@ def _pairs(text: str) -> list[tuple[int, int]]:
         return [tuple(int(v) for v in p.split(":")) for p in text.split(",") if p.strip()]  # type: ignore[misc]
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"--intermediate-layers wants 'student:teacher,...', got {text!r}") from e
+
+
+_DEFAULT_HELP = {"seq_len": f"the rows of a 2-D token-id .pt file, else {DEFAULT_DISTILL_SEQ_LEN} (or the models' "
+                            "max_position_embeddings if smaller)"}
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
@@ -74,7 +79,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         if f.name in BUILTIN_JOB:  # None = not given: the built-in job or DistillConfig picks the value
             p.add_argument(flag, type=int if f.name in _OPTIONAL_INT else type(f.default), default=None,
-                           help=f"default {f.default} ({BUILTIN_JOB[f.name]} in the built-in job)")
+                           help=f"default {_DEFAULT_HELP.get(f.name, f.default)} ({BUILTIN_JOB[f.name]} in the "
+                           "built-in job)")
         elif f.name in _OPTIONAL_INT:
             p.add_argument(flag, type=int, default=f.default)
         elif isinstance(f.default, bool):
@@ -147,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
 
     import minitron
     from ..adapters import moe_spec_of
-    from ..data import load_text_blocks
+    from ..data import load_text_blocks, resolve_seq_len
     from ..distillation.trainer import distill
     from ..models import BUILTIN, input_paths, load_model, load_tokenizer, text_source
     from ..outputs import check_output_dir
@@ -173,6 +179,9 @@ def run(args: argparse.Namespace) -> int:
     if args.tokenizer:
         tokenizer = load_tokenizer(args.tokenizer)
     data = text_source(BUILTIN) if builtin_job else args.data
+    if cfg.seq_len is None:  # the data's own rows, else the default that fits both models
+        cfg = dataclasses.replace(cfg, seq_len=resolve_seq_len(data, None, [student, teacher], flag="--seq-len",
+                                                               default=DEFAULT_DISTILL_SEQ_LEN))
     eval_data = text_source(BUILTIN, "valid") if builtin_job and args.eval_data is None else args.eval_data
 
     report: dict[str, Any] = {"teacher": str(args.teacher), "student": str(args.student or f"teacher pruned to {args.params}")}

@@ -70,7 +70,9 @@ def _add_prune_arguments(p: argparse.ArgumentParser) -> None:
     i.add_argument("--num-samples", type=positive_int, default=64, help="calibration blocks of --seq-len tokens "
                    "(default 64 = 16k tokens, about a minute for 135M parameters on 2 CPU cores; the official "
                    "recipe and the Python API use 1024)")
-    i.add_argument("--seq-len", type=positive_int, default=256)
+    i.add_argument("--seq-len", type=positive_int, default=None,
+                   help="tokens per calibration / held-out block (default: the rows of a 2-D token-id .pt file, "
+                   "else 256, or the model's max_position_embeddings if smaller)")
     i.add_argument("--batch-size", type=positive_int, default=8)
     i.add_argument("--save-scores", help="write importance statistics here (safetensors)")
     i.add_argument("--load-scores", help="reuse importance statistics instead of calibrating")
@@ -83,13 +85,13 @@ def _add_prune_arguments(p: argparse.ArgumentParser) -> None:
 def run_prune(args: argparse.Namespace) -> int:
     """Execute ``minitron prune``; prints a before/after summary and writes ``args.out``."""
     import minitron
-    from ..data import load_text_blocks
+    from ..data import load_text_blocks, resolve_seq_len
     from ..models import is_builtin_model, load_model
     from ..outputs import check_output_dir, check_output_file, write_output_dir
     from ..adapters import moe_sizes, moe_spec_of
     from ..pruner import loss_scores_for, pruning_summary
     from ..pruning.target import model_sizes
-    from ..validate import check_device, check_finite_weights, check_seq_len, is_importance_file
+    from ..validate import check_device, check_finite_weights, is_importance_file
 
     started = time.time()
     fields = {"hidden_size": args.hidden_size, "intermediate_size": args.ffn,
@@ -121,7 +123,7 @@ def run_prune(args: argparse.Namespace) -> int:
                          f"{', --shared-expert-ffn' if moe_sizes(model.config)['shared_expert_intermediate_size'] else ''}"
                          ", --hidden-size, --heads, --layers) or rank candidates with `minitron search`")
     check_finite_weights(model)
-    check_seq_len(model, args.seq_len, "--seq-len")
+    args.seq_len = resolve_seq_len(text_source(args.calib), args.seq_len, [model], flag="--seq-len")
 
     eval_blocks = None
     builtin_model = is_builtin_model(args.model, args.model_gguf)

@@ -19,7 +19,7 @@ def embed_rows(model: nn.Module) -> int:
 def check_models(student: nn.Module, teacher: nn.Module, cfg: DistillConfig) -> None:
     for name, m in (("student", student), ("teacher", teacher)):
         mpe = getattr(getattr(m, "config", None), "max_position_embeddings", None)
-        if mpe is not None and cfg.seq_len > mpe:
+        if mpe is not None and cfg.seq_len is not None and cfg.seq_len > mpe:
             raise ValueError(
                 f"seq_len={cfg.seq_len} exceeds the {name}'s max_position_embeddings={mpe}; "
                 f"lower DistillConfig.seq_len to at most {mpe}"

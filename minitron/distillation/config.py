@@ -12,6 +12,7 @@ INTERMEDIATE_LOSSES = ("mse", "cosine")
 MIXED_PRECISION = ("auto", "bf16", "fp32")
 LOSS_IMPLS = ("auto", "triton", "chunked", "naive")
 PARALLEL = ("auto", "none", "ddp", "fsdp")
+DEFAULT_DISTILL_SEQ_LEN = 1024  # training blocks when neither the user nor the data sets a length
 
 
 @dataclass
@@ -26,7 +27,9 @@ class DistillConfig:
         lr: peak learning rate (reached after ``warmup_steps`` of linear warmup).
         min_lr: learning rate at the end of the cosine decay.
         warmup_steps: linear warmup steps from 0 to ``lr``.
-        seq_len: tokens per training block.
+        seq_len: tokens per training block. None (default): a 2-D token-id tensor ``(B, S)`` of training
+            data is used as B blocks of S tokens; other data is packed into blocks of
+            ``DEFAULT_DISTILL_SEQ_LEN`` (1024) tokens, fewer when a model's ``max_position_embeddings`` is smaller.
         batch_size: sequences per micro-step summed over all ranks (the global micro-batch);
             each of ``world_size`` ranks gets a disjoint ``batch_size // world_size`` of it.
         grad_accum: micro-steps per optimizer step (global batch = batch_size * grad_accum sequences).
@@ -73,7 +76,7 @@ class DistillConfig:
     lr: float = 1e-4
     min_lr: float = 1e-5
     warmup_steps: int = 100
-    seq_len: int = 1024
+    seq_len: int | None = None
     batch_size: int = 8
     grad_accum: int = 1
     logits_loss: str = "forward_kl"
@@ -118,10 +121,10 @@ class DistillConfig:
             need(ok, f"{name} must be an integer >= {low}{' or None' if optional else ''}, got {value!r}")
             setattr(self, name, int(value))
 
-        for name, low in (("steps", 1), ("seq_len", 2), ("batch_size", 1), ("grad_accum", 1), ("warmup_steps", 0),
+        for name, low in (("steps", 1), ("batch_size", 1), ("grad_accum", 1), ("warmup_steps", 0),
                           ("seed", 0), ("log_every", 1), ("ce_chunk_size", 1)):
             count(name, low)
-        for name, low in (("top_k", 1), ("save_every", 0), ("eval_every", 0), ("eval_batches", 1),
+        for name, low in (("seq_len", 2), ("top_k", 1), ("save_every", 0), ("eval_every", 0), ("eval_batches", 1),
                           ("keep_checkpoints", 1)):
             count(name, low, optional=True)
         for name in ("lr", "min_lr", "jsd_beta", "temperature", "clm_weight", "kd_weight", "weight_decay"):

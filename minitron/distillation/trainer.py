@@ -33,7 +33,8 @@ from minitron.atomic import atomic_write_dir, atomic_write_text
 from minitron.distillation import distributed as D
 from minitron.distillation.checkpoint import latest_checkpoint, rng_state, save_checkpoint, set_rng_state
 from minitron.distillation.checks import check_models, check_vocab, local_dir
-from minitron.distillation.config import DistillConfig
+from minitron.data import resolve_seq_len
+from minitron.distillation.config import DEFAULT_DISTILL_SEQ_LEN, DistillConfig
 from minitron.distillation.data import batch_indices, check_nonempty, load_blocks
 from minitron.distillation.metrics import append_row, truncate_after
 from minitron.distillation.module import TEACHER_OUTSIDE_MASS_LIMIT, DistillModule, check_teacher_padding
@@ -149,6 +150,9 @@ def distill(
                      inputs=[local_dir(m) for m in (student, teacher, tokenizer, teacher_tokenizer)]
                      + [train_data, eval_data])
     D.barrier(env.world)  # every rank has checked output_dir before rank 0 locks and writes it
+    if cfg.seq_len is None:  # the data's own rows, else the default that fits both models
+        cfg = DistillConfig(**{**cfg.to_dict(), "seq_len": resolve_seq_len(
+            train_data, None, [student, teacher], default=DEFAULT_DISTILL_SEQ_LEN)})
     check_models(student, teacher, cfg)
     for d in (train_data, eval_data):
         check_nonempty(d)
