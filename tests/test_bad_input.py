@@ -158,6 +158,28 @@ def test_jsonl_strings_upper_case_suffix_and_token_lists(tmp_path):
         load_text_blocks(["text", [1, 2]], tok, 2)
 
 
+def test_json_files_are_read_as_json_not_text(tmp_path):
+    tok = CharTokenizer()
+    docs = ["first document " * 3, "second " * 5]
+    ids = [[1, 2, 3, 4, 5], [6, 7, 8]]
+    cases = {"ids.json": (ids, None, [[1, 2, 3, 4], [5, 6, 7, 8]]),  # token-id lists: no tokenizer needed
+             "flat.json": ([1, 2, 3, 4, 5, 6, 7, 8, 9], None, [[1, 2, 3, 4], [5, 6, 7, 8]]),
+             "texts.json": (docs, tok, load_text_blocks(docs, tok, 4).tolist()),
+             "records.json": ([{"text": d} for d in docs], tok, load_text_blocks(docs, tok, 4).tolist())}
+    for name, (content, tokenizer, expected) in cases.items():
+        (tmp_path / name).write_text(json.dumps(content), encoding="utf-8")
+        assert load_text_blocks(tmp_path / name, tokenizer, 4).tolist() == expected, name
+    (tmp_path / "obj.json").write_text('{"text": "one"}', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"obj.json holds a JSON dict, not a list"):
+        load_text_blocks(tmp_path / "obj.json", tok, 4)
+    (tmp_path / "bad.json").write_text('[{"body": "x"}]', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bad.json\[0\]: item has no 'text' field"):
+        load_text_blocks(tmp_path / "bad.json", tok, 4)
+    (tmp_path / "broken.json").write_text('[1, 2,\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"broken.json:2: not valid JSON"):
+        load_text_blocks(tmp_path / "broken.json", tok, 4)
+
+
 def test_directory_as_data(tmp_path):
     with pytest.raises(ValueError, match=f"{tmp_path} is a directory; pass a .txt or .jsonl file"):
         load_text_blocks(tmp_path, CharTokenizer(), 4)
