@@ -247,3 +247,29 @@ def test_phi3_longrope_needs_hidden_equal_heads_times_head_dim():
             target.validate(config)
     minitron.Target(hidden_size=32, num_attention_heads=4).validate(config)  # 32 = 4 * 8: accepted
     minitron.Target(intermediate_size=40).validate(config)
+
+
+def test_params_budget_says_how_it_is_read(model, calib_ids, monkeypatch):
+    import minitron.pruner
+
+    def no_calibration(*a, **k):
+        raise AssertionError("calibrated before the budget was checked")
+
+    monkeypatch.setattr(minitron.pruner, "collect_importance", no_calibration)
+    total = minitron.count_parameters(model)
+    for params, match in ((1.5, r"params=1.5 is read as an absolute parameter count \(values > 1 are counts.*under "
+                                r"1% of the model's .*pass a value in \(0, 1\]"),
+                          (50, r"params=50 is read as an absolute parameter count.*under 1% of the model's"),
+                          (total * 2, r"counts, not fractions\), more than the model.s"),
+                          (float("nan"), r"params=nan must be a fraction in \(0, 1\]"), (0, "params=0 must be")):
+        with pytest.raises(ValueError, match=match):
+            minitron.prune(model, calib_ids, params=params, seq_len=16, verbose=False)
+    from minitron.sizing import budget_count
+
+    assert budget_count(0.5, 1000) == 500 and budget_count(300, 1000) == 300 and budget_count(1, 1000) == 1000
+
+
+def test_batch_agg_is_checked_for_depth_only_targets(model, calib_ids):
+    with pytest.raises(ValueError, match=r"unknown batch_agg='max'; allowed values: mean, l2, var"):
+        minitron.prune(model, calib_ids, minitron.Target(num_hidden_layers=2), batch_agg="max", depth_metric="bi",
+                       seq_len=16, progress=False, verbose=False)
