@@ -39,11 +39,16 @@ def shared_vocab_head(weight: torch.Tensor, bias: torch.Tensor | None, vocab: in
 @torch.no_grad()
 def check_teacher_padding(student: nn.Module, teacher: nn.Module, x: torch.Tensor, cfg: DistillConfig,
                            device: torch.device, chunk: int = 1024) -> None:
-    """Raise if a teacher with more vocabulary rows than the student puts real probability on the extra ids."""
+    """Raise if a teacher with more vocabulary rows than the student puts real probability on the extra ids.
+
+    All-zero extra rows (weight and bias) are padding by construction and are not counted.
+    """
     vs = int(lm_head_params(student)[0].shape[0])
     wt, bt = lm_head_params(teacher)
-    if wt.shape[0] <= vs:
+    extra = (wt[vs:] != 0).any(-1) if bt is None else (wt[vs:] != 0).any(-1) | (bt[vs:] != 0)  # (Vt - vs,)
+    if not bool(extra.any()):  # no extra rows, or all zero: padding by construction, whatever mass they get
         return
+    real = vs + extra.nonzero().squeeze(-1)  # ids of the non-zero extra rows: maybe real tokens
     h = base_decoder(teacher)(input_ids=x.to(device), use_cache=False).last_hidden_state  # (B, T, Ht)
     h = h.reshape(-1, h.shape[-1])
     worst = 0.0
@@ -52,13 +57,14 @@ def check_teacher_padding(student: nn.Module, teacher: nn.Module, x: torch.Tenso
         if bt is not None:
             logits += bt.float()
         logits /= cfg.temperature
-        outside = torch.logsumexp(logits[:, vs:], -1) - torch.logsumexp(logits, -1)  # log mass on ids >= vs
+        outside = torch.logsumexp(logits[:, real], -1) - torch.logsumexp(logits, -1)  # log mass on non-zero extra ids
         worst = max(worst, float(outside.max().exp()))
     if not worst <= TEACHER_OUTSIDE_MASS_LIMIT:
         raise ValueError(
             f"the teacher's lm_head has {wt.shape[0]} rows but the student's {vs}, and the teacher puts up to "
-            f"{worst:.2%} of its probability on ids >= {vs} (limit {TEACHER_OUTSIDE_MASS_LIMIT:.1%}): those rows are "
-            "real tokens, not padding; distill a student with the teacher's vocabulary (e.g. one pruned from it)"
+            f"{worst:.2%} of its probability on ids >= {vs} ({real.numel()} non-zero rows; limit "
+            f"{TEACHER_OUTSIDE_MASS_LIMIT:.1%}): those rows are real tokens, not padding; distill a student with the "
+            "teacher's vocabulary (e.g. one pruned from it)"
         )
 
 
@@ -106,9 +112,12 @@ class DistillModule(nn.Module):
             with torch.no_grad():
                 h_t = base_decoder(self.teacher)(input_ids=input_ids, use_cache=False).last_hidden_state  # (B, T, Ht)
         h_s = base_decoder(self.student)(input_ids=input_ids, use_cache=False).last_hidden_state  # (B, T, Hs)
-        ws, bs = lm_head_params(self.student)
+        ws, bs = lm_head_params(self.student)  # the CE term uses the student's whole head
         wt_full, bt_full = lm_head_params(self.teacher)
-        wt, bt = shared_vocab_head(wt_full, bt_full, ws.shape[0])  # KD over the shared ids (see distill())
+        # KD over the shared ids (see distill()): both distributions renormalised over them, so padding rows on
+        # either side carry no probability (a padded student against -inf teacher logits made reverse KL infinite)
+        wt, bt = shared_vocab_head(wt_full, bt_full, ws.shape[0])
+        ws_kd, bs_kd = shared_vocab_head(ws, bs, wt.shape[0])
         cap_s, cap_t = softcap_of(self.student), softcap_of(self.teacher)  # final-logit soft-caps (Gemma 2)
         B, T = input_ids.shape
         hs_flat = h_s.reshape(B * T, -1)  # (N, Hs)
@@ -120,7 +129,7 @@ class DistillModule(nn.Module):
                                         softcap=cap_s)
             ce_t = linear_cross_entropy(h_t[:, :-1].reshape(-1, h_t.shape[-1]), wt_full, labels, bt_full,
                                         chunk_size=cfg.ce_chunk_size, softcap=cap_t)
-            kl = linear_kd_loss(hs_flat, ws, ht_flat, wt, student_bias=bs, teacher_bias=bt, loss="forward_kl",
+            kl = linear_kd_loss(hs_flat, ws_kd, ht_flat, wt, student_bias=bs_kd, teacher_bias=bt, loss="forward_kl",
                                 impl=cfg.loss_impl, student_softcap=cap_s, teacher_softcap=cap_t)
             return {"lm_sum": ce_s * n_lm, "teacher_lm_sum": ce_t * n_lm, "kl_sum": kl * (B * T),
                     "n_lm": ce_s.new_tensor(float(n_lm)), "n_tok": ce_s.new_tensor(float(B * T))}
@@ -130,7 +139,7 @@ class DistillModule(nn.Module):
         total = zero
         if cfg.kd_weight > 0:
             kd = linear_kd_loss(
-                hs_flat, ws, ht_flat, wt, student_bias=bs, teacher_bias=bt, loss=cfg.logits_loss, beta=cfg.jsd_beta,
+                hs_flat, ws_kd, ht_flat, wt, student_bias=bs_kd, teacher_bias=bt, loss=cfg.logits_loss, beta=cfg.jsd_beta,
                 temperature=cfg.temperature, top_k=cfg.top_k, impl=cfg.loss_impl,
                 student_softcap=cap_s, teacher_softcap=cap_t,
             )
