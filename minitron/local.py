@@ -57,6 +57,24 @@ def check_model_files(path: str | os.PathLike) -> None:
             raise ValueError(f"{f} is corrupt or truncated ({e}); restore or re-save the checkpoint") from None
 
 
+def check_causal_lm_config(path: str | os.PathLike, flag: str = "--model") -> None:
+    """Raise minitron's one-line family list when ``config.json`` names a model type that has no causal LM
+    class in transformers (T5, BERT...), instead of transformers' list of every causal-LM config.
+
+    Args:
+        path: a checkpoint directory whose ``config.json`` is valid JSON (:func:`check_model_files`).
+        flag: how the user named it, for the message.
+    """
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    config = Path(path) / "config.json"
+    model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type") if config.is_file() else None
+    if isinstance(model_type, str) and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        from .adapters import unsupported_message
+
+        raise ValueError(f"{flag} {path}: " + unsupported_message(model_type, "not a causal language model"))
+
+
 def load_causal_lm(path: str | os.PathLike, flag: str = "--model", **kwargs: Any) -> Any:
     """``AutoModelForCausalLM.from_pretrained(path, local_files_only=True)`` with clear errors.
 
@@ -71,6 +89,7 @@ def load_causal_lm(path: str | os.PathLike, flag: str = "--model", **kwargs: Any
 
     require_local_dir(path, flag)
     check_model_files(path)
+    check_causal_lm_config(path, flag)
     try:
         return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)
     except (OSError, KeyError) as e:

@@ -273,3 +273,15 @@ def test_batch_agg_is_checked_for_depth_only_targets(model, calib_ids):
     with pytest.raises(ValueError, match=r"unknown batch_agg='max'; allowed values: mean, l2, var"):
         minitron.prune(model, calib_ids, minitron.Target(num_hidden_layers=2), batch_agg="max", depth_metric="bi",
                        seq_len=16, progress=False, verbose=False)
+
+
+def test_non_causal_checkpoint_gets_the_family_list(tmp_path):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    T5ForConditionalGeneration(T5Config(vocab_size=32, d_model=16, d_kv=4, d_ff=16, num_layers=1,
+                                        num_heads=2)).save_pretrained(tmp_path / "t5")
+    with pytest.raises(ValueError) as err:
+        minitron.load_model(tmp_path / "t5")
+    message = str(err.value)
+    assert "model_type='t5' (not a causal language model); minitron supports causal LMs of model_type llama" in message
+    assert len(message) < 400 and "\n" not in message
