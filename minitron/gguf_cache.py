@@ -43,10 +43,11 @@ def gguf_digest(path: str | os.PathLike) -> str:
         >>> gguf_digest("model.gguf")[:16]
         '3f2a9c...'
     """
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):  # 16 MiB reads (hashlib.file_digest needs Python 3.11)
-            digest.update(chunk)
+    digest, buf = hashlib.sha256(), bytearray(1 << 20)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:  # one reused buffer: as fast as hashlib.file_digest (Python >= 3.11)
+        while n := f.readinto(buf):
+            digest.update(view[:n])
     return digest.hexdigest()
 
 
