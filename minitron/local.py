@@ -65,14 +65,18 @@ def check_causal_lm_config(path: str | os.PathLike, flag: str = "--model") -> No
         path: a checkpoint directory whose ``config.json`` is valid JSON (:func:`check_model_files`).
         flag: how the user named it, for the message.
     """
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     config = Path(path) / "config.json"
-    model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type") if config.is_file() else None
-    if isinstance(model_type, str) and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    fields = json.loads(config.read_text(encoding="utf-8")) if config.is_file() else {}
+    model_type = fields.get("model_type") if isinstance(fields, dict) else None
+    # a config with its own code (auto_map) is the custom-code check's to refuse, not this one's
+    if isinstance(model_type, str) and "auto_map" not in fields and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         from .adapters import unsupported_message
 
-        raise ValueError(f"{flag} {path}: " + unsupported_message(model_type, "not a causal language model"))
+        what = "not a causal language model" if model_type in CONFIG_MAPPING_NAMES else "unknown to transformers"
+        raise ValueError(f"{flag} {path}: " + unsupported_message(model_type, what))
 
 
 def load_causal_lm(path: str | os.PathLike, flag: str = "--model", **kwargs: Any) -> Any:

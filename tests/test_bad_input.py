@@ -285,3 +285,6 @@ def test_non_causal_checkpoint_gets_the_family_list(tmp_path):
     message = str(err.value)
     assert "model_type='t5' (not a causal language model); minitron supports causal LMs of model_type llama" in message
     assert len(message) < 400 and "\n" not in message
+    (tmp_path / "t5" / "config.json").write_text(json.dumps({"model_type": "no-such-model"}), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"model_type='no-such-model' \(unknown to transformers\); minitron supports"):
+        minitron.load_model(tmp_path / "t5")
