@@ -21,6 +21,7 @@ from .models import resolve_tokenizer
 from .ops.mapped import release_unreferenced_pages
 from .pruning import (DEFAULT_DEPTH_METRIC, DEFAULT_HEAD_METRIC, DEFAULT_HEAD_RESIDUAL, DEFAULT_NORM_RESCALE, Target,
                       apply_plan, make_plan, random_plan)
+from .pruning.target import check_divisors
 from .sizing import budget_of, count_parameters, target_for_budget
 from .validate import check_count, check_finite_scores, check_finite_weights
 
@@ -168,8 +169,9 @@ def prune(
         raise ValueError(f"params={params}: parameter budgets choose hidden/FFN splits of dense models; for the "
                          f"mixture-of-experts {type(model).__name__} give target=minitron.Target(num_experts=..., "
                          "expert_intermediate_size=..., ...) or let minitron.search rank candidates on the MoE axes")
-    if params is not None:
-        budget_of(model, params)  # a bad budget is refused before calibration, not after it
+    if params is not None:  # a bad budget or divisor is refused before calibration, not after it
+        budget_of(model, params)
+        check_divisors(divisors)
     if scores is not None:
         scores.check_matches(model)
     check_finite_weights(model)

@@ -55,6 +55,11 @@ def test_hidden_size_suggestions_are_the_nearest_valid_values():
 def test_required_divisor(model, calib_ids):
     with pytest.raises(ValueError, match="hidden_size=42 is not divisible by the required divisor 8"):
         minitron.prune(model, calib_ids, minitron.Target(hidden_size=42), divisors={"hidden_size": 8}, verbose=False)
+    for divisors, match in (({"hidden_size": 0}, "divisor hidden_size=0 must be a positive integer"),
+                            ({"hidden": 8}, "unknown divisor key 'hidden'; allowed: hidden_size, intermediate_size")):
+        for kw in (dict(target=minitron.Target(hidden_size=42)), dict(params=0.5)):
+            with pytest.raises(ValueError, match=match):
+                minitron.prune(model, calib_ids, divisors=divisors, seq_len=16, progress=False, verbose=False, **kw)
 
 
 def test_unsupported_architecture_lists_supported(calib_ids):
