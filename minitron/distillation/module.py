@@ -112,12 +112,9 @@ class DistillModule(nn.Module):
             with torch.no_grad():
                 h_t = base_decoder(self.teacher)(input_ids=input_ids, use_cache=False).last_hidden_state  # (B, T, Ht)
         h_s = base_decoder(self.student)(input_ids=input_ids, use_cache=False).last_hidden_state  # (B, T, Hs)
-        ws, bs = lm_head_params(self.student)  # the CE term uses the student's whole head
+        ws, bs = lm_head_params(self.student)
         wt_full, bt_full = lm_head_params(self.teacher)
-        # KD over the shared ids (see distill()): both distributions renormalised over them, so padding rows on
-        # either side carry no probability (a padded student against -inf teacher logits made reverse KL infinite)
-        wt, bt = shared_vocab_head(wt_full, bt_full, ws.shape[0])
-        ws_kd, bs_kd = shared_vocab_head(ws, bs, wt.shape[0])
+        wt, bt = shared_vocab_head(wt_full, bt_full, ws.shape[0])  # KD over the shared ids (see distill())
         cap_s, cap_t = softcap_of(self.student), softcap_of(self.teacher)  # final-logit soft-caps (Gemma 2)
         B, T = input_ids.shape
         hs_flat = h_s.reshape(B * T, -1)  # (N, Hs)
@@ -129,7 +126,7 @@ class DistillModule(nn.Module):
                                         softcap=cap_s)
             ce_t = linear_cross_entropy(h_t[:, :-1].reshape(-1, h_t.shape[-1]), wt_full, labels, bt_full,
                                         chunk_size=cfg.ce_chunk_size, softcap=cap_t)
-            kl = linear_kd_loss(hs_flat, ws_kd, ht_flat, wt, student_bias=bs_kd, teacher_bias=bt, loss="forward_kl",
+            kl = linear_kd_loss(hs_flat, ws, ht_flat, wt, student_bias=bs, teacher_bias=bt, loss="forward_kl",
                                 impl=cfg.loss_impl, student_softcap=cap_s, teacher_softcap=cap_t)
             return {"lm_sum": ce_s * n_lm, "teacher_lm_sum": ce_t * n_lm, "kl_sum": kl * (B * T),
                     "n_lm": ce_s.new_tensor(float(n_lm)), "n_tok": ce_s.new_tensor(float(B * T))}
@@ -139,7 +136,7 @@ class DistillModule(nn.Module):
         total = zero
         if cfg.kd_weight > 0:
             kd = linear_kd_loss(
-                hs_flat, ws_kd, ht_flat, wt, student_bias=bs_kd, teacher_bias=bt, loss=cfg.logits_loss, beta=cfg.jsd_beta,
+                hs_flat, ws, ht_flat, wt, student_bias=bs, teacher_bias=bt, loss=cfg.logits_loss, beta=cfg.jsd_beta,
                 temperature=cfg.temperature, top_k=cfg.top_k, impl=cfg.loss_impl,
                 student_softcap=cap_s, teacher_softcap=cap_t,
             )

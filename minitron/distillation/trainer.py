@@ -110,8 +110,8 @@ def distill(
     renormalised over them; before training, a teacher that puts more than
     ``TEACHER_OUTSIDE_MASS_LIMIT`` (0.1%) of its probability on the extra ids for any token of the
     first batch is refused (those rows are real tokens, not padding); all-zero extra rows are padding
-    and never refused. A larger student vocabulary is handled the same way: the logits losses use the
-    shared ids (the student's distribution renormalised over them), the CE term the whole student head.
+    and never refused. A larger student vocabulary is handled by padding the teacher with ``-inf``
+    logits (reverse KL, which that makes infinite, is refused before training).
 
     Args:
         student: Hugging Face causal LM to train (e.g. a pruned teacher); trained in place.
@@ -131,6 +131,7 @@ def distill(
     Raises:
         ValueError: empty data, ``seq_len`` beyond ``max_position_embeddings``, irreconcilable vocabularies,
             the student being (or sharing weights with) the teacher, NaN/inf weights in either model,
+            reverse KL with a student vocabulary larger than the teacher's,
             bad config, an unsafe or busy ``output_dir``, a saved run that is not this run, ``steps``
             below the saved step, a checkpoint that does not match the student.
             :class:`NonFiniteLossError` (a ValueError) on a NaN/inf loss, naming the step; the last
