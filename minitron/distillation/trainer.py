@@ -130,9 +130,7 @@ def distill(
         Under FSDP the returned module is still sharded; load ``output_dir/final`` instead.
     Raises:
         ValueError: empty data, ``seq_len`` beyond ``max_position_embeddings``, irreconcilable vocabularies,
-            the student being (or sharing weights with) the teacher, NaN/inf weights in either model,
-            reverse KL with a student vocabulary larger than the teacher's,
-            bad config, an unsafe or busy ``output_dir``, a saved run that is not this run, ``steps``
+            a student that is (or shares weights with) the teacher, NaN/inf weights, bad config, an unsafe or busy ``output_dir``, a saved run that is not this run, ``steps``
             below the saved step, a checkpoint that does not match the student.
             :class:`NonFiniteLossError` (a ValueError) on a NaN/inf loss, naming the step; the last
             good checkpoint is kept.
