@@ -149,10 +149,23 @@ def get_adapter(model: nn.Module) -> FamilyAdapter:
     for adapter in ADAPTERS:
         if model_type in adapter.model_types:
             return adapter
-    raise ValueError(
-        f"unsupported architecture: model_type={model_type!r} ({type(model).__name__}); "
-        f"minitron supports causal LMs of model_type {', '.join(SUPPORTED_MODEL_TYPES)}"
-    )
+    raise ValueError(unsupported_message(model_type, type(model).__name__))
+
+
+def unsupported_message(model_type: str | None, what: str) -> str:
+    """The one-line error for an architecture minitron has no adapter for, listing the supported families.
+
+    Args:
+        model_type: the config's ``model_type``.
+        what: what the model is, e.g. its class name.
+    Returns:
+        The message.
+    Example:
+        >>> unsupported_message("t5", "T5Config, not a causal LM")
+        "unsupported architecture: model_type='t5' (T5Config, not a causal LM); minitron supports ..."
+    """
+    return (f"unsupported architecture: model_type={model_type!r} ({what}); "
+            f"minitron supports causal LMs of model_type {', '.join(SUPPORTED_MODEL_TYPES)}")
 
 
 def adapter_for_config(config) -> FamilyAdapter | None:

@@ -7,7 +7,8 @@ Accepted inputs (no hub downloads ever):
 - a path to a UTF-8 ``.txt`` file (split into documents on blank lines) or ``.jsonl``
   file (any case; one document per line: an object with a ``text`` string, an
   ``input_ids`` list or ``messages`` (a chat: a list of ``{"role", "content"}`` dicts),
-  a JSON string, or a list of token ids),
+  a JSON string, or a list of token ids) or ``.json`` file (one JSON list of such records, or a
+  flat list of token ids),
 - a LongTensor of token ids, 1-D (a stream) or 2-D (already packed), or a ``.pt`` file holding one
   (read with ``torch.load(weights_only=True)``: no code runs).
 
@@ -128,20 +129,41 @@ def _jsonl_records(path: Path) -> Iterable[str | list[int] | _Chat]:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be an "
                                  "object with a 'text' field, a JSON string or a list of token ids") from None
-            if isinstance(record, dict) and "messages" in record:
-                yield _Chat(record["messages"], f"{path}:{lineno}")
-            elif isinstance(record, dict) and isinstance(record.get("text"), str):
-                yield record["text"]
-            elif isinstance(record, dict) and _token_list(record.get("input_ids")) is not None:
-                yield _token_list(record["input_ids"])
-            elif isinstance(record, str):
-                yield record
-            elif _token_list(record) is not None:
-                yield _token_list(record)
-            else:
-                raise ValueError(f"{path}:{lineno}: jsonl record has no 'text' field (string), 'input_ids' list or "
-                                 "'messages' chat; each line must be an object with one, a JSON string or a list of "
-                                 "token ids")
+            yield _record(record, f"{path}:{lineno}", "jsonl record", "each line")
+
+
+def _record(record: Any, where: str, what: str, each: str) -> str | list[int] | _Chat:
+    """One document of a JSON/JSONL file: ``{"text"}``, ``{"input_ids"}``, ``{"messages"}``, a string or a list of ids."""
+    if isinstance(record, dict) and "messages" in record:
+        return _Chat(record["messages"], where)
+    if isinstance(record, dict) and isinstance(record.get("text"), str):
+        return record["text"]
+    if isinstance(record, dict) and _token_list(record.get("input_ids")) is not None:
+        return _token_list(record["input_ids"])
+    if isinstance(record, str):
+        return record
+    if _token_list(record) is not None:
+        return _token_list(record)
+    raise ValueError(f"{where}: {what} has no 'text' field (string), 'input_ids' list or 'messages' chat; {each} "
+                     "must be an object with one, a JSON string or a list of token ids")
+
+
+def _json_records(path: Path) -> Iterable[str | list[int] | _Chat]:
+    """Documents of a .json file holding one JSON list: of strings, of token-id lists, of records as in
+    .jsonl, or a flat list of token ids (one stream)."""
+    try:
+        data = json.loads(_read_text(path))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); a .json file must hold one list (of strings, "
+                         "token-id lists or {'text': ...} records), or use one record per line in a .jsonl file") from None
+    if not isinstance(data, list):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not a list; a .json file must hold one list (of "
+                         "strings, token-id lists or {'text': ...} records), or use a .jsonl file")
+    if data and _token_list(data) is not None:  # a flat list of ids: one pre-tokenised stream
+        yield _token_list(data)
+        return
+    for i, record in enumerate(data):
+        yield _record(record, f"{path}[{i}]", "item", "each item")
 
 
 def _documents(data: Any) -> Iterable[str | list[int] | _Chat]:
@@ -157,6 +179,8 @@ def _documents(data: Any) -> Iterable[str | list[int] | _Chat]:
             raise ValueError(f"{path} is a directory; pass a .txt or .jsonl file")
         if path.suffix.lower() == ".jsonl":
             yield from _jsonl_records(path)
+        elif path.suffix.lower() == ".json":  # one JSON document, not lines of text
+            yield from _json_records(path)
         else:
             yield from (doc for doc in _read_text(path).split("\n\n") if doc.strip())
         return

@@ -57,6 +57,27 @@ def check_model_files(path: str | os.PathLike) -> None:
             raise ValueError(f"{f} is corrupt or truncated ({e}); restore or re-save the checkpoint") from None
 
 
+def check_causal_lm_config(path: str | os.PathLike) -> None:
+    """Raise minitron's one-line family list when ``config.json`` names a model type that has no causal LM
+    class in transformers (T5, BERT...), instead of transformers' list of every causal-LM config.
+
+    Args:
+        path: a checkpoint directory whose ``config.json`` is valid JSON (:func:`check_model_files`).
+    """
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    config = Path(path) / "config.json"
+    fields = json.loads(config.read_text(encoding="utf-8")) if config.is_file() else {}
+    model_type = fields.get("model_type") if isinstance(fields, dict) else None
+    # a config with its own code (auto_map) is the custom-code check's to refuse, not this one's
+    if isinstance(model_type, str) and "auto_map" not in fields and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        from .adapters import unsupported_message
+
+        what = "not a causal language model" if model_type in CONFIG_MAPPING_NAMES else "unknown to transformers"
+        raise ValueError(f"{path}: " + unsupported_message(model_type, what))
+
+
 def load_causal_lm(path: str | os.PathLike, flag: str = "--model", **kwargs: Any) -> Any:
     """``AutoModelForCausalLM.from_pretrained(path, local_files_only=True)`` with clear errors.
 
@@ -71,6 +92,7 @@ def load_causal_lm(path: str | os.PathLike, flag: str = "--model", **kwargs: Any
 
     require_local_dir(path, flag)
     check_model_files(path)
+    check_causal_lm_config(path)
     try:
         return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)
     except (OSError, KeyError) as e:

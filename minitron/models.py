@@ -17,19 +17,16 @@ A GGUF file is dequantised by ``transformers`` (needs the ``gguf`` and ``acceler
 plain float model: the GGUF quantizer is detached, so ``save_pretrained`` writes an ordinary
 safetensors checkpoint that stock ``from_pretrained`` reloads with identical logits. Dequantising
 takes ~30 s for 135M parameters on 2 CPU cores, so the result is cached as a safetensors checkpoint
-under ``$MINITRON_CACHE`` (default ``~/.cache/minitron``), keyed by the GGUF file's path, size and
-modification time; later loads take under a second.
+under ``$MINITRON_CACHE`` (default ``~/.cache/minitron``), keyed by the SHA-256 of the GGUF file's
+content (:mod:`minitron.gguf_cache`); later loads take under a second.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +34,7 @@ import torch
 from torch import nn
 
 from .data import BUILTIN_MODEL as BUILTIN_TINY_DIR
+from .gguf_cache import check_gguf_file, gguf_cache_dir, read_cache, write_cache
 
 logger = logging.getLogger(__name__)
 
@@ -119,25 +117,21 @@ def strip_gguf_quantization(model: nn.Module) -> nn.Module:
     return model
 
 
-def _cache_root() -> Path:
-    return Path(os.environ.get("MINITRON_CACHE", Path.home() / ".cache" / "minitron"))
-
-
-def _gguf_cache_dir(gguf_path: Path) -> Path:
-    st = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    return _cache_root() / "gguf" / f"{gguf_path.stem}-{key}"
-
-
 def _load_gguf_uncached(gguf_path: Path, dtype: torch.dtype) -> tuple[nn.Module, Any]:
     for module in ("gguf", "accelerate"):
         if importlib.util.find_spec(module) is None:
             raise ImportError(f"loading a GGUF file needs the {module!r} package: pip install gguf accelerate")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_gguf_file(gguf_path)  # before transformers: names the file, and never loads random weights
     kwargs = dict(gguf_file=gguf_path.name, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=dtype, **kwargs)
+    model, info = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=dtype, output_loading_info=True,
+                                                       **kwargs)
+    if info.get("missing_keys"):  # transformers would leave them randomly initialised
+        missing = sorted(info["missing_keys"])
+        raise ValueError(f"{gguf_path} lacks {len(missing)} of the model's weights ({', '.join(missing[:3])}"
+                         f"{', ...' if len(missing) > 3 else ''}); pass a complete GGUF file of the model")
     strip_gguf_quantization(model)
     model.config._name_or_path = str(gguf_path)
     return model, tokenizer
@@ -149,10 +143,13 @@ def load_gguf(gguf_path: str | os.PathLike, dtype: str | torch.dtype = "float32"
     Args:
         gguf_path: path of the ``.gguf`` file.
         dtype: ``float32`` | ``bfloat16`` | ``float16`` (or a torch dtype) of the loaded weights.
-        cache: keep/reuse a dequantised safetensors copy under ``$MINITRON_CACHE`` (the cache is
-            written atomically; a failed write only costs the speed-up).
+        cache: keep/reuse a dequantised safetensors copy under ``$MINITRON_CACHE``, keyed by the
+            file's SHA-256 (:mod:`minitron.gguf_cache`; written atomically, an unreadable entry is
+            rebuilt, a failed write only costs the speed-up).
     Returns:
         ``(model, tokenizer)``; the model saves as an ordinary safetensors checkpoint.
+    Raises:
+        ValueError: the file is truncated, corrupt, or holds no (or not all) weights.
     Example:
         >>> model, tok = load_gguf(find_smollm2_gguf())
     """
@@ -160,35 +157,16 @@ def load_gguf(gguf_path: str | os.PathLike, dtype: str | torch.dtype = "float32"
     if not gguf_path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {gguf_path}")
     torch_dtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype
-    cached = _gguf_cache_dir(gguf_path)
-    if cache and (cached / "config.json").is_file():
-        try:
-            model, tokenizer = _load_checkpoint(cached, torch_dtype)
-            model.config._name_or_path = str(gguf_path)
-            return model, tokenizer
-        except Exception as err:  # noqa: BLE001 - a broken cache entry is rebuilt, never trusted
-            logger.warning("minitron: ignoring unreadable GGUF cache %s (%s)", cached, err)
-    logger.info("minitron: dequantising %s (cached for later loads)", gguf_path)
+    cached = gguf_cache_dir(gguf_path) if cache else None
+    hit = read_cache(cached, lambda d: _load_checkpoint(d, torch_dtype)) if cached is not None else None
+    if hit is not None:
+        hit[0].config._name_or_path = str(gguf_path)
+        return hit
+    logger.info("minitron: dequantising %s", gguf_path)
     model, tokenizer = _load_gguf_uncached(gguf_path, torch.float32)
-    if cache:
-        _write_cache(cached, model, tokenizer)
+    if cached is not None:
+        write_cache(cached, model, tokenizer)
     return model.to(torch_dtype), tokenizer
-
-
-def _write_cache(cached: Path, model: nn.Module, tokenizer: Any) -> None:
-    try:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{cached.name}.tmp-", dir=cached.parent))
-        try:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            os.replace(tmp, cached)
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)  # our own temp dir only
-            if not (cached / "config.json").is_file():
-                raise
-    except OSError as err:
-        logger.warning("minitron: could not cache the dequantised GGUF model in %s (%s)", cached, err)
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -219,6 +197,7 @@ def resolve_model_source(source: str | os.PathLike, gguf_file: str | None = None
         ``(kind, path)``.
     Raises:
         FileNotFoundError: the source does not exist locally (nothing is downloaded).
+        ValueError: ``gguf_file`` names a directory.
     """
     name = str(source)
     if gguf_file is None and name in BUILTIN_ALIASES:
@@ -229,10 +208,9 @@ def resolve_model_source(source: str | os.PathLike, gguf_file: str | None = None
     path = Path(source).expanduser()
     if gguf_file is not None:
         path = path / gguf_file
-        if not path.is_file():
-            raise FileNotFoundError(f"GGUF file not found: {path}")
-        return "gguf", path
-    if is_gguf(path):
+    if gguf_file is not None or (is_gguf(path) and not path.is_dir()):
+        if path.is_dir():
+            raise ValueError(f"{path} is a directory, not a GGUF file; pass the .gguf file itself")
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file not found: {path}")
         return "gguf", path
@@ -244,7 +222,8 @@ def resolve_model_source(source: str | os.PathLike, gguf_file: str | None = None
     if not (path / "config.json").is_file():
         ggufs = sorted(p.name for p in path.glob("*.gguf"))
         hint = f"; it holds GGUF files {ggufs}: pass --gguf NAME (Python: gguf_file=NAME)" if ggufs else ""
-        raise FileNotFoundError(f"{path} has no config.json, so it is not a Hugging Face checkpoint{hint}")
+        named = ", a directory named like a GGUF file," if is_gguf(path) else ""  # a folder is never a GGUF file
+        raise FileNotFoundError(f"{path}{named} has no config.json, so it is not a Hugging Face checkpoint{hint}")
     return "checkpoint", path
 
 
@@ -289,7 +268,7 @@ def load_tokenizer(source: str | os.PathLike, gguf_file: str | None = None) -> A
 
     kind, path = resolve_model_source(source, gguf_file)
     if kind == "gguf":
-        cached = _gguf_cache_dir(path)
+        cached = gguf_cache_dir(path)
         if (cached / "tokenizer_config.json").is_file():
             return AutoTokenizer.from_pretrained(cached, local_files_only=True)
         return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)

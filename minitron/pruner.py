@@ -15,12 +15,14 @@ from .budget import choose_budget_target
 from .data import load_text_blocks, resolve_seq_len
 from .heap import trim_heap, trimmed_layers
 from .importance.ablation import greedy_layer_removal
+from .importance.aggregate import check_aggregation
 from .importance.collect import ImportanceConfig, ImportanceScores, collect_importance
 from .models import resolve_tokenizer
 from .ops.mapped import release_unreferenced_pages
 from .pruning import (DEFAULT_DEPTH_METRIC, DEFAULT_HEAD_METRIC, DEFAULT_HEAD_RESIDUAL, DEFAULT_NORM_RESCALE, Target,
                       apply_plan, make_plan, random_plan)
-from .sizing import count_parameters, target_for_budget
+from .pruning.target import check_divisors
+from .sizing import budget_of, count_parameters, target_for_budget
 from .validate import check_count, check_finite_scores, check_finite_weights
 
 logger = logging.getLogger(__name__)
@@ -167,6 +169,9 @@ def prune(
         raise ValueError(f"params={params}: parameter budgets choose hidden/FFN splits of dense models; for the "
                          f"mixture-of-experts {type(model).__name__} give target=minitron.Target(num_experts=..., "
                          "expert_intermediate_size=..., ...) or let minitron.search rank candidates on the MoE axes")
+    if params is not None:  # a bad budget or divisor is refused before calibration, not after it
+        budget_of(model, params)
+        check_divisors(divisors)
     if scores is not None:
         scores.check_matches(model)
     check_finite_weights(model)
@@ -176,6 +181,8 @@ def prune(
         target.validate(model.config, divisors)
     if importance is not None and batch_agg is None:
         batch_agg = importance.batch_agg
+    if batch_agg is not None:  # checked even when the target prunes no width axis (where it is unused)
+        check_aggregation(batch_agg)
     options = dict(batch_agg=batch_agg, depth_metric=depth_metric, depth_mode=depth_mode, head_metric=head_metric,
                    norm_rescale=norm_rescale, head_residual=head_residual)
     if depth_rounds < 1 or (depth_rounds > 1 and (depth_metric != "ppl" or depth_mode != "scattered")):

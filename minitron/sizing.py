@@ -53,16 +53,49 @@ def target_parameters(model: nn.Module, target: Target) -> int:
     return count_config_parameters(type(model), target.config_for(model.config))
 
 
+# a count below this fraction of the model is taken for a mistyped fraction or percentage (50 for 50%)
+MIN_COUNT_FRACTION = 0.01
+
+
+def budget_count(params: float, total: int) -> float:
+    """The absolute parameter count a ``params`` budget means: a fraction in (0, 1] of ``total``, or a count > 1.
+
+    Args:
+        params: the user's budget.
+        total: the model's parameter count.
+    Returns:
+        ``params * total`` for a fraction, else ``params``.
+    Raises:
+        ValueError: not a positive number, or a value > 1 (read as a count) under 1% of ``total`` or above
+            it. The message says how the value was read.
+    Example:
+        >>> budget_count(0.5, 1000), budget_count(300, 1000)
+        (500.0, 300)
+    """
+    if isinstance(params, bool) or not isinstance(params, (int, float)) or not math.isfinite(params) or params <= 0:
+        raise ValueError(f"params={params!r} must be a fraction in (0, 1] of the model's parameters (e.g. 0.5) or "
+                         "an absolute parameter count")
+    if params <= 1:
+        return params * total
+    read = f"params={params:g} is read as an absolute parameter count (values > 1 are counts, not fractions)"
+    if params < MIN_COUNT_FRACTION * total:
+        raise ValueError(f"{read}, under {MIN_COUNT_FRACTION:.0%} of the model's {total:,}; for a fraction of the "
+                         "model pass a value in (0, 1] (e.g. 0.5 for half)")
+    if params > total:
+        raise ValueError(f"{read}, more than the model's {total:,} parameters; pass a smaller count or a fraction "
+                         "in (0, 1]")
+    return int(params)
+
+
 def budget_of(model: nn.Module, params: float) -> float:
-    """The absolute parameter budget of ``params`` (a fraction ``<= 1`` of the model's count, or a count).
+    """The absolute parameter budget of ``params`` (:func:`budget_count`: a fraction ``<= 1`` of the model's
+    count, or a count).
 
     Raises:
-        ValueError: a non-positive budget, or one that leaves the model as large as it is.
+        ValueError: an invalid budget (:func:`budget_count`), or one that leaves the model as large as it is.
     """
     total = target_parameters(model, Target())
-    if not 0 < params:
-        raise ValueError(f"params={params} must be a positive fraction (<= 1) or an absolute count")
-    budget = params * total if params <= 1 else params
+    budget = budget_count(params, total)
     if budget >= total:
         raise ValueError(f"params={params} gives a budget of {budget:.0f} >= the model's {total} parameters; nothing to prune")
     return budget

@@ -203,3 +203,57 @@ def rerun_in_interpreter(test_file: str, keyword: str, allow_skips: bool = True)
     assert " passed" in r.stdout
     if not allow_skips:
         assert " skipped" not in r.stdout, r.stdout[-4000:]
+
+
+# ---- tiny GGUF files ---------------------------------------------------------------------------
+
+def write_tiny_gguf(path, seed: int = 0, with_tensors: bool = True) -> Path:
+    """A tiny float32 Llama GGUF file (hidden 64, 2 layers) with the built-in model's BPE tokenizer.
+
+    ``with_tensors=False`` writes the tokenizer and metadata only (0 tensors). The same ``seed``
+    gives the same bytes; another seed, a file of the same size with other weights.
+    """
+    import gguf
+    import numpy as np
+
+    from minitron.data import BUILTIN_MODEL
+
+    tok = json.loads((BUILTIN_MODEL / "tokenizer.json").read_text(encoding="utf-8"))["model"]
+    tokens = [t for t, _ in sorted(tok["vocab"].items(), key=lambda kv: kv[1])]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["merges"]]
+    vocab, hidden, ffn, layers, heads, kv = len(tokens), 64, 128, 2, 4, 2
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(layers)
+    w.add_context_length(64)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_vocab_size(vocab)
+    w.add_rope_dimension_count(hidden // heads)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list(tokens)
+    w.add_token_types([1] * vocab)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(0)
+    if with_tensors:
+        g = np.random.default_rng(seed)
+        kv_rows = kv * hidden // heads
+        shapes = {"token_embd.weight": (vocab, hidden), "output_norm.weight": (hidden,)}
+        for l in range(layers):
+            shapes.update({f"blk.{l}.{name}": shape for name, shape in (
+                ("attn_norm.weight", (hidden,)), ("ffn_norm.weight", (hidden,)), ("attn_q.weight", (hidden, hidden)),
+                ("attn_k.weight", (kv_rows, hidden)), ("attn_v.weight", (kv_rows, hidden)),
+                ("attn_output.weight", (hidden, hidden)), ("ffn_gate.weight", (ffn, hidden)),
+                ("ffn_up.weight", (ffn, hidden)), ("ffn_down.weight", (hidden, ffn)))})
+        for name, shape in shapes.items():
+            w.add_tensor(name, (0.05 * g.standard_normal(shape)).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return Path(path)

@@ -55,6 +55,11 @@ def test_hidden_size_suggestions_are_the_nearest_valid_values():
 def test_required_divisor(model, calib_ids):
     with pytest.raises(ValueError, match="hidden_size=42 is not divisible by the required divisor 8"):
         minitron.prune(model, calib_ids, minitron.Target(hidden_size=42), divisors={"hidden_size": 8}, verbose=False)
+    for divisors, match in (({"hidden_size": 0}, "divisor hidden_size=0 must be a positive integer"),
+                            ({"hidden": 8}, "unknown divisor key 'hidden'; allowed: hidden_size, intermediate_size")):
+        for kw in (dict(target=minitron.Target(hidden_size=42)), dict(params=0.5)):
+            with pytest.raises(ValueError, match=match):
+                minitron.prune(model, calib_ids, divisors=divisors, seq_len=16, progress=False, verbose=False, **kw)
 
 
 def test_unsupported_architecture_lists_supported(calib_ids):
@@ -158,6 +163,28 @@ def test_jsonl_strings_upper_case_suffix_and_token_lists(tmp_path):
         load_text_blocks(["text", [1, 2]], tok, 2)
 
 
+def test_json_files_are_read_as_json_not_text(tmp_path):
+    tok = CharTokenizer()
+    docs = ["first document " * 3, "second " * 5]
+    ids = [[1, 2, 3, 4, 5], [6, 7, 8]]
+    cases = {"ids.json": (ids, None, [[1, 2, 3, 4], [5, 6, 7, 8]]),  # token-id lists: no tokenizer needed
+             "flat.json": ([1, 2, 3, 4, 5, 6, 7, 8, 9], None, [[1, 2, 3, 4], [5, 6, 7, 8]]),
+             "texts.json": (docs, tok, load_text_blocks(docs, tok, 4).tolist()),
+             "records.json": ([{"text": d} for d in docs], tok, load_text_blocks(docs, tok, 4).tolist())}
+    for name, (content, tokenizer, expected) in cases.items():
+        (tmp_path / name).write_text(json.dumps(content), encoding="utf-8")
+        assert load_text_blocks(tmp_path / name, tokenizer, 4).tolist() == expected, name
+    (tmp_path / "obj.json").write_text('{"text": "one"}', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"obj.json holds a JSON dict, not a list"):
+        load_text_blocks(tmp_path / "obj.json", tok, 4)
+    (tmp_path / "bad.json").write_text('[{"body": "x"}]', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bad.json\[0\]: item has no 'text' field"):
+        load_text_blocks(tmp_path / "bad.json", tok, 4)
+    (tmp_path / "broken.json").write_text('[1, 2,\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"broken.json:2: not valid JSON"):
+        load_text_blocks(tmp_path / "broken.json", tok, 4)
+
+
 def test_directory_as_data(tmp_path):
     with pytest.raises(ValueError, match=f"{tmp_path} is a directory; pass a .txt or .jsonl file"):
         load_text_blocks(tmp_path, CharTokenizer(), 4)
@@ -225,3 +252,44 @@ def test_phi3_longrope_needs_hidden_equal_heads_times_head_dim():
             target.validate(config)
     minitron.Target(hidden_size=32, num_attention_heads=4).validate(config)  # 32 = 4 * 8: accepted
     minitron.Target(intermediate_size=40).validate(config)
+
+
+def test_params_budget_says_how_it_is_read(model, calib_ids, monkeypatch):
+    import minitron.pruner
+
+    def no_calibration(*a, **k):
+        raise AssertionError("calibrated before the budget was checked")
+
+    monkeypatch.setattr(minitron.pruner, "collect_importance", no_calibration)
+    total = minitron.count_parameters(model)
+    for params, match in ((1.5, r"params=1.5 is read as an absolute parameter count \(values > 1 are counts.*under "
+                                r"1% of the model's .*pass a value in \(0, 1\]"),
+                          (50, r"params=50 is read as an absolute parameter count.*under 1% of the model's"),
+                          (total * 2, r"counts, not fractions\), more than the model.s"),
+                          (float("nan"), r"params=nan must be a fraction in \(0, 1\]"), (0, "params=0 must be")):
+        with pytest.raises(ValueError, match=match):
+            minitron.prune(model, calib_ids, params=params, seq_len=16, verbose=False)
+    from minitron.sizing import budget_count
+
+    assert budget_count(0.5, 1000) == 500 and budget_count(300, 1000) == 300 and budget_count(1, 1000) == 1000
+
+
+def test_batch_agg_is_checked_for_depth_only_targets(model, calib_ids):
+    with pytest.raises(ValueError, match=r"unknown batch_agg='max'; allowed values: mean, l2, var"):
+        minitron.prune(model, calib_ids, minitron.Target(num_hidden_layers=2), batch_agg="max", depth_metric="bi",
+                       seq_len=16, progress=False, verbose=False)
+
+
+def test_non_causal_checkpoint_gets_the_family_list(tmp_path):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    T5ForConditionalGeneration(T5Config(vocab_size=32, d_model=16, d_kv=4, d_ff=16, num_layers=1,
+                                        num_heads=2)).save_pretrained(tmp_path / "t5")
+    with pytest.raises(ValueError) as err:
+        minitron.load_model(tmp_path / "t5")
+    message = str(err.value)
+    assert "model_type='t5' (not a causal language model); minitron supports causal LMs of model_type llama" in message
+    assert len(message) < 400 and "\n" not in message
+    (tmp_path / "t5" / "config.json").write_text(json.dumps({"model_type": "no-such-model"}), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"model_type='no-such-model' \(unknown to transformers\); minitron supports"):
+        minitron.load_model(tmp_path / "t5")

@@ -139,3 +139,14 @@ def test_prune_depth_rounds_flag(tmp_path, capsys):
                  str(tmp_path / "e"), *FAST]) == 2
     assert "--depth-rounds=2 needs --depth-metric ppl" in capsys.readouterr().err
     assert not (tmp_path / "e").exists()
+
+
+def test_budget_and_divisor_flags_are_checked(tmp_path, capsys):
+    import pytest
+
+    assert main(["prune", "--params", "1.5", "--out", str(tmp_path / "p"), *FAST]) == 2
+    assert "params=1.5 is read as an absolute parameter count (values > 1 are counts" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
+    with pytest.raises(SystemExit) as exit_:
+        main(["search", "--hidden-divisor", "0", "--out", str(tmp_path / "s")])
+    assert exit_.value.code == 2 and "--hidden-divisor: expected an integer >= 1, got 0" in capsys.readouterr().err

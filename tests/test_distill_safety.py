@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -261,10 +262,34 @@ def test_lock_names_the_other_process_and_stale_locks_are_taken_over(teacher_and
 
 @pytest.mark.parametrize("field,value", [("save_every", -1), ("keep_checkpoints", -2), ("keep_checkpoints", 0),
                                          ("steps", 2.5), ("steps", True), ("eval_every", -3), ("lr", float("nan")),
-                                         ("seq_len", 16.0)])
+                                         ("seq_len", 16.0), ("jsd_beta", 7), ("jsd_beta", -0.1)])
 def test_config_rejects_bad_counts(field, value):
     with pytest.raises(ValueError, match=f"DistillConfig: {field} must be"):
         DistillConfig(**{field: value})
+
+
+def test_standalone_distill_cli_reports_one_line(capsys):
+    from minitron.cli.distill import main as distill_main
+
+    assert distill_main(["--steps", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "steps must be an integer >= 1, got 0" in err
+
+
+def test_student_is_teacher_and_non_finite_models_are_refused_before_training(teacher_and_data, tmp_path):
+    teacher, train, _ = teacher_and_data
+    with pytest.raises(ValueError, match="the student and the teacher are the same model.*copy.deepcopy"):
+        distill(teacher, teacher, train, config=quick_cfg(tmp_path / "same", steps=1))
+    student = small_student()
+    student.lm_head = teacher.lm_head  # a "student" that shares a tensor with the teacher
+    with pytest.raises(ValueError, match=r"models sharing 1 parameter tensor\(s\)"):
+        distill(student, teacher, train, config=quick_cfg(tmp_path / "shared", steps=1))
+    broken = tiny(seed=0)
+    with torch.no_grad():
+        broken.model.layers[0].mlp.up_proj.weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"the teacher's weight model.layers.0.mlp.up_proj.weight holds NaN/inf"):
+        distill(small_student(), broken, train, config=quick_cfg(tmp_path / "inf", steps=1))
+    assert not any((tmp_path / d).exists() for d in ("same", "shared", "inf"))
 
 
 def test_cli_rejects_negative_save_every(teacher_and_data, tmp_path, capsys):
@@ -318,6 +343,32 @@ def test_teacher_with_padded_vocab_distils_over_the_shared_vocab(teacher_and_dat
         real.lm_head.weight[V:] = sharp.lm_head.weight[:16]  # 16 more real tokens
     with pytest.raises(ValueError, match=r"teacher puts up to .* of its probability on ids >= 64"):
         distill(small_student(), real, train, config=quick_cfg(tmp_path / "real"))
+
+
+def test_zero_padding_rows_are_padding_even_for_an_unsure_teacher(tmp_path):
+    unsure = tiny(seed=0).eval()  # flat distributions: exp(0) rows would get ~20% of the probability
+    data = torch.randint(0, V, (16, T), generator=torch.Generator().manual_seed(0))
+    ref = distill(small_student(), unsure, data, config=quick_cfg(tmp_path / "ref", steps=1))
+    pad = distill(small_student(), padded_teacher(unsure, 16), data, config=quick_cfg(tmp_path / "pad", steps=1))
+    assert rows(tmp_path / "pad", "train")[0]["loss"] == pytest.approx(rows(tmp_path / "ref", "train")[0]["loss"], rel=1e-4)
+    assert torch.allclose(ref.lm_head.weight, pad.lm_head.weight, atol=1e-5)
+
+
+def test_student_with_padded_vocab_refuses_reverse_kl_and_trains_otherwise(teacher_and_data, tmp_path):
+    teacher, train, _ = teacher_and_data
+    padded = small_student()
+    padded.resize_token_embeddings(V + 16, mean_resizing=False)
+    with torch.no_grad():
+        padded.lm_head.weight[V:].zero_()
+        padded.model.embed_tokens.weight[V:].zero_()
+    for loss, beta in (("reverse_kl", 0.5), ("jsd", 1.0)):
+        with pytest.raises(ValueError, match=rf"logits_loss='{loss}'.* is infinite here: the student's lm_head has 80 "
+                                             r"rows, the teacher's 64.*resize_token_embeddings\(64\)"):
+            distill(padded, teacher, train, config=quick_cfg(tmp_path / loss, logits_loss=loss, jsd_beta=beta))
+        assert not (tmp_path / loss).exists()
+    for loss in ("forward_kl", "jsd"):  # finite: the student is pushed off the teacher's impossible ids
+        distill(padded, teacher, train, config=quick_cfg(tmp_path / f"ok-{loss}", steps=2, logits_loss=loss))
+        assert all(math.isfinite(r["loss"]) for r in rows(tmp_path / f"ok-{loss}", "train"))
 
 
 def test_bf16_mixed_precision_on_cpu(teacher_and_data, tmp_path):

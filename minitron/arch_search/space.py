@@ -25,7 +25,7 @@ from torch import nn
 from ..adapters import get_adapter, kv_heads_of, moe_sizes, moe_spec_of, sparse_layers
 from ..pruning import Target
 from ..pruning.target import MOE_WIDTH_MULTIPLE
-from ..sizing import count_config_parameters, target_parameters
+from ..sizing import budget_count, count_config_parameters, target_parameters
 
 __all__ = ["ALL_AXES", "AXES", "AXIS_FIELDS", "MOE_AXES", "Candidate", "ParamCounter", "axis_values",
            "default_divisors", "enumerate_candidates", "model_axes"]
@@ -431,11 +431,9 @@ def enumerate_candidates(
             raise ValueError(f"{name}={v!r} must be in [0, 1)")
     config = model.config
     axes = _searched_axes(model, axes)
-    if not isinstance(params, (int, float)) or params <= 0:
-        raise ValueError(f"params={params!r} must be a positive fraction (<= 1) or an absolute parameter count")
     counter = counter or ParamCounter(model)
     total = counter(Target())
-    budget = int(params * total) if params <= 1 else int(params)
+    budget = int(budget_count(params, total))
     low = budget * (1 - tolerance)
     divs = _normalise_divisors(config, divisors)
     current = Target().resolved(config)

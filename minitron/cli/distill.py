@@ -206,11 +206,21 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Standalone entry point: ``python -m minitron.cli.distill ...`` (and ``torchrun -m minitron.cli.distill``)."""
-    parser = argparse.ArgumentParser(prog="minitron-distill", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_arguments(parser)
-    return run(parser.parse_args(argv))
+    """Standalone entry point: ``python -m minitron.cli.distill ...`` (and ``torchrun -m minitron.cli.distill``).
+
+    The same parser and error reporting as ``minitron distill`` (:func:`minitron.cli.main`): a bad
+    argument or input is one line on stderr and exit status 2, never a traceback.
+
+    Args:
+        argv: arguments after the module name (default: ``sys.argv[1:]``).
+    Returns:
+        Exit status.
+    """
+    import sys
+
+    from . import main as cli_main
+
+    return cli_main(["distill", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -48,8 +48,8 @@ def _add_prune_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--expert-ffn", type=int, help="mixture of experts: FFN neurons every kept expert keeps (each "
                    "expert its own most important ones)")
     g.add_argument("--shared-expert-ffn", type=int, help="Qwen2-MoE: FFN neurons of the shared expert to keep")
-    g.add_argument("--params", type=float, help="parameter budget: a fraction <= 1 or an absolute count "
-                   "(width first; default 0.5 when no target is given)")
+    g.add_argument("--params", type=float, help="parameter budget: a fraction in (0, 1] or an absolute count "
+                   "(values > 1 are counts; width first; default 0.5 when no target is given)")
     i = p.add_argument_group("importance")
     i.add_argument("--depth-metric", choices=("ppl", "bi"), default=DEFAULT_DEPTH_METRIC,
                    help="ppl: LM loss with the layer dropped; bi: Block Importance (the paper's)")
@@ -91,6 +91,7 @@ def run_prune(args: argparse.Namespace) -> int:
     from ..adapters import moe_sizes, moe_spec_of
     from ..pruner import loss_scores_for, pruning_summary
     from ..pruning.target import model_sizes
+    from ..sizing import budget_of
     from ..validate import check_device, check_finite_weights, is_importance_file
 
     started = time.time()
@@ -122,6 +123,8 @@ def run_prune(args: argparse.Namespace) -> int:
                          f"{type(model).__name__} give explicit targets (--experts, --expert-ffn"
                          f"{', --shared-expert-ffn' if moe_sizes(model.config)['shared_expert_intermediate_size'] else ''}"
                          ", --hidden-size, --heads, --layers) or rank candidates with `minitron search`")
+    else:
+        budget_of(model, params)  # before the perplexity and the calibration passes
     check_finite_weights(model)
     args.seq_len = resolve_seq_len(text_source(args.calib), args.seq_len, [model], flag="--seq-len")
 

@@ -38,7 +38,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                    "previous `minitron search` output)")
     p.add_argument("--overwrite", action="store_true", help="allow --out to be a non-empty directory not written by "
                    "minitron search: the search's files replace same-named ones, nothing else is deleted")
-    p.add_argument("--params", type=float, default=0.5, help="budget: fraction <= 1 or absolute count")
+    p.add_argument("--params", type=float, default=0.5, help="budget: a fraction in (0, 1] or an absolute count "
+                   "(values > 1 are counts)")
     p.add_argument("--tolerance", type=float, default=0.05)
     p.add_argument("--retrain-steps", type=non_negative_int, default=50)
     p.add_argument("--top", type=non_negative_int, default=4,
@@ -49,7 +50,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--max-width-prune", type=float, default=0.4)
     p.add_argument("--max-depth-prune", type=float, default=0.2)
     for axis in ALL_AXES:
-        p.add_argument(f"--{axis.replace('_', '-')}-divisor", type=int, default=None, help=f"grid step of {axis}")
+        p.add_argument(f"--{axis.replace('_', '-')}-divisor", type=positive_int, default=None, help=f"grid step of {axis}")
     p.add_argument("--seq-len", type=positive_int, default=128)
     p.add_argument("--num-samples", type=positive_int, default=64, help="calibration blocks")
     p.add_argument("--eval-blocks", type=positive_int, default=32)

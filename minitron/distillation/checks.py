@@ -10,6 +10,7 @@ from torch import nn
 
 from minitron.adapters import lm_head_params
 from minitron.distillation.config import DistillConfig
+from minitron.validate import check_finite_weights
 
 
 def embed_rows(model: nn.Module) -> int:
@@ -17,6 +18,28 @@ def embed_rows(model: nn.Module) -> int:
 
 
 def check_models(student: nn.Module, teacher: nn.Module, cfg: DistillConfig) -> None:
+    """Raise a one-line ValueError before any data is read if the models cannot be distilled.
+
+    The student must be another model than the teacher (sharing no parameter: the teacher is
+    frozen), both must hold finite weights, a student with more vocabulary rows than the teacher
+    cannot be trained with reverse KL (infinite), ``seq_len`` must fit their positions and the
+    logits must be ``hidden @ lm_head.T``.
+    """
+    shared = {id(p) for p in teacher.parameters()}.intersection(id(p) for p in student.parameters())
+    if student is teacher or shared:
+        same = "the same model" if student is teacher else f"models sharing {len(shared)} parameter tensor(s)"
+        raise ValueError(f"the student and the teacher are {same}; the teacher is frozen, so pass a separate student "
+                         "(a pruned model, or copy.deepcopy(teacher))")
+    for name, m in (("teacher", teacher), ("student", student)):
+        check_finite_weights(m, name)
+    vs, vt = int(lm_head_params(student)[0].shape[0]), int(lm_head_params(teacher)[0].shape[0])
+    reverse = cfg.logits_loss == "reverse_kl" or (cfg.logits_loss == "jsd" and cfg.jsd_beta == 1)
+    if vs > vt and reverse and cfg.kd_weight > 0:  # the teacher is padded with -inf logits up to vs
+        raise ValueError(
+            f"logits_loss={cfg.logits_loss!r}{' with jsd_beta=1' if cfg.logits_loss == 'jsd' else ''} is infinite "
+            f"here: the student's lm_head has {vs} rows, the teacher's {vt}, and any student probability on ids >= "
+            f"{vt} (which the teacher cannot produce) makes KL(student || teacher) infinite; use forward_kl or jsd "
+            f"with jsd_beta < 1, or cut the student's vocabulary to the teacher's (student.resize_token_embeddings({vt}))")
     for name, m in (("student", student), ("teacher", teacher)):
         mpe = getattr(getattr(m, "config", None), "max_position_embeddings", None)
         if mpe is not None and cfg.seq_len is not None and cfg.seq_len > mpe:

@@ -34,7 +34,7 @@ class DistillConfig:
             each of ``world_size`` ranks gets a disjoint ``batch_size // world_size`` of it.
         grad_accum: micro-steps per optimizer step (global batch = batch_size * grad_accum sequences).
         logits_loss: ``"forward_kl"`` (KL(teacher || student)), ``"reverse_kl"`` or ``"jsd"``.
-        jsd_beta: mixture weight of the JSD (see :mod:`minitron.losses`).
+        jsd_beta: mixture weight of the JSD, in [0, 1] (see :mod:`minitron.losses`).
         temperature: softmax temperature tau of both distributions (loss scaled by tau^2).
         top_k: if set, KL over the teacher's top-k tokens only (renormalised).
         clm_weight: weight of the next-token cross-entropy on the data (0 = KD only).
@@ -142,6 +142,7 @@ class DistillConfig:
         need(self.loss_impl in LOSS_IMPLS, f"loss_impl={self.loss_impl!r}; allowed: {', '.join(LOSS_IMPLS)}")
         need(self.parallel in PARALLEL, f"parallel={self.parallel!r}; allowed: {', '.join(PARALLEL)}")
         need(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
+        need(0 <= self.jsd_beta <= 1, f"jsd_beta must be in [0, 1] (0: forward KL, 1: reverse KL), got {self.jsd_beta}")
         need(self.clm_weight >= 0 and self.kd_weight >= 0 and (self.clm_weight > 0 or self.kd_weight > 0),
              f"need clm_weight >= 0, kd_weight >= 0, not both 0; got {self.clm_weight}, {self.kd_weight}")
         if self.intermediate_layers is not None:

@@ -39,11 +39,16 @@ def shared_vocab_head(weight: torch.Tensor, bias: torch.Tensor | None, vocab: in
 @torch.no_grad()
 def check_teacher_padding(student: nn.Module, teacher: nn.Module, x: torch.Tensor, cfg: DistillConfig,
                            device: torch.device, chunk: int = 1024) -> None:
-    """Raise if a teacher with more vocabulary rows than the student puts real probability on the extra ids."""
+    """Raise if a teacher with more vocabulary rows than the student puts real probability on the extra ids.
+
+    All-zero extra rows (weight and bias) are padding by construction and are not counted.
+    """
     vs = int(lm_head_params(student)[0].shape[0])
     wt, bt = lm_head_params(teacher)
-    if wt.shape[0] <= vs:
+    extra = (wt[vs:] != 0).any(-1) if bt is None else (wt[vs:] != 0).any(-1) | (bt[vs:] != 0)  # (Vt - vs,)
+    if not bool(extra.any()):  # no extra rows, or all zero: padding by construction, whatever mass they get
         return
+    real = vs + extra.nonzero().squeeze(-1)  # ids of the non-zero extra rows: maybe real tokens
     h = base_decoder(teacher)(input_ids=x.to(device), use_cache=False).last_hidden_state  # (B, T, Ht)
     h = h.reshape(-1, h.shape[-1])
     worst = 0.0
@@ -52,13 +57,14 @@ def check_teacher_padding(student: nn.Module, teacher: nn.Module, x: torch.Tenso
         if bt is not None:
             logits += bt.float()
         logits /= cfg.temperature
-        outside = torch.logsumexp(logits[:, vs:], -1) - torch.logsumexp(logits, -1)  # log mass on ids >= vs
+        outside = torch.logsumexp(logits[:, real], -1) - torch.logsumexp(logits, -1)  # log mass on non-zero extra ids
         worst = max(worst, float(outside.max().exp()))
     if not worst <= TEACHER_OUTSIDE_MASS_LIMIT:
         raise ValueError(
             f"the teacher's lm_head has {wt.shape[0]} rows but the student's {vs}, and the teacher puts up to "
-            f"{worst:.2%} of its probability on ids >= {vs} (limit {TEACHER_OUTSIDE_MASS_LIMIT:.1%}): those rows are "
-            "real tokens, not padding; distill a student with the teacher's vocabulary (e.g. one pruned from it)"
+            f"{worst:.2%} of its probability on ids >= {vs} ({real.numel()} non-zero rows; limit "
+            f"{TEACHER_OUTSIDE_MASS_LIMIT:.1%}): those rows are real tokens, not padding; distill a student with the "
+            "teacher's vocabulary (e.g. one pruned from it)"
         )
 
 

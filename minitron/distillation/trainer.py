@@ -109,8 +109,9 @@ def distill(
     vs 0.5B). The logits losses then use the shared first ``Vs`` ids, with the teacher distribution
     renormalised over them; before training, a teacher that puts more than
     ``TEACHER_OUTSIDE_MASS_LIMIT`` (0.1%) of its probability on the extra ids for any token of the
-    first batch is refused (those rows are real tokens, not padding). A larger student vocabulary
-    is handled by padding the teacher with ``-inf`` logits.
+    first batch is refused (those rows are real tokens, not padding); all-zero extra rows are padding
+    and never refused. A larger student vocabulary is handled by padding the teacher with ``-inf``
+    logits (reverse KL, which that makes infinite, is refused before training).
 
     Args:
         student: Hugging Face causal LM to train (e.g. a pruned teacher); trained in place.
@@ -129,7 +130,7 @@ def distill(
         Under FSDP the returned module is still sharded; load ``output_dir/final`` instead.
     Raises:
         ValueError: empty data, ``seq_len`` beyond ``max_position_embeddings``, irreconcilable vocabularies,
-            bad config, an unsafe or busy ``output_dir``, a saved run that is not this run, ``steps``
+            a student that is (or shares weights with) the teacher, NaN/inf weights, bad config, an unsafe or busy ``output_dir``, a saved run that is not this run, ``steps``
             below the saved step, a checkpoint that does not match the student.
             :class:`NonFiniteLossError` (a ValueError) on a NaN/inf loss, naming the step; the last
             good checkpoint is kept.

@@ -41,11 +41,11 @@ BLOCK_COS = Dispatch("minitron_kernels.importance:block_cos_sum_triton", block_i
 BATCH_AGGREGATIONS = ("mean", "l2", "var")
 
 
-def check_aggregation(batch_agg: str, seq_agg: str) -> None:
-    """Raise ``ValueError`` naming the field when an aggregation is unknown."""
+def check_aggregation(batch_agg: str, seq_agg: str | None = None) -> None:
+    """Raise ``ValueError`` naming the field when an aggregation is unknown (``seq_agg=None``: not checked)."""
     if batch_agg not in BATCH_AGGREGATIONS:
         raise ValueError(f"unknown batch_agg={batch_agg!r}; allowed values: {', '.join(BATCH_AGGREGATIONS)}")
-    if seq_agg not in SEQ_AGGREGATIONS:
+    if seq_agg is not None and seq_agg not in SEQ_AGGREGATIONS:
         raise ValueError(f"unknown seq_agg={seq_agg!r}; allowed values: {', '.join(SEQ_AGGREGATIONS)}")
 
 

@@ -8,7 +8,7 @@ from typing import Sequence
 
 from ..adapters import head_dim_of, kv_heads_of, moe_sizes, moe_spec_of, sparse_layers
 
-__all__ = ["MOE_WIDTH_MULTIPLE", "Target", "model_sizes", "nearest_multiples"]
+__all__ = ["MOE_WIDTH_MULTIPLE", "Target", "check_divisors", "model_sizes", "nearest_multiples"]
 
 # hidden and expert FFN widths of a pruned MoE model: 8 elements = 16 bytes in bf16/fp16 (the row alignment
 # torch's grouped GEMM requires; 32 bytes in fp32)
@@ -108,11 +108,13 @@ class Target:
             config: the unpruned model's config.
             divisors: optional required divisor per field, e.g. ``{"hidden_size": 64}``.
         Raises:
-            ValueError: a field is not a positive integer, grows the model, misses its divisor, breaks the
-                KV grouping, or the config class rejects the pruned config.
+            ValueError: a divisor is not a positive integer of a known field; a field is not a positive
+                integer, grows the model, misses its divisor, breaks the KV grouping, or the config class
+                rejects the pruned config.
         Example:
             >>> Target(num_attention_heads=5).validate(config)  # 3 KV heads: raises, allowed 3, 6, 9
         """
+        check_divisors(divisors)
         original = Target().resolved(config)  # the model's own sizes
         for f in fields(self):
             value = getattr(self, f.name)
@@ -192,6 +194,22 @@ class Target:
                     f"hidden_size={t.num_attention_heads * hd} with num_attention_heads={t.num_attention_heads}"
                 ) from err
             raise ValueError(f"the pruned config is rejected by {type(config).__name__}: {err}") from err
+
+
+def check_divisors(divisors: dict[str, int] | None) -> None:
+    """Raise unless every key of ``divisors`` is a :class:`Target` field and every value an integer >= 1.
+
+    A 0 or a misspelt key would otherwise be skipped silently.
+
+    Example:
+        >>> check_divisors({"hidden_size": 0})  # raises: must be a positive integer
+    """
+    names = [f.name for f in fields(Target)]
+    for key, div in (divisors or {}).items():
+        if key not in names:
+            raise ValueError(f"unknown divisor key {key!r}; allowed: {', '.join(names)}")
+        if isinstance(div, bool) or not isinstance(div, int) or div < 1:
+            raise ValueError(f"divisor {key}={div!r} must be a positive integer")
 
 
 def model_sizes(config) -> dict[str, int | None]:
