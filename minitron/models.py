@@ -1,6 +1,7 @@
 """Load the models minitron works on: local checkpoints, GGUF files and the two built-in models.
 
-Every load is local-only (``local_files_only=True``): nothing is ever downloaded.
+Every load is local-only (``local_files_only=True``, offline mode) and runs no checkpoint code
+(``trust_remote_code=False``): see :mod:`minitron.local`.
 
 Model sources accepted by :func:`load_model` (and by ``--model`` on the command line):
 
@@ -37,6 +38,7 @@ import torch
 from torch import nn
 
 from .data import BUILTIN_MODEL as BUILTIN_TINY_DIR
+from .local import CustomCodeError
 
 logger = logging.getLogger(__name__)
 
@@ -135,9 +137,11 @@ def _load_gguf_uncached(gguf_path: Path, dtype: torch.dtype) -> tuple[nn.Module,
             raise ImportError(f"loading a GGUF file needs the {module!r} package: pip install gguf accelerate")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kwargs = dict(gguf_file=gguf_path.name, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=dtype, **kwargs)
+    from .local import from_pretrained
+
+    tokenizer = from_pretrained(AutoTokenizer, gguf_path.parent, "--model", gguf_file=gguf_path.name)
+    model = from_pretrained(AutoModelForCausalLM, gguf_path.parent, "--model", dtype=dtype,
+                            gguf_file=gguf_path.name)
     strip_gguf_quantization(model)
     model.config._name_or_path = str(gguf_path)
     return model, tokenizer
@@ -202,10 +206,10 @@ def _load_checkpoint(path: Path, dtype: torch.dtype) -> tuple[nn.Module, Any]:
     from .local import load_causal_lm
     from .local import load_tokenizer as load_local_tokenizer
 
-    model = load_causal_lm(path, str(path), dtype=dtype)
+    model = load_causal_lm(path, "--model", dtype=dtype)
     tokenizer = None
     if any((path / name).is_file() for name in _TOKENIZER_FILES):
-        tokenizer = load_local_tokenizer(path, str(path))
+        tokenizer = load_local_tokenizer(path, "--model")
     return model, tokenizer
 
 
@@ -284,16 +288,18 @@ def load_model(
 
 
 def load_tokenizer(source: str | os.PathLike, gguf_file: str | None = None) -> Any:
-    """The tokenizer of a model source accepted by :func:`load_model` (local-only)."""
+    """The tokenizer of a model source accepted by :func:`load_model` (local-only, no checkpoint code)."""
     from transformers import AutoTokenizer
+
+    from .local import from_pretrained
 
     kind, path = resolve_model_source(source, gguf_file)
     if kind == "gguf":
         cached = _gguf_cache_dir(path)
         if (cached / "tokenizer_config.json").is_file():
-            return AutoTokenizer.from_pretrained(cached, local_files_only=True)
-        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+            return from_pretrained(AutoTokenizer, cached, "--model")
+        return from_pretrained(AutoTokenizer, path.parent, "--model", gguf_file=path.name)
+    return from_pretrained(AutoTokenizer, path, "--model")
 
 
 def resolve_tokenizer(model: nn.Module, tokenizer: Any = None, *, required: bool = False) -> Any:
@@ -324,7 +330,11 @@ def resolve_tokenizer(model: nn.Module, tokenizer: Any = None, *, required: bool
                 return load_tokenizer(source)
             from transformers import AutoTokenizer
 
-            return AutoTokenizer.from_pretrained(source, local_files_only=True)
+            from .local import from_pretrained
+
+            return from_pretrained(AutoTokenizer, source, "the model's path")
+        except CustomCodeError:
+            raise
         except Exception as err:  # noqa: BLE001 - not found locally: token-id data needs none
             error = err
     if not required:

@@ -159,9 +159,13 @@ def run_prune(args: argparse.Namespace) -> int:
 
     def write(tmp: Path) -> None:
         pruned.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        if tokenizer is not None:  # a checkpoint folder without tokenizer files, calibrated on token ids
+            tokenizer.save_pretrained(tmp)
 
     write_output_dir(args.out, "prune", write, overwrite=args.overwrite)
+    if tokenizer is None:
+        print(f"note: {args.model} has no tokenizer, so {args.out} holds none (token-id calibration needs none); "
+              "copy the original tokenizer files into it to use it on text")
     sizes = model_sizes(pruned.config)  # mixture-of-experts sizes under minitron's names, only when present
     config = {k: getattr(pruned.config, k) for k in (*DENSE_FIELDS, "head_dim")}
     config.update({k: sizes[k] for k in MOE_FIELDS if sizes[k] is not None})
