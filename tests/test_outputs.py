@@ -167,3 +167,66 @@ def test_check_output_dir_accepts_new_empty_and_own_kind(tmp_path):
     check_output_dir(tmp_path / "p", "prune")
     with pytest.raises(ValueError, match="holds a `minitron prune` output, not a `minitron search` one"):
         check_output_dir(tmp_path / "p", "search")
+
+
+# ---- markers prove ownership by hash; no symlink is followed -------------------------------------------
+
+
+def test_forged_or_copied_marker_never_makes_a_user_folder_minitrons(model_dir, tmp_path, capsys):
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "notes.txt").write_text("precious")
+    (d / MARKER).write_text('{"kind": "prune", "files": ["notes.txt"]}')  # forged: names, no hashes
+    prune = ["prune", "--model", str(model_dir), "--method", "random", "--layers", "3", *FAST]
+    assert main([*prune, "--out", str(d)]) == 2
+    assert "records no file hashes" in capsys.readouterr().err
+    (d / MARKER).write_text('{"kind": "prune", "files": null}')
+    assert main([*prune, "--out", str(d)]) == 2  # refused up front, not "changed while the run was working"
+    assert "records no file hashes" in capsys.readouterr().err
+    other = tmp_path / "other"
+    write_output_dir(other, "prune", lambda t: (t / "notes.txt").write_text("minitron's"))
+    (d / MARKER).write_bytes((other / MARKER).read_bytes())  # a real marker, copied: its hash is not notes.txt's
+    assert main([*prune, "--out", str(d)]) == 2
+    assert "notes.txt" in capsys.readouterr().err
+    assert (d / "notes.txt").read_text() == "precious"
+
+
+def test_marker_through_a_symlinked_folder_never_deletes_outside(tmp_path):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "victim.txt").write_text("outside --out")
+    d = tmp_path / "d"
+    write_output_dir(d, "prune", lambda t: ((t / "ext").mkdir(), (t / "ext" / "victim.txt").write_text("x")))
+    marker = read_marker(d)
+    import shutil
+
+    shutil.rmtree(d / "ext")
+    (d / "ext").symlink_to(victim)
+    (d / MARKER).write_text(__import__("json").dumps(marker))  # its hash is even right for the content "x"...
+    (victim / "victim.txt").write_text("x")  # ...and the file behind the link has that content
+    write_output_dir(d, "prune", lambda t: (t / "model.bin").write_text("new"), overwrite=True)
+    assert (victim / "victim.txt").read_text() == "x" and (d / "model.bin").read_text() == "new"
+    with pytest.raises(ValueError, match="ext"):  # without --overwrite: the link is not minitron's
+        check_output_dir(d, "prune")
+
+
+def test_symlinked_lock_or_marker_is_refused_before_work(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    r = tmp_path / "r"
+    r.mkdir()
+    (r / ".minitron.lock").symlink_to(victim)
+    for kind in ("distill", "prune", "search"):
+        for overwrite in (False, True):
+            with pytest.raises(ValueError, match=r"\.minitron\.lock is a symbolic link"):
+                check_output_dir(r, kind, overwrite=overwrite)
+    from minitron.runlock import acquire
+
+    with pytest.raises(ValueError, match="symbolic link"):
+        acquire(r)
+    assert victim.read_text() == "precious"
+    (r / ".minitron.lock").unlink()
+    (r / MARKER).symlink_to(victim)
+    with pytest.raises(ValueError, match="is a symbolic link"):
+        check_output_dir(r, "distill")
+    assert victim.read_text() == "precious"
