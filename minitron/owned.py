@@ -169,7 +169,9 @@ def seal(directory: str | os.PathLike, kind: str) -> dict[str, str]:
     Returns:
         The file table written.
     """
-    files = digest_tree(directory)
+    from .atomic import PARTIAL
+
+    files = digest_tree(directory, skip=(MARKER, PARTIAL))  # PARTIAL: removed right after, by the caller
     write_marker(directory, kind, files)
     return files
 
@@ -273,3 +275,39 @@ def unlink_owned(root: str | os.PathLike, rel: str, entry: Any) -> bool:
         return False
     path.unlink()
     return True
+
+
+def write_text_owned(directory: str | os.PathLike, rel: str, text: str) -> None:
+    """Replace ``directory/rel`` by ``text`` atomically and record it in ``directory``'s marker.
+
+    The new digest is recorded first, next to the old one if the old file was minitron's, so a
+    crash between the two writes leaves a file the marker still proves.
+    """
+    from .atomic import atomic_write_text
+
+    path = Path(directory) / rel
+    accept = [text_digest(text)]
+    entry = recorded(read_marker(directory)).get(rel)
+    if entry is not None and matches(path, entry):
+        accept.append(file_digest(path))
+    record(directory, {rel: accept})
+    atomic_write_text(path, text)
+
+
+def record_prefix(directory: str | os.PathLike, rel: str) -> None:
+    """Record the current content of the append-only file ``directory/rel`` as a prefix entry."""
+    path = Path(directory) / rel
+    try:
+        size = os.lstat(path).st_size
+    except FileNotFoundError:
+        size = 0
+    digest = file_digest(path, size) if size else hashlib.sha256(b"").hexdigest()
+    if digest is not None:
+        record(directory, {rel: {"size": size, "sha256": digest}})
+
+
+def record_file(directory: str | os.PathLike, rel: str) -> None:
+    """Record the current content of ``directory/rel`` (a file minitron just wrote) in the marker."""
+    digest = file_digest(Path(directory) / rel)
+    if digest is not None:
+        record(directory, {rel: digest})

@@ -230,3 +230,34 @@ def test_symlinked_lock_or_marker_is_refused_before_work(tmp_path):
     with pytest.raises(ValueError, match="is a symbolic link"):
         check_output_dir(r, "distill")
     assert victim.read_text() == "precious"
+
+
+def test_search_overwrite_keeps_a_users_best_folder_and_never_writes_through_a_link(tmp_path):
+    from minitron.arch_search import SearchConfig, search
+    from tests.helpers import make_model
+
+    ids = torch.randint(0, 101, (400,), generator=torch.Generator().manual_seed(0))
+    cfg = SearchConfig(tolerance=0.1, retrain_steps=1, top=1, divisors={"intermediate_size": 8}, axes=("ffn",),
+                       seq_len=16)
+    out, outside = tmp_path / "s", tmp_path / "outside.csv"
+    out.mkdir()
+    outside.write_text("my table")
+    (out / "candidates.csv").symlink_to(outside)
+    with pytest.raises(ValueError, match=r"candidates\.csv is a symbolic link"):
+        search(make_model("llama"), ids, ids, params=0.85, output_dir=out, overwrite=True, config=cfg, progress=False)
+    (out / "candidates.csv").unlink()
+    (out / "best").mkdir()
+    (out / "best" / "notes.txt").write_text("mine")
+    (out / "best" / "config.json").write_text("{}")
+    res = search(make_model("llama"), ids, ids, params=0.85, output_dir=out, overwrite=True, config=cfg,
+                 progress=False)
+    assert (out / "best" / "notes.txt").read_text() == "mine" and outside.read_text() == "my table"
+    assert AutoModelForCausalLM.from_pretrained(out / "best").config.intermediate_size == res.best.intermediate_size
+    with pytest.raises(ValueError, match=r"holds best/notes\.txt, which minitron did not write"):
+        search(make_model("llama"), ids, ids, params=0.85, output_dir=out, config=cfg, progress=False)
+    (out / "best" / "notes.txt").unlink()
+    again = search(make_model("llama"), ids, ids, params=0.85, output_dir=out, config=cfg, progress=False)
+    assert again.best.name == res.best.name  # only its own files there: replaced without overwrite...
+    (out / "candidates.md").write_text("edited by hand")
+    with pytest.raises(ValueError, match=r"holds candidates\.md, which minitron did not write"):
+        search(make_model("llama"), ids, ids, params=0.85, output_dir=out, config=cfg, progress=False)

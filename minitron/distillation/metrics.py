@@ -38,7 +38,9 @@ def to_json_line(row: dict) -> str:
 
 def append_row(path: str | os.PathLike, row: dict) -> None:
     """Append one row to the metrics file and flush it."""
-    with open(path, "a", encoding="utf-8") as f:
+    # O_NOFOLLOW: a symlink put in place of the file is refused, never appended through
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    with os.fdopen(fd, "a", encoding="utf-8") as f:
         f.write(to_json_line(row))
         f.flush()
 
