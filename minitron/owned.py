@@ -6,9 +6,10 @@ A folder minitron writes holds a marker, ``.minitron-output.json``::
 
 A file is minitron's (may be replaced or deleted) only if its marker entry matches its content
 now; a name without an entry, a changed file, a symlink, or a path through a symlinked folder is
-the user's and is never touched. An entry is a hex digest, a list of accepted digests (recorded
-just before a replace, so a crash between the two leaves either version recognised), or
-``{"size": n, "sha256": h}`` for an append-only file whose first ``n`` bytes must hash to ``h``.
+the user's and is never touched. An entry is a hex digest, ``{"size": n, "sha256": h}`` for an
+append-only file whose first ``n`` bytes must hash to ``h``, or a list of such entries, any of
+which matches (recorded just before a replace, so a crash between the two leaves either version
+recognised).
 A marker that is copied from elsewhere or hand-written therefore proves nothing. Markers nest:
 a folder written as a unit (a checkpoint, ``final/``, ``best/``) carries its own marker, written
 inside the temp folder before the rename, so its files are recognised whatever crashes when.
@@ -104,8 +105,7 @@ def matches(path: Path, entry: Any) -> bool:
     if isinstance(entry, str):
         return file_digest(path) == entry
     if isinstance(entry, list):
-        digest = file_digest(path)
-        return digest is not None and digest in entry
+        return any(matches(path, e) for e in entry if not isinstance(e, list))
     if isinstance(entry, dict) and isinstance(entry.get("size"), int) and isinstance(entry.get("sha256"), str):
         return file_digest(path, entry["size"]) == entry["sha256"]
     return False
@@ -285,13 +285,26 @@ def write_text_owned(directory: str | os.PathLike, rel: str, text: str) -> None:
     """
     from .atomic import atomic_write_text
 
+    staged = Path(directory) / f".{rel}.tmp-{os.getpid()}"
+    atomic_write_text(staged, text)
+    replace_owned(directory, rel, staged)
+
+
+def replace_owned(directory: str | os.PathLike, rel: str, staged: str | os.PathLike) -> None:
+    """Rename the finished file ``staged`` to ``directory/rel``, recording its hash first (see :func:`write_text_owned`).
+
+    Args:
+        directory: the output folder (its marker records the file).
+        rel: the file's name there; a symlink of that name is replaced, never written through.
+        staged: a complete file in ``directory`` (a temp name of :mod:`minitron.atomic`'s pattern).
+    """
     path = Path(directory) / rel
-    accept = [text_digest(text)]
+    accept: list[Any] = [file_digest(staged)]
     entry = recorded(read_marker(directory)).get(rel)
     if entry is not None and matches(path, entry):
-        accept.append(file_digest(path))
+        accept.append(entry)
     record(directory, {rel: accept})
-    atomic_write_text(path, text)
+    os.replace(staged, path)
 
 
 def record_prefix(directory: str | os.PathLike, rel: str) -> None:

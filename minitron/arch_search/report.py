@@ -13,7 +13,7 @@ from typing import Any
 from torch import nn
 
 from ..outputs import write_output_dir
-from ..owned import record_file, write_text_owned
+from ..owned import replace_owned, write_text_owned
 from .space import Candidate
 
 __all__ = ["SEARCH_OUTPUTS", "SearchResult", "markdown_table", "write_report"]
@@ -148,10 +148,9 @@ def write_report(result: SearchResult, tokenizer: Any = None) -> dict[str, str]:
         "best": result.best.name, "seconds": result.seconds, "timings": result.timings,
         "candidates": rows}, indent=2))
     write_text_owned(out, "candidates.md", result.markdown() + "\n")
-    tmp_png = out / f".losses.tmp-{os.getpid()}.png"
-    _plot(result.candidates, result.original_loss, tmp_png)
-    os.replace(tmp_png, files["plot"])
-    record_file(out, "losses.png")
+    staged = out / f".losses.tmp-{os.getpid()}.png"
+    _plot(result.candidates, result.original_loss, staged)
+    replace_owned(out, "losses.png", staged)
 
     def save(tmp: Path) -> None:
         result.model.save_pretrained(tmp)

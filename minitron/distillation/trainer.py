@@ -35,7 +35,7 @@ from minitron.distillation.checks import check_models, check_vocab, local_dir
 from minitron.data import resolve_seq_len
 from minitron.distillation.config import DEFAULT_DISTILL_SEQ_LEN, DistillConfig
 from minitron.distillation.data import batch_indices, check_nonempty, load_blocks
-from minitron.distillation.metrics import append_row, truncate_after
+from minitron.distillation.metrics import append_row, truncated_text
 from minitron.distillation.module import TEACHER_OUTSIDE_MASS_LIMIT, DistillModule, check_teacher_padding
 from minitron.distillation.optim import make_optimizer
 from minitron.distillation.plotting import plot_loss_curve
@@ -43,7 +43,7 @@ from minitron.distillation.run_dir import (IN_PLACE, METRICS, PLOT, RUN_FILE, ch
                                           open_run_dir, run_fingerprint, start_over)
 from minitron.losses import check_impl_device
 from minitron.outputs import check_output_dir, write_output_dir
-from minitron.owned import record_file, record_prefix, write_text_owned
+from minitron.owned import record_prefix, replace_owned, write_text_owned
 
 __all__ = ["Callback", "NonFiniteLossError", "TEACHER_OUTSIDE_MASS_LIMIT", "Trainer", "distill"]
 
@@ -247,8 +247,8 @@ class Trainer:
             np.random.seed(cfg.seed + rank)
             torch.manual_seed(cfg.seed + rank)
         if self.env.is_main:
-            if resumed is not None:
-                truncate_after(self.metrics_path, self.step)  # atomic: the rows up to the resumed step survive
+            if resumed is not None:  # atomic: the rows up to the resumed step survive
+                write_text_owned(self.out_dir, METRICS, truncated_text(self.metrics_path, self.step))
                 record_prefix(self.out_dir, METRICS)
             write_text_owned(self.out_dir, RUN_FILE,
                              json.dumps({k: self.run_info[k] for k in ("config", "data")}, indent=2) + "\n")
@@ -291,8 +291,9 @@ class Trainer:
 
     def plot(self) -> None:
         """Redraw ``loss_curve.png`` (rank 0, when ``plot``) and record it as the run's."""
-        if self.env.is_main and self.cfg.plot and plot_loss_curve(self.metrics_path, self.out_dir / PLOT):
-            record_file(self.out_dir, PLOT)
+        staged = self.out_dir / f".{PLOT}.tmp-{os.getpid()}"  # a crash leaves a temp name cleaned on resume
+        if self.env.is_main and self.cfg.plot and plot_loss_curve(self.metrics_path, staged):
+            replace_owned(self.out_dir, PLOT, staged)
 
     def log(self, row: dict) -> None:
         if self.env.is_main:
