@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from .atomic import OLD_PREFIX, PARTIAL, clean_stale_temps, fill_temp_dir, fsync_dir
-from .owned import (LOCK, MARKER, digest_tree, has_file_table, read_marker, recorded, safe_join, unlink_owned,
-                    unowned, write_marker)
+from .owned import (LOCK, MARKER, digest_tree, has_file_table, owned_dir, read_marker, recorded, safe_join,
+                    unlink_owned, unowned, write_marker)
 
 _IGNORED = {MARKER, LOCK}  # bookkeeping files that do not make a directory "used"
 
@@ -171,8 +171,8 @@ def check_output_dir(path: str | os.PathLike, kind: str, *, inputs: Iterable[obj
                 raise ValueError(f"{flag} {path} holds {', '.join(taken[:3])}, which minitron did not write (or "
                                  f"which changed since); move it away, pass a new directory, or {fix} to replace "
                                  "minitron's names there")
-        else:
-            foreign = unowned(p)
+        else:  # written as a whole: replaced as a whole, so every entry must be minitron's
+            foreign = unowned(p, strict=True)
             if foreign:
                 raise ValueError(f"{flag} {path} holds files minitron did not write ({', '.join(foreign[:3])}); "
                                  f"pass a new or empty directory, or {fix} to replace only minitron's files")
@@ -214,9 +214,8 @@ def check_output_file(path: str | os.PathLike, *, inputs: Iterable[object] = (),
 
 def _replaceable(target: Path, kind: str) -> bool:
     """A previous output of this kind every file of which its marker proves (swapped as a whole)."""
-    marker = read_marker(target)
-    return (marker is not None and marker["kind"] == kind and has_file_table(marker) and not target.is_symlink()
-            and not unowned(target))
+    marker = read_marker(target)  # owned_dir: exactly the recorded files, none ignored by name (all are deleted)
+    return marker is not None and marker["kind"] == kind and owned_dir(target)
 
 
 def _merge(tmp: Path, target: Path, kind: str, files: dict[str, str]) -> None:

@@ -187,16 +187,17 @@ def record(directory: str | os.PathLike, entries: dict[str, Any], drop: tuple[st
     write_marker(directory, marker["kind"], files)
 
 
-def unowned(root: str | os.PathLike, sub: str = "", ignore: tuple[str, ...] = (MARKER, LOCK)) -> list[str]:
+def unowned(root: str | os.PathLike, sub: str = "", strict: bool = False) -> list[str]:
     """Files under ``root/sub`` that no marker proves minitron wrote (relative to ``root``), sorted.
 
     Each file is checked against the markers of its folder and of every folder above it up to
-    ``root``. Symlinks (to files or folders) are always unowned; ``ignore`` names (minitron's
-    bookkeeping) and leftover ``.minitron-tmp-*``/``.minitron-old-*`` entries are skipped.
+    ``root``. Symlinks (to files or folders) are always unowned; markers, locks and leftover temp
+    entries of minitron's names are skipped (``strict``: only markers, for a folder deleted whole).
 
     Args:
         root: the output folder.
         sub: a relative path inside it (``""``: the whole folder).
+        strict: skip nothing but marker files.
     Returns:
         The unowned relative paths (a symlinked or unreadable folder is listed itself).
     """
@@ -215,10 +216,10 @@ def unowned(root: str | os.PathLike, sub: str = "", ignore: tuple[str, ...] = (M
             if os.path.islink(here / d):
                 out.append((here / d).relative_to(root).as_posix())
                 dirs.remove(d)
-            elif d.startswith((".minitron-tmp-", ".minitron-old-")):
+            elif not strict and d.startswith((".minitron-tmp-", ".minitron-old-")):
                 dirs.remove(d)
         for name in files:
-            if name in ignore or _temp_file(name):
+            if name == MARKER or (not strict and (name == LOCK or _temp_file(name))):
                 continue
             if not _owned_file(root, here / name):
                 out.append((here / name).relative_to(root).as_posix())
