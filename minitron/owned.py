@@ -302,8 +302,7 @@ def replace_owned(directory: str | os.PathLike, rel: str, staged: str | os.PathL
     path = Path(directory) / rel
     accept: list[Any] = [file_digest(staged)]
     entry = recorded(read_marker(directory)).get(rel)
-    if entry is not None and matches(path, entry):
-        accept.append(entry)
+    accept += [e for e in (entry if isinstance(entry, list) else [entry]) if e is not None and matches(path, e)][:1]
     record(directory, {rel: accept})
     os.replace(staged, path)
 
