@@ -258,6 +258,11 @@ def test_search_overwrite_keeps_a_users_best_folder_and_never_writes_through_a_l
     (out / "best" / "notes.txt").unlink()
     again = search(make_model("llama"), ids, ids, params=0.85, output_dir=out, config=cfg, progress=False)
     assert again.best.name == res.best.name  # only its own files there: replaced without overwrite...
+    (out / "runs" / "mine").mkdir()
+    (out / "runs" / "mine" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"holds runs/mine/notes\.txt, which is not part of a minitron"):
+        search(make_model("llama"), ids, ids, params=0.85, output_dir=out, overwrite=True, config=cfg, progress=False)
+    (out / "runs" / "mine" / "notes.txt").unlink()
     (out / "candidates.md").write_text("edited by hand")
     with pytest.raises(ValueError, match=r"holds candidates\.md, which minitron did not write"):
         search(make_model("llama"), ids, ids, params=0.85, output_dir=out, config=cfg, progress=False)

@@ -98,6 +98,7 @@ def search(
         >>> res.model.save_pretrained("out/best")
     """
     from ..outputs import check_output_dir, mark_output_dir
+    from ..owned import unowned
 
     cfg = config or SearchConfig()
     started = time.time()
@@ -108,6 +109,10 @@ def search(
         model_dir = getattr(model.config, "_name_or_path", "")
         check_output_dir(output_dir, "search", inputs=[model_dir, calib_data, train_data, eval_data],
                          overwrite=overwrite, flag="output_dir", fix="overwrite=True", writes=SEARCH_OUTPUTS)
+        foreign = unowned(output_dir, "runs")  # the candidates' run folders are rewritten: never a user's
+        if foreign:
+            raise ValueError(f"output_dir {output_dir} holds {foreign[0]}, which is not part of a minitron "
+                             f"distillation run; move {Path(output_dir) / 'runs'} away or choose another output_dir")
     candidates, budget = enumerate_candidates(
         model, params, cfg.tolerance, divisors=cfg.divisors, max_width_prune=cfg.max_width_prune,
         max_depth_prune=cfg.max_depth_prune, axes=cfg.axes, counter=ParamCounter(model))
