@@ -25,7 +25,7 @@ from torch import nn
 from minitron.atomic import clean_stale_temps
 from minitron.distillation.checkpoint import CKPT_DIR, LATEST, step_checkpoints
 from minitron.distillation.config import DistillConfig
-from minitron.outputs import mark_output_dir
+from minitron.outputs import check_output_dir, mark_output_dir
 from minitron.owned import owned_dir, read_marker, record_prefix, recorded, unlink_owned
 from minitron.runlock import RunLock, acquire
 
@@ -58,13 +58,22 @@ def open_run_dir(output_dir: str | os.PathLike) -> RunLock:
     return lock
 
 
-def check_run_dir(output_dir: str | os.PathLike, flag: str = "output_dir") -> None:
-    """Refuse (before any work) a ``checkpoints`` entry minitron did not write, even with overwrite.
+def check_run_dir(output_dir: str | os.PathLike, *, inputs: list[object], overwrite: bool, flag: str = "output_dir",
+                  fix: str = "overwrite=True") -> None:
+    """Check a run directory before any work (:func:`minitron.outputs.check_output_dir` for :data:`IN_PLACE`).
 
-    A checkpoint is replaced as a whole folder, so a ``step_<n>`` entry must be a folder whose own
-    marker names exactly its files (one whose content changed is a corrupted checkpoint of the
-    run: resume skips it); other files under ``checkpoints/`` are left alone.
+    Also refuses, even with ``overwrite``, a ``checkpoints/step_<n>`` entry minitron did not write: a
+    checkpoint is replaced as a whole folder, so it must be a folder whose own marker names exactly
+    its files (one whose content changed is a corrupted checkpoint of the run: resume skips it);
+    other files under ``checkpoints/`` are left alone.
+
+    Args:
+        output_dir: the run directory.
+        inputs: the run's model directories and data (the output must not be, hold or lie in one).
+        overwrite: allow a directory that is not a previous run; its files are replaced by name.
+        flag, fix: names used in messages.
     """
+    check_output_dir(output_dir, "distill", inputs=inputs, overwrite=overwrite, flag=flag, fix=fix, writes=IN_PLACE)
     ckpts = Path(output_dir) / CKPT_DIR
     if ckpts.is_symlink() or (ckpts.exists() and not ckpts.is_dir()):
         raise ValueError(f"{flag} {output_dir}: {ckpts} is a symbolic link or a file; move it away or choose "

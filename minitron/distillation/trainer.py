@@ -39,10 +39,10 @@ from minitron.distillation.metrics import append_row, truncated_text
 from minitron.distillation.module import TEACHER_OUTSIDE_MASS_LIMIT, DistillModule, check_teacher_padding
 from minitron.distillation.optim import make_optimizer
 from minitron.distillation.plotting import plot_loss_curve
-from minitron.distillation.run_dir import (IN_PLACE, METRICS, PLOT, RUN_FILE, check_run_dir, load_resumable,
-                                          open_run_dir, run_fingerprint, start_over)
+from minitron.distillation.run_dir import (METRICS, PLOT, RUN_FILE, check_run_dir, load_resumable, open_run_dir,
+                                          run_fingerprint, start_over)
 from minitron.losses import check_impl_device
-from minitron.outputs import check_output_dir, write_output_dir
+from minitron.outputs import write_output_dir
 from minitron.owned import record_prefix, replace_owned, write_text_owned
 
 __all__ = ["Callback", "NonFiniteLossError", "TEACHER_OUTSIDE_MASS_LIMIT", "Trainer", "distill"]
@@ -101,8 +101,8 @@ def distill(
     same student/teacher shapes and the same training tokens. Otherwise a ValueError says what
     differs; pass another ``output_dir``, or ``resume=False`` to discard the saved run and start
     over. Calling ``distill`` again after a finished run with the same arguments returns the
-    finished weights without training. A checkpoint whose files cannot be read is skipped (with a
-    warning) for the newest older one that can.
+    finished weights without training. A checkpoint whose files changed since it was saved (their
+    recorded SHA-256) or cannot be read is skipped, with a warning, for the newest older good one.
 
     Vocabularies: the teacher may have more lm_head rows than the student (padding, e.g. Qwen2.5 7B
     vs 0.5B). The logits losses then use the shared first ``Vs`` ids, with the teacher distribution
@@ -145,10 +145,8 @@ def distill(
         raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the world size {env.world} "
                          "(it is the global micro-batch, split across ranks)")
     out_dir = Path(cfg.output_dir)
-    check_output_dir(out_dir, "distill", overwrite=cfg.overwrite, flag="output_dir", fix="overwrite=True",
-                     inputs=[local_dir(m) for m in (student, teacher, tokenizer, teacher_tokenizer)]
-                     + [train_data, eval_data], writes=IN_PLACE)
-    check_run_dir(out_dir)
+    check_run_dir(out_dir, overwrite=cfg.overwrite, inputs=[local_dir(m) for m in (student, teacher, tokenizer,
+                                                                              teacher_tokenizer)] + [train_data, eval_data])
     D.barrier(env.world)  # every rank has checked output_dir before rank 0 locks and writes it
     if cfg.seq_len is None:  # the data's own rows, else the default that fits both models
         cfg = DistillConfig(**{**cfg.to_dict(), "seq_len": resolve_seq_len(
@@ -273,8 +271,7 @@ class Trainer:
         D.barrier(env.world)
 
     def save_final(self) -> None:
-        """Write ``output_dir/final`` (HF checkpoint + tokenizer; a user's ``final/``, accepted with overwrite,
-        gets minitron's files by name and keeps the others) and the loss plot."""
+        """Write ``output_dir/final`` (HF checkpoint + tokenizer; into a user's ``final/`` by name) and the plot."""
         final_state = D.full_state(self.student)
         if self.env.is_main:
             def write_final(tmp: Path) -> None:
@@ -283,17 +280,16 @@ class Trainer:
                     self.tokenizer.save_pretrained(tmp)
 
             write_output_dir(self.out_dir / "final", "final", write_final, overwrite=True)
-            record_prefix(self.out_dir, METRICS)
             self.plot()
         D.barrier(self.env.world)
-
-    # ---- steps ------------------------------------------------------------------------------
 
     def plot(self) -> None:
         """Redraw ``loss_curve.png`` (rank 0, when ``plot``) and record it as the run's."""
         staged = self.out_dir / f".{PLOT}.tmp-{os.getpid()}"  # a crash leaves a temp name cleaned on resume
         if self.env.is_main and self.cfg.plot and plot_loss_curve(self.metrics_path, staged):
             replace_owned(self.out_dir, PLOT, staged)
+
+    # ---- steps ------------------------------------------------------------------------------
 
     def log(self, row: dict) -> None:
         if self.env.is_main:
