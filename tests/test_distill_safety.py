@@ -260,6 +260,25 @@ def test_removed_latest_resumes_from_the_newest_checkpoint(teacher_and_data, tmp
     assert seen == [3]  # not a restart from step 0 over the saved checkpoints
 
 
+def test_a_crash_between_recording_and_renaming_leaves_the_run_resumable(teacher_and_data, tmp_path, monkeypatch):
+    teacher, train, _ = teacher_and_data
+    real = os.replace
+
+    def crash(src, dst):  # kill -9 right after the marker accepted the new `latest`, before the rename
+        if Path(dst).name == LATEST and Path(src).read_text().startswith("step_000002"):
+            raise _Stop
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(_Stop):
+        distill(small_student(), teacher, train, config=quick_cfg(tmp_path, steps=3, save_every=1))
+    monkeypatch.setattr(os, "replace", real)
+    seen = []
+    distill(small_student(), teacher, train, config=quick_cfg(tmp_path, steps=3, save_every=1),
+            callbacks=[lambda s, m, st: seen.append(s)])  # no overwrite needed: every file is still proven
+    assert seen == [2, 3]
+
+
 def test_overwrite_never_deletes_a_users_final_folder(teacher_and_data, tmp_path):
     teacher, train, _ = teacher_and_data
     final = tmp_path / "final"
