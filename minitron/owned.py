@@ -97,6 +97,8 @@ def safe_join(root: str | os.PathLike, rel: object) -> Path | None:
                 return None
         except FileNotFoundError:
             break  # nothing below exists yet: no link on the way
+        except OSError:  # e.g. a file where a folder is expected
+            return None
     return Path(root, *parts)
 
 
