@@ -153,7 +153,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` via a fsynced temp file and ``os.replace``."""
     path = Path(path)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with open(tmp, "w", encoding="utf-8", newline="") as f:  # the bytes are the text's (hashes recorded)
         f.write(text)
         f.flush()
         os.fsync(f.fileno())

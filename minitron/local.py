@@ -1,8 +1,11 @@
-"""Local-only loading of Hugging Face checkpoints: never a download, corrupt files named.
+"""Local-only loading of Hugging Face checkpoints: never a download, never a checkpoint's own code.
 
-Every ``from_pretrained`` in minitron passes ``local_files_only=True``; the helpers here add a
-clear "not found locally" error for a typo or a hub id, and check a checkpoint's ``config.json``
-and safetensors headers (a truncated file is named instead of failing deep inside transformers).
+Every ``from_pretrained`` in minitron goes through :func:`from_pretrained`: ``local_files_only=True``,
+``trust_remote_code=False`` (a folder whose ``config.json`` has an ``auto_map`` to its own ``.py``
+files is refused, never prompted for) and Hugging Face's offline mode set for the process (so not
+even a metadata request leaves for a hub id). The helpers add a clear "not found locally" error
+for a typo or a hub id, and check a checkpoint's ``config.json`` and safetensors headers (a
+truncated file is named instead of failing deep inside transformers).
 """
 
 from __future__ import annotations
@@ -11,6 +14,54 @@ import json
 import os
 from pathlib import Path
 from typing import Any
+
+
+class CustomCodeError(ValueError):
+    """A checkpoint needs its own Python code to load; minitron never runs it."""
+
+
+def go_offline() -> None:
+    """Put this process in Hugging Face's offline mode (``HF_HUB_OFFLINE=1``, ``TRANSFORMERS_OFFLINE=1``).
+
+    ``local_files_only`` alone still lets huggingface_hub fetch metadata for a hub id; offline
+    mode stops every request. huggingface_hub reads the variable once at import, so its constant
+    is set too.
+    """
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    try:
+        import huggingface_hub.constants as hub
+    except ImportError:  # pragma: no cover - a dependency of transformers
+        return
+    hub.HF_HUB_OFFLINE = True
+
+
+def from_pretrained(cls: Any, path: str | os.PathLike, flag: str = "--model", **kwargs: Any) -> Any:
+    """``cls.from_pretrained(path, local_files_only=True, trust_remote_code=False)`` in offline mode.
+
+    Args:
+        cls: a transformers class with ``from_pretrained`` (``AutoModelForCausalLM``, ``AutoTokenizer``...).
+        path: local directory (or hub-cache name) to load.
+        flag: how the user named it, for the message.
+        **kwargs: passed on (e.g. ``dtype``, ``gguf_file``).
+    Returns:
+        What ``cls.from_pretrained`` returns.
+    Raises:
+        CustomCodeError: the checkpoint needs its own Python code (``auto_map``); it is never run.
+    Example:
+        >>> tok = from_pretrained(AutoTokenizer, "ckpt/", "--tokenizer")
+    """
+    go_offline()
+    try:
+        return cls.from_pretrained(path, local_files_only=True, trust_remote_code=False, **kwargs)
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise
+        from .adapters import SUPPORTED_MODEL_TYPES
+
+        raise CustomCodeError(f"{flag} {path} needs custom code (its config names its own .py files in auto_map); "
+                         "minitron never runs a checkpoint's own code: pass a checkpoint of a supported model_type "
+                         f"({', '.join(SUPPORTED_MODEL_TYPES)})") from None
 
 
 def require_local_dir(path: str | os.PathLike, flag: str = "--model") -> Path:
@@ -79,7 +130,7 @@ def check_causal_lm_config(path: str | os.PathLike) -> None:
 
 
 def load_causal_lm(path: str | os.PathLike, flag: str = "--model", **kwargs: Any) -> Any:
-    """``AutoModelForCausalLM.from_pretrained(path, local_files_only=True)`` with clear errors.
+    """``AutoModelForCausalLM`` of a local folder (see :func:`from_pretrained`) with clear errors.
 
     Args:
         path: local checkpoint directory.
@@ -94,17 +145,19 @@ def load_causal_lm(path: str | os.PathLike, flag: str = "--model", **kwargs: Any
     check_model_files(path)
     check_causal_lm_config(path)
     try:
-        return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)
+        return from_pretrained(AutoModelForCausalLM, path, flag, **kwargs)
     except (OSError, KeyError) as e:
         raise ValueError(f"{flag} {path} could not be loaded as a causal LM ({e})") from None
 
 
 def load_tokenizer(path: str | os.PathLike, flag: str = "--tokenizer") -> Any:
-    """``AutoTokenizer.from_pretrained(path, local_files_only=True)`` with clear errors."""
+    """``AutoTokenizer`` of a local folder (see :func:`from_pretrained`) with clear errors."""
     from transformers import AutoTokenizer
 
     require_local_dir(path, flag)
     try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+        return from_pretrained(AutoTokenizer, path, flag)
+    except CustomCodeError:
+        raise
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"{flag} {path}: no usable tokenizer there ({e})") from None

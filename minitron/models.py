@@ -1,6 +1,7 @@
 """Load the models minitron works on: local checkpoints, GGUF files and the two built-in models.
 
-Every load is local-only (``local_files_only=True``): nothing is ever downloaded.
+Every load is local-only (``local_files_only=True``, offline mode) and runs no checkpoint code
+(``trust_remote_code=False``): see :mod:`minitron.local`.
 
 Model sources accepted by :func:`load_model` (and by ``--model`` on the command line):
 
@@ -35,6 +36,7 @@ from torch import nn
 
 from .data import BUILTIN_MODEL as BUILTIN_TINY_DIR
 from .gguf_cache import check_gguf_file, gguf_cache_dir, read_cache, write_cache
+from .local import CustomCodeError
 
 logger = logging.getLogger(__name__)
 
@@ -123,11 +125,12 @@ def _load_gguf_uncached(gguf_path: Path, dtype: torch.dtype) -> tuple[nn.Module,
             raise ImportError(f"loading a GGUF file needs the {module!r} package: pip install gguf accelerate")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .local import from_pretrained
+
     check_gguf_file(gguf_path)  # before transformers: names the file, and never loads random weights
-    kwargs = dict(gguf_file=gguf_path.name, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
-    model, info = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=dtype, output_loading_info=True,
-                                                       **kwargs)
+    tokenizer = from_pretrained(AutoTokenizer, gguf_path.parent, "--model", gguf_file=gguf_path.name)
+    model, info = from_pretrained(AutoModelForCausalLM, gguf_path.parent, "--model", dtype=dtype,
+                                  gguf_file=gguf_path.name, output_loading_info=True)
     if info.get("missing_keys"):  # transformers would leave them randomly initialised
         missing = sorted(info["missing_keys"])
         raise ValueError(f"{gguf_path} lacks {len(missing)} of the model's weights ({', '.join(missing[:3])}"
@@ -180,10 +183,10 @@ def _load_checkpoint(path: Path, dtype: torch.dtype) -> tuple[nn.Module, Any]:
     from .local import load_causal_lm
     from .local import load_tokenizer as load_local_tokenizer
 
-    model = load_causal_lm(path, str(path), dtype=dtype)
+    model = load_causal_lm(path, "--model", dtype=dtype)
     tokenizer = None
     if any((path / name).is_file() for name in _TOKENIZER_FILES):
-        tokenizer = load_local_tokenizer(path, str(path))
+        tokenizer = load_local_tokenizer(path, "--model")
     return model, tokenizer
 
 
@@ -263,16 +266,18 @@ def load_model(
 
 
 def load_tokenizer(source: str | os.PathLike, gguf_file: str | None = None) -> Any:
-    """The tokenizer of a model source accepted by :func:`load_model` (local-only)."""
+    """The tokenizer of a model source accepted by :func:`load_model` (local-only, no checkpoint code)."""
     from transformers import AutoTokenizer
+
+    from .local import from_pretrained
 
     kind, path = resolve_model_source(source, gguf_file)
     if kind == "gguf":
         cached = gguf_cache_dir(path)
         if (cached / "tokenizer_config.json").is_file():
-            return AutoTokenizer.from_pretrained(cached, local_files_only=True)
-        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+            return from_pretrained(AutoTokenizer, cached, "--model")
+        return from_pretrained(AutoTokenizer, path.parent, "--model", gguf_file=path.name)
+    return from_pretrained(AutoTokenizer, path, "--model")
 
 
 def resolve_tokenizer(model: nn.Module, tokenizer: Any = None, *, required: bool = False) -> Any:
@@ -303,7 +308,11 @@ def resolve_tokenizer(model: nn.Module, tokenizer: Any = None, *, required: bool
                 return load_tokenizer(source)
             from transformers import AutoTokenizer
 
-            return AutoTokenizer.from_pretrained(source, local_files_only=True)
+            from .local import from_pretrained
+
+            return from_pretrained(AutoTokenizer, source, "the model's path")
+        except CustomCodeError:
+            raise
         except Exception as err:  # noqa: BLE001 - not found locally: token-id data needs none
             error = err
     if not required:

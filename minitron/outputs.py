@@ -5,18 +5,22 @@ The rules (also in the README, "What --out and --output-dir touch"):
 - An output must not be, contain, or lie inside any input (model directory, data files, scores).
 - An existing file, the current directory or one of its ancestors is never an output directory.
 - A non-empty directory is used only if it is a previous minitron output of the same kind (it
-  holds :data:`MARKER`, naming the kind) or the caller passes ``overwrite``.
-- Nothing a minitron run did not write is deleted. A previous ``prune`` output is swapped
-  atomically only if every file in it is listed in its marker; otherwise (``overwrite``) minitron's
-  files are moved in one by one, replacing same-named files and leaving every other file alone.
-- Writability is probed when the output is checked, before the long work starts.
+  holds :data:`MARKER`, naming the kind and recording the SHA-256 of every file minitron wrote,
+  :mod:`minitron.owned`) or the caller passes ``overwrite``. A marker without that table (copied,
+  hand-written, older) makes nothing minitron's.
+- Nothing a minitron run did not write is deleted, and no symlink is followed: a marker, lock or
+  output name that is a symlink is refused. A previous ``prune`` output is swapped atomically only
+  if every file in it is one its marker proves; otherwise (``overwrite``) minitron's files are
+  moved in one by one, replacing same-named files and leaving every other file alone.
+- Outputs written in place (``distill``, ``search``) name the entries they write (``writes``):
+  each that exists must be minitron's, unless ``overwrite`` (then files are replaced by name).
+- Every check, and a writability probe, runs when the output is checked, before the long work.
 
 Every check raises a one-line ``ValueError`` naming the path and the fix.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -24,9 +28,10 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from .atomic import OLD_PREFIX, PARTIAL, clean_stale_temps, fill_temp_dir, fsync_dir
+from .owned import (LOCK, MARKER, digest_tree, has_file_table, owned_dir, read_marker, recorded, safe_join,
+                    unlink_owned, unowned, write_marker)
 
-MARKER = ".minitron-output.json"
-_IGNORED = {MARKER, ".minitron.lock"}  # bookkeeping files that do not make a directory "used"
+_IGNORED = {MARKER, LOCK}  # bookkeeping files that do not make a directory "used"
 
 
 def _bookkeeping(name: str) -> bool:
@@ -34,28 +39,18 @@ def _bookkeeping(name: str) -> bool:
     return name in _IGNORED or name.startswith(".minitron-")
 
 
-def read_marker(directory: str | os.PathLike) -> dict | None:
-    """The marker of a minitron output directory (``{"kind": ..., "files": [...] | None}``), or None."""
-    path = Path(directory) / MARKER
-    try:
-        marker = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return marker if isinstance(marker, dict) and isinstance(marker.get("kind"), str) else None
-
-
 def mark_output_dir(directory: str | os.PathLike, kind: str) -> None:
     """Create ``directory`` (with parents) and record it as a ``minitron <kind>`` output.
 
-    Used by outputs written in place (a distillation run, a search); the marker lists no files,
-    so such a directory is never deleted as a whole.
+    Used by outputs written in place (a distillation run, a search): the run records each file in
+    the marker as it writes it (:func:`minitron.owned.record`). A marker of another kind, or one
+    without a file table, is replaced by an empty one (the directory was accepted with ``overwrite``).
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    if read_marker(directory) is None:
-        from .atomic import atomic_write_text
-
-        atomic_write_text(directory / MARKER, json.dumps({"kind": kind, "files": None}) + "\n")
+    marker = read_marker(directory)
+    if marker is None or marker["kind"] != kind or not has_file_table(marker):
+        write_marker(directory, kind, {})
 
 
 def _resolve(path: str | os.PathLike) -> Path:
@@ -116,25 +111,18 @@ def _probe_writable(path: Path, flag: str) -> None:
             raise ValueError(f"{flag} {path} is not writable ({place}: {e.strerror}); pass a writable location") from e
 
 
-def _listed_files(directory: Path) -> set[str]:
-    """Relative paths of every non-directory entry under ``directory`` (symlinks are not followed)."""
-    out = set()
-    for root, dirs, files in os.walk(directory):
-        rel_root = Path(root).relative_to(directory)
-        out.update((rel_root / f).as_posix() for f in files)
-        out.update((rel_root / d).as_posix() for d in dirs if os.path.islink(os.path.join(root, d)))
-    return out
-
-
-def _foreign_files(directory: Path, marker: dict | None) -> list[str]:
-    """Files in a previous output that its marker does not list (added by someone else)."""
-    if marker is None or not isinstance(marker.get("files"), list):
-        return []
-    return sorted(_listed_files(directory) - set(marker["files"]) - _IGNORED)
+def _check_no_links(p: Path, names: Iterable[str], flag: str) -> None:
+    """Refuse a marker, lock or output entry that is a symlink (or a marker/lock that is not a file)."""
+    for name in (MARKER, LOCK, *names):
+        entry = p / name
+        if entry.is_symlink() or (name in _IGNORED and entry.exists() and not entry.is_file()):
+            what = "a symbolic link" if entry.is_symlink() else "not a file"
+            raise ValueError(f"{flag} {p}: {entry} is {what}; minitron never writes through a link or over a "
+                             "folder of its own names: remove it or choose another directory")
 
 
 def check_output_dir(path: str | os.PathLike, kind: str, *, inputs: Iterable[object] = (), overwrite: bool = False,
-                     flag: str = "--out", fix: str = "--overwrite") -> Path:
+                     flag: str = "--out", fix: str = "--overwrite", writes: Iterable[str] = ()) -> Path:
     """Validate an output directory before any long work; raise a one-line ValueError if it is unsafe.
 
     Args:
@@ -144,6 +132,8 @@ def check_output_dir(path: str | os.PathLike, kind: str, *, inputs: Iterable[obj
         overwrite: allow a non-empty directory that is not a previous output of this kind.
         flag: how the user named the output (``--out``, ``output_dir``) in messages.
         fix: how the user allows overwriting (``--overwrite``, ``overwrite=True``) in messages.
+        writes: for an output written in place, the top-level names the run writes, replaces or
+            deletes; empty: the output is written as a whole (``prune``), so every file must be minitron's.
     Returns:
         ``Path(path)``.
     """
@@ -157,6 +147,9 @@ def check_output_dir(path: str | os.PathLike, kind: str, *, inputs: Iterable[obj
     _check_against_inputs(p, inputs, flag)
     if p.exists() and not p.is_dir():
         raise ValueError(f"{flag} {path} is an existing file; pass a directory path (the file is left alone)")
+    writes = tuple(writes)
+    if p.is_dir():
+        _check_no_links(p, writes, flag)
     if p.is_dir() and not overwrite:
         used = [e.name for e in p.iterdir() if not _bookkeeping(e.name)]
         marker = read_marker(p)
@@ -168,10 +161,21 @@ def check_output_dir(path: str | os.PathLike, kind: str, *, inputs: Iterable[obj
                 what = f"is not empty and was not written by `minitron {kind}`{hf}"
             raise ValueError(f"{flag} {path} {what}; pass a new or empty directory, or {fix} to write minitron's "
                              "files into it (other files are left alone)")
-        foreign = _foreign_files(p, marker)
-        if foreign:
-            raise ValueError(f"{flag} {path} holds files minitron did not write ({', '.join(foreign[:3])}); pass a "
-                             f"new or empty directory, or {fix} to replace only minitron's files")
+        if used and not has_file_table(marker):
+            raise ValueError(f"{flag} {path}: its {MARKER} records no file hashes (copied, hand-written or from an "
+                             f"older minitron), so no file there is known to be minitron's; pass a new or empty "
+                             f"directory, or {fix} to write minitron's files into it (other files are left alone)")
+        if writes:
+            taken = [f for name in writes for f in unowned(p, name)]
+            if taken:
+                raise ValueError(f"{flag} {path} holds {', '.join(taken[:3])}, which minitron did not write (or "
+                                 f"which changed since); move it away, pass a new directory, or {fix} to replace "
+                                 "minitron's names there")
+        else:  # written as a whole: replaced as a whole, so every entry must be minitron's
+            foreign = unowned(p, strict=True)
+            if foreign:
+                raise ValueError(f"{flag} {path} holds files minitron did not write ({', '.join(foreign[:3])}); "
+                                 f"pass a new or empty directory, or {fix} to replace only minitron's files")
     _probe_writable(p, flag)
     return p
 
@@ -208,29 +212,32 @@ def check_output_file(path: str | os.PathLike, *, inputs: Iterable[object] = (),
     return p
 
 
-def _safe_rel(rel: object) -> bool:
-    return isinstance(rel, str) and bool(rel) and not os.path.isabs(rel) and ".." not in Path(rel).parts
-
-
 def _replaceable(target: Path, kind: str) -> bool:
-    marker = read_marker(target)
-    return (marker is not None and marker["kind"] == kind and isinstance(marker.get("files"), list)
-            and not _foreign_files(target, marker))
+    """A previous output of this kind every file of which its marker proves (swapped as a whole)."""
+    marker = read_marker(target)  # owned_dir: exactly the recorded files, none ignored by name (all are deleted)
+    return marker is not None and marker["kind"] == kind and owned_dir(target)
 
 
-def _merge(tmp: Path, target: Path, kind: str, files: list[str]) -> None:
-    """Move the files of ``tmp`` into ``target`` one by one; drop files only the previous output of this kind wrote."""
+def _merge(tmp: Path, target: Path, kind: str, files: dict[str, str]) -> None:
+    """Move the files of ``tmp`` into ``target`` by name; drop files only the previous output of this kind wrote.
+
+    No symlink is followed: a name is replaced as an entry (a link is replaced, its target untouched), a
+    folder on the way must be a real folder, and an old file is deleted only if its recorded hash matches.
+    """
     old = read_marker(target)
     for rel in files:
-        dst = target / rel
+        dst = safe_join(target, rel)
+        if dst is None:
+            raise ValueError(f"cannot write {target / rel}: a folder on the way is a symbolic link or a file; "
+                             "remove it or choose another output")
         dst.parent.mkdir(parents=True, exist_ok=True)
         if dst.is_dir() and not dst.is_symlink():
             raise ValueError(f"cannot write {dst}: a directory of that name exists; remove it or choose another output")
         os.replace(tmp / rel, dst)
-    if old is not None and old["kind"] == kind and isinstance(old.get("files"), list):
-        for rel in set(old["files"]) - set(files):
-            if _safe_rel(rel) and (target / rel).is_file():
-                (target / rel).unlink()
+    if old is not None and old["kind"] == kind:
+        for rel, entry in recorded(old).items():
+            if rel not in files:
+                unlink_owned(target, rel, entry)
     os.replace(tmp / MARKER, target / MARKER)
 
 
@@ -238,7 +245,7 @@ def write_output_dir(target: str | os.PathLike, kind: str, writer: Callable[[Pat
                      overwrite: bool = False) -> Path:
     """Write a user-facing output directory without ever deleting a file minitron did not write.
 
-    ``writer(tmp)`` fills a temp directory next to ``target``; a marker listing its files is added.
+    ``writer(tmp)`` fills a temp directory next to ``target``; a marker recording its files' hashes is added.
     Then: a missing or empty ``target`` is replaced by a rename; a previous output of this kind whose
     files are all listed in its marker is swapped atomically; otherwise (only with ``overwrite``)
     the files are moved in one by one, replacing same-named files and leaving others in place.
@@ -255,12 +262,12 @@ def write_output_dir(target: str | os.PathLike, kind: str, writer: Callable[[Pat
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(target.parent, target.name, signatures=(PARTIAL, MARKER))
-    files: list[str] = []
+    files: dict[str, str] = {}
 
     def fill(tmp: Path) -> None:
         writer(tmp)
-        files.extend(sorted(f for f in _listed_files(tmp) if f not in (PARTIAL, MARKER)))
-        (tmp / MARKER).write_text(json.dumps({"kind": kind, "files": files}) + "\n", encoding="utf-8")
+        files.update(digest_tree(tmp, skip=(PARTIAL, MARKER)))
+        write_marker(tmp, kind, files)  # the hashes that later prove these files are minitron's
 
     tmp = fill_temp_dir(target, fill)
     try:

@@ -66,16 +66,20 @@ def acquire(directory: str | os.PathLike) -> RunLock:
         The held :class:`RunLock`.
     Raises:
         OutputInUseError: a live process holds the lock; the message names its pid.
+        ValueError: the lock file is a symbolic link (never followed).
     """
     path = Path(directory) / LOCK_NAME
+    if path.is_symlink():  # the pid would be written into, and the file truncated behind, the link
+        raise ValueError(f"{path} is a symbolic link; minitron never writes through a link: remove it")
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)  # and no link slipped in after that check
     if fcntl is None:  # pragma: no cover - Windows: pid file only
         pid = _holder(path)
         if path.exists() and pid != os.getpid() and pid_alive(pid):
             raise OutputInUseError(f"{directory} is in use by another minitron process (pid {pid}); wait for it to "
                                    "finish or use another output directory")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(path, flags | os.O_TRUNC, 0o644)
     else:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, flags, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -17,8 +17,9 @@ from transformers import LlamaForCausalLM
 
 from minitron.cli import main
 from minitron.distillation import DistillConfig, distill
-from minitron.distillation.checkpoint import LATEST, TRAINER_STATE, latest_checkpoint
+from minitron.distillation.checkpoint import LATEST, TRAINER_STATE, last_good_checkpoint, latest_checkpoint
 from minitron.distillation.metrics import read_rows
+from minitron.owned import seal
 from minitron.runlock import OutputInUseError, acquire
 from tests.helpers import T, V, quick_cfg, rows, small_student, tiny
 
@@ -161,8 +162,10 @@ def test_latest_pointer_must_stay_inside_the_run(teacher_and_data, tmp_path):
     torch.save({"step": Payload(str(pwned))}, evil / TRAINER_STATE)
     for pointer in (str(evil), "../../evil", "step_000001/../../../evil"):
         (run / LATEST).write_text(pointer)
-        with pytest.raises(ValueError, match="not a checkpoint inside"):
+        with pytest.raises(ValueError, match="holds latest, which minitron did not write"):  # a hand-edited pointer
             distill(small_student(), teacher, train, config=quick_cfg(run, steps=2))
+        with pytest.raises(ValueError, match="not a checkpoint inside"):  # accepted with overwrite, then checked
+            distill(small_student(), teacher, train, config=quick_cfg(run, steps=2, overwrite=True))
     assert not pwned.exists()
 
 
@@ -206,6 +209,7 @@ def test_resume_mismatches_are_clear_errors(teacher_and_data, tmp_path):
     state = load_file(str(weights))
     del state["model.layers.0.mlp.up_proj.weight"]
     save_file(state, str(weights), metadata={"format": "pt"})
+    seal(weights.parents[1], "checkpoint")  # as if saved so: a checkpoint of another student, not a corrupted one
     with pytest.raises(ValueError, match=r"lacks 1 student tensor\(s\) \(model.layers.0.mlp.up_proj.weight\)"):
         distill(small_student(), teacher, train, config=quick_cfg(tmp_path, steps=6))
 
@@ -227,6 +231,76 @@ def test_second_python_call_does_not_resume_another_run(teacher_and_data, tmp_pa
     seen = []
     distill(small_student(), teacher, train, config=DistillConfig(**kw), callbacks=[lambda s, m, st: seen.append(s)])
     assert seen == []
+
+
+def test_bit_flipped_checkpoint_is_named_and_never_the_last_good_one(teacher_and_data, tmp_path):
+    teacher, train, _ = teacher_and_data
+    distill(small_student(), teacher, train, config=quick_cfg(tmp_path, steps=2, save_every=1))
+    weights = tmp_path / "checkpoints" / "step_000002" / "student" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-7] ^= 0x10  # one bit of a tensor: the file still loads, only its recorded hash tells
+    weights.write_bytes(bytes(data))
+    assert last_good_checkpoint(tmp_path).name == "step_000001"
+    seen = []
+    with pytest.warns(UserWarning, match=r"step_000002/student/model.safetensors is corrupt.*SHA-256.*older "
+                                         r"checkpoint .*step_000001"):
+        distill(small_student(), teacher, train, config=quick_cfg(tmp_path, steps=3, save_every=1),
+                callbacks=[lambda s, m, st: seen.append(s)])
+    assert seen == [2, 3]  # resumed from step 1; step 2 was redone and saved again
+    assert last_good_checkpoint(tmp_path).name == "step_000003"
+
+
+def test_removed_latest_resumes_from_the_newest_checkpoint(teacher_and_data, tmp_path):
+    teacher, train, _ = teacher_and_data
+    distill(small_student(), teacher, train, config=quick_cfg(tmp_path, steps=2, save_every=1))
+    (tmp_path / LATEST).unlink()
+    seen = []
+    with pytest.warns(UserWarning, match=r"latest is missing; resuming from the newest checkpoint .*step_000002"):
+        distill(small_student(), teacher, train, config=quick_cfg(tmp_path, steps=3, save_every=1),
+                callbacks=[lambda s, m, st: seen.append(s)])
+    assert seen == [3]  # not a restart from step 0 over the saved checkpoints
+
+
+def test_a_crash_between_recording_and_renaming_leaves_the_run_resumable(teacher_and_data, tmp_path, monkeypatch):
+    teacher, train, _ = teacher_and_data
+    real = os.replace
+
+    def crash(src, dst):  # kill -9 right after the marker accepted the new `latest`, before the rename
+        if Path(dst).name == LATEST and Path(src).read_text().startswith("step_000002"):
+            raise _Stop
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(_Stop):
+        distill(small_student(), teacher, train, config=quick_cfg(tmp_path, steps=3, save_every=1))
+    monkeypatch.setattr(os, "replace", real)
+    seen = []
+    distill(small_student(), teacher, train, config=quick_cfg(tmp_path, steps=3, save_every=1),
+            callbacks=[lambda s, m, st: seen.append(s)])  # no overwrite needed: every file is still proven
+    assert seen == [2, 3]
+
+
+def test_overwrite_never_deletes_a_users_final_folder(teacher_and_data, tmp_path):
+    teacher, train, _ = teacher_and_data
+    final = tmp_path / "final"
+    final.mkdir()
+    (final / "notes.txt").write_text("mine")
+    (final / "config.json").write_text("{}")  # a name minitron writes: replaced by name
+    with pytest.raises(ValueError, match="not empty and was not written by `minitron distill`"):
+        distill(small_student(), teacher, train, config=quick_cfg(tmp_path, steps=1))
+    for resume in (True, False):
+        distill(small_student(), teacher, train, config=quick_cfg(tmp_path, steps=1, overwrite=True, resume=resume))
+        assert (final / "notes.txt").read_text() == "mine" and (final / "model.safetensors").is_file()
+        assert LlamaForCausalLM.from_pretrained(final).config.hidden_size == 16
+
+
+def test_forged_distill_marker_never_exposes_a_users_run_files(teacher_and_data, tmp_path):
+    teacher, train, _ = teacher_and_data
+    (tmp_path / "metrics.jsonl").write_text('{"my": "measurements"}\n')
+    (tmp_path / ".minitron-output.json").write_text('{"kind": "distill", "files": {}}')
+    with pytest.raises(ValueError, match="holds metrics.jsonl, which minitron did not write"):
+        distill(small_student(), teacher, train, config=quick_cfg(tmp_path, steps=1))
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"my": "measurements"}\n'
 
 
 # ---- one process per run directory --------------------------------------------------------------------

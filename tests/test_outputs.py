@@ -167,3 +167,102 @@ def test_check_output_dir_accepts_new_empty_and_own_kind(tmp_path):
     check_output_dir(tmp_path / "p", "prune")
     with pytest.raises(ValueError, match="holds a `minitron prune` output, not a `minitron search` one"):
         check_output_dir(tmp_path / "p", "search")
+
+
+# ---- markers prove ownership by hash; no symlink is followed -------------------------------------------
+
+
+def test_forged_or_copied_marker_never_makes_a_user_folder_minitrons(model_dir, tmp_path, capsys):
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "notes.txt").write_text("precious")
+    (d / MARKER).write_text('{"kind": "prune", "files": ["notes.txt"]}')  # forged: names, no hashes
+    prune = ["prune", "--model", str(model_dir), "--method", "random", "--layers", "3", *FAST]
+    assert main([*prune, "--out", str(d)]) == 2
+    assert "records no file hashes" in capsys.readouterr().err
+    (d / MARKER).write_text('{"kind": "prune", "files": null}')
+    assert main([*prune, "--out", str(d)]) == 2  # refused up front, not "changed while the run was working"
+    assert "records no file hashes" in capsys.readouterr().err
+    other = tmp_path / "other"
+    write_output_dir(other, "prune", lambda t: (t / "notes.txt").write_text("minitron's"))
+    (d / MARKER).write_bytes((other / MARKER).read_bytes())  # a real marker, copied: its hash is not notes.txt's
+    assert main([*prune, "--out", str(d)]) == 2
+    assert "notes.txt" in capsys.readouterr().err
+    assert (d / "notes.txt").read_text() == "precious"
+
+
+def test_marker_through_a_symlinked_folder_never_deletes_outside(tmp_path):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "victim.txt").write_text("outside --out")
+    d = tmp_path / "d"
+    write_output_dir(d, "prune", lambda t: ((t / "ext").mkdir(), (t / "ext" / "victim.txt").write_text("x")))
+    marker = read_marker(d)
+    import shutil
+
+    shutil.rmtree(d / "ext")
+    (d / "ext").symlink_to(victim)
+    (d / MARKER).write_text(__import__("json").dumps(marker))  # its hash is even right for the content "x"...
+    (victim / "victim.txt").write_text("x")  # ...and the file behind the link has that content
+    write_output_dir(d, "prune", lambda t: (t / "model.bin").write_text("new"), overwrite=True)
+    assert (victim / "victim.txt").read_text() == "x" and (d / "model.bin").read_text() == "new"
+    with pytest.raises(ValueError, match="ext"):  # without --overwrite: the link is not minitron's
+        check_output_dir(d, "prune")
+
+
+def test_symlinked_lock_or_marker_is_refused_before_work(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    r = tmp_path / "r"
+    r.mkdir()
+    (r / ".minitron.lock").symlink_to(victim)
+    for kind in ("distill", "prune", "search"):
+        for overwrite in (False, True):
+            with pytest.raises(ValueError, match=r"\.minitron\.lock is a symbolic link"):
+                check_output_dir(r, kind, overwrite=overwrite)
+    from minitron.runlock import acquire
+
+    with pytest.raises(ValueError, match="symbolic link"):
+        acquire(r)
+    assert victim.read_text() == "precious"
+    (r / ".minitron.lock").unlink()
+    (r / MARKER).symlink_to(victim)
+    with pytest.raises(ValueError, match="is a symbolic link"):
+        check_output_dir(r, "distill")
+    assert victim.read_text() == "precious"
+
+
+def test_search_overwrite_keeps_a_users_best_folder_and_never_writes_through_a_link(tmp_path):
+    from minitron.arch_search import SearchConfig, search
+    from tests.helpers import make_model
+
+    ids = torch.randint(0, 101, (400,), generator=torch.Generator().manual_seed(0))
+    cfg = SearchConfig(tolerance=0.1, retrain_steps=1, top=1, divisors={"intermediate_size": 8}, axes=("ffn",),
+                       seq_len=16)
+    out, outside = tmp_path / "s", tmp_path / "outside.csv"
+    out.mkdir()
+    outside.write_text("my table")
+    (out / "candidates.csv").symlink_to(outside)
+    with pytest.raises(ValueError, match=r"candidates\.csv is a symbolic link"):
+        search(make_model("llama"), ids, ids, params=0.85, output_dir=out, overwrite=True, config=cfg, progress=False)
+    (out / "candidates.csv").unlink()
+    (out / "best").mkdir()
+    (out / "best" / "notes.txt").write_text("mine")
+    (out / "best" / "config.json").write_text("{}")
+    res = search(make_model("llama"), ids, ids, params=0.85, output_dir=out, overwrite=True, config=cfg,
+                 progress=False)
+    assert (out / "best" / "notes.txt").read_text() == "mine" and outside.read_text() == "my table"
+    assert AutoModelForCausalLM.from_pretrained(out / "best").config.intermediate_size == res.best.intermediate_size
+    with pytest.raises(ValueError, match=r"holds best/notes\.txt, which minitron did not write"):
+        search(make_model("llama"), ids, ids, params=0.85, output_dir=out, config=cfg, progress=False)
+    (out / "best" / "notes.txt").unlink()
+    again = search(make_model("llama"), ids, ids, params=0.85, output_dir=out, config=cfg, progress=False)
+    assert again.best.name == res.best.name  # only its own files there: replaced without overwrite...
+    (out / "runs" / "mine").mkdir()
+    (out / "runs" / "mine" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"holds runs/mine/notes\.txt, which is not part of a minitron"):
+        search(make_model("llama"), ids, ids, params=0.85, output_dir=out, overwrite=True, config=cfg, progress=False)
+    (out / "runs" / "mine" / "notes.txt").unlink()
+    (out / "candidates.md").write_text("edited by hand")
+    with pytest.raises(ValueError, match=r"holds candidates\.md, which minitron did not write"):
+        search(make_model("llama"), ids, ids, params=0.85, output_dir=out, config=cfg, progress=False)

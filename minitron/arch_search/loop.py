@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ from ..pruning import DEFAULT_DEPTH_METRIC, DEFAULT_HEAD_METRIC, Target
 from ..sizing import count_parameters
 from ..validate import check_finite_scores, check_finite_weights
 from .config import SearchConfig
-from .report import SearchResult, write_report
+from .report import SEARCH_OUTPUTS, SearchResult, write_report
 from .space import Candidate, ParamCounter, enumerate_candidates
 
 __all__ = ["search"]
@@ -99,6 +98,7 @@ def search(
         >>> res.model.save_pretrained("out/best")
     """
     from ..outputs import check_output_dir, mark_output_dir
+    from ..owned import unowned
 
     cfg = config or SearchConfig()
     started = time.time()
@@ -108,7 +108,11 @@ def search(
     if output_dir is not None:
         model_dir = getattr(model.config, "_name_or_path", "")
         check_output_dir(output_dir, "search", inputs=[model_dir, calib_data, train_data, eval_data],
-                         overwrite=overwrite, flag="output_dir", fix="overwrite=True")
+                         overwrite=overwrite, flag="output_dir", fix="overwrite=True", writes=SEARCH_OUTPUTS)
+        foreign = unowned(output_dir, "runs")  # the candidates' run folders are rewritten: never a user's
+        if foreign:
+            raise ValueError(f"output_dir {output_dir} holds {foreign[0]}, which is not part of a minitron "
+                             f"distillation run; move {Path(output_dir) / 'runs'} away or choose another output_dir")
     candidates, budget = enumerate_candidates(
         model, params, cfg.tolerance, divisors=cfg.divisors, max_width_prune=cfg.max_width_prune,
         max_depth_prune=cfg.max_depth_prune, axes=cfg.axes, counter=ParamCounter(model))
@@ -210,6 +214,7 @@ def _retrain(teacher: nn.Module, candidates: list[Candidate], scores: Importance
         train/eval mode, ``requires_grad`` flags and device are restored.
     """
     from ..distillation import DistillConfig, distill
+    from ..distillation.run_dir import drop_weights
     from ..outputs import read_marker
 
     chosen = sorted(candidates, key=lambda c: c.rank_pruned)[: cfg.top or len(candidates)]
@@ -224,11 +229,10 @@ def _retrain(teacher: nn.Module, candidates: list[Candidate], scores: Importance
     try:
         for c in chosen:
             run_dir = out / "runs" / c.name
-            if run_dir.exists():  # a previous search's run of this candidate: only ever a distill output
-                if (read_marker(run_dir) or {}).get("kind") != "distill":
-                    raise ValueError(f"{run_dir} exists and is not a minitron distillation run; move it away or "
-                                     "choose another output_dir")
-                shutil.rmtree(run_dir)
+            # a previous search's run of this candidate: distill(resume=False) removes only its own files
+            if run_dir.is_symlink() or (run_dir.exists() and (read_marker(run_dir) or {}).get("kind") != "distill"):
+                raise ValueError(f"{run_dir} exists and is not a minitron distillation run; move it away or "
+                                 "choose another output_dir")
             run_cfg = DistillConfig(**{**base.to_dict(), "steps": cfg.retrain_steps, "output_dir": str(run_dir),
                                        "resume": False, "progress": progress, "seq_len": cfg.seq_len})
             student = prune(teacher, target=c.target, scores=scores, progress=False, verbose=False)
@@ -238,9 +242,7 @@ def _retrain(teacher: nn.Module, candidates: list[Candidate], scores: Importance
             if best is None or c.loss_retrained < best.loss_retrained:
                 best, best_model = c, student
             if not cfg.keep_candidates:
-                shutil.rmtree(run_dir / "final", ignore_errors=True)
-                shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-                (run_dir / "latest").unlink(missing_ok=True)
+                drop_weights(run_dir)
     finally:
         for p, flag in zip(teacher.parameters(), grad_flags):
             p.requires_grad_(flag)

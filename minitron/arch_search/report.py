@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from ..atomic import atomic_write_dir
+from ..outputs import write_output_dir
+from ..owned import replace_owned, write_text_owned
 from .space import Candidate
 
-__all__ = ["SearchResult", "markdown_table", "write_report"]
+__all__ = ["SEARCH_OUTPUTS", "SearchResult", "markdown_table", "write_report"]
+
+SEARCH_OUTPUTS = ("candidates.csv", "candidates.json", "candidates.md", "losses.png", "best", "runs")
+"""The names a search writes in its output directory (checked before the search starts)."""
 
 
 @dataclass
@@ -113,6 +119,10 @@ def _plot(cands: list[Candidate], original_loss: float, path: Path) -> None:
 def write_report(result: SearchResult, tokenizer: Any = None) -> dict[str, str]:
     """Write ``candidates.{csv,json,md}``, ``losses.png`` and ``best/`` into ``result.output_dir``.
 
+    Each file replaces its name atomically (a symlink there is replaced, never written through) and
+    is recorded in the directory's marker; a ``best/`` that is not minitron's (accepted with
+    ``overwrite`` before the search) gets the checkpoint's files by name and keeps every other file.
+
     Args:
         result: a finished search with an ``output_dir``.
         tokenizer: saved with the best checkpoint when given.
@@ -128,21 +138,24 @@ def write_report(result: SearchResult, tokenizer: Any = None) -> dict[str, str]:
     rows = [{"name": c.name, **c.row()} for c in result.candidates]
     files = {"csv": out / "candidates.csv", "json": out / "candidates.json", "markdown": out / "candidates.md",
              "plot": out / "losses.png", "best": out / "best"}
-    with files["csv"].open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    files["json"].write_text(json.dumps({
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_owned(out, "candidates.csv", table.getvalue())
+    write_text_owned(out, "candidates.json", json.dumps({
         "budget": result.budget, "original_params": result.original_params, "original_loss": result.original_loss,
         "best": result.best.name, "seconds": result.seconds, "timings": result.timings,
-        "candidates": rows}, indent=2), encoding="utf-8")
-    files["markdown"].write_text(result.markdown() + "\n", encoding="utf-8")
-    _plot(result.candidates, result.original_loss, files["plot"])
+        "candidates": rows}, indent=2))
+    write_text_owned(out, "candidates.md", result.markdown() + "\n")
+    staged = out / f".losses.tmp-{os.getpid()}.png"
+    _plot(result.candidates, result.original_loss, staged)
+    replace_owned(out, "losses.png", staged)
 
     def save(tmp: Path) -> None:
         result.model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
 
-    atomic_write_dir(files["best"], save)
+    write_output_dir(files["best"], "best", save, overwrite=True)
     return {k: str(v) for k, v in files.items()}

@@ -154,9 +154,9 @@ def run(args: argparse.Namespace) -> int:
     import minitron
     from ..adapters import moe_spec_of
     from ..data import load_text_blocks, resolve_seq_len
+    from ..distillation.run_dir import check_run_dir
     from ..distillation.trainer import distill
     from ..models import BUILTIN, input_paths, load_model, load_tokenizer, text_source
-    from ..outputs import check_output_dir
 
     started = time.time()
     cfg = config_from_args(args)
@@ -164,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
     # every model source must exist locally (nothing is downloaded); the output is checked before any work
     inputs = input_paths(args.teacher, args.teacher_gguf, args.data, args.eval_data)
     inputs += input_paths(args.student, args.student_gguf) + input_paths(args.tokenizer, None)
-    check_output_dir(cfg.output_dir, "distill", inputs=inputs, overwrite=cfg.overwrite, flag="--output-dir")
+    check_run_dir(cfg.output_dir, inputs=inputs, overwrite=cfg.overwrite, flag="--output-dir", fix="--overwrite")
     teacher, teacher_tokenizer = load_model(args.teacher, gguf_file=args.teacher_gguf)
     if args.student is None and moe_spec_of(teacher.config) is not None:
         raise ValueError(f"no --student given: the in-process student is pruned to --params, a budget that "

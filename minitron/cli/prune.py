@@ -128,19 +128,26 @@ def run_prune(args: argparse.Namespace) -> int:
     check_finite_weights(model)
     args.seq_len = resolve_seq_len(text_source(args.calib), args.seq_len, [model], flag="--seq-len")
 
+    def blocks_of(source: Any, n: int | None, flag: str) -> Any:
+        try:
+            return load_text_blocks(source, tokenizer, args.seq_len, n, chat_template=args.chat_template)
+        except ValueError as e:  # the library's message names tokenizer=, which the CLI does not have
+            if tokenizer is None and str(e).startswith("text data needs a tokenizer"):
+                raise ValueError(f"{flag} is text and --model {args.model} has no tokenizer files; pass token ids "
+                                 f"({flag} ids.pt) or a checkpoint folder that holds its tokenizer") from None
+            raise
+
     eval_blocks = None
     builtin_model = is_builtin_model(args.model, args.model_gguf)
     eval_source = text_source(BUILTIN, "valid") if args.eval is None and builtin_model else args.eval
     if eval_source is not None:
-        eval_blocks = load_text_blocks(eval_source, tokenizer, args.seq_len, args.eval_samples or None,
-                                       chat_template=args.chat_template)
+        eval_blocks = blocks_of(eval_source, args.eval_samples or None, "--eval")
         before_ppl = minitron.perplexity(model, eval_blocks, args.batch_size)
     before_params = minitron.count_parameters(model)
 
     blocks = None
     if args.method == "activation":  # calibration, and the measurement of --params shapes
-        blocks = load_text_blocks(text_source(args.calib), tokenizer, args.seq_len, args.num_samples,
-                                  chat_template=args.chat_template)
+        blocks = blocks_of(text_source(args.calib), args.num_samples, "--calib")
     importance = loss_scores_for(
         minitron.ImportanceConfig(seq_agg=args.seq_agg, batch_agg=args.batch_agg, batch_size=args.batch_size),
         target or minitron.Target(), model.config, "bi" if args.depth_rounds > 1 else args.depth_metric,
@@ -162,9 +169,13 @@ def run_prune(args: argparse.Namespace) -> int:
 
     def write(tmp: Path) -> None:
         pruned.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        if tokenizer is not None:  # a checkpoint folder without tokenizer files, calibrated on token ids
+            tokenizer.save_pretrained(tmp)
 
     write_output_dir(args.out, "prune", write, overwrite=args.overwrite)
+    if tokenizer is None:
+        print(f"note: {args.model} has no tokenizer, so {args.out} holds none (token-id calibration needs none); "
+              "copy the original tokenizer files into it to use it on text")
     sizes = model_sizes(pruned.config)  # mixture-of-experts sizes under minitron's names, only when present
     config = {k: getattr(pruned.config, k) for k in (*DENSE_FIELDS, "head_dim")}
     config.update({k: sizes[k] for k in MOE_FIELDS if sizes[k] is not None})

@@ -74,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         Exit status 0 (errors raise ValueError, reported by ``minitron.cli.main``).
     """
     from ..arch_search import SearchConfig, search
+    from ..arch_search.report import SEARCH_OUTPUTS
     from ..distillation import DistillConfig
     from ..importance.collect import ImportanceScores
     from ..models import load_model
@@ -82,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
 
     check_device(args.device)
     check_output_dir(args.out, "search", inputs=input_paths(args.model, args.model_gguf, args.calib, args.train,
-                                                             args.eval, args.load_scores), overwrite=args.overwrite)
+                                                             args.eval, args.load_scores), overwrite=args.overwrite,
+                     writes=SEARCH_OUTPUTS)
     tiny = args.model == BUILTIN_TINY and args.model_gguf is None
     threads = args.threads if args.threads is not None else (1 if tiny and args.device == "cpu" else 0)
     if threads:

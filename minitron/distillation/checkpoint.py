@@ -11,11 +11,15 @@ Every directory is written into a hidden temp directory, fsynced, then renamed i
 ``latest`` is replaced with ``os.replace`` after the checkpoint it names exists. A crash at
 any point leaves the previous checkpoint and pointer intact.
 
-Loading never runs code from the run directory: ``trainer_state.pt`` holds only tensors and
-plain Python values (RNG states included) and is read with ``torch.load(weights_only=True)``;
-``latest`` must name a ``step_<n>`` directory directly inside ``output_dir/checkpoints``. A
-checkpoint whose files cannot be read is skipped, with a warning naming the file, in favour of
-the newest older one that can (:func:`load_latest`).
+Every checkpoint carries a marker (``.minitron-output.json``, :mod:`minitron.owned`) recording
+the SHA-256 of each of its files, written inside the temp directory before the rename; a resume
+checks them before reading anything, so a bit flip is named, never resumed from. Loading never
+runs code from the run directory: ``trainer_state.pt`` holds only tensors and plain Python values
+(RNG states included) and is read with ``torch.load(weights_only=True)``; ``latest`` must name a
+``step_<n>`` directory directly inside ``output_dir/checkpoints``. A checkpoint that is corrupt or
+cannot be read is skipped, with a warning naming the file, in favour of the newest older one that
+can (:func:`load_latest`); a run whose ``latest`` was removed resumes from its newest good
+checkpoint instead of starting over on top of them.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_write_dir, atomic_write_text  # noqa: F401 - re-exported
+from ..owned import MARKER, matches, owned_dir, read_marker, recorded, seal, write_text_owned
 
 LATEST = "latest"
 CKPT_DIR = "checkpoints"
@@ -56,7 +61,8 @@ def _checkpoint_dir(output_dir: Path, name: str, pointer: Path) -> Path:
     path = output_dir / CKPT_DIR / name
     if not _STEP_DIR.match(name) or path.resolve().parent != root:
         raise ValueError(f"{pointer} names {name!r}, which is not a checkpoint inside {output_dir / CKPT_DIR}; "
-                         f"delete {pointer} to start over")
+                         f"delete {pointer} to resume from the newest checkpoint, or pass resume=False (CLI "
+                         "--no-resume) to start over")
     return path
 
 
@@ -73,7 +79,8 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
         return None
     path = _checkpoint_dir(output_dir, pointer.read_text(encoding="utf-8", errors="replace").strip(), pointer)
     if not (path / TRAINER_STATE).is_file():
-        raise ValueError(f"{pointer} names {path}, which is not a complete checkpoint; delete {pointer} to start over")
+        raise ValueError(f"{pointer} names {path}, which is not a complete checkpoint; delete {pointer} to resume "
+                         "from the newest complete one, or pass resume=False (CLI --no-resume) to start over")
     return path
 
 
@@ -135,14 +142,51 @@ def save_checkpoint(
     def write(tmp: Path) -> None:
         student.save_pretrained(tmp / "student", state_dict=student_state)
         torch.save(trainer_state, tmp / TRAINER_STATE)
+        seal(tmp, "checkpoint")  # the hashes a resume checks
 
-    path = atomic_write_dir(output_dir / CKPT_DIR / name, write)
-    atomic_write_text(output_dir / LATEST, name + "\n")
+    target = output_dir / CKPT_DIR / name
+    if target.exists() and not owned_dir(target, corrupt_ok=True):  # checked before the run: a late arrival
+        raise ValueError(f"{target} exists and was not written by minitron; move it away and resume")
+    path = atomic_write_dir(target, write)
+    write_text_owned(output_dir, LATEST, name + "\n")
     if keep is not None and keep > 0:
         old = [p for p in step_checkpoints(output_dir) if p.name != name]  # oldest first
         for p in old[: max(0, len(old) - (keep - 1))]:
-            shutil.rmtree(p, ignore_errors=True)
+            if owned_dir(p, corrupt_ok=True):  # never a folder minitron did not write
+                shutil.rmtree(p, ignore_errors=True)
     return path
+
+
+def verify_checkpoint(checkpoint: str | os.PathLike) -> None:
+    """Check every file of a checkpoint against the SHA-256 recorded when it was saved.
+
+    Args:
+        checkpoint: a ``checkpoints/step_<n>`` directory.
+    Raises:
+        CorruptCheckpointError: no recorded hashes, a file missing, or a file whose content changed
+            (named: ``trainer_state.pt`` "cannot be loaded safely", weights "are corrupt or truncated").
+    """
+    checkpoint = Path(checkpoint)
+    files = recorded(read_marker(checkpoint))
+    if not files:
+        raise CorruptCheckpointError(f"{checkpoint} cannot be loaded safely (it has no {MARKER} recording its "
+                                     "files' SHA-256: written by an older minitron or not by minitron)")
+    for rel, entry in files.items():
+        if not matches(checkpoint / rel, entry):
+            f = checkpoint / rel
+            what = "cannot be loaded safely (corrupted: " if rel == TRAINER_STATE else "is corrupt or truncated ("
+            raise CorruptCheckpointError(f"{f} {what}its SHA-256 differs from the one recorded when it was saved)")
+
+
+def last_good_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The newest checkpoint of a run whose files match their recorded hashes (None if there is none)."""
+    for path in reversed(step_checkpoints(output_dir)):
+        try:
+            verify_checkpoint(path)
+        except CorruptCheckpointError:
+            continue
+        return path
+    return None
 
 
 _STATE_KEYS = ("step", "optimizer", "scheduler", "rng", "data", "run")
@@ -187,31 +231,39 @@ def load_student_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def load_latest(output_dir: str | os.PathLike) -> tuple[Path, dict[str, Any], dict[str, torch.Tensor]] | None:
-    """The newest readable checkpoint of a run: ``(directory, trainer_state, student_state)``.
+    """The newest good checkpoint of a run: ``(directory, trainer_state, student_state)``.
 
-    Starts at the checkpoint ``latest`` names; if one of its files cannot be read, warns (naming the
-    file) and tries the next older ``step_<n>`` checkpoint.
+    Starts at the checkpoint ``latest`` names (or, when ``latest`` is missing, at the newest
+    ``step_<n>`` checkpoint, with a warning); if one of its files is corrupt (its hash differs from
+    the one recorded at save time) or cannot be read, warns (naming the file) and tries the next
+    older checkpoint.
 
     Args:
         output_dir: run directory.
     Returns:
-        None if the run has no ``latest`` pointer.
+        None if the run has neither a ``latest`` pointer nor checkpoints.
     Raises:
-        ValueError: an invalid pointer (see :func:`latest_checkpoint`), or no readable checkpoint
+        ValueError: an invalid pointer (see :func:`latest_checkpoint`), or no good checkpoint
             (the message names the newest corrupt file).
     """
     output_dir = Path(output_dir)
     pointer = output_dir / LATEST
-    if not pointer.is_file():
-        return None
-    named = _checkpoint_dir(output_dir, pointer.read_text(encoding="utf-8", errors="replace").strip(), pointer)
     step_of = {p.name: int(_STEP_DIR.match(p.name).group(1)) for p in step_checkpoints(output_dir)}
+    if pointer.is_file():
+        named = _checkpoint_dir(output_dir, pointer.read_text(encoding="utf-8", errors="replace").strip(), pointer)
+    elif step_of:  # `latest` removed: the checkpoints are still this run's, never overwritten from step 0
+        named = output_dir / CKPT_DIR / max(step_of, key=step_of.get)
+        warnings.warn(f"{pointer} is missing; resuming from the newest checkpoint {named} (pass resume=False, "
+                      "CLI --no-resume, to start over)")
+    else:
+        return None
     newest = int(_STEP_DIR.match(named.name).group(1))
     candidates = [named] + [output_dir / CKPT_DIR / n for n, s in sorted(step_of.items(), key=lambda kv: -kv[1])
                             if s < newest]
     first_error: CorruptCheckpointError | None = None
     for i, path in enumerate(candidates):
         try:
+            verify_checkpoint(path)  # before anything is read from it
             return path, load_trainer_state(path), load_student_state(path / "student")
         except CorruptCheckpointError as e:
             first_error = first_error or e

@@ -38,7 +38,9 @@ def to_json_line(row: dict) -> str:
 
 def append_row(path: str | os.PathLike, row: dict) -> None:
     """Append one row to the metrics file and flush it."""
-    with open(path, "a", encoding="utf-8") as f:
+    # O_NOFOLLOW: a symlink put in place of the file is refused, never appended through
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    with os.fdopen(fd, "a", encoding="utf-8") as f:
         f.write(to_json_line(row))
         f.flush()
 
@@ -69,10 +71,15 @@ def read_rows(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
+def truncated_text(path: str | os.PathLike, step: int) -> str:
+    """The metrics file's content cut back to the rows with ``step <= step`` (no partial line)."""
+    rows = [r for r in read_rows(path) if isinstance(r.get("step", 0), int) and r.get("step", 0) <= step]
+    return "".join(to_json_line(r) for r in rows)
+
+
 def truncate_after(path: str | os.PathLike, step: int) -> None:
     """Keep the rows with ``step <= step`` (and no partial line), replacing the file atomically."""
-    rows = [r for r in read_rows(path) if isinstance(r.get("step", 0), int) and r.get("step", 0) <= step]
-    atomic_write_text(path, "".join(to_json_line(r) for r in rows))
+    atomic_write_text(path, truncated_text(path, step))
 
 
 def as_float(value: Any) -> float:

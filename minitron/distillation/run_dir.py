@@ -2,8 +2,10 @@
 
 - :func:`open_run_dir` marks the directory as a ``minitron distill`` output, takes its lock (one
   process per directory) and removes temp files that an interrupted run left behind.
-- :func:`start_over` removes the files a previous run wrote (only those names: see
-  :data:`RUN_OUTPUTS`) when a run does not resume.
+- :func:`check_run_dir` (before any work) and :func:`start_over` (when a run does not resume):
+  of the names a run writes (:data:`RUN_OUTPUTS`), only what the run folder's markers prove
+  minitron wrote is removed (:mod:`minitron.owned`); with ``overwrite`` the rest is replaced by
+  name (``final/`` file by file), never deleted as a folder.
 - :func:`run_fingerprint` / :func:`check_same_run` decide whether a saved run is the run being
   started: same config (but for :data:`RESUME_FREE` fields), same student and teacher tensor
   shapes, same training tokens. Anything else is refused rather than silently resumed.
@@ -23,13 +25,15 @@ from torch import nn
 from minitron.atomic import clean_stale_temps
 from minitron.distillation.checkpoint import CKPT_DIR, LATEST, step_checkpoints
 from minitron.distillation.config import DistillConfig
-from minitron.outputs import mark_output_dir
+from minitron.outputs import check_output_dir, mark_output_dir
+from minitron.owned import owned_dir, read_marker, record_prefix, recorded, unlink_owned
 from minitron.runlock import RunLock, acquire
 
 RUN_FILE = "minitron_run.json"  # the run's config and fingerprint; never a Hugging Face file name
 METRICS = "metrics.jsonl"
 PLOT = "loss_curve.png"
 RUN_OUTPUTS = (LATEST, CKPT_DIR, "final", METRICS, PLOT, RUN_FILE)
+IN_PLACE = tuple(n for n in RUN_OUTPUTS if n != CKPT_DIR)  # names replaced by name; checkpoints: check_run_dir
 # config fields a resumed run may change: they do not alter the trajectory up to the saved step
 RESUME_FREE = frozenset({"steps", "output_dir", "resume", "overwrite", "progress", "plot", "save_every", "eval_every",
                          "eval_batches", "keep_checkpoints", "log_every", "loss_impl", "parallel", "extra"})
@@ -54,20 +58,70 @@ def open_run_dir(output_dir: str | os.PathLike) -> RunLock:
     return lock
 
 
-def start_over(output_dir: str | os.PathLike) -> None:
-    """Remove what a previous run wrote in ``output_dir`` (only :data:`RUN_OUTPUTS`; other files stay)."""
+def check_run_dir(output_dir: str | os.PathLike, *, inputs: list[object], overwrite: bool, flag: str = "output_dir",
+                  fix: str = "overwrite=True") -> None:
+    """Check a run directory before any work (:func:`minitron.outputs.check_output_dir` for :data:`IN_PLACE`).
+
+    Also refuses, even with ``overwrite``, a ``checkpoints/step_<n>`` entry minitron did not write: a
+    checkpoint is replaced as a whole folder, so it must be a folder whose own marker names exactly
+    its files (one whose content changed is a corrupted checkpoint of the run: resume skips it);
+    other files under ``checkpoints/`` are left alone.
+
+    Args:
+        output_dir: the run directory.
+        inputs: the run's model directories and data (the output must not be, hold or lie in one).
+        overwrite: allow a directory that is not a previous run; its files are replaced by name.
+        flag, fix: names used in messages.
+    """
+    check_output_dir(output_dir, "distill", inputs=inputs, overwrite=overwrite, flag=flag, fix=fix, writes=IN_PLACE)
+    ckpts = Path(output_dir) / CKPT_DIR
+    if ckpts.is_symlink() or (ckpts.exists() and not ckpts.is_dir()):
+        raise ValueError(f"{flag} {output_dir}: {ckpts} is a symbolic link or a file; move it away or choose "
+                         "another output directory")
+    taken = [p for p in (ckpts.iterdir() if ckpts.is_dir() else ()) if p.name.startswith("step_")
+             and not owned_dir(p, corrupt_ok=True)]
+    if taken:
+        raise ValueError(f"{flag} {output_dir} holds {taken[0]}, which is not a minitron checkpoint; move it "
+                         "away or choose another output directory")
+
+
+def drop_weights(output_dir: str | os.PathLike) -> None:
+    """Remove a run's checkpoints, ``latest`` and ``final/``: only what their markers prove minitron wrote.
+
+    Args:
+        output_dir: a distillation run directory.
+    """
     output_dir = Path(output_dir)
     for path in step_checkpoints(output_dir):
-        shutil.rmtree(path)
+        if owned_dir(path, corrupt_ok=True):
+            shutil.rmtree(path)
     ckpts = output_dir / CKPT_DIR
-    if ckpts.is_dir() and not any(ckpts.iterdir()):
+    if ckpts.is_dir() and not ckpts.is_symlink() and not any(ckpts.iterdir()):
         ckpts.rmdir()
-    final = output_dir / "final"
-    if final.is_dir() and not final.is_symlink():
-        shutil.rmtree(final)
-    for name in (LATEST, METRICS, PLOT, RUN_FILE):
-        if (output_dir / name).is_file():
-            (output_dir / name).unlink()
+    if owned_dir(output_dir / "final", corrupt_ok=True):
+        shutil.rmtree(output_dir / "final")
+    entry = recorded(read_marker(output_dir)).get(LATEST)
+    if entry is not None:
+        unlink_owned(output_dir, LATEST, entry)
+
+
+def start_over(output_dir: str | os.PathLike) -> None:
+    """Remove what a previous run wrote in ``output_dir``: only files and checkpoints its markers prove.
+
+    A ``final/`` or other run file that is not minitron's (accepted with ``overwrite``) stays: it
+    is replaced by name when the run writes it; ``metrics.jsonl`` is emptied then (it is appended to).
+    """
+    output_dir = Path(output_dir)
+    drop_weights(output_dir)
+    files = recorded(read_marker(output_dir))
+    for name in (METRICS, PLOT, RUN_FILE):
+        if name in files:
+            unlink_owned(output_dir, name, files[name])
+    if (output_dir / METRICS).exists() and not (output_dir / METRICS).is_symlink():
+        from minitron.atomic import atomic_write_text
+
+        atomic_write_text(output_dir / METRICS, "")  # a user's file of that name, with overwrite: replaced by name
+    record_prefix(output_dir, METRICS)  # the rows this run appends are its own
 
 
 def tensor_shapes(model: nn.Module) -> dict[str, list[int]]:

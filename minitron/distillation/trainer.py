@@ -29,22 +29,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from minitron.atomic import atomic_write_dir, atomic_write_text
 from minitron.distillation import distributed as D
-from minitron.distillation.checkpoint import latest_checkpoint, rng_state, save_checkpoint, set_rng_state
+from minitron.distillation.checkpoint import last_good_checkpoint, rng_state, save_checkpoint, set_rng_state
 from minitron.distillation.checks import check_models, check_vocab, local_dir
 from minitron.data import resolve_seq_len
 from minitron.distillation.config import DEFAULT_DISTILL_SEQ_LEN, DistillConfig
 from minitron.distillation.data import batch_indices, check_nonempty, load_blocks
-from minitron.distillation.metrics import append_row, truncate_after
+from minitron.distillation.metrics import append_row, truncated_text
 from minitron.distillation.module import TEACHER_OUTSIDE_MASS_LIMIT, DistillModule, check_teacher_padding
 from minitron.distillation.optim import make_optimizer
 from minitron.distillation.plotting import plot_loss_curve
-from minitron.distillation.run_dir import (
-    METRICS, PLOT, RUN_FILE, load_resumable, open_run_dir, run_fingerprint, start_over,
-)
+from minitron.distillation.run_dir import (METRICS, PLOT, RUN_FILE, check_run_dir, load_resumable, open_run_dir,
+                                          run_fingerprint, start_over)
 from minitron.losses import check_impl_device
-from minitron.outputs import check_output_dir
+from minitron.outputs import write_output_dir
+from minitron.owned import record_prefix, replace_owned, write_text_owned
 
 __all__ = ["Callback", "NonFiniteLossError", "TEACHER_OUTSIDE_MASS_LIMIT", "Trainer", "distill"]
 
@@ -102,8 +101,8 @@ def distill(
     same student/teacher shapes and the same training tokens. Otherwise a ValueError says what
     differs; pass another ``output_dir``, or ``resume=False`` to discard the saved run and start
     over. Calling ``distill`` again after a finished run with the same arguments returns the
-    finished weights without training. A checkpoint whose files cannot be read is skipped (with a
-    warning) for the newest older one that can.
+    finished weights without training. A checkpoint whose files changed since it was saved (their
+    recorded SHA-256) or cannot be read is skipped, with a warning, for the newest older good one.
 
     Vocabularies: the teacher may have more lm_head rows than the student (padding, e.g. Qwen2.5 7B
     vs 0.5B). The logits losses then use the shared first ``Vs`` ids, with the teacher distribution
@@ -147,9 +146,8 @@ def distill(
         raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the world size {env.world} "
                          "(it is the global micro-batch, split across ranks)")
     out_dir = Path(cfg.output_dir)
-    check_output_dir(out_dir, "distill", overwrite=cfg.overwrite, flag="output_dir", fix="overwrite=True",
-                     inputs=[local_dir(m) for m in (student, teacher, tokenizer, teacher_tokenizer)]
-                     + [train_data, eval_data])
+    check_run_dir(out_dir, overwrite=cfg.overwrite, inputs=[local_dir(m) for m in (student, teacher, tokenizer,
+                                                                              teacher_tokenizer)] + [train_data, eval_data])
     D.barrier(env.world)  # every rank has checked output_dir before rank 0 locks and writes it
     if cfg.seq_len is None:  # the data's own rows, else the default that fits both models
         cfg = DistillConfig(**{**cfg.to_dict(), "seq_len": resolve_seq_len(
@@ -248,10 +246,11 @@ class Trainer:
             np.random.seed(cfg.seed + rank)
             torch.manual_seed(cfg.seed + rank)
         if self.env.is_main:
-            if resumed is not None:
-                truncate_after(self.metrics_path, self.step)  # atomic: the rows up to the resumed step survive
-            atomic_write_text(self.out_dir / RUN_FILE,
-                              json.dumps({k: self.run_info[k] for k in ("config", "data")}, indent=2) + "\n")
+            if resumed is not None:  # atomic: the rows up to the resumed step survive
+                write_text_owned(self.out_dir, METRICS, truncated_text(self.metrics_path, self.step))
+                record_prefix(self.out_dir, METRICS)
+            write_text_owned(self.out_dir, RUN_FILE,
+                             json.dumps({k: self.run_info[k] for k in ("config", "data")}, indent=2) + "\n")
 
     def save(self) -> None:
         """Write the checkpoint of the current step (a collective: every rank calls it)."""
@@ -269,10 +268,11 @@ class Trainer:
                 "projections": proj_state, "rng": rngs, "world_size": env.world,
                 "data": {"seed": cfg.seed, "n_blocks": int(self.train_blocks.shape[0]), "next_step": self.step},
                 "run": json.dumps(self.run_info)}, keep=cfg.keep_checkpoints)
+            record_prefix(self.out_dir, METRICS)  # the rows so far are this run's (the marker proves them)
         D.barrier(env.world)
 
     def save_final(self) -> None:
-        """Write ``output_dir/final`` (HF safetensors checkpoint + tokenizer) and the loss plot."""
+        """Write ``output_dir/final`` (HF checkpoint + tokenizer; into a user's ``final/`` by name) and the plot."""
         final_state = D.full_state(self.student)
         if self.env.is_main:
             def write_final(tmp: Path) -> None:
@@ -280,10 +280,15 @@ class Trainer:
                 if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
                     self.tokenizer.save_pretrained(tmp)
 
-            atomic_write_dir(self.out_dir / "final", write_final)
-            if self.cfg.plot:
-                plot_loss_curve(self.metrics_path, self.out_dir / PLOT)
+            write_output_dir(self.out_dir / "final", "final", write_final, overwrite=True)
+            self.plot()
         D.barrier(self.env.world)
+
+    def plot(self) -> None:
+        """Redraw ``loss_curve.png`` (rank 0, when ``plot``) and record it as the run's."""
+        staged = self.out_dir / f".{PLOT}.tmp-{os.getpid()}"  # a crash leaves a temp name cleaned on resume
+        if self.env.is_main and self.cfg.plot and plot_loss_curve(self.metrics_path, staged):
+            replace_owned(self.out_dir, PLOT, staged)
 
     # ---- steps ------------------------------------------------------------------------------
 
@@ -335,7 +340,7 @@ class Trainer:
             acc += torch.stack([out[k].detach().float() for k in _KEYS]) / cfg.grad_accum
         vals = dict(zip(_KEYS, D.all_mean(acc, env.world).cpu().tolist()))
         if not math.isfinite(vals["loss"]):
-            last = latest_checkpoint(self.out_dir)
+            last = last_good_checkpoint(self.out_dir)  # hashes checked: never a corrupted one
             raise NonFiniteLossError(
                 f"non-finite training loss ({vals['loss']}) at step {self.step + 1} (kd={vals['kd_loss']}, "
                 f"ce={vals['ce_loss']}, is={vals['is_loss']}); stopped before the optimizer update. Last good "
@@ -379,8 +384,7 @@ class Trainer:
                     ev = self.evaluate()
                     self.log(ev)
                     row.update({f"eval_{k}": v for k, v in ev.items() if k not in ("split", "step")})
-                    if self.env.is_main and cfg.plot:
-                        plot_loss_curve(self.metrics_path, self.out_dir / PLOT)
+                    self.plot()
                 if (cfg.save_every and self.step % cfg.save_every == 0) or last_step:
                     self.save()
                 for cb in self.callbacks:
