@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from ..adapters import decoder_layers, get_adapter, head_dim_of, kv_heads_of, moe_sizes, moe_spec_of
 from ..evaluation import head_drop_losses, layer_drop_losses, layer_output, lm_loss
+from ..offload import execution_device, execution_devices, onloaded
 from ..validate import check_token_ids
 from .aggregate import check_aggregation, finalize
 from .heads import DEFAULT_HEAD_METRIC, check_head_metric, head_output_norms
@@ -254,6 +255,18 @@ def model_shape_meta(model: nn.Module) -> dict:
     return meta
 
 
+def head_output_site(n_heads: int):
+    """The ``attn_out`` site's transform: ``(o_proj, input (B, S, H*hd)) -> (B, S, H)`` per-head output norms.
+
+    Runs in a forward pre-hook, i.e. before accelerate's hook onloads ``o_proj``: an offloaded
+    ``o_proj`` is materialised for the product (:func:`minitron.offload.onloaded`).
+    """
+    def transform(module: nn.Module, act: torch.Tensor) -> torch.Tensor:
+        with onloaded(module):
+            return head_output_norms(act, module.weight, n_heads)
+    return transform
+
+
 def _layer_io(args: tuple, kwargs: dict, output) -> tuple[torch.Tensor, torch.Tensor]:
     h_in = args[0] if args else kwargs["hidden_states"]
     return h_in, layer_output(output)
@@ -292,7 +305,12 @@ def collect_importance(
     check_token_ids(model, blocks, "calibration data")
     if config.sink_tokens >= blocks.shape[1]:
         raise ValueError(f"sink_tokens={config.sink_tokens} leaves no position of the {blocks.shape[1]}-token blocks")
-    device = next(model.parameters()).device
+    devices = execution_devices(model)
+    if len(devices) > 1:
+        raise ValueError(f"calibration needs one execution device, but the model's device_map spreads it over "
+                         f"{', '.join(map(str, devices))}; dispatch it to one device (offloading the rest to cpu/disk) "
+                         "or use minitron.prune_checkpoint, which calibrates layer by layer")
+    device = execution_device(model)  # from accelerate's hooks when dispatched: never a meta parameter's
     meta = model_shape_meta(model)
     meta.update(seq_agg=config.seq_agg, num_samples=int(blocks.shape[0]), seq_len=int(blocks.shape[1]),
                 sink_tokens=config.sink_tokens, norm_stats=True)
@@ -316,8 +334,7 @@ def collect_importance(
     norms = [(f"norm.{l}.{k}", layer.get_submodule(n)) for l, layer in enumerate(layers)
              for k, n in enumerate(adapter.layer_norms)] + [("norm.final", model.get_submodule(adapter.final_norm))]
     # per-head output contribution: (B, S, H) norms of W_o[:, h] @ a_h, aggregated like any other site
-    head_out = [(f"attn_out.{l}", layer.get_submodule(adapter.o_proj), n_heads,
-                 lambda m, a: head_output_norms(a, m.weight, n_heads))
+    head_out = [(f"attn_out.{l}", layer.get_submodule(adapter.o_proj), n_heads, head_output_site(n_heads))
                 for l, layer in enumerate(layers)] if config.head_output else []
     hidden = model.config.hidden_size
     for name, norm in norms:
@@ -328,7 +345,7 @@ def collect_importance(
     model.eval()
     base = model.get_submodule(adapter.layers.rsplit(".", 1)[0])  # the decoder stack: no lm_head, no logits
     try:
-        with CalibrationHooks(model, adapter, config.seq_agg, sink=sink, extra=head_out) as hooks:
+        with CalibrationHooks(model, adapter, config.seq_agg, sink=sink, extra=head_out, device=device) as hooks:
             for start in tqdm(range(0, blocks.shape[0], config.batch_size), desc="calibration", disable=not progress):
                 batch = blocks[start : start + config.batch_size].to(device)  # (B, S)
                 hooks.begin_batch(batch.shape[0], batch.shape[1] - sink)  # per-batch buffers before the pass
