@@ -131,13 +131,16 @@ class DecoderStream:
         blocks: LongTensor (n, S) of calibration token ids.
         batch_size: blocks per forward.
         chunk_size: tokens per (chunk, V) logits tile of the cross-entropy.
+        resettable: keep the embedding outputs for :meth:`reset` (False: only the current layer inputs
+            are held, half the activation memory; the layer-streamed calibration's case).
 
     Example:
         >>> stream = DecoderStream(model, blocks, 8)
         >>> stream.tail_loss(range(1, model.config.num_hidden_layers))  # layer 0 dropped
     """
 
-    def __init__(self, model: nn.Module, blocks: torch.Tensor, batch_size: int = 8, chunk_size: int = 1024) -> None:
+    def __init__(self, model: nn.Module, blocks: torch.Tensor, batch_size: int = 8, chunk_size: int = 1024,
+                 resettable: bool = True) -> None:
         self.model = model
         self.adapter: FamilyAdapter = get_adapter(model)
         self.layers = decoder_layers(model, self.adapter)
@@ -177,10 +180,19 @@ class DecoderStream:
             self.embedded.append(first[0])
             self.kwargs.append(captured)
         self.hidden = list(self.embedded)  # (B, S, D) per batch: the input of the next layer to run
+        if not resettable:
+            self.embedded = []
 
     def reset(self) -> None:
         """Go back to the input of the first layer."""
+        if not self.embedded:
+            raise RuntimeError("DecoderStream(resettable=False) keeps no embedding outputs to reset to")
         self.hidden = list(self.embedded)
+
+    def step(self, index: int, batch: int) -> torch.Tensor:
+        """Run layer ``index`` on batch ``batch``'s current input; the output (B, S, D) becomes its next input."""
+        self.hidden[batch] = self._run(index, batch, self.hidden[batch])
+        return self.hidden[batch]
 
     def _run(self, index: int, batch: int, hidden: torch.Tensor) -> torch.Tensor:
         return layer_output(self.layers[index](hidden, **self.kwargs[batch][index]))
