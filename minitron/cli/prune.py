@@ -79,6 +79,10 @@ def _add_prune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=default_device())
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--inplace", action="store_true", help="compact weights in place (peak memory ~1x model)")
+    p.add_argument("--stream", action="store_true", help="prune the checkpoint folder --model without loading it: "
+                   "one decoder layer in memory during calibration, one row chunk during the surgery (peak ~ one "
+                   "layer + the calibration hidden states; weights keep their stored dtype, --dtype is the "
+                   "calibration dtype); --depth-metric ppl falls back to bi, --params to a scaled shape")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -107,6 +111,8 @@ def run_prune(args: argparse.Namespace) -> int:
         raise ValueError(f"--depth-rounds={args.depth_rounds} needs --depth-metric ppl and --depth-mode scattered "
                          "(iterative removal re-scores by layer-drop loss)")
     check_device(args.device)
+    if args.stream:
+        return _run_stream(args, target, params, started)
     inputs = input_paths(args.model, args.model_gguf, args.calib, args.eval, args.load_scores)
     check_output_dir(args.out, "prune", inputs=inputs, overwrite=args.overwrite)  # before any long work
     if args.save_scores:
@@ -177,6 +183,42 @@ def run_prune(args: argparse.Namespace) -> int:
     report["seconds"] = round(time.time() - started, 1)
     print(json.dumps(report))
     print(f"pruned checkpoint written to {args.out} (loads with AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def _run_stream(args: argparse.Namespace, target: Any, params: float | None, started: float) -> int:
+    """``minitron prune --stream``: :func:`minitron.prune_checkpoint` on the checkpoint folder ``--model``."""
+    import minitron
+    from ..models import resolve_model_source
+    from ..sizing import count_parameters
+    from ..streaming.checkpoint import CheckpointReader, skeleton
+
+    clashes = [flag for flag, on in (("--inplace", args.inplace), ("--eval", args.eval is not None),
+                                     ("--depth-rounds", args.depth_rounds > 1)) if on]
+    if clashes:
+        raise ValueError(f"--stream cannot be combined with {', '.join(clashes)} (each needs the whole model in "
+                         "memory); drop it, and evaluate the pruned checkpoint afterwards")
+    kind, path = resolve_model_source(args.model, args.model_gguf)
+    if kind == "gguf":
+        raise ValueError(f"--stream reads a safetensors checkpoint folder, but --model {args.model} is a GGUF file; "
+                         "convert it first (minitron prune without --stream loads GGUF files)")
+    scores = minitron.ImportanceScores.load(args.load_scores) if args.load_scores else None
+    importance = minitron.ImportanceConfig(seq_agg=args.seq_agg, batch_agg=args.batch_agg, batch_size=args.batch_size)
+    out = minitron.prune_checkpoint(
+        path, args.out, text_source(args.calib) if args.method == "activation" else None, target,
+        params=params if target is None else None, scores=scores, importance=importance, seq_len=args.seq_len,
+        num_samples=args.num_samples, depth_metric=args.depth_metric, depth_mode=args.depth_mode,
+        head_metric=args.head_metric, norm_rescale=args.norm_rescale, head_residual=args.head_residual,
+        method=args.method, dtype=args.dtype, device=args.device, save_scores=args.save_scores,
+        chat_template=args.chat_template, overwrite=args.overwrite, progress=not args.no_progress)
+    before = skeleton(path, None, CheckpointReader(path))
+    after = skeleton(out, None, CheckpointReader(out))
+    report = {"model": str(args.model), "out": str(out), "streamed": True,
+              "params_before": count_parameters(before), "params_after": count_parameters(after),
+              "config": {k: getattr(after.config, k) for k in (*DENSE_FIELDS, "head_dim")},
+              "seconds": round(time.time() - started, 1)}
+    print(json.dumps(report))
+    print(f"pruned checkpoint written to {out} (streamed; loads with AutoModelForCausalLM.from_pretrained)")
     return 0
 
 

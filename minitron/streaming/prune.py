@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..data import load_text_blocks, resolve_seq_len
+from ..data import is_token_file, load_text_blocks, resolve_seq_len
 from ..importance.collect import ImportanceConfig, ImportanceScores
 from ..outputs import check_output_dir, check_output_file, write_output_dir
 from ..pruning import (DEFAULT_DEPTH_METRIC, DEFAULT_HEAD_METRIC, DEFAULT_HEAD_RESIDUAL, DEFAULT_NORM_RESCALE, Target,
@@ -89,6 +89,7 @@ def prune_checkpoint(
     device: str | torch.device = "cpu",
     max_shard_size: int = 5 << 30,
     save_scores: str | os.PathLike | None = None,
+    chat_template: bool = False,
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
@@ -126,6 +127,7 @@ def prune_checkpoint(
         device: where layers run during calibration (``cpu``, ``cuda``).
         max_shard_size: bytes of tensor data per output shard.
         save_scores: also write the importance statistics to this safetensors file.
+        chat_template: render calibration text with the tokenizer's chat template.
         overwrite: see ``dst_dir``.
         progress: tqdm bars.
     Returns:
@@ -172,11 +174,11 @@ def prune_checkpoint(
 
             seq_len = resolve_seq_len(calib_data, seq_len, [model])
             text_tokenizer = None
-            if not isinstance(calib_data, torch.Tensor):
+            if not isinstance(calib_data, torch.Tensor) and not is_token_file(calib_data):
                 from ..models import resolve_tokenizer
 
-                text_tokenizer = resolve_tokenizer(model, tokenizer, required=True)
-            blocks = load_text_blocks(calib_data, text_tokenizer, seq_len, num_samples)
+                text_tokenizer = resolve_tokenizer(model, tokenizer)  # the checkpoint folder's by default
+            blocks = load_text_blocks(calib_data, text_tokenizer, seq_len, num_samples, chat_template=chat_template)
             config_i = loss_scores_for(importance or ImportanceConfig(), target, config, depth_metric, head_metric)
             config_i = dataclasses.replace(config_i, depth_ppl=False, head_loss=False)
             if batch_agg is not None:
