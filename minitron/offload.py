@@ -23,7 +23,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-__all__ = ["execution_device", "execution_devices", "is_offloaded", "offloaded_modules", "onloaded", "refuse_offloaded"]
+__all__ = ["check_loadable", "execution_device", "execution_devices", "is_offloaded", "offloaded_modules", "onloaded", "refuse_offloaded"]
 
 
 def _hook(module: nn.Module):
@@ -75,6 +75,27 @@ def refuse_offloaded(model: nn.Module, what: str) -> None:
         "or meta weights), whose weights cannot be pruned in memory; prune its checkpoint folder layer by layer with "
         "minitron.prune_checkpoint(src_dir, dst_dir, calib_data, target) (CLI: minitron prune --model DIR --stream), "
         "optionally with scores=minitron.collect_importance(model, blocks) from this model")
+
+
+def check_loadable(model: nn.Module, what: str) -> None:
+    """Raise a one-line ``ValueError`` if a weight of ``model`` is on ``meta`` with no offload hook to fetch it.
+
+    Such a weight has no data anywhere (a ``meta`` skeleton, ``init_empty_weights``): a forward would fail
+    deep inside torch. Offloaded weights (accelerate hook with ``offload``) are fine.
+
+    Args:
+        model: the model passed to ``what``.
+        what: the operation, e.g. ``"minitron.collect_importance"``.
+    """
+    for name, module in model.named_modules():
+        hook = _hook(module)
+        if hook is not None and getattr(hook, "offload", False):
+            continue
+        meta = [n for n, p in module.named_parameters(recurse=False) if p.is_meta]
+        if meta:
+            full = f"{name}.{meta[0]}" if name else meta[0]
+            raise ValueError(f"{what}: weight {full} is on the meta device with no offload hook (no data); load "
+                             "the model with its weights, or use minitron.prune_checkpoint on its checkpoint folder")
 
 
 def execution_device(model: nn.Module) -> torch.device:

@@ -100,3 +100,18 @@ def test_finite_weights_check_reads_offloaded_weights(tmp_path):
     offloaded = load_offloaded(tmp_path / "ckpt", "disk", tmp_path)
     with pytest.raises(ValueError, match=r"weight model.layers.2.mlp.down_proj.weight holds NaN/inf"):
         check_finite_weights(offloaded)
+
+
+def test_apply_plan_and_calibration_refuse_weights_without_data(checkpoints, tmp_path, calib_ids):
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    offloaded = load_offloaded(checkpoints["llama"], "partial", tmp_path)
+    plan = minitron.random_plan(offloaded.config, minitron.Target(intermediate_size=40))
+    with pytest.raises(ValueError, match=r"minitron.apply_plan: the model has .* offloaded modules"):
+        minitron.apply_plan(offloaded, plan, inplace=True)
+    assert offloaded.config.intermediate_size == 88
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(checkpoints["llama"]))
+    with pytest.raises(ValueError, match=r"weight model.embed_tokens.weight is on the meta device with no offload hook"):
+        minitron.collect_importance(skeleton, calib_ids, progress=False)

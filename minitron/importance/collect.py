@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from ..adapters import get_adapter, head_dim_of, kv_heads_of, moe_sizes, moe_spec_of
 from ..evaluation import head_drop_losses, layer_drop_losses, layer_output, lm_loss
-from ..offload import execution_device, execution_devices
+from ..offload import check_loadable, execution_device, execution_devices
 from ..validate import check_token_ids
 from .aggregate import check_aggregation, finalize
 from .heads import DEFAULT_HEAD_METRIC, check_head_metric
@@ -289,6 +289,7 @@ def collect_importance(
     config = config or ImportanceConfig()
     adapter = get_adapter(model)
     check_blocks(model, blocks, config)
+    check_loadable(model, "minitron.collect_importance")
     devices = execution_devices(model)
     if len(devices) > 1:
         raise ValueError(f"calibration needs one execution device, but the model's device_map spreads it over "
