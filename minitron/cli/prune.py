@@ -77,7 +77,9 @@ def _add_prune_arguments(p: argparse.ArgumentParser) -> None:
     i.add_argument("--save-scores", help="write importance statistics here (safetensors)")
     i.add_argument("--load-scores", help="reuse importance statistics instead of calibrating")
     p.add_argument("--device", default=default_device())
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="dtype the model is loaded in (default float32; with --stream: the calibration dtype, "
+                   "default the checkpoint's)")
     p.add_argument("--inplace", action="store_true", help="compact weights in place (peak memory ~1x model)")
     p.add_argument("--stream", action="store_true", help="prune the checkpoint folder --model without loading it: "
                    "one decoder layer in memory during calibration, one row chunk during the surgery (peak ~ one "
@@ -119,7 +121,8 @@ def run_prune(args: argparse.Namespace) -> int:
         check_output_file(args.save_scores, inputs=inputs, outside_of=[("--out", args.out)], overwrite=args.overwrite,
                           is_ours=is_importance_file)
     scores = minitron.ImportanceScores.load(args.load_scores) if args.load_scores else None
-    model, tokenizer = load_model(args.model, gguf_file=args.model_gguf, device=args.device, dtype=args.dtype)
+    model, tokenizer = load_model(args.model, gguf_file=args.model_gguf, device=args.device,
+                                  dtype=args.dtype or "float32")
     if target is not None:  # before calibration: a target the model cannot take (e.g. --experts on a dense model)
         target.validate(model.config)
     elif moe_spec_of(model.config) is not None:

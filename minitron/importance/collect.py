@@ -280,7 +280,9 @@ def collect_importance(
         config: aggregation and batching options.
         progress: show a tqdm bar.
     Returns:
-        :class:`ImportanceScores` for this model.
+        :class:`ImportanceScores` for this model. Under ``torchrun`` (an initialised process group) each
+        rank calibrates its share of ``blocks`` and every rank returns the statistics of all of them
+        (:mod:`minitron.importance.ranks`; loss-based scores are computed on every rank).
 
     Example:
         >>> scores = collect_importance(model, blocks, ImportanceConfig(batch_size=4))
@@ -296,17 +298,19 @@ def collect_importance(
                          f"{', '.join(map(str, devices))}; dispatch it to one device (offloading the rest to cpu/disk) "
                          "or use minitron.prune_checkpoint, which calibrates layer by layer")
     device = execution_device(model)  # from accelerate's hooks when dispatched: never a meta parameter's
+    from .ranks import rank_blocks
     from .session import CalibrationSession  # (imports this module)
 
     sink = config.sink_tokens
+    local = rank_blocks(blocks)  # under torchrun: this rank's share; the sums are added over the ranks
     was_training = model.training
     model.eval()
     base = model.get_submodule(adapter.layers.rsplit(".", 1)[0])  # the decoder stack: no lm_head, no logits
     try:
         with CalibrationSession(model, config, device) as session:
             hooks = session.hooks
-            for start in tqdm(range(0, blocks.shape[0], config.batch_size), desc="calibration", disable=not progress):
-                batch = blocks[start : start + config.batch_size].to(device)  # (B, S)
+            for start in tqdm(range(0, local.shape[0], config.batch_size), desc="calibration", disable=not progress):
+                batch = local[start : start + config.batch_size].to(device)  # (B, S)
                 hooks.begin_batch(batch.shape[0], batch.shape[1] - sink)  # per-batch buffers before the pass
                 base(input_ids=batch, use_cache=False)
                 hooks.end_batch()  # all sites' running sums updated at once

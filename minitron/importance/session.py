@@ -16,6 +16,7 @@ from .collect import ImportanceConfig, ImportanceScores, model_shape_meta
 from .heads import head_output_norms
 from .hooks import CalibrationHooks
 from .norms import is_rms_norm, norm_eps, normalized_square_sum
+from .ranks import all_reduce_
 
 __all__ = ["CalibrationSession", "head_output_site"]
 
@@ -100,15 +101,32 @@ class CalibrationSession:
             h.remove()
         self._handles = []
 
+    def reduce_over_ranks(self) -> None:
+        """Under ``torchrun``: add every rank's sums and counts (:mod:`minitron.importance.ranks`); once."""
+        if getattr(self, "_reduced", False):
+            return
+        self._reduced = True
+        hooks = self.hooks
+        sites = list(hooks.counts)
+        norms = list(self.norm_sq)
+        tensors = [hooks.sum_x, hooks.sum_x2, hooks.bi_cos_sum, *(self.norm_sq[n][0] for n in norms)]
+        counts = all_reduce_(tensors, [hooks.bi_count, *(hooks.counts[s] for s in sites),
+                                       *(self.norm_sq[n][1] for n in norms)])
+        hooks.bi_count = counts[0]
+        hooks.counts.update(zip(sites, counts[1 : 1 + len(sites)]))
+        for n, tokens in zip(norms, counts[1 + len(sites):]):
+            self.norm_sq[n][1] = tokens
+
     def scores(self, num_samples: int, seq_len: int) -> "ImportanceScores":
-        """The activation statistics collected so far (no loss-based scores).
+        """The activation statistics collected so far (no loss-based scores), summed over the ranks.
 
         Args:
-            num_samples: calibration blocks seen.
+            num_samples: calibration blocks seen (by all ranks together).
             seq_len: tokens per block.
         Returns:
             :class:`ImportanceScores` of the model.
         """
+        self.reduce_over_ranks()
         meta = model_shape_meta(self.model)
         meta.update(seq_agg=self.config.seq_agg, num_samples=int(num_samples), seq_len=int(seq_len),
                     sink_tokens=self.config.sink_tokens, norm_stats=True)

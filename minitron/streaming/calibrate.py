@@ -29,6 +29,7 @@ from ..adapters import decoder_layers, get_adapter, head_dim_of, kv_heads_of
 from ..evaluation import DecoderStream
 from ..heap import trim_heap
 from ..importance.collect import ImportanceConfig, ImportanceScores, check_blocks
+from ..importance.ranks import rank_blocks
 from ..importance.session import CalibrationSession
 from ..validate import _all_finite
 from .checkpoint import CheckpointReader, load_module_, release_module_
@@ -101,7 +102,8 @@ def streamed_importance(reader: CheckpointReader, model: nn.Module, blocks: torc
         progress: tqdm bar over the layers.
     Returns:
         :class:`~minitron.importance.collect.ImportanceScores`, equal to ``collect_importance`` on the
-        loaded model (same dtype).
+        loaded model (same dtype). Under ``torchrun`` each rank streams its share of ``blocks`` and all
+        ranks return the summed statistics.
     Raises:
         ValueError: bad blocks, ``depth_ppl`` / ``head_loss`` requested, NaN/inf weights.
     Example:
@@ -123,7 +125,8 @@ def streamed_importance(reader: CheckpointReader, model: nn.Module, blocks: torc
     layers = decoder_layers(model, adapter)
     final_norm = model.get_submodule(adapter.final_norm)
     try:
-        stream = _embedded_stream(model, reader, blocks, config.batch_size, dtype, device)
+        # under torchrun each rank runs its share of the blocks through every layer; sums added at the end
+        stream = _embedded_stream(model, reader, rank_blocks(blocks), config.batch_size, dtype, device)
         with CalibrationSession(model, config, device) as session:
             hooks, sink = session.hooks, config.sink_tokens
 

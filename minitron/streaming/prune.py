@@ -19,6 +19,7 @@ import torch
 
 from ..data import is_token_file, load_text_blocks, resolve_seq_len
 from ..importance.collect import ImportanceConfig, ImportanceScores
+from ..importance.ranks import world
 from ..outputs import check_output_dir, check_output_file, write_output_dir
 from ..pruning import (DEFAULT_DEPTH_METRIC, DEFAULT_HEAD_METRIC, DEFAULT_HEAD_RESIDUAL, DEFAULT_NORM_RESCALE, Target,
                        make_plan, pruned_config, random_plan)
@@ -62,6 +63,40 @@ def _streamable_metrics(scores: ImportanceScores | None, target: Target, config,
                        "ranks heads by their output contribution (head_metric='output') instead")
         head_metric = "output"
     return depth_metric, head_metric
+
+
+def _join_ranks(device: str | torch.device) -> tuple[int, int, torch.device]:
+    """``(rank, world, device)``; under ``torchrun`` the process group is initialised here if needed
+    (gloo on CPU, NCCL on CUDA) and ``cuda`` means this rank's ``LOCAL_RANK`` GPU."""
+    import torch.distributed as dist
+
+    device = torch.device(device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    rank, size = world()
+    if device.type == "cuda" and device.index is None and size > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return rank, size, device
+
+
+def _on_rank0(size: int, rank: int, fn) -> None:
+    """Run ``fn`` on rank 0 only; every rank raises if it failed (no rank waits forever)."""
+    error, original = None, None
+    if rank == 0:
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+            error, original = f"{type(e).__name__}: {e}", e
+    if size > 1:
+        import torch.distributed as dist
+
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if original is not None:
+        raise original
+    if error is not None:
+        raise RuntimeError(f"rank 0 failed to write the output: {error}")
 
 
 def prune_checkpoint(
@@ -131,7 +166,9 @@ def prune_checkpoint(
         overwrite: see ``dst_dir``.
         progress: tqdm bars.
     Returns:
-        ``Path(dst_dir)``, loadable with ``AutoModelForCausalLM.from_pretrained``.
+        ``Path(dst_dir)``, loadable with ``AutoModelForCausalLM.from_pretrained``. Under ``torchrun``
+        every rank calibrates its share of the blocks (:mod:`minitron.importance.ranks`), all get the
+        same statistics and plan, and rank 0 alone writes ``dst_dir`` / ``save_scores``.
     Raises:
         ValueError: bad arguments, unsupported / mixture-of-experts / non-safetensors checkpoints, NaN/inf
             weights, an unsafe output folder (nothing is written then).
@@ -145,6 +182,7 @@ def prune_checkpoint(
     if (target is None) == (params is None):
         raise ValueError("give either target=minitron.Target(...) or params=<fraction or count> (exactly one)")
     check_count("num_samples", num_samples)
+    rank, size, device = _join_ranks(device)
     src = Path(src_dir)
     inputs = [src, calib_data if isinstance(calib_data, (str, os.PathLike)) else None]
     dst = check_output_dir(dst_dir, "prune", inputs=inputs, overwrite=overwrite, flag="dst_dir",
@@ -183,9 +221,10 @@ def prune_checkpoint(
             config_i = dataclasses.replace(config_i, depth_ppl=False, head_loss=False)
             if batch_agg is not None:
                 config_i = dataclasses.replace(config_i, batch_agg=batch_agg)
-            scores = streamed_importance(reader, model, blocks, config_i, device=device, progress=progress)
+            scores = streamed_importance(reader, model, blocks, config_i, device=device,
+                                         progress=progress and rank == 0)
             if save_scores is not None:
-                scores.save(save_scores)
+                _on_rank0(size, rank, lambda: scores.save(save_scores))
         check_finite_scores(scores)
         plan = make_plan(scores, target, config, batch_agg=batch_agg or (importance.batch_agg if importance else None),
                          depth_metric=depth_metric, depth_mode=depth_mode, head_metric=head_metric,
@@ -204,7 +243,7 @@ def prune_checkpoint(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
 
-    write_output_dir(dst, "prune", write, overwrite=overwrite)
+    _on_rank0(size, rank, lambda: write_output_dir(dst, "prune", write, overwrite=overwrite))
     before = count_parameters(model)
     after = sum(j.nbytes // j.dtype.itemsize for j in jobs)
     logger.info("minitron: %.2fM -> %.2fM parameters (%d -> %d layers) streamed from %s to %s; read %.1f MB "
