@@ -163,6 +163,7 @@ def expected_rows() -> list[list[object]]:
         ckpt = (config.num_hidden_layers * e["layer"] + 2 * config.vocab_size * config.hidden_size * 2)
         rows.append([name, f"{samples} x {SEQ}", f"{ckpt / 2**30:.1f}", f"{e['layer'] / 2**30:.2f}",
                      f"{e['cached_hidden'] / 2**30:.2f}", f"{e['batch_working_set'] / 2**30:.2f}",
+                     f"{e['read_pages'] / 2**30:.2f}", f"{e['write_pass'] / 2**30:.2f}",
                      f"{e['total'] / 2**30:.2f}", f"{e['total'] / ckpt:.3f}x"])
     return rows
 
@@ -208,12 +209,13 @@ Reloaded with stock `from_pretrained`: every tensor equal: **{cmp['tensors_equal
 
 ## Expected peak of the streamed prune (`minitron.streaming.expected_peak_bytes`, bf16 weights and activations)
 
-One decoder layer's weights + the cached hidden states of every calibration block (+ rotary tables) + one
-batch's working set inside a layer (q/k/v/o, gate/up/act activations, fp32 attention scores of one batch of
-{BATCH} x {SEQ} tokens). The write pass holds two 64 MiB row chunks. The checkpoint column counts the
-layers, embeddings and an untied head.
+Calibration: one decoder layer's weights + the cached hidden states of every calibration block (+ rotary
+tables) + one batch's working set inside a layer (q/k/v/o, gate/up/act activations, fp32 attention scores of
+one batch of {BATCH} x {SEQ} tokens) + the file pages of the largest weight while it is read. The write pass
+holds about four 16 MiB row chunks (64 MiB). Expected peak = the larger of the two (above the imports). The
+checkpoint column counts the layers, embeddings and an untied head.
 
-{md_table(["model", "calibration", "checkpoint GiB", "layer GiB", "cached hidden GiB", "batch working set GiB", "expected peak GiB", "peak / checkpoint"], expected_rows())}
+{md_table(["model", "calibration", "checkpoint GiB", "layer GiB", "cached hidden GiB", "batch working set GiB", "read pages GiB", "write pass GiB", "expected peak GiB", "peak / checkpoint"], expected_rows())}
 """
     path = write_result(RESULTS / "stream_prune.md", text)
     (RESULTS / "stream_prune.json").write_text(json.dumps({"checkpoint_bytes": size, "runs": results,

@@ -36,7 +36,7 @@ from .checkpoint import CheckpointReader, load_module_, release_module_
 
 __all__ = ["expected_peak_bytes", "streamed_importance"]
 
-ROW_CHUNK_BYTES = 64 << 20  # embedding rows read per step
+ROW_CHUNK_BYTES = 16 << 20  # embedding rows read per step
 
 
 def _embedding_rows(reader: CheckpointReader, key: str, ids: torch.Tensor, dtype: torch.dtype,
@@ -159,11 +159,13 @@ def expected_peak_bytes(config, num_samples: int, seq_len: int, batch_size: int,
                         act_bytes: int = 4) -> dict[str, int]:
     """The memory the streamed prune holds at its peak (calibration), by part, from a model config.
 
-    One decoder layer's weights (``weight_bytes`` per parameter), the cached hidden states of every
-    calibration block (``num_samples * seq_len * hidden * act_bytes``, plus the per-batch rotary
-    tables), and one batch's working set inside a layer: q/k/v/o and the MLP's gate/up/act
-    activations, the attention scores of one batch (B, heads, S, S) in fp32. The write pass
-    holds one row chunk in and out (64 MiB each) and is below this.
+    Calibration holds one decoder layer's weights (``weight_bytes`` per parameter), the cached hidden
+    states of every calibration block (``num_samples * seq_len * hidden * act_bytes``, plus the
+    per-batch rotary tables), one batch's working set inside a layer (q/k/v/o and the MLP's gate/up/act
+    activations, the attention scores of one batch (B, heads, S, S) in fp32) and, while a tensor is
+    read, its file pages (the largest weight of a layer). The write pass holds about four row chunks
+    (:data:`minitron.streaming.write.CHUNK_BYTES`: file pages, rows read, head fold, kept part). The
+    peak is the larger of the two.
 
     Args:
         config: a Hugging Face config (dense family).
@@ -173,7 +175,8 @@ def expected_peak_bytes(config, num_samples: int, seq_len: int, batch_size: int,
         weight_bytes: bytes per weight in the compute dtype (2: bf16, 4: fp32).
         act_bytes: bytes per activation element (the compute dtype's).
     Returns:
-        ``{"layer": ..., "cached_hidden": ..., "batch_working_set": ..., "total": ...}`` in bytes.
+        ``{"layer", "cached_hidden", "batch_working_set", "read_pages", "calibration", "write_pass", "total"}``
+        in bytes.
     Example:
         >>> expected_peak_bytes(LlamaConfig(), 64, 256, 8)["total"] / 2**30
     """
@@ -187,5 +190,10 @@ def expected_peak_bytes(config, num_samples: int, seq_len: int, batch_size: int,
     b_tokens = min(batch_size, num_samples) * seq_len
     working = b_tokens * (3 * d + 2 * heads * hd + 2 * kv * hd + 3 * f) * act_bytes \
         + min(batch_size, num_samples) * heads * seq_len * seq_len * 4
-    return {"layer": layer, "cached_hidden": cached, "batch_working_set": working,
-            "total": layer + cached + working}
+    from .write import CHUNK_BYTES
+
+    pages = max(d * f, d * heads * hd) * weight_bytes  # the largest weight of a layer, mapped while read
+    calibration = layer + cached + working + pages
+    write_pass = 4 * CHUNK_BYTES
+    return {"layer": layer, "cached_hidden": cached, "batch_working_set": working, "read_pages": pages,
+            "calibration": calibration, "write_pass": write_pass, "total": max(calibration, write_pass)}

@@ -32,7 +32,7 @@ from .checkpoint import INDEX, SINGLE, CheckpointReader
 
 __all__ = ["TensorJob", "plan_tensors", "write_shards"]
 
-CHUNK_BYTES = 64 << 20  # source rows read per step
+CHUNK_BYTES = 16 << 20  # source rows read per step (the write pass holds ~4 of these: pages, rows, fold, kept)
 _CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
           torch.bool: "BOOL"}
