@@ -182,3 +182,19 @@ def test_cli_stream(tmp_path, capsys):
     assert main(["prune", *fast, "--stream", "--inplace", "--ffn", "512", "--out", str(tmp_path / "x")]) == 2
     assert "--stream cannot be combined with --inplace" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_cli_streams_when_the_model_does_not_fit(tmp_path, capsys, monkeypatch):
+    import minitron.cli.prune as cli_prune
+
+    fast = ["--model", "builtin-tiny", "--num-samples", "8", "--seq-len", "64", "--no-progress", "--ffn", "512",
+            "--depth-metric", "bi"]
+    monkeypatch.setattr(cli_prune, "_available_bytes", lambda device: 16 << 20)  # 16 MiB free: 7.3M fp32 do not fit
+    assert main(["prune", *fast, "--out", str(tmp_path / "auto")]) == 0
+    captured = capsys.readouterr()
+    assert "needs ~28 MiB in float32 but 16 MiB are available: pruning the checkpoint layer by layer" in captured.err
+    assert json.loads([line for line in captured.out.splitlines() if line.startswith("{")][-1])["streamed"]
+    monkeypatch.setattr(cli_prune, "_available_bytes", lambda device: 64 << 30)
+    assert main(["prune", *fast, "--out", str(tmp_path / "memory")]) == 0
+    assert "streamed" not in json.loads([line for line in capsys.readouterr().out.splitlines()
+                                         if line.startswith("{")][-1])

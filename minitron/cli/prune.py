@@ -84,7 +84,8 @@ def _add_prune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stream", action="store_true", help="prune the checkpoint folder --model without loading it: "
                    "one decoder layer in memory during calibration, one row chunk during the surgery (peak ~ one "
                    "layer + the calibration hidden states; weights keep their stored dtype, --dtype is the "
-                   "calibration dtype); --depth-metric ppl falls back to bi, --params to a scaled shape")
+                   "calibration dtype); --depth-metric ppl falls back to bi, --params to a scaled shape. Chosen automatically "
+                   "(said on stderr) when a dense checkpoint folder would not fit in the available memory")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -113,6 +114,11 @@ def run_prune(args: argparse.Namespace) -> int:
         raise ValueError(f"--depth-rounds={args.depth_rounds} needs --depth-metric ppl and --depth-mode scattered "
                          "(iterative removal re-scores by layer-drop loss)")
     check_device(args.device)
+    if not args.stream:
+        reason = _does_not_fit(args)
+        if reason:
+            print(f"minitron: {reason}: pruning the checkpoint layer by layer instead (--stream)", file=sys.stderr)
+            args.stream = True
     if args.stream:
         return _run_stream(args, target, params, started)
     inputs = input_paths(args.model, args.model_gguf, args.calib, args.eval, args.load_scores)
@@ -187,6 +193,58 @@ def run_prune(args: argparse.Namespace) -> int:
     print(json.dumps(report))
     print(f"pruned checkpoint written to {args.out} (loads with AutoModelForCausalLM.from_pretrained)")
     return 0
+
+
+def _available_bytes(device: str) -> int | None:
+    """Memory the model could be loaded into: ``MemAvailable`` (CPU, Linux) or the GPU's free bytes."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _does_not_fit(args: argparse.Namespace) -> str | None:
+    """Why ``--model`` would not fit in memory when loaded (then the prune streams), or None.
+
+    Only for a dense safetensors checkpoint folder the streamed path takes, with no flag that needs the
+    whole model (``--inplace``, ``--eval``, ``--depth-rounds``): its tensors' count times the load dtype's
+    bytes, against the available memory.
+    """
+    import torch
+
+    from ..adapters import adapter_for_config
+    from ..models import resolve_model_source
+    from ..streaming.checkpoint import CheckpointReader
+
+    if args.inplace or args.eval is not None or args.depth_rounds > 1:
+        return None
+    try:
+        kind, path = resolve_model_source(args.model, args.model_gguf)
+        if kind == "gguf":
+            return None
+        reader = CheckpointReader(path)
+        from transformers import AutoConfig
+
+        adapter = adapter_for_config(AutoConfig.from_pretrained(path, local_files_only=True))
+    except (ValueError, OSError):
+        return None  # the in-memory path reports it
+    if adapter is None or adapter.moe is not None:
+        return None
+    need = sum(reader.nbytes(n) // reader.dtype(n).itemsize for n in reader.names()) \
+        * getattr(torch, args.dtype or "float32").itemsize
+    available = _available_bytes(args.device)
+    if available is None or need <= 0.9 * available:
+        return None
+    size = lambda n: f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"  # noqa: E731
+    return f"--model {args.model} needs ~{size(need)} in {args.dtype or 'float32'} but {size(available)} are available"
 
 
 def _run_stream(args: argparse.Namespace, target: Any, params: float | None, started: float) -> int:
