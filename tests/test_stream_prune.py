@@ -166,7 +166,13 @@ def test_refusals_write_nothing(tmp_path, calib_ids):
     (pickled / "pytorch_model.bin").write_bytes(b"not read")
     with pytest.raises(ValueError, match="holds no safetensors weights"):
         minitron.prune_checkpoint(pickled, tmp_path / "o4", calib_ids, target, progress=False)
-    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 5))
+    truncated = tmp_path / "truncated"
+    make_model("llama").save_pretrained(truncated, max_shard_size="100KB")
+    shard = sorted(truncated.glob("model-*.safetensors"))[1]
+    shard.write_bytes(shard.read_bytes()[:200])
+    with pytest.raises(ValueError, match=f"{shard} is corrupt or truncated"):
+        minitron.prune_checkpoint(truncated, tmp_path / "o5", calib_ids, target, progress=False)
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 6))
 
 
 def test_cli_stream(tmp_path, capsys):

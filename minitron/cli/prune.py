@@ -234,8 +234,8 @@ def _does_not_fit(args: argparse.Namespace) -> str | None:
         from transformers import AutoConfig
 
         adapter = adapter_for_config(AutoConfig.from_pretrained(path, local_files_only=True))
-    except (ValueError, OSError):
-        return None  # the in-memory path reports it
+    except Exception:  # noqa: BLE001 - unreadable / corrupt / unsupported: the in-memory path names the problem
+        return None
     if adapter is None or adapter.moe is not None:
         return None
     need = sum(reader.nbytes(n) // reader.dtype(n).itemsize for n in reader.names()) \

@@ -15,7 +15,9 @@ from __future__ import annotations
 import json
 import math
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -46,8 +48,6 @@ class CheckpointReader:
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
-        from safetensors import safe_open
-
         self.path = Path(path)
         if not (self.path / "config.json").is_file():
             raise ValueError(f"{path} is not a checkpoint folder (no config.json); pass the folder a model was "
@@ -60,7 +60,7 @@ class CheckpointReader:
                                  "checkpoint with save_pretrained") from None
             self.files = {name: self.path / file for name, file in weight_map.items()}
         elif (self.path / SINGLE).is_file():
-            with safe_open(str(self.path / SINGLE), framework="pt") as f:
+            with _opened(self.path / SINGLE) as f:
                 self.files = {name: self.path / SINGLE for name in f.keys()}
         else:
             raise ValueError(f"{path} holds no safetensors weights ({SINGLE} or {INDEX}); minitron streams only "
@@ -71,7 +71,7 @@ class CheckpointReader:
                              "incomplete (copy it again)")
         self._meta: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
         for file in sorted(set(self.files.values())):
-            with safe_open(str(file), framework="pt") as f:
+            with _opened(file) as f:
                 for name in f.keys():
                     if self.files.get(name) == file:
                         s = f.get_slice(name)
@@ -97,15 +97,26 @@ class CheckpointReader:
         The shard is opened for this read only: the returned tensor is private memory, no file
         page stays mapped.
         """
-        from safetensors import safe_open
-
-        with safe_open(str(self.files[name]), framework="pt") as f:
+        with _opened(self.files[name]) as f:
             if start is None and stop is None:
                 t = f.get_tensor(name)
             else:
                 t = f.get_slice(name)[start:stop]
         self.bytes_read += t.numel() * t.element_size()
         return t
+
+
+@contextmanager
+def _opened(file: Path) -> Iterator[Any]:
+    """``safe_open(file)``; a corrupt or truncated file raises one line naming it."""
+    from safetensors import safe_open
+
+    try:
+        handle = safe_open(str(file), framework="pt")
+    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError: name the file
+        raise ValueError(f"{file} is corrupt or truncated ({e}); copy the checkpoint again") from None
+    with handle as f:
+        yield f
 
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
