@@ -189,6 +189,10 @@ class DecoderStream:
             raise RuntimeError("DecoderStream(resettable=False) keeps no embedding outputs to reset to")
         self.hidden = list(self.embedded)
 
+    def run_layer(self, index: int, batch: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Layer ``index`` on ``hidden`` (B, S, D) with batch ``batch``'s captured arguments (nothing stored)."""
+        return self._run(index, batch, hidden)
+
     def step(self, index: int, batch: int) -> torch.Tensor:
         """Run layer ``index`` on batch ``batch``'s current input; the output (B, S, D) becomes its next input."""
         self.hidden[batch] = self._run(index, batch, self.hidden[batch])

@@ -85,24 +85,42 @@ def test_streamed_prune_equals_in_memory_prune(tmp_path, family, calib_ids, smal
     assert_same_checkpoint(tmp_path / "memory", out, calib_ids)
 
 
-def test_loss_criteria_fall_back_or_use_given_scores(tmp_path, calib_ids, caplog):
+@pytest.mark.parametrize("family", ["llama_mha_untied", "gemma2"])
+def test_streamed_layer_drop_losses_equal_the_in_memory_ones(tmp_path, family, calib_ids, small_chunks):
+    from minitron.evaluation import layer_drop_losses
+    from minitron.streaming.depth import streamed_layer_drop_losses
+
+    src = checkpoint(tmp_path, family)
+    reader = CheckpointReader(src)
+    base, losses = streamed_layer_drop_losses(reader, skeleton(src, None, reader), calib_ids, 4, progress=False)
+    model = AutoModelForCausalLM.from_pretrained(src)
+    torch.testing.assert_close(losses, layer_drop_losses(model, calib_ids, 4), rtol=1e-6, atol=1e-6)
+    assert base == pytest.approx(minitron.lm_loss(model, calib_ids, 4), rel=1e-6)
+
+
+def test_depth_ppl_streams_or_falls_back_and_given_scores_are_used(tmp_path, calib_ids, caplog):
     src = checkpoint(tmp_path, "qwen2")
     model = AutoModelForCausalLM.from_pretrained(src)
     target = minitron.Target(num_hidden_layers=2, num_attention_heads=4)
-    # default depth_metric='ppl' cannot stream: Block Importance, said in a warning
-    with caplog.at_level(logging.WARNING, logger="minitron"):
-        minitron.prune_checkpoint(src, tmp_path / "bi", calib_ids, target, importance=IMPORTANCE, progress=False)
-    assert "ranks layers by Block Importance (depth_metric='bi')" in caplog.text
-    minitron.prune(model, calib_ids, target, importance=IMPORTANCE, depth_metric="bi",
-                   progress=False).save_pretrained(tmp_path / "bi_memory")
-    assert_same_checkpoint(tmp_path / "bi_memory", tmp_path / "bi", calib_ids)
-    # scores holding layer-drop losses (e.g. calibrated on an offloaded model): ppl is used as asked
     scores = minitron.collect_importance(model, calib_ids, minitron.ImportanceConfig(batch_size=4, depth_ppl=True,
                                                                                      head_output=True), progress=False)
     assert not torch.equal(scores.depth("ppl").argsort(), scores.depth("bi").argsort())  # the criteria differ here
-    minitron.prune_checkpoint(src, tmp_path / "ppl", None, target, scores=scores, progress=False)
-    minitron.prune(model, None, target, scores=scores, progress=False).save_pretrained(tmp_path / "ppl_memory")
-    assert_same_checkpoint(tmp_path / "ppl_memory", tmp_path / "ppl", calib_ids)
+    # the default depth_metric='ppl' streams: the in-memory prune's layers and tensors
+    minitron.prune_checkpoint(src, tmp_path / "ppl", calib_ids, target, importance=IMPORTANCE, progress=False)
+    minitron.prune(model, calib_ids, target, importance=IMPORTANCE, progress=False).save_pretrained(tmp_path / "ppl_m")
+    assert_same_checkpoint(tmp_path / "ppl_m", tmp_path / "ppl", calib_ids)
+    # over its memory budget: Block Importance, said in a warning
+    with caplog.at_level(logging.WARNING, logger="minitron"):
+        minitron.prune_checkpoint(src, tmp_path / "bi", calib_ids, target, importance=IMPORTANCE, ppl_memory=0,
+                                  progress=False)
+    assert "> ppl_memory=0.00 GiB" in caplog.text and "(depth_metric='bi') instead" in caplog.text
+    minitron.prune(model, calib_ids, target, importance=IMPORTANCE, depth_metric="bi",
+                   progress=False).save_pretrained(tmp_path / "bi_m")
+    assert_same_checkpoint(tmp_path / "bi_m", tmp_path / "bi", calib_ids)
+    # scores holding layer-drop losses (e.g. calibrated on an offloaded model) are used as they are
+    minitron.prune_checkpoint(src, tmp_path / "given", None, target, scores=scores, progress=False)
+    minitron.prune(model, None, target, scores=scores, progress=False).save_pretrained(tmp_path / "given_m")
+    assert_same_checkpoint(tmp_path / "given_m", tmp_path / "given", calib_ids)
 
 
 def test_params_budget_uses_the_scaled_shape(tmp_path, calib_ids, caplog):

@@ -2,6 +2,7 @@
 
 - :mod:`.checkpoint`: lazy safetensors reads (tensor or row range) and the ``meta`` skeleton;
 - :mod:`.calibrate`: importance statistics with one decoder layer in memory;
+- :mod:`.depth`: the layer-drop losses (``ppl`` depth criterion), each layer read once;
 - :mod:`.write`: the in-memory path's plan applied row chunk by row chunk into safetensors shards;
 - :mod:`.prune`: :func:`prune_checkpoint`, the whole path with the output-folder rules.
 """

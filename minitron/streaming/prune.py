@@ -27,6 +27,7 @@ from ..sizing import count_parameters, target_for_budget
 from ..validate import check_count, check_finite_scores, is_importance_file
 from .calibrate import streamed_importance
 from .checkpoint import CheckpointReader, skeleton
+from .depth import layer_drop_bytes, streamed_layer_drop_losses
 from .write import plan_tensors, write_shards
 
 logger = logging.getLogger(__name__)
@@ -48,14 +49,19 @@ def _dtype(value: str | torch.dtype | None) -> torch.dtype | None:
 
 
 def _streamable_metrics(scores: ImportanceScores | None, target: Target, config, depth_metric: str,
-                        head_metric: str) -> tuple[str, str]:
-    """The depth / head criteria the streamed path can serve; loss-based ones fall back with a warning."""
+                        head_metric: str, ppl_bytes: int | None, ppl_memory: int) -> tuple[str, str]:
+    """The depth / head criteria the streamed path serves; what it cannot falls back with a warning.
+
+    ``ppl_bytes``: the extra memory of the streamed layer-drop losses (None: no calibration data).
+    """
     t = target.resolved(config)
     if depth_metric == "ppl" and t.num_hidden_layers < config.num_hidden_layers and \
-            (scores is None or scores.ppl_loss is None):
-        logger.warning("minitron: depth_metric='ppl' (LM loss with each layer dropped) needs ~L/2 passes over the "
-                       "whole model; the streamed prune ranks layers by Block Importance (depth_metric='bi') instead "
-                       "(or pass scores= computed with depth_ppl=True, e.g. on an offloaded model)")
+            (scores is None or scores.ppl_loss is None) and (ppl_bytes is None or ppl_bytes > ppl_memory):
+        why = "needs calibration data" if ppl_bytes is None else (
+            f"would hold {ppl_bytes / 2**30:.2f} GiB (every layer-dropped variant's hidden states and the lm_head) "
+            f"> ppl_memory={ppl_memory / 2**30:.2f} GiB; lower importance.ppl_max_blocks or raise ppl_memory")
+        logger.warning("minitron: depth_metric='ppl' (LM loss with each layer dropped) %s; the streamed prune ranks "
+                       "layers by Block Importance (depth_metric='bi') instead", why)
         depth_metric = "bi"
     if head_metric == "loss" and t.num_attention_heads < config.num_attention_heads and \
             (scores is None or scores.head_loss is None):
@@ -123,6 +129,7 @@ def prune_checkpoint(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device = "cpu",
     max_shard_size: int = 5 << 30,
+    ppl_memory: int = 4 << 30,
     save_scores: str | os.PathLike | None = None,
     chat_template: bool = False,
     overwrite: bool = False,
@@ -138,9 +145,11 @@ def prune_checkpoint(
     safetensors weights; mixture-of-experts checkpoints are refused (transformers fuses their
     experts at load time).
 
-    Criteria that need repeated whole-model passes fall back, with a warning: layer-drop loss
-    (``depth_metric="ppl"``) -> Block Importance (``bi``); head-drop loss (``head_metric="loss"``)
-    -> ``output``; unless ``scores`` holding them are given. A ``params`` budget picks the shape by
+    The layer-drop loss (``depth_metric="ppl"``, the default) streams too, each layer read once
+    (:mod:`minitron.streaming.depth`), when its extra memory (a copy of the ``ppl_max_blocks``
+    hidden states per layer, plus the ``lm_head``) stays under ``ppl_memory``; otherwise it falls back
+    to Block Importance (``bi``) with a warning. The head-drop loss (``head_metric="loss"``) falls
+    back to ``output``. Given ``scores`` holding them are used as they are. A ``params`` budget picks the shape by
     :func:`minitron.sizing.target_for_budget` (hidden and FFN scaled by one factor), not by the
     calibration loss of candidate shapes (which needs the model in memory).
 
@@ -161,6 +170,7 @@ def prune_checkpoint(
             their stored dtype.
         device: where layers run during calibration (``cpu``, ``cuda``).
         max_shard_size: bytes of tensor data per output shard.
+        ppl_memory: the most bytes the streamed layer-drop losses may hold (else ``bi``, see above).
         save_scores: also write the importance statistics to this safetensors file.
         chat_template: render calibration text with the tokenizer's chat template.
         overwrite: see ``dst_dir``.
@@ -204,12 +214,9 @@ def prune_checkpoint(
     if method == "random":
         plan = random_plan(config, target, seed)
     else:
-        depth_metric, head_metric = _streamable_metrics(scores, target, config, depth_metric, head_metric)
-        if scores is None:
-            if calib_data is None:
-                raise ValueError("empty calibration data: pass calib_data=... (or precomputed scores=...)")
-            from ..pruner import loss_scores_for
-
+        blocks, ppl_bytes = None, None
+        base_config = importance or ImportanceConfig()
+        if scores is None and calib_data is not None:
             seq_len = resolve_seq_len(calib_data, seq_len, [model])
             text_tokenizer = None
             if not isinstance(calib_data, torch.Tensor) and not is_token_file(calib_data):
@@ -217,12 +224,27 @@ def prune_checkpoint(
 
                 text_tokenizer = resolve_tokenizer(model, tokenizer)  # the checkpoint folder's by default
             blocks = load_text_blocks(calib_data, text_tokenizer, seq_len, num_samples, chat_template=chat_template)
-            config_i = loss_scores_for(importance or ImportanceConfig(), target, config, depth_metric, head_metric)
+            itemsize = next(model.parameters()).dtype.itemsize
+            ppl_bytes = layer_drop_bytes(config, min(base_config.ppl_max_blocks, blocks.shape[0]), blocks.shape[1],
+                                         itemsize, itemsize)
+        depth_metric, head_metric = _streamable_metrics(scores, target, config, depth_metric, head_metric,
+                                                        ppl_bytes, ppl_memory)
+        if scores is None:
+            if blocks is None:
+                raise ValueError("empty calibration data: pass calib_data=... (or precomputed scores=...)")
+            from ..pruner import loss_scores_for
+
+            config_i = loss_scores_for(base_config, target, config, depth_metric, head_metric)
+            stream_ppl = config_i.depth_ppl
             config_i = dataclasses.replace(config_i, depth_ppl=False, head_loss=False)
             if batch_agg is not None:
                 config_i = dataclasses.replace(config_i, batch_agg=batch_agg)
             scores = streamed_importance(reader, model, blocks, config_i, device=device,
                                          progress=progress and rank == 0)
+            if stream_ppl:  # each layer read once more, every layer-dropped variant carried along
+                scores.base_loss, scores.ppl_loss = streamed_layer_drop_losses(
+                    reader, model, blocks[: config_i.ppl_max_blocks], config_i.batch_size, device,
+                    progress=progress and rank == 0)
             if save_scores is not None:
                 _on_rank0(size, rank, lambda: scores.save(save_scores))
         check_finite_scores(scores)
