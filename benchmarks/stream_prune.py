@@ -8,8 +8,9 @@ time; the benchmark never builds the model). Then, each in a fresh subprocess:
   ``save_pretrained``;
 - ``streamed``: ``minitron.prune_checkpoint``;
 
-both with the same target (hidden 1536, FFN 4096, 12 layers; Block Importance for depth), the same
-16 calibration blocks of 256 token ids. Peak RSS = ``VmHWM`` of the worker minus its RSS after the
+both with the same target (hidden 1536, FFN 4096, 12 layers), the same 16 calibration blocks of 256 token
+ids, once with Block Importance for depth (``bi``) and once with the layer-drop loss (``ppl``, the default,
+streamed by :mod:`minitron.streaming.depth`). Peak RSS = ``VmHWM`` of the worker minus its RSS after the
 imports (the import baseline), over the checkpoint's bytes. A last worker reloads both outputs with
 stock ``from_pretrained`` and compares every tensor and the logits. The table of expected peaks for
 Llama-3.1-8B / 70B shapes is :func:`minitron.streaming.expected_peak_bytes` (the formula the README
@@ -67,7 +68,8 @@ def worker_make(path: str) -> dict:
                        p + "mlp.down_proj.weight": rand(d, f),
                        p + "input_layernorm.weight": (1 + rand(d).float()).to(torch.bfloat16),
                        p + "post_attention_layernorm.weight": (1 + rand(d).float()).to(torch.bfloat16)})
-    shards.append({"model.norm.weight": torch.ones(d, dtype=torch.bfloat16), "lm_head.weight": rand(config.vocab_size, d)})
+    shards.append({"model.norm.weight": torch.ones(d, dtype=torch.bfloat16),
+                   "lm_head.weight": rand(config.vocab_size, d)})
     weight_map, total = {}, 0
     for i, tensors in enumerate(shards):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -89,7 +91,7 @@ def _blocks():
     return torch.randint(0, SHAPE["vocab_size"], (SAMPLES, SEQ), generator=torch.Generator().manual_seed(1))
 
 
-def worker_prune(ckpt: str, out: str, mode: str) -> dict:
+def worker_prune(ckpt: str, out: str, mode: str, depth: str) -> dict:
     import gc
 
     import torch  # noqa: F401
@@ -101,7 +103,7 @@ def worker_prune(ckpt: str, out: str, mode: str) -> dict:
     gather_backend("cpu")  # the C++ extension loaded before the measured part
     blocks = _blocks()
     target = minitron.Target(**TARGET)
-    options = dict(importance=minitron.ImportanceConfig(batch_size=BATCH), depth_metric="bi", progress=False)
+    options = dict(importance=minitron.ImportanceConfig(batch_size=BATCH), depth_metric=depth, progress=False)
     gc.collect()
     base = status_kb("VmRSS")
     started = time.time()
@@ -183,29 +185,35 @@ def main() -> None:
     if not (ckpt / "config.json").is_file():
         _run("make", str(ckpt))
     size = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
-    results = {}
-    for mode in ("in-memory", "streamed"):
-        out = work / mode
-        if out.exists():
-            import shutil
+    results, cmp = {}, {}
+    for depth in ("bi", "ppl"):
+        for mode in ("in-memory", "streamed"):
+            out = work / f"{mode}-{depth}"
+            if out.exists():
+                import shutil
 
-            shutil.rmtree(out)
-        results[mode] = _run("prune", str(ckpt), str(out), mode)
-    cmp = _run("compare", str(work / "in-memory"), str(work / "streamed"))
+                shutil.rmtree(out)
+            results[f"{mode}, depth {depth}"] = _run("prune", str(ckpt), str(out), mode, depth)
+        cmp[depth] = _run("compare", str(work / f"in-memory-{depth}"), str(work / f"streamed-{depth}"))
     rows = [[mode, f"{r['import_mb']:.0f}", f"{r['peak_mb']:.0f}", f"{r['peak_mb'] * 2**20 / size:.3f}x",
              f"{r['seconds']:.0f}", "-" if r["bytes_read"] is None else f"{r['bytes_read'] / size:.2f}x"]
             for mode, r in results.items()]
+    equal = "\n".join(f"- depth `{d}`: every tensor equal **{c['tensors_equal']}**, logits equal **{c['logits_equal']}** "
+                      f"(max abs diff {c['max_abs_diff']}, dtype {c['dtype']})" for d, c in cmp.items())
     text = f"""# Streamed vs in-memory prune of a {size / 2**30:.2f} GiB bf16 checkpoint (CPU, 2 shared cores)
 
 Written by `benchmarks/stream_prune.py`. Llama shape {SHAPE} (random weights, written shard by shard), target
-{TARGET} (depth by Block Importance in both runs), calibration {SAMPLES} blocks x {SEQ} token ids, batch {BATCH}.
+{TARGET}, calibration {SAMPLES} blocks x {SEQ} token ids, batch {BATCH}; depth ranked by Block Importance (`bi`) or by
+the layer-drop loss (`ppl`, all {SAMPLES} blocks; streamed, it carries every layer-dropped variant's hidden states
+and reads the lm_head whole: `minitron.streaming.depth.layer_drop_bytes`).
 Peak = VmHWM of a fresh worker process minus its RSS after the imports, over the checkpoint's bytes. Times are
 on a shared, loaded machine (4 other jobs): indicative only.
 
 {md_table(["run", "RSS after imports MiB", "peak above imports MiB", "peak / checkpoint", "s", "bytes read / checkpoint"], rows)}
 
-Reloaded with stock `from_pretrained`: every tensor equal: **{cmp['tensors_equal']}**; logits equal: **{cmp['logits_equal']}**
-(max abs diff {cmp['max_abs_diff']}, dtype {cmp['dtype']}).
+Streamed vs in-memory output, both reloaded with stock `from_pretrained`:
+
+{equal}
 
 ## Expected peak of the streamed prune (`minitron.streaming.expected_peak_bytes`, bf16 weights and activations)
 

@@ -23,7 +23,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
-__all__ = ["check_loadable", "execution_device", "execution_devices", "is_offloaded", "offloaded_modules", "onloaded", "refuse_offloaded"]
+__all__ = ["check_loadable", "execution_device", "execution_devices", "is_offloaded", "offloaded_modules", "onloaded",
+           "refuse_offloaded"]
 
 
 def _hook(module: nn.Module):

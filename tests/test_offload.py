@@ -113,5 +113,5 @@ def test_apply_plan_and_calibration_refuse_weights_without_data(checkpoints, tmp
     assert offloaded.config.intermediate_size == 88
     with init_empty_weights():
         skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(checkpoints["llama"]))
-    with pytest.raises(ValueError, match=r"weight model.embed_tokens.weight is on the meta device with no offload hook"):
+    with pytest.raises(ValueError, match=r"model.embed_tokens.weight is on the meta device with no offload hook"):
         minitron.collect_importance(skeleton, calib_ids, progress=False)

@@ -84,7 +84,8 @@ def _add_prune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stream", action="store_true", help="prune the checkpoint folder --model without loading it: "
                    "one decoder layer in memory during calibration, one row chunk during the surgery (peak ~ one "
                    "layer + the calibration hidden states; weights keep their stored dtype, --dtype is the "
-                   "calibration dtype); --head-metric loss falls back to output, --params to a scaled shape, --depth-metric ppl to bi when its variants exceed 4 GiB. Chosen automatically "
+                   "calibration dtype); --head-metric loss falls back to output, --params to a scaled shape, "
+                   "--depth-metric ppl to bi when its layer-dropped variants exceed 4 GiB. Chosen automatically "
                    "(said on stderr) when a dense checkpoint folder would not fit in the available memory")
     p.add_argument("--no-progress", action="store_true")
 

@@ -269,6 +269,7 @@ def prune_checkpoint(
     before = count_parameters(model)
     after = sum(j.nbytes // j.dtype.itemsize for j in jobs)
     logger.info("minitron: %.2fM -> %.2fM parameters (%d -> %d layers) streamed from %s to %s; read %.1f MB "
-                "(calibration %.1f MB)", before / 1e6, after / 1e6, config.num_hidden_layers, new_config.num_hidden_layers, src, dst,
+                "(calibration %.1f MB)", before / 1e6, after / 1e6, config.num_hidden_layers,
+                new_config.num_hidden_layers, src, dst,
                 reader.bytes_read / 1e6, calibration_bytes / 1e6)
     return dst
