@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from .adapters import FamilyAdapter, decoder_layers, get_adapter, head_dim_of
 from .losses.cross_entropy import cross_entropy_sum_vocab_tiled, softcap_of
+from .offload import execution_device, onloaded
 from .validate import check_token_ids
 
 # fp32 logits per vocabulary tile of the evaluation cross-entropy. 4 MiB, not the loss's 16 MiB default:
@@ -72,10 +73,9 @@ def lm_loss(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8, progres
         >>> math.exp(lm_loss(model, blocks))  # perplexity
     """
     check_token_ids(model, blocks, "evaluation data")
-    device = next(model.parameters()).device
+    device = execution_device(model)
     decoder = model.get_decoder()
     head = model.get_output_embeddings()
-    weight, bias = head.weight, getattr(head, "bias", None)  # (V, H), (V,) | None
     was_training = model.training
     model.eval()
     total, tokens = 0.0, 0
@@ -83,7 +83,10 @@ def lm_loss(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8, progres
         for start in tqdm(range(0, blocks.shape[0], batch_size), desc="eval", disable=not progress):
             batch = blocks[start : start + batch_size].to(device)  # (B, S)
             hidden = decoder(input_ids=batch, use_cache=False).last_hidden_state  # (B, S, H), normed
-            batch_total, batch_tokens = _next_token_loss_sum(hidden, batch, weight, bias, chunk_size, softcap_of(model))
+            # the lm_head is read outside its forward: an offloaded one is materialised for the loss only
+            with onloaded(head):
+                batch_total, batch_tokens = _next_token_loss_sum(hidden, batch, head.weight, getattr(head, "bias", None),
+                                                                 chunk_size, softcap_of(model))  # weight (V, H)
             total += batch_total
             tokens += batch_tokens
     finally:
@@ -128,22 +131,24 @@ class DecoderStream:
         blocks: LongTensor (n, S) of calibration token ids.
         batch_size: blocks per forward.
         chunk_size: tokens per (chunk, V) logits tile of the cross-entropy.
+        resettable: keep the embedding outputs for :meth:`reset` (False: only the current layer inputs
+            are held, half the activation memory; the layer-streamed calibration's case).
 
     Example:
         >>> stream = DecoderStream(model, blocks, 8)
         >>> stream.tail_loss(range(1, model.config.num_hidden_layers))  # layer 0 dropped
     """
 
-    def __init__(self, model: nn.Module, blocks: torch.Tensor, batch_size: int = 8, chunk_size: int = 1024) -> None:
+    def __init__(self, model: nn.Module, blocks: torch.Tensor, batch_size: int = 8, chunk_size: int = 1024,
+                 resettable: bool = True) -> None:
         self.model = model
         self.adapter: FamilyAdapter = get_adapter(model)
         self.layers = decoder_layers(model, self.adapter)
         self.final_norm = model.get_submodule(self.adapter.final_norm)
-        head = model.get_output_embeddings()
-        self.weight, self.bias = head.weight, getattr(head, "bias", None)  # (V, D), (V,) | None
+        self.head = model.get_output_embeddings()  # weight (V, D), read under onloaded() (it may be offloaded)
         self.chunk_size = chunk_size
         self.softcap = softcap_of(model)  # final-logit soft-cap (Gemma 2)
-        device = next(model.parameters()).device
+        device = execution_device(model)
         self.ids: list[torch.Tensor] = []  # (B, S) per batch
         self.embedded: list[torch.Tensor] = []  # (B, S, D) input of layer 0 per batch
         self.kwargs: list[list[dict]] = []  # per batch, per layer
@@ -175,10 +180,23 @@ class DecoderStream:
             self.embedded.append(first[0])
             self.kwargs.append(captured)
         self.hidden = list(self.embedded)  # (B, S, D) per batch: the input of the next layer to run
+        if not resettable:
+            self.embedded = []
 
     def reset(self) -> None:
         """Go back to the input of the first layer."""
+        if not self.embedded:
+            raise RuntimeError("DecoderStream(resettable=False) keeps no embedding outputs to reset to")
         self.hidden = list(self.embedded)
+
+    def run_layer(self, index: int, batch: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Layer ``index`` on ``hidden`` (B, S, D) with batch ``batch``'s captured arguments (nothing stored)."""
+        return self._run(index, batch, hidden)
+
+    def step(self, index: int, batch: int) -> torch.Tensor:
+        """Run layer ``index`` on batch ``batch``'s current input; the output (B, S, D) becomes its next input."""
+        self.hidden[batch] = self._run(index, batch, self.hidden[batch])
+        return self.hidden[batch]
 
     def _run(self, index: int, batch: int, hidden: torch.Tensor) -> torch.Tensor:
         return layer_output(self.layers[index](hidden, **self.kwargs[batch][index]))
@@ -199,8 +217,10 @@ class DecoderStream:
         for b, h in enumerate(self.hidden):
             for index in layer_ids:
                 h = self._run(index, b, h)
-            batch_total, batch_tokens = _next_token_loss_sum(
-                self.final_norm(h), self.ids[b], self.weight, self.bias, self.chunk_size, self.softcap)  # (B, S, D) normed
+            normed = self.final_norm(h)  # (B, S, D)
+            with onloaded(self.head):
+                batch_total, batch_tokens = _next_token_loss_sum(
+                    normed, self.ids[b], self.head.weight, getattr(self.head, "bias", None), self.chunk_size, self.softcap)
             total += batch_total
             tokens += batch_tokens
         return total / max(tokens, 1)
@@ -234,7 +254,7 @@ def heads_zeroed(model: nn.Module, layer: int, heads: Sequence[int]) -> Iterator
     adapter = get_adapter(model)
     o_proj = decoder_layers(model, adapter)[layer].get_submodule(adapter.o_proj)
     head_dim = head_dim_of(model.config)
-    mask = torch.ones(o_proj.in_features, device=o_proj.weight.device, dtype=o_proj.weight.dtype)
+    mask = torch.ones(o_proj.in_features, device=execution_device(o_proj), dtype=o_proj.weight.dtype)
     for h in heads:
         mask[h * head_dim : (h + 1) * head_dim] = 0.0
     handle = o_proj.register_forward_pre_hook(lambda module, args: (args[0] * mask, *args[1:]))

@@ -18,6 +18,7 @@ from .importance.ablation import greedy_layer_removal
 from .importance.aggregate import check_aggregation
 from .importance.collect import ImportanceConfig, ImportanceScores, collect_importance
 from .models import resolve_tokenizer
+from .offload import refuse_offloaded
 from .ops.mapped import release_unreferenced_pages
 from .pruning import (DEFAULT_DEPTH_METRIC, DEFAULT_HEAD_METRIC, DEFAULT_HEAD_RESIDUAL, DEFAULT_NORM_RESCALE, Target,
                       apply_plan, make_plan, random_plan)
@@ -151,7 +152,9 @@ def prune(
         The pruned model, a standard model of the same class (``save_pretrained`` works).
     Raises:
         ValueError: bad target/budget, ``seq_len`` beyond ``max_position_embeddings``, ``num_samples`` < 1,
-            NaN/inf in the weights or the importance statistics, token ids outside the vocabulary.
+            NaN/inf in the weights or the importance statistics, token ids outside the vocabulary, a model
+            with accelerate-offloaded (cpu/disk) or ``meta`` weights (prune its checkpoint folder with
+            :func:`minitron.prune_checkpoint` instead).
 
     Example:
         >>> small = minitron.prune(model, ["text ..."], minitron.Target(hidden_size=192, intermediate_size=512),
@@ -159,6 +162,7 @@ def prune(
         >>> small.save_pretrained("out/")
     """
     adapter = get_adapter(model)
+    refuse_offloaded(model, "minitron.prune")  # before any work: never a half-pruned model
     if method not in ("activation", "random"):
         raise ValueError(f"unknown method={method!r}; allowed values: activation, random")
     if target is not None and params is not None:

@@ -93,11 +93,26 @@ def _all_finite(t: torch.Tensor, chunk: int = 1 << 20) -> bool:
 
 
 def check_finite_weights(model: nn.Module, what: str = "model") -> None:
-    """Raise if any parameter or buffer of ``model`` holds NaN or inf (a corrupt or overflowed checkpoint)."""
-    for name, t in (*model.named_parameters(), *model.named_buffers()):
-        if t.is_floating_point() and not _all_finite(t.detach()):
-            raise ValueError(f"the {what}'s weight {name} holds NaN/inf values; the checkpoint is corrupt or overflowed "
-                             "(reload it, or load it in float32)")
+    """Raise if any parameter or buffer of ``model`` holds NaN or inf (a corrupt or overflowed checkpoint).
+
+    Module by module; accelerate-offloaded modules are materialised one at a time (:mod:`minitron.offload`).
+    """
+    from .offload import onloaded
+
+    seen: set[int] = set()  # tied weights checked once
+    for prefix, module in model.named_modules():
+        own = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+        if not own or all(id(t) in seen for _, t in own):
+            continue
+        with onloaded(module):  # an accelerate-offloaded module's weights are read from its offload store
+            for name, t in (*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)):
+                if id(t) in seen:
+                    continue
+                seen.add(id(t))
+                if t.is_floating_point() and not _all_finite(t.detach()):
+                    full = f"{prefix}.{name}" if prefix else name
+                    raise ValueError(f"the {what}'s weight {full} holds NaN/inf values; the checkpoint is corrupt or "
+                                     "overflowed (reload it, or load it in float32)")
 
 
 def check_finite_scores(scores: Any, source: str = "importance statistics") -> None:

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..adapters import get_adapter
+from ..offload import refuse_offloaded
 from ..data import load_text_blocks, resolve_seq_len
 from ..evaluation import lm_loss
 from ..importance.collect import ImportanceConfig, ImportanceScores, collect_importance
@@ -103,6 +104,7 @@ def search(
     cfg = config or SearchConfig()
     started = time.time()
     get_adapter(model)
+    refuse_offloaded(model, "minitron.search")  # candidates are pruned and trained in memory
     cfg = dataclasses.replace(cfg, seq_len=resolve_seq_len(train_data, cfg.seq_len, [model]))
     check_finite_weights(model)
     if output_dir is not None:

@@ -77,8 +77,16 @@ def _add_prune_arguments(p: argparse.ArgumentParser) -> None:
     i.add_argument("--save-scores", help="write importance statistics here (safetensors)")
     i.add_argument("--load-scores", help="reuse importance statistics instead of calibrating")
     p.add_argument("--device", default=default_device())
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="dtype the model is loaded in (default float32; with --stream: the calibration dtype, "
+                   "default the checkpoint's)")
     p.add_argument("--inplace", action="store_true", help="compact weights in place (peak memory ~1x model)")
+    p.add_argument("--stream", action="store_true", help="prune the checkpoint folder --model without loading it: "
+                   "one decoder layer in memory during calibration, one row chunk during the surgery (peak ~ one "
+                   "layer + the calibration hidden states; weights keep their stored dtype, --dtype is the "
+                   "calibration dtype); --head-metric loss falls back to output, --params to a scaled shape, "
+                   "--depth-metric ppl to bi when its layer-dropped variants exceed 4 GiB. Chosen automatically "
+                   "(said on stderr) when a dense checkpoint folder would not fit in the available memory")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -108,13 +116,21 @@ def run_prune(args: argparse.Namespace) -> int:
         raise ValueError(f"--depth-rounds={args.depth_rounds} needs --depth-metric ppl and --depth-mode scattered "
                          "(iterative removal re-scores by layer-drop loss)")
     check_device(args.device)
+    if not args.stream:
+        reason = _does_not_fit(args)
+        if reason:
+            print(f"minitron: {reason}: pruning the checkpoint layer by layer instead (--stream)", file=sys.stderr)
+            args.stream = True
+    if args.stream:
+        return _run_stream(args, target, params, started)
     inputs = input_paths(args.model, args.model_gguf, args.calib, args.eval, args.load_scores)
     check_output_dir(args.out, "prune", inputs=inputs, overwrite=args.overwrite)  # before any long work
     if args.save_scores:
         check_output_file(args.save_scores, inputs=inputs, outside_of=[("--out", args.out)], overwrite=args.overwrite,
                           is_ours=is_importance_file)
     scores = minitron.ImportanceScores.load(args.load_scores) if args.load_scores else None
-    model, tokenizer = load_model(args.model, gguf_file=args.model_gguf, device=args.device, dtype=args.dtype)
+    model, tokenizer = load_model(args.model, gguf_file=args.model_gguf, device=args.device,
+                                  dtype=args.dtype or "float32")
     if target is not None:  # before calibration: a target the model cannot take (e.g. --experts on a dense model)
         target.validate(model.config)
     elif moe_spec_of(model.config) is not None:
@@ -191,6 +207,94 @@ def run_prune(args: argparse.Namespace) -> int:
     report["seconds"] = round(time.time() - started, 1)
     print(json.dumps(report))
     print(f"pruned checkpoint written to {args.out} (loads with AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def _available_bytes(device: str) -> int | None:
+    """Memory the model could be loaded into: ``MemAvailable`` (CPU, Linux) or the GPU's free bytes."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _does_not_fit(args: argparse.Namespace) -> str | None:
+    """Why ``--model`` would not fit in memory when loaded (then the prune streams), or None.
+
+    Only for a dense safetensors checkpoint folder the streamed path takes, with no flag that needs the
+    whole model (``--inplace``, ``--eval``, ``--depth-rounds``): its tensors' count times the load dtype's
+    bytes, against the available memory.
+    """
+    import torch
+
+    from ..adapters import adapter_for_config
+    from ..models import resolve_model_source
+    from ..streaming.checkpoint import CheckpointReader
+
+    if args.inplace or args.eval is not None or args.depth_rounds > 1:
+        return None
+    try:
+        kind, path = resolve_model_source(args.model, args.model_gguf)
+        if kind == "gguf":
+            return None
+        reader = CheckpointReader(path)
+        from transformers import AutoConfig
+
+        adapter = adapter_for_config(AutoConfig.from_pretrained(path, local_files_only=True))
+    except Exception:  # noqa: BLE001 - unreadable / corrupt / unsupported: the in-memory path names the problem
+        return None
+    if adapter is None or adapter.moe is not None:
+        return None
+    need = sum(reader.nbytes(n) // reader.dtype(n).itemsize for n in reader.names()) \
+        * getattr(torch, args.dtype or "float32").itemsize
+    available = _available_bytes(args.device)
+    if available is None or need <= 0.9 * available:
+        return None
+    size = lambda n: f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"  # noqa: E731
+    return f"--model {args.model} needs ~{size(need)} in {args.dtype or 'float32'} but {size(available)} are available"
+
+
+def _run_stream(args: argparse.Namespace, target: Any, params: float | None, started: float) -> int:
+    """``minitron prune --stream``: :func:`minitron.prune_checkpoint` on the checkpoint folder ``--model``."""
+    import minitron
+    from ..models import resolve_model_source
+    from ..sizing import count_parameters
+    from ..streaming.checkpoint import CheckpointReader, skeleton
+
+    clashes = [flag for flag, on in (("--inplace", args.inplace), ("--eval", args.eval is not None),
+                                     ("--depth-rounds", args.depth_rounds > 1)) if on]
+    if clashes:
+        raise ValueError(f"--stream cannot be combined with {', '.join(clashes)} (each needs the whole model in "
+                         "memory); drop it, and evaluate the pruned checkpoint afterwards")
+    kind, path = resolve_model_source(args.model, args.model_gguf)
+    if kind == "gguf":
+        raise ValueError(f"--stream reads a safetensors checkpoint folder, but --model {args.model} is a GGUF file; "
+                         "convert it first (minitron prune without --stream loads GGUF files)")
+    scores = minitron.ImportanceScores.load(args.load_scores) if args.load_scores else None
+    importance = minitron.ImportanceConfig(seq_agg=args.seq_agg, batch_agg=args.batch_agg, batch_size=args.batch_size)
+    out = minitron.prune_checkpoint(
+        path, args.out, text_source(args.calib) if args.method == "activation" else None, target,
+        params=params if target is None else None, scores=scores, importance=importance, seq_len=args.seq_len,
+        num_samples=args.num_samples, depth_metric=args.depth_metric, depth_mode=args.depth_mode,
+        head_metric=args.head_metric, norm_rescale=args.norm_rescale, head_residual=args.head_residual,
+        method=args.method, dtype=args.dtype, device=args.device, save_scores=args.save_scores,
+        chat_template=args.chat_template, overwrite=args.overwrite, progress=not args.no_progress)
+    before = skeleton(path, None, CheckpointReader(path))
+    after = skeleton(out, None, CheckpointReader(out))
+    report = {"model": str(args.model), "out": str(out), "streamed": True,
+              "params_before": count_parameters(before), "params_after": count_parameters(after),
+              "config": {k: getattr(after.config, k) for k in (*DENSE_FIELDS, "head_dim")},
+              "seconds": round(time.time() - started, 1)}
+    print(json.dumps(report))
+    print(f"pruned checkpoint written to {out} (streamed; loads with AutoModelForCausalLM.from_pretrained)")
     return 0
 
 

@@ -29,13 +29,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..adapters import decoder_layers, get_adapter, head_dim_of, kv_heads_of, moe_sizes, moe_spec_of
+from ..adapters import get_adapter, head_dim_of, kv_heads_of, moe_sizes, moe_spec_of
 from ..evaluation import head_drop_losses, layer_drop_losses, layer_output, lm_loss
+from ..offload import check_loadable, execution_device, execution_devices
 from ..validate import check_token_ids
 from .aggregate import check_aggregation, finalize
-from .heads import DEFAULT_HEAD_METRIC, check_head_metric, head_output_norms
-from .hooks import CalibrationHooks
-from .norms import is_rms_norm, norm_eps, normalized_square_sum
+from .heads import DEFAULT_HEAD_METRIC, check_head_metric
 
 logger = logging.getLogger(__name__)
 
@@ -271,7 +270,9 @@ def collect_importance(
     The passes run the decoder stack only (embeddings, layers, final norm): no lm_head and no
     logits, which no importance site needs. Only ``config.depth_ppl`` evaluates the LM loss,
     through the chunked cross-entropy (:func:`lm_loss`). The hooks are
-    :class:`minitron.importance.hooks.CalibrationHooks` (batched per-site updates).
+    :class:`minitron.importance.hooks.CalibrationHooks` (batched per-site updates), set up by
+    :class:`CalibrationSession`. A model dispatched with accelerate (``device_map``, cpu/disk
+    offload) runs on its hooks' execution device.
 
     Args:
         model: a supported Hugging Face causal LM (left unchanged).
@@ -279,7 +280,9 @@ def collect_importance(
         config: aggregation and batching options.
         progress: show a tqdm bar.
     Returns:
-        :class:`ImportanceScores` for this model.
+        :class:`ImportanceScores` for this model. Under ``torchrun`` (an initialised process group) each
+        rank calibrates its share of ``blocks`` and every rank returns the statistics of all of them
+        (:mod:`minitron.importance.ranks`; loss-based scores are computed on every rank).
 
     Example:
         >>> scores = collect_importance(model, blocks, ImportanceConfig(batch_size=4))
@@ -287,67 +290,34 @@ def collect_importance(
     """
     config = config or ImportanceConfig()
     adapter = get_adapter(model)
-    if blocks.numel() == 0 or blocks.dim() != 2:
-        raise ValueError("empty calibration data: blocks must be a non-empty LongTensor (n_blocks, seq_len)")
-    check_token_ids(model, blocks, "calibration data")
-    if config.sink_tokens >= blocks.shape[1]:
-        raise ValueError(f"sink_tokens={config.sink_tokens} leaves no position of the {blocks.shape[1]}-token blocks")
-    device = next(model.parameters()).device
-    meta = model_shape_meta(model)
-    meta.update(seq_agg=config.seq_agg, num_samples=int(blocks.shape[0]), seq_len=int(blocks.shape[1]),
-                sink_tokens=config.sink_tokens, norm_stats=True)
+    check_blocks(model, blocks, config)
+    check_loadable(model, "minitron.collect_importance")
+    devices = execution_devices(model)
+    if len(devices) > 1:
+        raise ValueError(f"calibration needs one execution device, but the model's device_map spreads it over "
+                         f"{', '.join(map(str, devices))}; dispatch it to one device (offloading the rest to cpu/disk) "
+                         "or use minitron.prune_checkpoint, which calibrates layer by layer")
+    device = execution_device(model)  # from accelerate's hooks when dispatched: never a meta parameter's
+    from .ranks import rank_blocks
+    from .session import CalibrationSession  # (imports this module)
+
     sink = config.sink_tokens
-    n_heads = meta["num_attention_heads"]
-
-    # site -> [sum over tokens of n^2 (D,), tokens]: RMSNorm input statistics. The sums are allocated
-    # here, before any forward: a small tensor born inside the pass and kept across layers would sit
-    # between the layers' activations on the heap (see CalibrationHooks.begin_batch)
-    norm_sq: dict[str, list] = {}
-
-    def norm_in_hook(name: str):
-        def hook(module, args):
-            sums, tokens = normalized_square_sum(args[0][:, sink:], norm_eps(module))
-            entry = norm_sq[name]
-            entry[0] += sums
-            entry[1] += tokens
-        return hook
-
-    layers = decoder_layers(model, adapter)
-    norms = [(f"norm.{l}.{k}", layer.get_submodule(n)) for l, layer in enumerate(layers)
-             for k, n in enumerate(adapter.layer_norms)] + [("norm.final", model.get_submodule(adapter.final_norm))]
-    # per-head output contribution: (B, S, H) norms of W_o[:, h] @ a_h, aggregated like any other site
-    head_out = [(f"attn_out.{l}", layer.get_submodule(adapter.o_proj), n_heads,
-                 lambda m, a: head_output_norms(a, m.weight, n_heads))
-                for l, layer in enumerate(layers)] if config.head_output else []
-    hidden = model.config.hidden_size
-    for name, norm in norms:
-        if is_rms_norm(norm):
-            norm_sq[name] = [torch.zeros(hidden, dtype=torch.float32, device=device), 0]
-    handles = [norm.register_forward_pre_hook(norm_in_hook(name)) for name, norm in norms if name in norm_sq]
+    local = rank_blocks(blocks)  # under torchrun: this rank's share; the sums are added over the ranks
     was_training = model.training
     model.eval()
     base = model.get_submodule(adapter.layers.rsplit(".", 1)[0])  # the decoder stack: no lm_head, no logits
     try:
-        with CalibrationHooks(model, adapter, config.seq_agg, sink=sink, extra=head_out) as hooks:
-            for start in tqdm(range(0, blocks.shape[0], config.batch_size), desc="calibration", disable=not progress):
-                batch = blocks[start : start + config.batch_size].to(device)  # (B, S)
+        with CalibrationSession(model, config, device) as session:
+            hooks = session.hooks
+            for start in tqdm(range(0, local.shape[0], config.batch_size), desc="calibration", disable=not progress):
+                batch = local[start : start + config.batch_size].to(device)  # (B, S)
                 hooks.begin_batch(batch.shape[0], batch.shape[1] - sink)  # per-batch buffers before the pass
                 base(input_ids=batch, use_cache=False)
                 hooks.end_batch()  # all sites' running sums updated at once
     finally:
-        for h in handles:
-            h.remove()
         model.train(was_training)
 
-    scores = ImportanceScores(
-        meta=meta,
-        sums=hooks.site_sums(),
-        counts=dict(hooks.counts),
-        bi_cos_sum=hooks.bi_cos_sum.cpu(),
-        bi_count=hooks.bi_count,
-        batch_agg=config.batch_agg,
-        norm_ms={name: (total / max(tokens, 1)).cpu() for name, (total, tokens) in norm_sq.items()},
-    )
+    scores = session.scores(blocks.shape[0], blocks.shape[1])
     if config.depth_ppl:
         ppl_blocks = blocks[: config.ppl_max_blocks]
         scores.base_loss = lm_loss(model, ppl_blocks, config.batch_size, progress=False)
@@ -355,3 +325,18 @@ def collect_importance(
     if config.head_loss:
         scores.head_loss = head_drop_losses(model, blocks[: config.head_loss_blocks], config.batch_size, progress)
     return scores
+
+
+def check_blocks(model: nn.Module, blocks: torch.Tensor, config: ImportanceConfig) -> None:
+    """Raise a one-line ``ValueError`` for calibration blocks the model cannot take (empty, ids, sink).
+
+    Args:
+        model: the model (or skeleton) to calibrate; its embedding's row count is the vocabulary.
+        blocks: LongTensor (n, seq_len).
+        config: the calibration options (``sink_tokens``).
+    """
+    if blocks.numel() == 0 or blocks.dim() != 2:
+        raise ValueError("empty calibration data: blocks must be a non-empty LongTensor (n_blocks, seq_len)")
+    check_token_ids(model, blocks, "calibration data")
+    if config.sink_tokens >= blocks.shape[1]:
+        raise ValueError(f"sink_tokens={config.sink_tokens} leaves no position of the {blocks.shape[1]}-token blocks")

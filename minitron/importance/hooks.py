@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from ..adapters import FamilyAdapter, decoder_layers, sparse_layers
+from ..offload import execution_device, onloaded
 from .experts import routed_experts_forward
 from .aggregate import ACCUMULATE, accumulate_, block_importance_update_, check_aggregation
 
@@ -164,6 +165,8 @@ class CalibrationHooks:
             sinks); :meth:`begin_batch` then takes ``seq_len - sink``. Block Importance uses every position.
         extra: more sites ``(name, module, dim, fn)`` read from ``module``'s input: ``fn(module, a)``
             maps the (sink-trimmed) input (B, S, d) to the site's activation (B, S, dim).
+        device: where the statistics live (default: the model's execution device,
+            :func:`minitron.offload.execution_device`).
     Attributes:
         counts: samples seen per site.
         bi_cos_sum: (L,) fp32 sum over tokens of cos(layer input, layer output).
@@ -171,10 +174,12 @@ class CalibrationHooks:
     """
 
     def __init__(self, model: nn.Module, adapter: FamilyAdapter, seq_agg: str = "mean", impl: str = "auto",
-                 sink: int = 0, extra: Sequence[tuple[str, nn.Module, int, Callable]] = ()) -> None:
+                 sink: int = 0, extra: Sequence[tuple[str, nn.Module, int, Callable]] = (),
+                 device: torch.device | None = None) -> None:
         check_aggregation("l2", seq_agg)
         self.seq_agg, self.impl, self.sink = seq_agg, impl, sink
-        self.device = next(model.parameters()).device
+        # where the running sums live: the activations' device (from accelerate's hooks when dispatched)
+        self.device = torch.device(device) if device is not None else execution_device(model)
         self.layers = decoder_layers(model, adapter)
         self._targets: list[tuple[str, nn.Module, bool]] = []  # (site, module, reads its input)
         self._transforms: dict[str, Callable] = {}
@@ -325,7 +330,8 @@ class CalibrationHooks:
             norm = torch.linalg.vector_norm(out.detach().float(), dim=-1).mul_(w[:, 0])  # (n,)
             x[:, out_off + e].index_add_(0, sample, norm.square_() if squared else norm)
 
-        return routed_experts_forward(experts, hidden_states, top_k_index, top_k_weights, on_expert)
+        with onloaded(experts):  # replaces accelerate's onloading forward: offloaded expert tensors fetched here
+            return routed_experts_forward(experts, hidden_states, top_k_index, top_k_weights, on_expert)
 
     def __enter__(self) -> "CalibrationHooks":
         if self._experts and self.seq_agg == "var":

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..adapters import FamilyAdapter, get_adapter, head_dim_of, kv_heads_of, moe_sizes, sparse_layers
 from ..inplace import apply_plan_inplace
+from ..offload import refuse_offloaded
 from ..ops.expert_gather import compact_any_, select_any
 from .plan import PrunePlan
 
@@ -250,6 +251,7 @@ def apply_plan(model: nn.Module, plan: PrunePlan, inplace: bool = False) -> nn.M
         >>> small = apply_plan(model, make_plan(scores, Target(intermediate_size=1024), model.config))
     """
     adapter = get_adapter(model)
+    refuse_offloaded(model, "minitron.apply_plan")  # meta / offloaded weights: never a half-pruned model
     config = model.config
     ops = _weight_ops(adapter, config, plan)
     if inplace:  # same objects, parameters compacted and re-pointed (minitron/inplace.py)
