@@ -93,3 +93,23 @@ def test_prune_cli_on_a_folder_without_tokenizer_writes_the_model(tmp_path, caps
     err = capsys.readouterr().err
     assert "--calib is text and --model" in err and "no tokenizer files" in err and "tokenizer=" not in err
     assert not (tmp_path / "out2").exists()
+
+
+def test_every_from_pretrained_goes_through_the_local_only_loader():
+    """Only ``minitron.local.from_pretrained`` may call transformers' ``from_pretrained``: it alone passes
+    ``local_files_only=True`` and ``trust_remote_code=False`` in offline mode."""
+    import ast
+    from pathlib import Path
+
+    import minitron
+
+    root = Path(minitron.__file__).parent
+    offenders = []
+    for path in sorted(root.rglob("*.py")):
+        if path.name == "local.py" and path.parent == root:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                    and node.func.attr == "from_pretrained":
+                offenders.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert not offenders, f"direct from_pretrained calls (use minitron.local.from_pretrained): {offenders}"

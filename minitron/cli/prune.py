@@ -248,7 +248,9 @@ def _does_not_fit(args: argparse.Namespace) -> str | None:
         reader = CheckpointReader(path)
         from transformers import AutoConfig
 
-        adapter = adapter_for_config(AutoConfig.from_pretrained(path, local_files_only=True))
+        from ..local import from_pretrained
+
+        adapter = adapter_for_config(from_pretrained(AutoConfig, path, "--model"))
     except Exception:  # noqa: BLE001 - unreadable / corrupt / unsupported: the in-memory path names the problem
         return None
     if adapter is None or adapter.moe is not None:

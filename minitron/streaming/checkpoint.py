@@ -140,7 +140,9 @@ def skeleton(path: str | os.PathLike, dtype: torch.dtype | None, reader: Checkpo
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    from ..local import from_pretrained
+
+    config = from_pretrained(AutoConfig, path, "--model")  # local-only, offline, never the checkpoint's own code
     if moe_spec_of(config) is not None:
         raise ValueError(f"{path}: mixture-of-experts checkpoints ({config.model_type}) store each expert separately "
                          "and transformers fuses them at load time, which the streamed path does not reproduce; load "
