@@ -17,6 +17,7 @@ from minitron.distillation.config import DistillConfig
 from minitron.losses import linear_kd_loss
 from minitron.losses.cross_entropy import linear_cross_entropy, softcap_of
 from minitron.losses.intermediate import IntermediateProjections, dynamic_alpha, intermediate_state_loss
+from minitron.losses.linear_kd import shared_vocab_head
 
 
 def hidden_size(model: nn.Module) -> int:
@@ -26,14 +27,6 @@ def hidden_size(model: nn.Module) -> int:
 # the most probability a larger-vocabulary teacher may put on ids the student lacks (per token of
 # the first batch) for its extra lm_head rows to count as padding; the KD losses renormalise it away
 TEACHER_OUTSIDE_MASS_LIMIT = 1e-3
-
-
-def shared_vocab_head(weight: torch.Tensor, bias: torch.Tensor | None, vocab: int
-                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The first ``vocab`` rows of an lm_head (all of it if it has no more): softmax over them renormalises."""
-    if weight.shape[0] <= vocab:
-        return weight, bias
-    return weight[:vocab], None if bias is None else bias[:vocab]
 
 
 @torch.no_grad()
