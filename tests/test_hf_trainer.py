@@ -156,6 +156,8 @@ def test_train_with_collator_saves_no_teacher(tmp_path):
                         kd_loss=LinearKDLoss(0.5, 0.5, beta=0.0))
     out = trainer.train()
     assert out.global_step == 2 and torch.isfinite(torch.tensor(out.training_loss))
+    metrics = trainer.evaluate(ds)  # prediction_step goes through compute_loss too
+    assert metrics["eval_loss"] > 0 and torch.isfinite(torch.tensor(metrics["eval_loss"]))
     trainer.save_model(str(tmp_path / "final"))
     from safetensors.torch import load_file
 
@@ -163,6 +165,34 @@ def test_train_with_collator_saves_no_teacher(tmp_path):
     assert set(saved) <= set(student.state_dict()) and len(saved) > 0
     n_student = sum(p.numel() for p in student.parameters())
     assert sum(t.numel() for t in saved.values()) <= n_student  # no teacher tensor in the checkpoint
+
+
+def test_readme_compute_loss_pattern_in_a_plain_trainer_equals_kdtrainer(tmp_path):
+    """README's TRL recipe (``batch_kd_loss`` in a Trainer's compute_loss, HF's own num_items_in_batch)."""
+    from datasets import Dataset
+    from transformers import Trainer
+
+    from minitron.integrations.hf import batch_kd_loss
+
+    teacher, student0 = tiny(seed=0), small_student(seed=1)
+    tok = _tokenizer()
+    seqs, _ = _padded_batches(tok)
+    ds = Dataset.from_dict({"input_ids": seqs * 2})
+    kd = LinearKDLoss(weight_hard_loss=0.5, weight_soft_loss=0.5, beta=0.0)
+
+    class KDSFTTrainer(Trainer):  # what README shows for trl.SFTTrainer / GKDTrainer
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss, _, _ = batch_kd_loss(model, teacher, inputs, kd, num_items_in_batch=num_items_in_batch)
+            return loss
+
+    losses = []
+    for cls, extra in ((KDSFTTrainer, {}), (KDTrainer, dict(teacher_model=teacher, kd_loss=kd))):
+        student = copy.deepcopy(student0)
+        tr = cls(model=student, args=_args(tmp_path / cls.__name__, per_device_train_batch_size=2, max_steps=2),
+                 train_dataset=ds, data_collator=DataCollatorForLanguageModeling(tok, mlm=False), **extra)
+        tr.train()
+        losses.append([r["loss"] for r in tr.state.log_history if "loss" in r])
+    assert len(losses[0]) == 2 and losses[0] == pytest.approx(losses[1], rel=1e-6)
 
 
 @pytest.mark.parametrize("kw,match", [

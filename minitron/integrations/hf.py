@@ -32,7 +32,7 @@ from minitron.adapters import lm_head_params
 from minitron.losses.cross_entropy import softcap_of
 from minitron.losses.linear_kd import LinearKDLoss, fused_linear_kd_loss
 
-__all__ = ["KD_POSITIONS", "KDTrainer"]
+__all__ = ["KD_POSITIONS", "KDTrainer", "batch_kd_loss", "count_kd_tokens", "kd_targets"]
 
 KD_POSITIONS = ("labels", "all")
 
@@ -42,6 +42,109 @@ def _final_hidden(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
     none = torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device)  # logits for no position
     out = model(**inputs, logits_to_keep=none, output_hidden_states=True, use_cache=False)
     return out.hidden_states[-1]
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The HF model inside DDP / DeepSpeed / accelerate wrappers (``.module``); FSDP2 does not wrap."""
+    while not hasattr(model, "get_output_embeddings") and hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def kd_targets(inputs: dict[str, Any], kd_positions: str = "labels") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Next-token labels of a collated batch and, for ``kd_positions="all"``, the soft-term mask.
+
+    Args:
+        inputs: ``input_ids`` (B, S), optional ``attention_mask`` (B, S) and unshifted ``labels`` (B, S)
+            with -100 where not counted (as HF collators make them); no labels: the inputs themselves.
+        kd_positions: ``"labels"`` or ``"all"`` (see the module docstring).
+    Returns:
+        ``(nxt, soft_mask)``: nxt (B, S) with ``nxt[:, i] = labels[:, i + 1]`` (-100 at the last position and
+        wherever position i or i + 1 is padding); soft_mask (B, S) bool of the real tokens, or None.
+    Example:
+        >>> kd_targets({"input_ids": torch.tensor([[5, 6, 7]])})[0]
+        tensor([[   6,    7, -100]])
+    """
+    if kd_positions not in KD_POSITIONS:
+        raise ValueError(f"kd_positions={kd_positions!r}; allowed values: {', '.join(KD_POSITIONS)}")
+    ids, attn = inputs["input_ids"], inputs.get("attention_mask")
+    labels = inputs.get("labels")
+    if labels is None:  # plain LM data: the inputs themselves, padding excluded
+        labels = ids if attn is None else ids.masked_fill(attn == 0, -100)
+    if labels.shape != ids.shape:
+        raise ValueError(f"labels have shape {tuple(labels.shape)} but input_ids {tuple(ids.shape)}: pass "
+                         "unshifted labels aligned with input_ids (-100 where not counted), as HF collators do")
+    nxt = torch.full_like(labels, -100)
+    nxt[:, :-1] = labels[:, 1:]  # position i predicts token i + 1
+    if attn is not None:  # neither a padded position nor one predicting a padded token counts
+        nxt[:, :-1] = nxt[:, :-1].masked_fill(attn[:, 1:] == 0, -100)
+        nxt = nxt.masked_fill(attn == 0, -100)
+    soft = None
+    if kd_positions == "all":
+        soft = torch.ones_like(ids, dtype=torch.bool) if attn is None else attn != 0
+    return nxt, soft
+
+
+def count_kd_tokens(inputs: dict[str, Any], kd_positions: str = "labels") -> torch.Tensor:
+    """Tokens :func:`batch_kd_loss` counts in one batch (its ``num_items_in_batch`` share).
+
+    Example:
+        >>> int(count_kd_tokens({"input_ids": torch.tensor([[5, 6, 7]])}))
+        2
+    """
+    nxt, soft = kd_targets(inputs, kd_positions)
+    return (nxt != -100).sum() if soft is None else soft.sum()
+
+
+def batch_kd_loss(model: nn.Module, teacher: nn.Module, inputs: dict[str, Any], kd_loss: LinearKDLoss, *,
+                  num_items_in_batch: torch.Tensor | int | None = None, kd_positions: str = "labels"
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused KD loss of one collated batch: both models without their lm_head GEMM, then ``kd_loss``.
+
+    The body of :meth:`KDTrainer.compute_loss`, usable from any trainer's ``compute_loss`` (TRL's
+    ``SFTTrainer`` / ``GKDTrainer``: see README). The teacher is put in eval mode and on the student's
+    device; it runs under ``no_grad``.
+
+    Args:
+        model: the student (possibly DDP / accelerate wrapped).
+        teacher: the frozen teacher, same token ids.
+        inputs: collated batch (see :func:`kd_targets`); every key but ``labels`` goes to both forwards.
+        kd_loss: its options (weights, beta, temperature, top-k, soft-caps, tau_squared, impl) are used.
+        num_items_in_batch: the divisor (HF's count over the accumulated batch); None: this batch's count.
+        kd_positions: ``"labels"`` or ``"all"``.
+    Returns:
+        ``(loss, soft_loss, hard_loss)`` fp32 scalars.
+    Example:
+        >>> loss, soft, hard = batch_kd_loss(student, teacher, batch, LinearKDLoss(beta=0.0))
+    """
+    nxt, soft_mask = kd_targets(inputs, kd_positions)
+    if num_items_in_batch is None:
+        num_items_in_batch = (nxt != -100).sum() if soft_mask is None else soft_mask.sum()
+    fwd = {k: v for k, v in inputs.items() if k not in ("labels", "num_items_in_batch")}
+    h_s = _final_hidden(model, fwd)  # (B, S, Hs)
+    if teacher.training:
+        teacher.eval()
+    wt, bt = lm_head_params(teacher)
+    if wt.device != h_s.device:  # the teacher follows the student (a Trainer moves only its model)
+        teacher.to(h_s.device)
+        wt, bt = lm_head_params(teacher)
+    with torch.no_grad():
+        h_t = _final_hidden(teacher, fwd)  # (B, S, Ht)
+    ws, bs = lm_head_params(_unwrap(model))
+    f = kd_loss
+    opts = dict(beta=f.beta, temperature=f.temperature, ignore_index=-100, top_k=f.top_k,
+                num_items_in_batch=num_items_in_batch, student_softcap=f.student_softcap,
+                teacher_softcap=f.teacher_softcap, tau_squared=f.tau_squared, chunk_size=f.chunk_size, impl=f.impl)
+    if soft_mask is None:  # both terms on the positions with a next-token label
+        return fused_linear_kd_loss(h_s, ws, h_t, wt, nxt, bs, bt, weight_hard_loss=f.weight_hard_loss,
+                                    weight_soft_loss=f.weight_soft_loss, return_soft_hard_loss=True, **opts)
+    # "all": the soft term on every real token, the hard one (if weighted) on the labelled positions
+    soft = fused_linear_kd_loss(h_s, ws, h_t, wt, None, bs, bt, attention_mask=soft_mask, weight_hard_loss=0.0,
+                                weight_soft_loss=1.0, **opts)
+    hard = soft.new_zeros(())
+    if f.weight_hard_loss > 0:
+        hard = fused_linear_kd_loss(h_s, ws, h_t, wt, nxt, bs, bt, weight_hard_loss=1.0, weight_soft_loss=0.0, **opts)
+    return f.weight_hard_loss * hard + f.weight_soft_loss * soft, soft, hard
 
 
 class KDTrainer(Trainer):
@@ -87,28 +190,8 @@ class KDTrainer(Trainer):
 
     # ---- token accounting -------------------------------------------------------------------
 
-    def _kd_targets(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(B, S) next-token labels (-100: not counted; position S-1 has none) and the soft-term mask or None."""
-        ids, attn = inputs["input_ids"], inputs.get("attention_mask")
-        labels = inputs.get("labels")
-        if labels is None:  # plain LM data: the inputs themselves, padding excluded
-            labels = ids if attn is None else ids.masked_fill(attn == 0, -100)
-        if labels.shape != ids.shape:
-            raise ValueError(f"labels have shape {tuple(labels.shape)} but input_ids {tuple(ids.shape)}: pass "
-                             "unshifted labels aligned with input_ids (-100 where not counted), as HF collators do")
-        nxt = torch.full_like(labels, -100)
-        nxt[:, :-1] = labels[:, 1:]  # position i predicts token i + 1
-        if attn is not None:  # neither a padded position nor one predicting a padded token counts
-            nxt[:, :-1] = nxt[:, :-1].masked_fill(attn[:, 1:] == 0, -100)
-            nxt = nxt.masked_fill(attn == 0, -100)
-        soft = None
-        if self.kd_positions == "all":
-            soft = torch.ones_like(ids, dtype=torch.bool) if attn is None else attn != 0
-        return nxt, soft
-
     def _count(self, inputs: dict[str, Any]) -> torch.Tensor:
-        nxt, soft = self._kd_targets(inputs)
-        return (nxt != -100).sum() if soft is None else soft.sum()
+        return count_kd_tokens(inputs, self.kd_positions)
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
         """Tokens the loss counts over all micro-batches of one optimizer step (summed across ranks if averaging)."""
@@ -138,22 +221,8 @@ class KDTrainer(Trainer):
         if self.args.n_gpu > 1:
             raise ValueError("KDTrainer does not support torch.nn.DataParallel (n_gpu > 1 in one process); "
                              "launch one process per GPU with torchrun / accelerate")
-        nxt, soft_mask = self._kd_targets(inputs)
-        if num_items_in_batch is None:
-            num_items_in_batch = (nxt != -100).sum() if soft_mask is None else soft_mask.sum()
-        fwd = {k: v for k, v in inputs.items() if k not in ("labels", "num_items_in_batch")}
-        h_s = _final_hidden(model, fwd)  # (B, S, Hs)
-        teacher = self.teacher
-        if teacher.training:
-            teacher.eval()
-        wt, bt = lm_head_params(teacher)
-        if wt.device != h_s.device:  # follows the student (Trainer moves only self.model)
-            teacher.to(h_s.device)
-            wt, bt = lm_head_params(teacher)
-        with torch.no_grad():
-            h_t = _final_hidden(teacher, fwd)  # (B, S, Ht)
-        ws, bs = lm_head_params(self.accelerator.unwrap_model(model))
-        loss, soft, hard = self._loss(h_s, ws, bs, h_t, wt, bt, nxt, soft_mask, num_items_in_batch)
+        loss, soft, hard = batch_kd_loss(model, self.teacher, inputs, self.kd_loss,
+                                         num_items_in_batch=num_items_in_batch, kd_positions=self.kd_positions)
         if model.training and not torch.isfinite(loss):
             raise ValueError(f"non-finite KD loss ({loss.item()}) at step {self.state.global_step + 1} "
                              f"(soft {soft.item()}, hard {hard.item()}): lower the learning rate, check the data, "
@@ -161,21 +230,3 @@ class KDTrainer(Trainer):
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients; the count is global
         return (loss, {"soft_loss": soft.detach(), "hard_loss": hard.detach()}) if return_outputs else loss
-
-    def _loss(self, h_s, ws, bs, h_t, wt, bt, nxt, soft_mask, n_items):
-        """(loss, soft, hard) of the configured :class:`LinearKDLoss` for next-token labels ``nxt`` (B, S)."""
-        f = self.kd_loss
-        opts = dict(beta=f.beta, temperature=f.temperature, ignore_index=-100, top_k=f.top_k, num_items_in_batch=n_items,
-                    student_softcap=f.student_softcap, teacher_softcap=f.teacher_softcap, tau_squared=f.tau_squared,
-                    chunk_size=f.chunk_size, impl=f.impl)
-        if soft_mask is None:  # both terms on the positions with a next-token label
-            return fused_linear_kd_loss(h_s, ws, h_t, wt, nxt, bs, bt, weight_hard_loss=f.weight_hard_loss,
-                                        weight_soft_loss=f.weight_soft_loss, return_soft_hard_loss=True, **opts)
-        # "all": the soft term on every real token, the hard one (if weighted) on the labelled positions
-        soft = fused_linear_kd_loss(h_s, ws, h_t, wt, None, bs, bt, attention_mask=soft_mask, weight_hard_loss=0.0,
-                                    weight_soft_loss=1.0, **opts)
-        hard = soft.new_zeros(())
-        if f.weight_hard_loss > 0:
-            hard = fused_linear_kd_loss(h_s, ws, h_t, wt, nxt, bs, bt, weight_hard_loss=1.0, weight_soft_loss=0.0,
-                                        **opts)
-        return f.weight_hard_loss * hard + f.weight_soft_loss * soft, soft, hard
