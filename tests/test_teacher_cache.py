@@ -1,0 +1,159 @@
+"""Offline teacher (issue #23 part 3, library side): the cache files, their checks, and the top-k + tail KD loss.
+
+``topk_tail_kd_loss`` is checked against a naive full-logits computation of the same bucketed KL
+(fp32: 2e-5 of the largest entry, loss and gradients) and, with k = V, against the full forward KL.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.helpers import T, V, small_student, tiny
+
+from minitron.distillation.teacher_cache import MANIFEST, TeacherCache, cache_teacher_logits
+from minitron.losses import linear_kd_loss
+from minitron.losses.cached import log_tail, topk_tail_kd_loss
+
+
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+def naive_bucketed_kl(hs, ws, ht, wt, k, tau=1.0, bs=None):
+    """Full (N, V) float64 logits: KL over the teacher's top-k ids and one bucket holding the rest, times tau^2.
+
+    float64, so ``1 - sum`` of the k probabilities is exact enough for the tail bucket.
+    """
+    s = (hs.double() @ ws.double().t() + (0 if bs is None else bs.double())) / tau
+    t = (ht.double() @ wt.double().t()) / tau
+    idx = t.topk(k, -1).indices
+    log_p, log_q = t.log_softmax(-1), s.log_softmax(-1)
+    p_k, q_k = log_p.gather(-1, idx).exp(), log_q.gather(-1, idx).exp()
+    p_tail = (1 - p_k.sum(-1)).clamp_min(0)
+    q_tail = 1 - q_k.sum(-1)
+    kl = (p_k * (p_k.log() - q_k.log())).sum(-1)
+    if k < t.shape[-1]:
+        kl = kl + torch.where(p_tail > 0, p_tail * (p_tail.clamp_min(1e-300).log() - q_tail.log()), 0.0)
+    return (kl.mean() * tau * tau).float()
+
+
+def _data(seed=0, n=37, hs=24, ht=16, v=211):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, hs, generator=g, dtype=torch.float64).float().requires_grad_(),
+            (torch.randn(v, hs, generator=g) * 0.4).requires_grad_(),
+            torch.randn(n, ht, generator=g), torch.randn(v, ht, generator=g) * 0.4)
+
+
+def _cached(ht, wt, k, tau):
+    t = ht @ wt.t()  # (N, V)
+    top = t.topk(k, -1)
+    return top.indices, top.values, torch.logsumexp(t / tau, -1)
+
+
+@pytest.mark.parametrize("k,tau,bias", [(1, 1.0, False), (7, 2.0, True), (50, 0.7, False), (211, 1.0, False)])
+def test_topk_tail_loss_matches_naive(k, tau, bias):
+    hs, ws, ht, wt = _data()
+    bs = (torch.randn(211) * 0.3).requires_grad_() if bias else None
+    ids, z, lse = _cached(ht, wt, k, tau)
+    got = topk_tail_kd_loss(hs, ws, ids, z, lse, student_bias=bs, temperature=tau, chunk_size=10)
+    params = [hs, ws] + ([bs] if bias else [])
+    g_got = torch.autograd.grad(got, params)
+    ref = naive_bucketed_kl(hs, ws, ht, wt, k, tau, bs)
+    g_ref = torch.autograd.grad(ref, params)
+    assert _rel(got, ref) <= 2e-5, (got, ref)
+    for a, b in zip(g_got, g_ref):
+        assert _rel(a, b) <= 2e-5, _rel(a, b)
+    if k == 211:  # the whole vocabulary: the plain forward KL
+        full = linear_kd_loss(hs.detach(), ws.detach(), ht, wt, impl="naive")
+        assert _rel(got.detach(), full) <= 2e-5
+
+
+def test_tail_bucket_is_exact_not_renormalised():
+    """The tail's mass changes the loss: renormalising over the k ids (linear_kd_loss top_k) differs."""
+    hs, ws, ht, wt = _data()
+    ids, z, lse = _cached(ht, wt, 5, 1.0)
+    ours = topk_tail_kd_loss(hs, ws, ids, z, lse)
+    renorm = linear_kd_loss(hs, ws, ht, wt, top_k=5, impl="naive")
+    full = linear_kd_loss(hs, ws, ht, wt, impl="naive")
+    assert abs(ours.item() - renorm.item()) > 1e-3
+    assert ours.item() <= full.item() + 1e-6  # grouping outcomes never increases a KL
+    assert log_tail(torch.zeros(1, 1)).item() == float("-inf")  # all the mass in the k ids: no tail
+
+
+def test_mask_and_errors():
+    hs, ws, ht, wt = _data()
+    ids, z, lse = _cached(ht, wt, 6, 1.0)
+    mask = torch.arange(37) % 3 != 0
+    got = topk_tail_kd_loss(hs, ws, ids, z, lse, mask=mask)
+    ref = topk_tail_kd_loss(hs[mask], ws, ids[mask], z[mask], lse[mask])
+    torch.testing.assert_close(got, ref)
+    assert topk_tail_kd_loss(hs, ws, ids, z, lse, mask=torch.zeros(37)).item() == 0.0
+    with pytest.raises(ValueError, match="cached teacher ids reach"):
+        topk_tail_kd_loss(hs, ws[:100], ids, z, lse)
+    with pytest.raises(ValueError, match="do not fit 37 tokens"):
+        topk_tail_kd_loss(hs, ws, ids[:5], z, lse)
+
+
+def test_cache_round_trip_and_refusals(tmp_path):
+    teacher = tiny(seed=0)
+    blocks = torch.randint(0, V, (5, T), generator=torch.Generator().manual_seed(0))
+    path = cache_teacher_logits(teacher, blocks, tmp_path / "c", top_k=8, temperature=2.0, batch_size=2, shard_blocks=2)
+    man = json.loads((path / MANIFEST).read_text())
+    assert [s["n_blocks"] for s in man["shards"]] == [2, 2, 1] and man["bytes_per_token"] == 8 * 8 + 4
+    cache = TeacherCache(path)
+    cache.check(blocks, top_k=8, temperature=2.0)
+    order = torch.tensor([4, 0, 3])
+    ids, z, lse = cache.rows(order)
+    assert ids.shape == (3, T, 8) and z.shape == (3, T, 8) and lse.shape == (3, T)
+    with torch.no_grad():  # what the teacher gives for those blocks now
+        logits = teacher(input_ids=blocks[order]).logits.float()  # (3, T, V)
+    top = logits.topk(8, -1)
+    assert torch.equal(ids, top.indices)
+    torch.testing.assert_close(z, top.values, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, torch.logsumexp(logits / 2.0, -1), rtol=1e-5, atol=1e-5)
+    # the student trains on the cache: same loss as against the live teacher's top-k + tail
+    student = small_student(seed=1)
+    h = student.model(input_ids=blocks[order]).last_hidden_state
+    got = topk_tail_kd_loss(h, student.lm_head.weight, ids, z, lse, temperature=2.0)
+    h_t = teacher.model(input_ids=blocks[order]).last_hidden_state
+    ref = naive_bucketed_kl(h.reshape(-1, h.shape[-1]), student.lm_head.weight, h_t.reshape(-1, h_t.shape[-1]),
+                            teacher.lm_head.weight, 8, 2.0)
+    assert _rel(got.detach(), ref.detach()) <= 2e-5
+
+    other = blocks.clone()
+    other[2, 5] = (other[2, 5] + 1) % V
+    with pytest.raises(ValueError, match="built from other tokens"):
+        cache.check(other)
+    with pytest.raises(ValueError, match="holds 5 blocks of 32 tokens but the data has 4 of 32"):
+        cache.check(blocks[:4])
+    with pytest.raises(ValueError, match="holds top_k=8, not 16"):
+        cache.check(blocks, top_k=16)
+    with pytest.raises(ValueError, match="built at temperature 2.0, not 1.0"):
+        cache.check(blocks, temperature=1.0)
+    with pytest.raises(ValueError, match="has no block 5"):
+        cache.rows(torch.tensor([5]))
+    with pytest.raises(ValueError, match="exists and is not empty"):
+        cache_teacher_logits(teacher, blocks, path, top_k=8)
+    with pytest.raises(ValueError, match="is not a teacher cache"):
+        TeacherCache(tmp_path)
+
+
+def test_tokenizer_mismatch_is_refused(tmp_path):
+    class Tok:
+        def __init__(self, vocab):
+            self.vocab, self.name_or_path = vocab, "tok"
+
+        def get_vocab(self):
+            return self.vocab
+
+    teacher = tiny(seed=0)
+    blocks = torch.randint(0, V, (2, T), generator=torch.Generator().manual_seed(0))
+    path = cache_teacher_logits(teacher, blocks, tmp_path / "c", top_k=4, tokenizer=Tok({"a": 0, "b": 1}))
+    TeacherCache(path).check(blocks, Tok({"a": 0, "b": 1}))
+    with pytest.raises(ValueError, match="built with another tokenizer"):
+        TeacherCache(path).check(blocks, Tok({"a": 1, "b": 0}))
