@@ -157,3 +157,87 @@ def test_tokenizer_mismatch_is_refused(tmp_path):
     TeacherCache(path).check(blocks, Tok({"a": 0, "b": 1}))
     with pytest.raises(ValueError, match="built with another tokenizer"):
         TeacherCache(path).check(blocks, Tok({"a": 1, "b": 0}))
+
+
+def test_distill_from_a_full_vocabulary_cache_equals_online_distill(tmp_path):
+    """k = V: the cached loss is the full forward KL, so the run equals the online one step for step."""
+    from minitron.distillation import distill
+
+    from tests.helpers import quick_cfg, rows
+
+    teacher, student0 = tiny(seed=0), small_student(seed=1)
+    blocks = torch.randint(0, V, (12, T), generator=torch.Generator().manual_seed(0))
+    kw = dict(steps=3, batch_size=4, grad_accum=2, mixed_precision="fp32", loss_impl="chunked")
+    import copy
+
+    online = distill(copy.deepcopy(student0), teacher, blocks, config=quick_cfg(tmp_path / "online", **kw))
+    cache = cache_teacher_logits(teacher, blocks, tmp_path / "cache", top_k=V)
+    del teacher  # the cached run has no teacher in memory
+    offline = distill(copy.deepcopy(student0), str(cache), blocks, config=quick_cfg(tmp_path / "offline", **kw))
+    a, b = rows(tmp_path / "online", "train"), rows(tmp_path / "offline", "train")
+    assert len(a) == len(b) == 3
+    for x, y in zip(a, b):
+        assert y["kd_loss"] == pytest.approx(x["kd_loss"], rel=1e-5)
+    for p, q in zip(online.parameters(), offline.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+
+
+def test_distill_from_a_topk_cache_trains_and_refuses_mismatches(tmp_path):
+    from minitron.distillation import distill
+
+    from tests.helpers import quick_cfg, rows
+
+    teacher = tiny(seed=0)
+    blocks = torch.randint(0, V, (8, T), generator=torch.Generator().manual_seed(0))
+    cache = cache_teacher_logits(teacher, blocks, tmp_path / "cache", top_k=8)
+    ev = torch.randint(0, V, (2, T), generator=torch.Generator().manual_seed(5))
+    distill(small_student(seed=1), cache, blocks, ev, config=quick_cfg(tmp_path / "run", steps=4, batch_size=4))
+    train, evals = rows(tmp_path / "run", "train"), rows(tmp_path / "run", "eval")
+    assert len(train) == 4 and all(r["kd_loss"] > 0 for r in train) and train[-1]["kd_loss"] < train[0]["kd_loss"]
+    assert evals and evals[-1]["lm_loss"] > 0  # student metrics only: no teacher for the eval data
+    other = blocks.flip(0)
+    for data, kw, match in ((other, {}, "built from other tokens"), (blocks, dict(top_k=4), "holds top_k=8, not 4"),
+                            (blocks, dict(temperature=2.0), "built at temperature 1.0"),
+                            (blocks, dict(logits_loss="reverse_kl"), "only forward_kl"),
+                            (blocks, dict(intermediate_layers=[(0, 0)]), "intermediate_layers need the teacher")):
+        with pytest.raises(ValueError, match=match):
+            distill(small_student(seed=1), cache, data, config=quick_cfg(tmp_path / "bad", steps=1, **kw))
+    with pytest.raises(ValueError, match="is not a teacher cache"):
+        distill(small_student(seed=1), str(tmp_path), blocks, config=quick_cfg(tmp_path / "bad", steps=1))
+
+
+def test_cli_teacher_logits_then_distill_from_the_cache(tmp_path, capsys):
+    from minitron.cli import main
+    from tests.helpers import rows
+
+    from minitron.models import load_model
+
+    teacher = "builtin-tiny"  # the 7M model shipped with minitron, and a perturbed copy as the student
+    model, tok = load_model(teacher)
+    with torch.no_grad():
+        for q in model.parameters():
+            q.add_(0.02 * torch.randn(q.shape, generator=torch.Generator().manual_seed(1)))
+    student = tmp_path / "student"
+    model.save_pretrained(student)
+    tok.save_pretrained(student)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    data = tmp_path / "train.pt"
+    torch.save(torch.randint(1, vocab, (6, 16), generator=torch.Generator().manual_seed(0)), data)
+    cache = tmp_path / "cache"
+    assert main(["teacher-logits", "--teacher", teacher, "--data", str(data), "--top-k", "8",
+                 "--out", str(cache)]) == 0
+    info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert info["tokens"] == 96 and info["bytes_per_token"] == 68 and (cache / MANIFEST).is_file()
+    run = tmp_path / "run"
+    common = ["--data", str(data), "--steps", "2", "--batch-size", "2", "--no-progress", "--no-plot",
+              "--save-every", "0", "--eval-every", "0"]
+    assert main(["distill", "--student", str(student), "--teacher-cache", str(cache), *common,
+                 "--output-dir", str(run)]) == 0
+    assert [r["kd_loss"] > 0 for r in rows(run, "train")] == [True, True]
+    assert main(["distill", "--teacher-cache", str(cache), *common, "--output-dir", str(tmp_path / "r2")]) == 2
+    assert "--teacher-cache needs --student" in capsys.readouterr().err
+    other = tmp_path / "other.pt"
+    torch.save(torch.randint(1, vocab, (6, 16), generator=torch.Generator().manual_seed(9)), other)
+    assert main(["distill", "--student", str(student), "--teacher-cache", str(cache), *common[2:], "--data",
+                 str(other), "--output-dir", str(tmp_path / "r3")]) == 2
+    assert "built from other tokens" in capsys.readouterr().err

@@ -16,8 +16,10 @@ def embed_rows(model: nn.Module) -> int:
     return int(model.get_input_embeddings().weight.shape[0])
 
 
-def check_models(student: nn.Module, teacher: nn.Module, cfg: DistillConfig) -> None:
+def check_models(student: nn.Module, teacher: nn.Module | None, cfg: DistillConfig) -> None:
     for name, m in (("student", student), ("teacher", teacher)):
+        if m is None:  # an offline teacher (a cache of its logits)
+            continue
         mpe = getattr(getattr(m, "config", None), "max_position_embeddings", None)
         if mpe is not None and cfg.seq_len is not None and cfg.seq_len > mpe:
             raise ValueError(

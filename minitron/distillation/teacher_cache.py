@@ -216,3 +216,31 @@ class TeacherCache:
             raise ValueError(f"teacher cache {self.path} has no block {missing[0]} (it holds "
                              f"{self.manifest['data']['n_blocks']})")
         return torch.cat(out["ids"]).long(), torch.cat(out["logits"]), torch.cat(out["lse"])
+
+
+def as_teacher_cache(teacher: Any) -> TeacherCache | None:
+    """The :class:`TeacherCache` ``teacher`` names (a cache or its directory), None for a teacher model.
+
+    Raises:
+        ValueError: a path that is not a teacher cache.
+    """
+    if isinstance(teacher, TeacherCache):
+        return teacher
+    if isinstance(teacher, (str, Path)):
+        return TeacherCache(teacher)  # raises for a directory without a manifest
+    return None
+
+
+def check_cached_run(cache: TeacherCache, cfg: Any, student: nn.Module, blocks: torch.Tensor, tokenizer: Any) -> None:
+    """Raise a one-line ValueError unless ``distill`` can train ``student`` on ``blocks`` from ``cache``."""
+    if cfg.intermediate_layers:
+        raise ValueError("intermediate_layers need the teacher's hidden states, which a teacher cache does not hold: "
+                         "drop intermediate_layers or pass the teacher model")
+    if cfg.logits_loss != "forward_kl":
+        raise ValueError(f"logits_loss={cfg.logits_loss!r} with a teacher cache: only forward_kl (top-k + tail) "
+                         "is defined from cached logits; use logits_loss='forward_kl' or the teacher model")
+    cache.check(blocks, tokenizer, top_k=cfg.top_k, temperature=cfg.temperature)
+    vs = int(lm_head_params(student)[0].shape[0])
+    if int(cache.manifest["vocab_size"]) > vs:
+        raise ValueError(f"teacher cache {cache.path} ranks {cache.manifest['vocab_size']} ids but the student has {vs}: "
+                         f"rebuild it with cache_teacher_logits(..., vocab_size={vs})")
