@@ -263,6 +263,19 @@ def test_torch_compile_reference_path_matches_eager():
         torch.testing.assert_close(g[k], v, rtol=1e-6, atol=1e-7)
 
 
+def test_autocast_keeps_fp32_logits_in_both_terms():
+    """Under CPU bf16 autocast: the same loss as bf16 inputs without autocast (fp32 logits, CE included)."""
+    inputs = _inputs(21, 16, 12, 131, 131, bias=True)
+    labels = _labels(21, 131)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, g = _grads(_ours, inputs, labels=labels)
+    half = {k: (v.to(torch.bfloat16) if k in ("student_input", "student_weight", "teacher_input", "teacher_weight")
+                else v) for k, v in inputs.items()}
+    ref = _ours(**{k: v.detach() for k, v in half.items()}, labels=labels)
+    assert got.dtype == torch.float32 and g["student_weight"].dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-7)
+
+
 def test_return_soft_hard_loss_and_repr():
     inputs = _inputs(10, 8, 8, 31, 31)
     labels = _labels(10, 31)
