@@ -16,8 +16,10 @@ across ranks with ``average_tokens_across_devices``), so accumulated gradients e
 
 The teacher is not part of ``self.model``: it is never saved in checkpoints, never given to the
 optimizer, kept in eval mode with ``requires_grad=False`` and moved to the student's device on first
-use. Under FSDP the teacher is not sharded (each rank holds a full copy); the student's lm_head weight
-is read directly by the loss, which is only gathered when the lm_head sits in the root FSDP unit.
+use. Under FSDP the teacher is not sharded (each rank holds a full copy), and the loss reads the
+student's lm_head weight outside the lm_head's own forward, so the lm_head must sit in the root FSDP
+unit (whose parameters FSDP2 keeps gathered from forward to backward); DDP and FSDP are not tested here
+(the tests are single-process, CPU).
 """
 
 from __future__ import annotations
