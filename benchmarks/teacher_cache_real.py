@@ -93,7 +93,9 @@ def _report(args, base: dict, rows: list, train: torch.Tensor) -> str:
         f"{base['student_ppl']:.1f} before training). Every run: the same {train.shape[0]} blocks x "
         f"{train.shape[1]} tokens ({train.numel()} tokens, each block once), forward KL, KD only, lr {args.lr} "
         f"cosine, fp32, CPU. Held-out: the first {args.eval_blocks} blocks of the built-in valid split. "
-        "Timings (tokens/s, cache build time) are not measured: the machine is shared with other jobs.",
+        "Timings (tokens/s, cache build time) are not measured: the machine is shared with other jobs. "
+        f"One seed and {args.steps} steps: no noise estimate, so differences of a few percent between rows are "
+        "not resolved.",
         "",
         md_table(["teacher", "held-out ppl after", "x teacher", "bytes/token (8k+4)", "bytes/token on disk",
                   "tokens/s", "cache build time"], rows, "lrrrrll"),
