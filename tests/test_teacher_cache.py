@@ -241,3 +241,51 @@ def test_cli_teacher_logits_then_distill_from_the_cache(tmp_path, capsys):
     assert main(["distill", "--student", str(student), "--teacher-cache", str(cache), *common[2:], "--data",
                  str(other), "--output-dir", str(tmp_path / "r3")]) == 2
     assert "built from other tokens" in capsys.readouterr().err
+
+
+CACHED_DDP_SCRIPT = """
+import sys, torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from minitron.distillation import distill, DistillConfig
+
+torch.set_num_threads(1)
+torch.manual_seed(1)
+student = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64))
+data = torch.load(sys.argv[2])
+distill(student, sys.argv[1], data, config=DistillConfig(steps=3, batch_size=4, grad_accum=2, lr=1e-2, warmup_steps=0,
+        save_every=0, eval_every=0, output_dir=sys.argv[3], parallel=sys.argv[4], progress=False, plot=False))
+"""
+
+
+def test_cached_distill_under_ddp_matches_one_process(tmp_path):
+    """Each rank reads its own blocks' rows from the cache: 2 gloo processes train like one."""
+    import os
+    import subprocess
+    import sys
+
+    import torch.distributed as dist
+
+    from tests.helpers import rows
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("needs gloo")
+    blocks = torch.randint(0, V, (16, 16), generator=torch.Generator().manual_seed(0))
+    torch.save(blocks, tmp_path / "data.pt")
+    cache = cache_teacher_logits(tiny(seed=0), blocks, tmp_path / "cache", top_k=8)
+    script = tmp_path / "run.py"
+    script.write_text(CACHED_DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    args = [str(script), str(cache), str(tmp_path / "data.pt")]
+    one = subprocess.run([sys.executable, *args, str(tmp_path / "one"), "none"], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args,
+                          str(tmp_path / "two"), "ddp"], env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = rows(tmp_path / "one", "train"), rows(tmp_path / "two", "train")
+    assert len(a) == len(b) == 3
+    for x, y in zip(a, b):  # rtol 1e-4 as tests/test_distill_dist.py: fp32 all-reduce vs one-process sums
+        assert y["kd_loss"] == pytest.approx(x["kd_loss"], rel=1e-4)
+        assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-4)
+    assert a[0]["kd_loss"] != pytest.approx(a[-1]["kd_loss"], rel=1e-2)  # the steps trained
