@@ -93,7 +93,18 @@ def _needs_tokenizer(data: Any) -> bool:
 
 
 def resolve_tokenizer(student: Any, tokenizer: Any, datas: Sequence[Any]) -> Any:
-    """``tokenizer``, else the student's own (loaded from its local path) when some data is text."""
+    """``tokenizer``, else the student's own (loaded from its local path) when some data is text.
+
+    Args:
+        student: the student model (its local path holds the tokenizer).
+        tokenizer: the user's tokenizer, or None.
+        datas: the run's data sources (None entries ignored).
+    Returns:
+        The tokenizer to use (None when every source is token ids).
+    Example:
+        >>> resolve_tokenizer(student, None, [torch.zeros(2, 8, dtype=torch.long)]) is None
+        True
+    """
     if tokenizer is not None or not any(d is not None and _needs_tokenizer(d) for d in datas):
         return tokenizer
     from minitron.models import resolve_tokenizer as student_tokenizer

@@ -39,7 +39,15 @@ CACHE_FORMAT = "minitron-teacher-topk-v1"
 
 
 def weights_digest(model: nn.Module) -> str:
-    """BLAKE2b digest of every tensor of ``model``'s state dict (names, dtypes, shapes and bytes)."""
+    """BLAKE2b digest of every tensor of ``model``'s state dict (names, dtypes, shapes and bytes).
+
+    Args:
+        model: any module (its state dict is read once, on the CPU).
+    Returns:
+        32 hex characters.
+    Example:
+        >>> weights_digest(torch.nn.Linear(2, 2))[:8]
+    """
     h = hashlib.blake2b(digest_size=16)
     for name, t in model.state_dict().items():
         t = t.detach().to("cpu").contiguous()
@@ -49,7 +57,16 @@ def weights_digest(model: nn.Module) -> str:
 
 
 def tokenizer_digest(tokenizer: Any) -> str | None:
-    """BLAKE2b digest of a tokenizer's vocabulary (token -> id), None without a tokenizer."""
+    """BLAKE2b digest of a tokenizer's vocabulary (token -> id), None without a tokenizer.
+
+    Args:
+        tokenizer: anything with ``get_vocab()``, or None.
+    Returns:
+        32 hex characters, or None.
+    Example:
+        >>> tokenizer_digest(None) is None
+        True
+    """
     if tokenizer is None or not hasattr(tokenizer, "get_vocab"):
         return None
     vocab = sorted(tokenizer.get_vocab().items())
@@ -221,6 +238,13 @@ class TeacherCache:
 def as_teacher_cache(teacher: Any) -> TeacherCache | None:
     """The :class:`TeacherCache` ``teacher`` names (a cache or its directory), None for a teacher model.
 
+    Args:
+        teacher: what :func:`minitron.distill` got as its teacher.
+    Returns:
+        The opened cache, or None when ``teacher`` is a model.
+    Example:
+        >>> as_teacher_cache("cache/").top_k
+        64
     Raises:
         ValueError: a path that is not a teacher cache.
     """
@@ -232,7 +256,18 @@ def as_teacher_cache(teacher: Any) -> TeacherCache | None:
 
 
 def check_cached_run(cache: TeacherCache, cfg: Any, student: nn.Module, blocks: torch.Tensor, tokenizer: Any) -> None:
-    """Raise a one-line ValueError unless ``distill`` can train ``student`` on ``blocks`` from ``cache``."""
+    """Raise a one-line ValueError unless ``distill`` can train ``student`` on ``blocks`` from ``cache``.
+
+    Args:
+        cache: the offline teacher.
+        cfg: the run's :class:`~minitron.distillation.DistillConfig` (forward KL, no intermediate layers,
+            its ``top_k`` None or the cache's, the cache's temperature).
+        student: the model to train (its vocabulary must hold every cached id).
+        blocks: (n, T) training token ids (must be the cached ones).
+        tokenizer: the run's tokenizer (its vocabulary must be the cache's when both are known).
+    Example:
+        >>> check_cached_run(TeacherCache("cache/"), cfg, student, train_blocks, tok)
+    """
     if cfg.intermediate_layers:
         raise ValueError("intermediate_layers need the teacher's hidden states, which a teacher cache does not hold: "
                          "drop intermediate_layers or pass the teacher model")

@@ -90,6 +90,11 @@ def kd_targets(inputs: dict[str, Any], kd_positions: str = "labels") -> tuple[to
 def count_kd_tokens(inputs: dict[str, Any], kd_positions: str = "labels") -> torch.Tensor:
     """Tokens :func:`batch_kd_loss` counts in one batch (its ``num_items_in_batch`` share).
 
+    Args:
+        inputs: a collated batch (see :func:`kd_targets`).
+        kd_positions: ``"labels"`` or ``"all"``.
+    Returns:
+        0-d integer tensor.
     Example:
         >>> int(count_kd_tokens({"input_ids": torch.tensor([[5, 6, 7]])}))
         2
