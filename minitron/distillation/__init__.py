@@ -7,6 +7,7 @@ Example:
 """
 
 from minitron.distillation.config import DistillConfig
+from minitron.distillation.teacher_cache import TeacherCache, cache_teacher_logits
 from minitron.distillation.trainer import NonFiniteLossError, Trainer, distill
 from minitron.losses.cross_entropy import linear_cross_entropy
 from minitron.losses.intermediate import IntermediateProjections, dynamic_alpha, intermediate_state_loss
@@ -15,7 +16,9 @@ __all__ = [
     "DistillConfig",
     "IntermediateProjections",
     "NonFiniteLossError",
+    "TeacherCache",
     "Trainer",
+    "cache_teacher_logits",
     "distill",
     "dynamic_alpha",
     "intermediate_state_loss",

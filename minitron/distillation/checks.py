@@ -17,14 +17,36 @@ def embed_rows(model: nn.Module) -> int:
     return int(model.get_input_embeddings().weight.shape[0])
 
 
-def check_models(student: nn.Module, teacher: nn.Module, cfg: DistillConfig) -> None:
+def check_models(student: nn.Module, teacher: nn.Module | None, cfg: DistillConfig) -> None:
     """Raise a one-line ValueError before any data is read if the models cannot be distilled.
 
     The student must be another model than the teacher (sharing no parameter: the teacher is
     frozen), both must hold finite weights, a student with more vocabulary rows than the teacher
     cannot be trained with reverse KL (infinite), ``seq_len`` must fit their positions and the
-    logits must be ``hidden @ lm_head.T``.
+    logits must be ``hidden @ lm_head.T``. ``teacher=None`` (an offline teacher: a cache of its logits)
+    checks the student alone.
     """
+    if teacher is None:
+        check_finite_weights(student, "student")
+    else:
+        _check_teacher(student, teacher, cfg)
+    for name, m in (("student", student), ("teacher", teacher)):
+        if m is None:  # an offline teacher (a cache of its logits)
+            continue
+        mpe = getattr(getattr(m, "config", None), "max_position_embeddings", None)
+        if mpe is not None and cfg.seq_len is not None and cfg.seq_len > mpe:
+            raise ValueError(
+                f"seq_len={cfg.seq_len} exceeds the {name}'s max_position_embeddings={mpe}; "
+                f"lower DistillConfig.seq_len to at most {mpe}"
+            )
+        for attr in ("final_logit_softcapping", "logit_scale"):
+            if getattr(getattr(m, "config", None), attr, None) not in (None, 1.0):
+                raise ValueError(
+                    f"the {name} config sets {attr}; logits = hidden @ lm_head.T is assumed, which this model breaks"
+                )
+
+
+def _check_teacher(student: nn.Module, teacher: nn.Module, cfg: DistillConfig) -> None:
     shared = {id(p) for p in teacher.parameters()}.intersection(id(p) for p in student.parameters())
     if student is teacher or shared:
         same = "the same model" if student is teacher else f"models sharing {len(shared)} parameter tensor(s)"
@@ -40,18 +62,6 @@ def check_models(student: nn.Module, teacher: nn.Module, cfg: DistillConfig) -> 
             f"here: the student's lm_head has {vs} rows, the teacher's {vt}, and any student probability on ids >= "
             f"{vt} (which the teacher cannot produce) makes KL(student || teacher) infinite; use forward_kl or jsd "
             f"with jsd_beta < 1, or cut the student's vocabulary to the teacher's (student.resize_token_embeddings({vt}))")
-    for name, m in (("student", student), ("teacher", teacher)):
-        mpe = getattr(getattr(m, "config", None), "max_position_embeddings", None)
-        if mpe is not None and cfg.seq_len is not None and cfg.seq_len > mpe:
-            raise ValueError(
-                f"seq_len={cfg.seq_len} exceeds the {name}'s max_position_embeddings={mpe}; "
-                f"lower DistillConfig.seq_len to at most {mpe}"
-            )
-        for attr in ("final_logit_softcapping", "logit_scale"):
-            if getattr(getattr(m, "config", None), attr, None) not in (None, 1.0):
-                raise ValueError(
-                    f"the {name} config sets {attr}; logits = hidden @ lm_head.T is assumed, which this model breaks"
-                )
 
 
 def check_vocab(student: nn.Module, teacher: nn.Module, tokenizer: Any, teacher_tokenizer: Any,

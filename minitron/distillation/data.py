@@ -8,7 +8,8 @@ the batches the uninterrupted run would have seen.
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from typing import Any, Sequence
 
 import torch
 
@@ -80,3 +81,32 @@ def batch_indices(n_blocks: int, seed: int, step: int, micro: int, batch_size: i
         perm = torch.randperm(n_blocks, generator=g)
         out[sel] = perm[ks[sel] % n_blocks]
     return out
+
+
+def _needs_tokenizer(data: Any) -> bool:
+    if isinstance(data, torch.Tensor) or (isinstance(data, (str, os.PathLike)) and str(data).lower().endswith(".pt")):
+        return False
+    if isinstance(data, (list, tuple)) and data and not any(isinstance(d, str) for d in data):
+        return False  # token-id lists
+    cols = getattr(data, "column_names", None)
+    return not (cols is not None and "input_ids" in cols)
+
+
+def resolve_tokenizer(student: Any, tokenizer: Any, datas: Sequence[Any]) -> Any:
+    """``tokenizer``, else the student's own (loaded from its local path) when some data is text.
+
+    Args:
+        student: the student model (its local path holds the tokenizer).
+        tokenizer: the user's tokenizer, or None.
+        datas: the run's data sources (None entries ignored).
+    Returns:
+        The tokenizer to use (None when every source is token ids).
+    Example:
+        >>> resolve_tokenizer(student, None, [torch.zeros(2, 8, dtype=torch.long)]) is None
+        True
+    """
+    if tokenizer is not None or not any(d is not None and _needs_tokenizer(d) for d in datas):
+        return tokenizer
+    from minitron.models import resolve_tokenizer as student_tokenizer
+
+    return student_tokenizer(student, required=True)

@@ -17,6 +17,8 @@ from minitron.distillation.config import DistillConfig
 from minitron.losses import linear_kd_loss
 from minitron.losses.cross_entropy import linear_cross_entropy, softcap_of
 from minitron.losses.intermediate import IntermediateProjections, dynamic_alpha, intermediate_state_loss
+from minitron.losses.cached import topk_tail_kd_loss
+from minitron.losses.linear_kd import shared_vocab_head
 
 
 def hidden_size(model: nn.Module) -> int:
@@ -26,14 +28,6 @@ def hidden_size(model: nn.Module) -> int:
 # the most probability a larger-vocabulary teacher may put on ids the student lacks (per token of
 # the first batch) for its extra lm_head rows to count as padding; the KD losses renormalise it away
 TEACHER_OUTSIDE_MASS_LIMIT = 1e-3
-
-
-def shared_vocab_head(weight: torch.Tensor, bias: torch.Tensor | None, vocab: int
-                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The first ``vocab`` rows of an lm_head (all of it if it has no more): softmax over them renormalises."""
-    if weight.shape[0] <= vocab:
-        return weight, bias
-    return weight[:vocab], None if bias is None else bias[:vocab]
 
 
 @torch.no_grad()
@@ -69,15 +63,20 @@ def check_teacher_padding(student: nn.Module, teacher: nn.Module, x: torch.Tenso
 
 
 class DistillModule(nn.Module):
-    """Student + frozen teacher + projections; ``forward`` returns a dict of losses."""
+    """Student + frozen teacher + projections; ``forward`` returns a dict of losses.
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, cfg: DistillConfig) -> None:
+    ``teacher=None``: an offline teacher (:mod:`minitron.distillation.teacher_cache`); ``forward`` then
+    takes the cached ``(ids, logits, lse)`` of its blocks and the KD loss is the top-k + tail KL.
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, cfg: DistillConfig) -> None:
         super().__init__()
         self.student, self.teacher, self.cfg = student, teacher, cfg
         pairs = cfg.intermediate_layers or []
         self.projections = IntermediateProjections(pairs, hidden_size(student), hidden_size(teacher)) if pairs else None
         self._captured: dict[tuple[str, int], torch.Tensor] = {}
-        s_layers, t_layers = base_decoder(student).layers, base_decoder(teacher).layers
+        s_layers = base_decoder(student).layers
+        t_layers = base_decoder(teacher).layers if pairs else []
         for s, t in pairs:
             if not (0 <= s < len(s_layers) and 0 <= t < len(t_layers)):
                 raise ValueError(
@@ -103,10 +102,16 @@ class DistillModule(nn.Module):
 
         return hook
 
-    def forward(self, input_ids: torch.Tensor, mode: str = "train") -> dict[str, torch.Tensor]:
-        """input_ids (B, T) -> losses. ``mode="eval"`` returns per-token sums for exact averaging."""
+    def forward(self, input_ids: torch.Tensor, mode: str = "train", cached: tuple[torch.Tensor, ...] | None = None
+                ) -> dict[str, torch.Tensor]:
+        """input_ids (B, T) -> losses. ``mode="eval"`` returns per-token sums for exact averaging.
+
+        ``cached``: ``(ids (B, T, k), logits (B, T, k), lse (B, T))`` of an offline teacher (``teacher=None``).
+        """
         cfg = self.cfg
         self._captured.clear()
+        if self.teacher is None:
+            return self._forward_cached(input_ids, mode, cached)
         h_t = None
         if mode == "eval" or cfg.kd_weight > 0:  # a CE-only run never needs the teacher
             with torch.no_grad():
@@ -159,4 +164,34 @@ class DistillModule(nn.Module):
             total = total + cfg.clm_weight * ce
         out["loss"] = total
         self._captured.clear()
+        return out
+
+    def _forward_cached(self, input_ids: torch.Tensor, mode: str, cached: tuple[torch.Tensor, ...] | None
+                        ) -> dict[str, torch.Tensor]:
+        """Losses against an offline teacher: top-k + tail KL on every position, optional CLM term."""
+        cfg = self.cfg
+        h_s = base_decoder(self.student)(input_ids=input_ids, use_cache=False).last_hidden_state  # (B, T, Hs)
+        ws, bs = lm_head_params(self.student)
+        cap_s = softcap_of(self.student)
+        labels = input_ids[:, 1:].reshape(-1)  # (B*(T-1),)
+        h_lm = h_s[:, :-1].reshape(-1, h_s.shape[-1])
+        if mode == "eval":  # no teacher for the eval data: its metrics are NaN
+            ce = linear_cross_entropy(h_lm, ws, labels, bs, chunk_size=cfg.ce_chunk_size, softcap=cap_s)
+            nan = ce.new_tensor(float("nan"))
+            return {"lm_sum": ce * labels.numel(), "teacher_lm_sum": nan, "kl_sum": nan,
+                    "n_lm": ce.new_tensor(float(labels.numel())), "n_tok": ce.new_tensor(float(input_ids.numel()))}
+        zero = h_s.new_zeros((), dtype=torch.float32)
+        out = {"kd_loss": zero, "ce_loss": zero, "is_loss": zero, "alpha": zero}
+        total = zero
+        if cfg.kd_weight > 0:
+            if cached is None:
+                raise ValueError("a DistillModule without a teacher needs the cached teacher rows of its batch")
+            ids, z, lse = cached
+            out["kd_loss"] = kd = topk_tail_kd_loss(h_s, ws, ids, z, lse, student_bias=bs, temperature=cfg.temperature,
+                                                    chunk_size=cfg.ce_chunk_size, student_softcap=cap_s)
+            total = total + cfg.kd_weight * kd
+        if cfg.clm_weight > 0:
+            out["ce_loss"] = ce = linear_cross_entropy(h_lm, ws, labels, bs, chunk_size=cfg.ce_chunk_size, softcap=cap_s)
+            total = total + cfg.clm_weight * ce
+        out["loss"] = total
         return out

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
 from contextlib import nullcontext
@@ -34,13 +33,14 @@ from minitron.distillation.checkpoint import last_good_checkpoint, rng_state, sa
 from minitron.distillation.checks import check_models, check_vocab, local_dir
 from minitron.data import resolve_seq_len
 from minitron.distillation.config import DEFAULT_DISTILL_SEQ_LEN, DistillConfig
-from minitron.distillation.data import batch_indices, check_nonempty, load_blocks
+from minitron.distillation.data import batch_indices, check_nonempty, load_blocks, resolve_tokenizer
 from minitron.distillation.metrics import append_row, truncated_text
 from minitron.distillation.module import TEACHER_OUTSIDE_MASS_LIMIT, DistillModule, check_teacher_padding
 from minitron.distillation.optim import make_optimizer
 from minitron.distillation.plotting import plot_loss_curve
 from minitron.distillation.run_dir import (METRICS, PLOT, RUN_FILE, check_run_dir, load_resumable, open_run_dir,
                                           run_fingerprint, start_over)
+from minitron.distillation.teacher_cache import TeacherCache, as_teacher_cache, check_cached_run
 from minitron.losses import check_impl_device
 from minitron.outputs import write_output_dir
 from minitron.owned import record_prefix, replace_owned, write_text_owned
@@ -55,30 +55,9 @@ class NonFiniteLossError(ValueError, FloatingPointError):
     """The training loss became NaN/inf; the run stopped before the optimizer step."""
 
 
-# --------------------------------------------------------------------------------------------
-# tokenizer
-
-
-def _needs_tokenizer(data: Any) -> bool:
-    if isinstance(data, torch.Tensor) or (isinstance(data, (str, os.PathLike)) and str(data).lower().endswith(".pt")):
-        return False
-    if isinstance(data, (list, tuple)) and data and not any(isinstance(d, str) for d in data):
-        return False  # token-id lists
-    cols = getattr(data, "column_names", None)
-    return not (cols is not None and "input_ids" in cols)
-
-
-def _resolve_tokenizer(student: nn.Module, tokenizer: Any, datas: Sequence[Any]) -> Any:
-    if tokenizer is not None or not any(d is not None and _needs_tokenizer(d) for d in datas):
-        return tokenizer
-    from minitron.models import resolve_tokenizer
-
-    return resolve_tokenizer(student, required=True)
-
-
 def distill(
     student: nn.Module,
-    teacher: nn.Module,
+    teacher: nn.Module | str | TeacherCache,
     train_data: Any,
     eval_data: Any = None,
     config: DistillConfig | None = None,
@@ -115,6 +94,9 @@ def distill(
     Args:
         student: Hugging Face causal LM to train (e.g. a pruned teacher); trained in place.
         teacher: Hugging Face causal LM; frozen (eval mode, no grad). Vocab sizes may differ (see above)
+            Or an offline teacher: a :func:`cache_teacher_logits` directory (or :class:`TeacherCache`) of this
+            data; the KD loss is then the top-k + tail KL (forward KL only), no teacher is loaded, and the eval
+            metrics of the teacher are NaN. A cache of other data, tokenizer, top_k or temperature is refused.
             if the token ids agree.
         train_data: ``datasets.Dataset`` (``text``/``input_ids``), list of strings or of token-id lists,
             ``.txt``/``.jsonl`` (or ``.pt`` token-id) path, or LongTensor of token ids; packed into
@@ -140,27 +122,34 @@ def distill(
     cfg = config if config is not None else DistillConfig()
     if overrides:
         cfg = DistillConfig(**{**cfg.to_dict(), **overrides})
+    cache = as_teacher_cache(teacher)  # an offline teacher: no model
+    teacher = None if cache is not None else teacher
     env = D.setup(cfg)
     check_impl_device(cfg.loss_impl, env.device, name="loss_impl")
     if cfg.batch_size % env.world:
         raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the world size {env.world} "
                          "(it is the global micro-batch, split across ranks)")
     out_dir = Path(cfg.output_dir)
-    check_run_dir(out_dir, overwrite=cfg.overwrite, inputs=[local_dir(m) for m in (student, teacher, tokenizer,
-                                                                              teacher_tokenizer)] + [train_data, eval_data])
+    check_run_dir(out_dir, overwrite=cfg.overwrite,
+                  inputs=[local_dir(m) for m in (student, teacher, tokenizer, teacher_tokenizer)]
+                  + [train_data, eval_data] + ([str(cache.path)] if cache is not None else []))
     D.barrier(env.world)  # every rank has checked output_dir before rank 0 locks and writes it
     if cfg.seq_len is None:  # the data's own rows, else the default that fits both models
         cfg = DistillConfig(**{**cfg.to_dict(), "seq_len": resolve_seq_len(
-            train_data, None, [student, teacher], default=DEFAULT_DISTILL_SEQ_LEN)})
+            train_data, cache.manifest["seq_len"] if cache else None, [student, teacher], default=DEFAULT_DISTILL_SEQ_LEN)})
     check_models(student, teacher, cfg)
     for d in (train_data, eval_data):
         check_nonempty(d)
-    tokenizer = _resolve_tokenizer(student, tokenizer, [train_data, eval_data])
+    tokenizer = resolve_tokenizer(student, tokenizer, [train_data, eval_data])
     train_blocks = load_blocks(train_data, tokenizer, cfg.seq_len, chat_template=cfg.chat_template)  # (n, T)
     eval_blocks = (load_blocks(eval_data, tokenizer, cfg.seq_len, chat_template=cfg.chat_template)
                    if eval_data is not None else None)
-    check_vocab(student, teacher, tokenizer, teacher_tokenizer, [train_blocks] + ([eval_blocks] if eval_blocks is not None else []))
-    run_info = run_fingerprint(cfg, student, teacher, train_blocks)
+    if cache is not None:
+        check_cached_run(cache, cfg, student, train_blocks, tokenizer)
+    check_vocab(student, teacher or student, tokenizer, teacher_tokenizer, [train_blocks] + ([eval_blocks] if eval_blocks is not None else []))
+    run_info = run_fingerprint(cfg, student, teacher or student, train_blocks)
+    if cache is not None:  # the cached teacher's identity instead of a model's shapes
+        run_info["teacher"] = {"cache_weights_digest": [cache.manifest["teacher"]["weights_digest"]]}
 
     lock = open_run_dir(out_dir) if env.is_main else None
     try:
@@ -168,7 +157,7 @@ def distill(
         if resumed is None and env.is_main:
             start_over(out_dir)
         trainer = Trainer(student, teacher, cfg, train_blocks, eval_blocks, env, tokenizer=tokenizer,
-                          callbacks=callbacks, run_info=run_info)
+                          callbacks=callbacks, run_info=run_info, cache=cache)
         return trainer.run(resumed)
     finally:
         if lock is not None:
@@ -190,10 +179,11 @@ class Trainer:
     resumed run continues exactly like the uninterrupted one.
     """
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, cfg: DistillConfig, train_blocks: torch.Tensor,
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, cfg: DistillConfig, train_blocks: torch.Tensor,
                  eval_blocks: torch.Tensor | None, env: D.DistEnv, *, tokenizer: Any = None,
-                 callbacks: Sequence[Callback] | None = None, run_info: dict | None = None) -> None:
-        self.student, self.teacher, self.cfg, self.env = student, teacher, cfg, env
+                 callbacks: Sequence[Callback] | None = None, run_info: dict | None = None,
+                 cache: TeacherCache | None = None) -> None:
+        self.student, self.teacher, self.cfg, self.env, self.cache = student, teacher, cfg, env, cache
         self.train_blocks, self.eval_blocks = train_blocks, eval_blocks  # (n, T) token ids
         self.tokenizer, self.callbacks, self.run_info = tokenizer, list(callbacks or ()), run_info or {}
         self.out_dir = Path(cfg.output_dir)
@@ -201,16 +191,15 @@ class Trainer:
         self.per_rank = cfg.batch_size // env.world
         self.step = 0  # optimizer steps done
         device = env.device
-        teacher.eval()
-        teacher.requires_grad_(False)
+        if teacher is not None:
+            teacher.eval().requires_grad_(False).to(device)
         student.train()
         student.to(device)
-        teacher.to(device)
-        if cfg.kd_weight > 0:  # before wrapping: a plain forward of the teacher, same on every rank
+        if cfg.kd_weight > 0 and teacher is not None:  # before wrapping: a plain forward of the teacher, same on every rank
             first = batch_indices(train_blocks.shape[0], cfg.seed, 0, 0, cfg.batch_size, cfg.grad_accum)
             check_teacher_padding(student, teacher, train_blocks[first], cfg, device)
         self.module = DistillModule(student, teacher, cfg).to(device)
-        self.wrapped = D.wrap(self.module, env, (student, teacher))
+        self.wrapped = D.wrap(self.module, env, [m for m in (student, teacher) if m is not None])
         # after wrapping: FSDP replaces the parameters by sharded ones
         self.train_params = [(n, p) for n, p in self.module.named_parameters()
                              if p.requires_grad and not n.startswith("teacher.")]
@@ -332,10 +321,12 @@ class Trainer:
         acc = torch.zeros(len(_KEYS), device=env.device)
         for micro in range(cfg.grad_accum):
             idx = batch_indices(self.train_blocks.shape[0], cfg.seed, self.step, micro, cfg.batch_size, cfg.grad_accum)
-            x = self.train_blocks[idx[env.rank * self.per_rank : (env.rank + 1) * self.per_rank]].to(env.device)  # (b, T)
+            mine = idx[env.rank * self.per_rank : (env.rank + 1) * self.per_rank]
+            x = self.train_blocks[mine].to(env.device)  # (b, T)
+            cached = None if self.cache is None else [t.to(env.device) for t in self.cache.rows(mine)]
             sync = micro == cfg.grad_accum - 1 or env.mode != "ddp"
             with (nullcontext() if sync else self.wrapped.no_sync()), self.autocast():
-                out = self.wrapped(x)
+                out = self.wrapped(x, cached=cached)
                 (out["loss"] / cfg.grad_accum).backward()
             acc += torch.stack([out[k].detach().float() for k in _KEYS]) / cfg.grad_accum
         vals = dict(zip(_KEYS, D.all_mean(acc, env.world).cpu().tolist()))

@@ -15,6 +15,10 @@ auto      triton for CUDA inputs when triton imports, else chunked
 
 The path is picked by :mod:`minitron.dispatch`; the loss tensor reports it as ``loss.impl``.
 
+Drop-in loss with Liger's ``LigerFusedLinearJSDLoss`` contract (hard CE + soft KD, labels, padding
+masks, ``num_items_in_batch``): :class:`LinearKDLoss` / :func:`fused_linear_kd_loss` in
+:mod:`minitron.losses.linear_kd`, built on :func:`linear_kd_loss`.
+
 Other losses: :mod:`minitron.losses.cross_entropy` (chunked next-token CE from hidden states),
 :mod:`minitron.losses.intermediate` (intermediate-state loss and its dynamic weight).
 """
@@ -29,11 +33,12 @@ import torch
 from minitron.dispatch import Dispatch, check_device
 from minitron.losses.cross_entropy import linear_cross_entropy
 from minitron.losses.fused import KDConfig, linear_kd_loss_fused
+from minitron.losses.linear_kd import LinearKDLoss, fused_linear_kd_loss
 from minitron.losses.intermediate import IntermediateProjections, dynamic_alpha, intermediate_state_loss
 from minitron.losses.reference import LOSSES, REDUCTIONS, keep_mask, linear_kd_loss_naive
 from minitron_kernels.fused_kl_reference import kd_chunk_reference, loss_kind
 
-__all__ = ["linear_kd_loss", "last_impl", "linear_kd_loss_naive", "IMPLS", "check_impl_device", "KD_CHUNK",
+__all__ = ["LinearKDLoss", "fused_linear_kd_loss", "linear_kd_loss", "last_impl", "linear_kd_loss_naive", "IMPLS", "check_impl_device", "KD_CHUNK",
            "linear_cross_entropy", "IntermediateProjections", "dynamic_alpha", "intermediate_state_loss"]
 
 #: the chunk op of the chunked / triton paths; ``naive`` is the full-logits reference (no chunk op)
@@ -149,10 +154,11 @@ def linear_kd_loss(
             )
     choice = KD_CHUNK.select(impl, student_hidden.device)
     name = choice.name
-    _last_path.set(name)
-    if name not in _LOGGED:
-        _LOGGED.add(name)
-        logger.info("linear_kd_loss: using the %s path", name)
+    if not torch.compiler.is_compiling():  # dynamo cannot trace ContextVar.set nor logging (graph breaks)
+        _last_path.set(name)
+        if name not in _LOGGED:
+            _LOGGED.add(name)
+            logger.info("linear_kd_loss: using the %s path", name)
     kwargs = dict(loss=loss, beta=beta, temperature=temperature, top_k=top_k, reduction=reduction)
     if name == "naive":
         out = linear_kd_loss_naive(
