@@ -10,7 +10,6 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from tests.helpers import T, V, small_student, tiny
 
