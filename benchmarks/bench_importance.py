@@ -1,7 +1,7 @@
 """Benchmark: overhead of importance collection hooks relative to a plain forward pass.
 
 A tiny Llama built from a config (no download) runs forward passes with and without hooks.
-Hooks follow METHOD.md section 1: the input of every ``mlp.down_proj`` and ``self_attn.o_proj``
+Hooks follow docs/method.md section 1: the input of every ``mlp.down_proj`` and ``self_attn.o_proj``
 and the output of every decoder-block norm feed an ``accumulate_`` update (seq=mean), and
 each decoder layer feeds ``block_importance_update_`` (cosine of its input and output).
 ``--impl`` picks the accumulation path (``reference`` on CPU; ``triton`` needs CUDA or

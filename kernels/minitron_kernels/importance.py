@@ -1,4 +1,4 @@
-"""Triton kernels for activation importance (Minitron, METHOD.md section 1).
+"""Triton kernels for activation importance (Minitron, docs/method.md section 1).
 
 ``accumulate_triton``: one pass over an activation (B, S, D) in its own dtype (no fp32 copy,
 no host sync). Grid (B, cdiv(D, BLOCK_D)); each program loops over S in tiles, reduces its

@@ -1,4 +1,4 @@
-"""Minitron architecture search (METHOD.md section 3): :func:`search` and its parts.
+"""Minitron architecture search (docs/method.md section 3): :func:`search` and its parts.
 
 - :mod:`.space`: the candidate grid (mixture-of-experts axes included) and exact parameter counts
   (:func:`enumerate_candidates`);

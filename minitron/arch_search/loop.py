@@ -1,4 +1,4 @@
-"""``minitron.search``: Minitron architecture search (METHOD.md section 3).
+"""``minitron.search``: Minitron architecture search (docs/method.md section 3).
 
 1. Enumerate every (layers, heads, FFN, hidden) combination (mixture-of-experts models: also
    experts, expert FFN and shared-expert FFN) whose exact parameter count lies in
@@ -64,7 +64,7 @@ def search(
     overwrite: bool = False,
     progress: bool = True,
 ) -> SearchResult:
-    """Search the best pruned architecture within a parameter budget (Minitron, METHOD.md section 3).
+    """Search the best pruned architecture within a parameter budget (Minitron, docs/method.md section 3).
 
     Args:
         model: a supported ``*ForCausalLM``; left unchanged (it is the distillation teacher).

@@ -1,4 +1,4 @@
-"""Knowledge distillation of Hugging Face causal LMs (Minitron recipe, METHOD.md section 4).
+"""Knowledge distillation of Hugging Face causal LMs (Minitron recipe, docs/method.md section 4).
 
 Example:
     >>> from minitron.distillation import distill, DistillConfig

@@ -19,7 +19,7 @@ DEFAULT_DISTILL_SEQ_LEN = 1024  # training blocks when neither the user nor the 
 class DistillConfig:
     """Hyper-parameters of :func:`minitron.distillation.distill`.
 
-    Defaults follow the Minitron recipe (METHOD.md section 4): forward KL at tau = 1,
+    Defaults follow the Minitron recipe (docs/method.md section 4): forward KL at tau = 1,
     KD loss only (``clm_weight=0``), LR 1e-4 -> 1e-5 cosine with 100 warmup steps.
 
     Args:

@@ -1,7 +1,7 @@
 """The model side of distillation: one root module whose ``forward`` returns the losses.
 
 :class:`DistillModule` holds the student, the frozen teacher and the intermediate-state
-projections, so DDP / ``fully_shard`` wrap a single root (METHOD.md section 4). Decoder stacks
+projections, so DDP / ``fully_shard`` wrap a single root (docs/method.md section 4). Decoder stacks
 and lm_heads are found through :mod:`minitron.adapters`; the losses are in :mod:`minitron.losses`.
 """
 

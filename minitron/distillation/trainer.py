@@ -1,6 +1,6 @@
 """Knowledge-distillation trainer: ``distill(student, teacher, train_data, ...)``.
 
-Loss (METHOD.md section 4): ``L = clm_weight * L_CLM + kd_weight * (L_logits + alpha * L_is)``.
+Loss (docs/method.md section 4): ``L = clm_weight * L_CLM + kd_weight * (L_logits + alpha * L_is)``.
 ``L_logits`` comes from :func:`minitron.losses.linear_kd_loss`, which takes the final normed
 hidden states and the lm_head weights (never logits), so a fused kernel plugs in; ``L_CLM`` is a
 chunked cross-entropy (:func:`minitron.losses.cross_entropy.linear_cross_entropy`); ``L_is`` and its

@@ -1,6 +1,6 @@
 """Streaming aggregation of activations into per-channel importance.
 
-Minitron (arXiv 2407.14679, METHOD.md section 1) scores a channel ``d`` of an
+Minitron (arXiv 2407.14679, docs/method.md section 1) scores a channel ``d`` of an
 activation ``a`` of shape (B, S, D) by reducing over the sequence, then over the
 batch. The winning combination, and our default, is batch=L2 / seq=mean::
 

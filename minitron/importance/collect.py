@@ -1,6 +1,6 @@
 """Activation-based importance of every prunable axis, from forward passes only.
 
-One calibration pass with forward hooks (METHOD.md section 1) streams fp32
+One calibration pass with forward hooks (docs/method.md section 1) streams fp32
 accumulators for
 - MLP neurons: the input of ``down_proj`` (B, S, f),
 - attention heads: the input of ``o_proj`` (B, S, n_heads * head_dim) (the paper's ``input``

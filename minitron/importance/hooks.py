@@ -1,7 +1,7 @@
 """The forward hooks of one calibration pass, with every per-site update batched.
 
 :func:`minitron.importance.collect.collect_importance` attaches a :class:`CalibrationHooks` to
-the decoder and runs it batch by batch. Sites (METHOD.md section 1):
+the decoder and runs it batch by batch. Sites (docs/method.md section 1):
 
 - ``mlp.{l}``: the input of ``down_proj`` (B, S, f);
 - ``attn.{l}``: the input of ``o_proj`` (B, S, n_heads * head_dim);

@@ -1,4 +1,4 @@
-"""Distillation losses: fused linear (lm_head) + KL divergence (METHOD.md sections 4-5).
+"""Distillation losses: fused linear (lm_head) + KL divergence (docs/method.md sections 4-5).
 
 :func:`linear_kd_loss` projects student and teacher hidden states through their lm_heads
 and returns the forward KL (or reverse KL / generalized JSD) per counted token, without

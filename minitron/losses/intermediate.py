@@ -2,7 +2,7 @@
 
 - :class:`IntermediateProjections` + :func:`intermediate_state_loss`: student decoder-layer outputs
   through a learned ``Linear(h_s, h_t)`` per layer pair vs the teacher's, MSE or 1 - cosine,
-  averaged over pairs (METHOD.md section 4, ``L_is``).
+  averaged over pairs (docs/method.md section 4, ``L_is``).
 - :func:`dynamic_alpha`: ModelOpt's ``LogitsAndIntermediatesLossBalancer`` scale, detached
   ``L_logits / L_is``, so ``alpha * L_is`` has the magnitude of ``L_logits``.
 """

@@ -5,7 +5,7 @@ are tested against, and the ``impl="naive"`` path itself. It is deliberately pla
 autograd: project both hidden states to logits in fp32, pad the smaller vocabulary with
 ``-inf``, optionally restrict to the teacher's top-k tokens (ModelOpt ``TopKLogitsKLLoss``
 style: gather both sides at the teacher's top-k indices and renormalise), and compute the
-divergence per token (METHOD.md section 4/5).
+divergence per token (docs/method.md section 4/5).
 
 Divergences (P = teacher, Q = student, both softmax(logits / tau)), Liger JSD convention:
     forward_kl:  KL(P || Q) = sum_v P (log P - log Q)

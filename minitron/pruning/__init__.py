@@ -4,7 +4,7 @@ Given importance scores (:mod:`minitron.importance`), a :class:`Target` (:mod:`.
 turned into a :class:`PrunePlan` of sorted keep-indices per axis (:mod:`.plan`), and the plan is
 applied to every weight (:mod:`.apply`).
 
-Axes (METHOD.md section 2):
+Axes (docs/method.md section 2):
 - hidden (embedding channels): one global selection for embed_tokens columns, all
   norms, q/k/v/gate/up input columns, o/down output rows, final norm, lm_head columns;
 - MLP neurons: gate/up rows and down columns, per layer, same count everywhere;
