@@ -129,6 +129,34 @@ def worker_prune(ckpt: str, out: str, mode: str, depth: str) -> dict:
             "bytes_read": read}
 
 
+def worker_phases(ckpt: str, out: str) -> dict:
+    """The streamed prune's two phases measured apart: calibration, then the surgery (VmHWM reset between)."""
+    import torch
+
+    import minitron
+    from minitron.ops.gather import gather_backend
+    from minitron.pruning import make_plan
+    from minitron.streaming import CheckpointReader, skeleton, streamed_importance
+    from minitron.streaming.write import plan_tensors, write_shards
+
+    from common import reset_hwm
+
+    gather_backend("cpu")
+    blocks = _blocks()
+    base = status_kb("VmRSS")
+    reader = CheckpointReader(ckpt)
+    model = skeleton(ckpt, None, reader)
+    reset_hwm()
+    scores = streamed_importance(reader, model, blocks, minitron.ImportanceConfig(batch_size=BATCH), progress=False)
+    calibration, after = status_kb("VmHWM") - base, status_kb("VmRSS") - base
+    reset_hwm()
+    plan = make_plan(scores, minitron.Target(**TARGET), model.config, depth_metric="bi")
+    Path(out).mkdir(parents=True)
+    write_shards(reader, model, plan_tensors(reader, model, plan), Path(out), 5 << 30)
+    return {"calibration_mb": calibration / 1024, "after_calibration_mb": after / 1024,
+            "write_mb": (status_kb("VmHWM") - base) / 1024, "threads": torch.get_num_threads()}
+
+
 def worker_compare(a: str, b: str) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
@@ -174,10 +202,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", default="/tmp/minitron-stream-bench")
     p.add_argument("--worker", nargs="+")
+    p.add_argument("--phases", action="store_true", help="only measure the streamed prune's two phases apart "
+                   "(results/stream_prune_phases.md)")
     args = p.parse_args()
     if args.worker:
         name, *rest = args.worker
-        result = {"make": worker_make, "prune": worker_prune, "compare": worker_compare}[name](*rest)
+        result = {"make": worker_make, "prune": worker_prune, "compare": worker_compare,
+                  "phases": worker_phases}[name](*rest)
         print(json.dumps(result))
         return
     work = Path(args.work)
@@ -185,6 +216,35 @@ def main() -> None:
     if not (ckpt / "config.json").is_file():
         _run("make", str(ckpt))
     size = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
+    if args.phases:
+        import shutil
+
+        shutil.rmtree(work / "phases", ignore_errors=True)
+        r = _run("phases", str(ckpt), str(work / "phases"))
+        from transformers import LlamaConfig
+
+        from minitron.streaming import expected_peak_bytes
+
+        e = expected_peak_bytes(LlamaConfig(**{k: v for k, v in SHAPE.items() if k != "dtype"}), SAMPLES, SEQ, BATCH,
+                                weight_bytes=2, act_bytes=2)
+        text = f"""# Streamed prune of the {size / 2**30:.2f} GiB checkpoint, phase by phase (CPU, {r['threads']} threads)
+
+Written by `benchmarks/stream_prune.py --phases` (same checkpoint, target and blocks as `stream_prune.md`,
+depth `bi`). VmHWM reset between the phases; MiB above the RSS after the imports.
+
+{md_table(["phase", "measured peak MiB", "formula MiB (expected_peak_bytes)"], [
+    ["calibration (one layer at a time)", f"{r['calibration_mb']:.0f}", f"{e['calibration'] / 2**20:.0f}"],
+    ["RSS left after calibration", f"{r['after_calibration_mb']:.0f}", "-"],
+    ["surgery + writing (16 MiB row chunks)", f"{r['write_mb']:.0f}",
+     f"{e['write_pass'] / 2**20:.0f} + what calibration left"]])}
+
+The formula leaves out what calibration leaves resident after its last layer (the second row); it was
+not broken down further (candidates: libraries and allocator caches touched by the first forward, heap
+fragments). The measured calibration peak exceeds the formula by about that amount.
+"""
+        write_result(RESULTS / "stream_prune_phases.md", text)
+        print(text)
+        return
     results, cmp = {}, {}
     for depth in ("bi", "ppl"):
         for mode in ("in-memory", "streamed"):

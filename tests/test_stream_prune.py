@@ -196,13 +196,19 @@ def test_refusals_write_nothing(tmp_path, calib_ids):
 def test_cli_stream(tmp_path, capsys):
     out = tmp_path / "pruned"
     fast = ["--model", "builtin-tiny", "--num-samples", "8", "--seq-len", "64", "--no-progress"]
+    scores = tmp_path / "scores.safetensors"
     assert main(["prune", *fast, "--stream", "--hidden-size", "192", "--ffn", "512", "--layers", "6",
-                 "--depth-metric", "bi", "--out", str(out)]) == 0
+                 "--depth-metric", "bi", "--out", str(out), "--save-scores", str(scores)]) == 0
     report = json.loads([line for line in capsys.readouterr().out.splitlines() if line.startswith("{")][-1])
     assert report["streamed"] and report["params_after"] < report["params_before"]
     assert report["config"]["hidden_size"] == 192 and report["config"]["num_hidden_layers"] == 6
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.intermediate_size == 512 and (out / "tokenizer.json").is_file()
+    # one streamed calibration, another target
+    assert minitron.ImportanceScores.load(scores).meta["num_samples"] == 8
+    assert main(["prune", *fast, "--stream", "--load-scores", str(scores), "--ffn", "256", "--out",
+                 str(tmp_path / "again")]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-2])["config"]["intermediate_size"] == 256
     assert main(["prune", *fast, "--stream", "--inplace", "--ffn", "512", "--out", str(tmp_path / "x")]) == 2
     assert "--stream cannot be combined with --inplace" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
