@@ -99,18 +99,23 @@ def check_finite_weights(model: nn.Module, what: str = "model") -> None:
     """
     from .offload import onloaded
 
-    seen: set[int] = set()  # tied weights checked once
+    # the names to check, each tied weight once: taken from the registered (persistent) tensors, since an
+    # offloaded module's onloaded copies are freed after each module and a later copy may reuse their id()
+    pending = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+
+    def own(prefix: str, module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+        tensors = (*module.named_parameters(recurse=False), *module.named_buffers(recurse=False))
+        return [(f"{prefix}.{name}" if prefix else name, t) for name, t in tensors]
+
     for prefix, module in model.named_modules():
-        own = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
-        if not own or all(id(t) in seen for _, t in own):
+        if not any(full in pending for full, _ in own(prefix, module)):
             continue
         with onloaded(module):  # an accelerate-offloaded module's weights are read from its offload store
-            for name, t in (*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)):
-                if id(t) in seen:
+            for full, t in own(prefix, module):
+                if full not in pending:
                     continue
-                seen.add(id(t))
+                pending.discard(full)
                 if t.is_floating_point() and not _all_finite(t.detach()):
-                    full = f"{prefix}.{name}" if prefix else name
                     raise ValueError(f"the {what}'s weight {full} holds NaN/inf values; the checkpoint is corrupt or "
                                      "overflowed (reload it, or load it in float32)")
 
