@@ -235,6 +235,28 @@ def tied_embeddings(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
+def layer_renumbering(config, plan: PrunePlan) -> dict[int, int]:
+    """Old decoder-layer index -> its index in the pruned model, for every kept layer."""
+    kept = plan.layers.tolist() if plan.layers is not None else list(range(config.num_hidden_layers))
+    return {old: new for new, old in enumerate(kept)}
+
+
+def renamed_key(key: str, layer_prefix: str, renumber: dict[int, int]) -> str | None:
+    """``key``'s name in the pruned model (its decoder layer renumbered), or None when that layer is dropped."""
+    if not key.startswith(layer_prefix):
+        return key
+    index, rest = key[len(layer_prefix):].split(".", 1)
+    new = renumber.get(int(index))
+    return None if new is None else f"{layer_prefix}{new}.{rest}"
+
+
+def head_folds(adapter: FamilyAdapter, plan: PrunePlan) -> dict[str, torch.Tensor]:
+    """``o_proj`` weight key -> kept query heads of its layer, for the head-residual fold (empty without it)."""
+    if not plan.head_residual:
+        return {}
+    return {f"{adapter.layers}.{l}.{adapter.o_proj}.weight": keep for l, keep in plan.heads.items()}
+
+
 def apply_plan(model: nn.Module, plan: PrunePlan, inplace: bool = False) -> nn.Module:
     """Build the pruned model described by ``plan``.
 
@@ -271,24 +293,19 @@ def apply_plan(model: nn.Module, plan: PrunePlan, inplace: bool = False) -> nn.M
     state = model.state_dict()
     if tied:
         state.pop(f"{adapter.lm_head}.weight", None)
-    kept = plan.layers.tolist() if plan.layers is not None else list(range(config.num_hidden_layers))
-    renumber = {old: new for new, old in enumerate(kept)}
+    renumber = layer_renumbering(config, plan)
     layer_prefix = adapter.layers + "."
     scales = _scalar_edits(model, adapter, plan)
     head_dim = head_dim_of(config)
     group = config.num_attention_heads // kv_heads_of(config)
-    folds = {f"{layer_prefix}{l}.{adapter.o_proj}.weight": keep for l, keep in plan.heads.items()} \
-        if plan.head_residual else {}
+    folds = head_folds(adapter, plan)
 
     new_state: dict[str, torch.Tensor] = {}
     for key in list(state):
         tensor = state.pop(key)
-        new_key = key
-        if key.startswith(layer_prefix):
-            index, rest = key[len(layer_prefix):].split(".", 1)
-            if int(index) not in renumber:
-                continue
-            new_key = f"{layer_prefix}{renumber[int(index)]}.{rest}"
+        new_key = renamed_key(key, layer_prefix, renumber)
+        if new_key is None:  # a dropped layer
+            continue
         if key in folds:  # a new tensor: the input model's weight stays as it was
             tensor = fold_dropped_heads(tensor, folds[key], group, head_dim)
         steps = ops.get(key)
@@ -324,11 +341,10 @@ def _fold_and_rescale_(model: nn.Module, adapter: FamilyAdapter, plan: PrunePlan
     the model's own tensors (the copy path makes new ones)."""
     params = dict(model.named_parameters())
     config = model.config
-    if plan.head_residual:
-        group = config.num_attention_heads // kv_heads_of(config)
-        for l, keep in plan.heads.items():
-            w = params[f"{adapter.layers}.{l}.{adapter.o_proj}.weight"]
-            w.copy_(fold_dropped_heads(w, keep, group, head_dim_of(config)))
+    group = config.num_attention_heads // kv_heads_of(config)
+    for key, keep in head_folds(adapter, plan).items():
+        w = params[key]
+        w.copy_(fold_dropped_heads(w, keep, group, head_dim_of(config)))
     for key, (factor, offset) in edits.items():
         _edit(params[key].data, factor, offset, inplace=True)  # a scalar: the same before or after the gather
 

@@ -25,7 +25,8 @@ from torch import nn
 
 from ..adapters import get_adapter, head_dim_of, kv_heads_of
 from ..ops.expert_gather import select_any
-from ..pruning.apply import _edit, _gather, _scalar_edits, _weight_ops, fold_dropped_heads
+from ..pruning.apply import (_edit, _gather, _scalar_edits, _weight_ops, fold_dropped_heads, head_folds,
+                             layer_renumbering, renamed_key)
 from ..pruning.plan import PrunePlan
 from ..validate import _all_finite
 from .checkpoint import INDEX, SINGLE, CheckpointReader
@@ -69,19 +70,14 @@ def plan_tensors(reader: CheckpointReader, model: nn.Module, plan: PrunePlan) ->
     config = model.config
     ops = _weight_ops(adapter, config, plan)
     edits = _scalar_edits(model, adapter, plan)
-    kept = plan.layers.tolist() if plan.layers is not None else list(range(config.num_hidden_layers))
-    renumber = {old: new for new, old in enumerate(kept)}
+    renumber = layer_renumbering(config, plan)
     prefix = adapter.layers + "."
-    folds = {f"{prefix}{l}.{adapter.o_proj}.weight": keep for l, keep in plan.heads.items()} \
-        if plan.head_residual else {}
+    folds = head_folds(adapter, plan)
     jobs = []
     for key in reader.names():
-        name = key
-        if key.startswith(prefix):
-            index, rest = key[len(prefix):].split(".", 1)
-            if int(index) not in renumber:
-                continue
-            name = f"{prefix}{renumber[int(index)]}.{rest}"
+        name = renamed_key(key, prefix, renumber)
+        if name is None:  # a dropped layer
+            continue
         shape = list(reader.shape(key))
         steps = ops.get(key, [])
         for dim, index in steps:
