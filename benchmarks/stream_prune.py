@@ -44,7 +44,8 @@ LLAMA_70B = dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80
 
 
 def worker_make(path: str) -> dict:
-    """Write the checkpoint one layer per shard (plus embeddings / head shards) with safetensors."""
+    """Write the ``SHAPE`` checkpoint one shard per layer (plus embedding / head shards), each generated, saved
+    and freed before the next: the generator holds one layer, whatever the model's size."""
     import torch
     from safetensors.torch import save_file
     from transformers import LlamaConfig
@@ -52,33 +53,36 @@ def worker_make(path: str) -> dict:
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     config = LlamaConfig(**SHAPE)
-    d, f, hd = config.hidden_size, config.intermediate_size, config.hidden_size // config.num_attention_heads
-    kv = config.num_key_value_heads * hd
+    d, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    kv = config.num_key_value_heads * (d // config.num_attention_heads)
     g = torch.Generator().manual_seed(0)
 
     def rand(*shape):
         return (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)
 
-    shards = [{"model.embed_tokens.weight": rand(config.vocab_size, d)}]
-    for l in range(config.num_hidden_layers):
-        p = f"model.layers.{l}."
-        shards.append({p + "self_attn.q_proj.weight": rand(d, d), p + "self_attn.k_proj.weight": rand(kv, d),
-                       p + "self_attn.v_proj.weight": rand(kv, d), p + "self_attn.o_proj.weight": rand(d, d),
-                       p + "mlp.gate_proj.weight": rand(f, d), p + "mlp.up_proj.weight": rand(f, d),
-                       p + "mlp.down_proj.weight": rand(d, f),
-                       p + "input_layernorm.weight": (1 + rand(d).float()).to(torch.bfloat16),
-                       p + "post_attention_layernorm.weight": (1 + rand(d).float()).to(torch.bfloat16)})
-    shards.append({"model.norm.weight": torch.ones(d, dtype=torch.bfloat16),
-                   "lm_head.weight": rand(config.vocab_size, d)})
+    def shard(i):  # (name -> tensor) of shard i: 0 = embedding, 1..L = layers, L+1 = final norm + head
+        if i == 0:
+            return {"model.embed_tokens.weight": rand(v, d)}
+        if i == config.num_hidden_layers + 1:
+            return {"model.norm.weight": torch.ones(d, dtype=torch.bfloat16), "lm_head.weight": rand(v, d)}
+        p = f"model.layers.{i - 1}."
+        return {p + "self_attn.q_proj.weight": rand(d, d), p + "self_attn.k_proj.weight": rand(kv, d),
+                p + "self_attn.v_proj.weight": rand(kv, d), p + "self_attn.o_proj.weight": rand(d, d),
+                p + "mlp.gate_proj.weight": rand(f, d), p + "mlp.up_proj.weight": rand(f, d),
+                p + "mlp.down_proj.weight": rand(d, f),
+                p + "input_layernorm.weight": (1 + rand(d).float()).to(torch.bfloat16),
+                p + "post_attention_layernorm.weight": (1 + rand(d).float()).to(torch.bfloat16)}
+
+    n = config.num_hidden_layers + 2
     weight_map, total = {}, 0
-    for i, tensors in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+    for i in range(n):
+        tensors = shard(i)
+        name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
         save_file(tensors, str(out / name), metadata={"format": "pt"})
         for k, t in tensors.items():
             weight_map[k] = name
             total += t.numel() * t.element_size()
         del tensors
-        shards[i] = None
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
                                                                   "weight_map": weight_map}))
     config.save_pretrained(out)

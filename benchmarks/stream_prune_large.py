@@ -1,7 +1,8 @@
 """Streamed pruning of a checkpoint larger than this machine's RAM (issue #22, evidence b).
 
 A random-init Llama-2-13B-shaped bf16 checkpoint (hidden 5120, FFN 13824, 42 layers, 40 heads, 32000-token
-vocabulary, untied: ~13.6B parameters, ~27 GB) is written shard by shard, one layer in memory at a time. It cannot be loaded here: the machine has 24 GiB of RAM. Then
+vocabulary, untied: ~13.6B parameters, ~27 GB) is written shard by shard, one layer in memory at a time
+(``stream_prune.worker_make`` with this shape). It cannot be loaded here: the machine has 24 GiB of RAM. Then
 ``minitron.prune_checkpoint`` prunes it to about half (hidden 3840, FFN 9216, 36 layers; depth by Block
 Importance) in a fresh process, from 8 calibration blocks of 128 token ids. Reported: peak RSS above the
 imports (``VmHWM``), wall time, bytes read from the checkpoint. Last, a separate process loads the pruned
@@ -38,51 +39,6 @@ def _use_this_shape() -> None:
     """Point the shared workers of ``stream_prune.py`` at this benchmark's shape, target and blocks."""
     base.SHAPE, base.TARGET = SHAPE, TARGET
     base.SAMPLES, base.SEQ, base.BATCH = SAMPLES, SEQ, BATCH
-
-
-def worker_make(path: str) -> dict:
-    """Write the checkpoint one shard per layer (plus embedding / head shards), each generated, saved and freed."""
-    import torch
-    from safetensors.torch import save_file
-    from transformers import LlamaConfig
-
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
-    config = LlamaConfig(**SHAPE)
-    d, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
-    kv = config.num_key_value_heads * (d // config.num_attention_heads)
-    g = torch.Generator().manual_seed(0)
-
-    def rand(*shape):
-        return (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)
-
-    def shard(i):  # (name -> tensor) of shard i: 0 = embedding, 1..L = layers, L+1 = final norm + head
-        if i == 0:
-            return {"model.embed_tokens.weight": rand(v, d)}
-        if i == config.num_hidden_layers + 1:
-            return {"model.norm.weight": torch.ones(d, dtype=torch.bfloat16), "lm_head.weight": rand(v, d)}
-        p = f"model.layers.{i - 1}."
-        return {p + "self_attn.q_proj.weight": rand(d, d), p + "self_attn.k_proj.weight": rand(kv, d),
-                p + "self_attn.v_proj.weight": rand(kv, d), p + "self_attn.o_proj.weight": rand(d, d),
-                p + "mlp.gate_proj.weight": rand(f, d), p + "mlp.up_proj.weight": rand(f, d),
-                p + "mlp.down_proj.weight": rand(d, f),
-                p + "input_layernorm.weight": (1 + rand(d).float()).to(torch.bfloat16),
-                p + "post_attention_layernorm.weight": (1 + rand(d).float()).to(torch.bfloat16)}
-
-    n = config.num_hidden_layers + 2
-    weight_map, total = {}, 0
-    for i in range(n):
-        tensors = shard(i)
-        name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-        save_file(tensors, str(out / name), metadata={"format": "pt"})
-        for k, t in tensors.items():
-            weight_map[k] = name
-            total += t.numel() * t.element_size()
-        del tensors
-    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
-                                                                  "weight_map": weight_map}))
-    config.save_pretrained(out)
-    return {"bytes": total}
 
 
 def worker_check(out: str) -> dict:
@@ -123,7 +79,7 @@ def main() -> None:
     _use_this_shape()
     if args.worker:
         name, *rest = args.worker
-        fn = {"make": worker_make, "check": worker_check,
+        fn = {"make": base.worker_make, "check": worker_check,
               "prune": lambda ckpt, out: base.worker_prune(ckpt, out, "streamed", "bi")}[name]
         print(json.dumps(fn(*rest)))
         return
