@@ -266,3 +266,22 @@ def test_search_overwrite_keeps_a_users_best_folder_and_never_writes_through_a_l
     (out / "candidates.md").write_text("edited by hand")
     with pytest.raises(ValueError, match=r"holds candidates\.md, which minitron did not write"):
         search(make_model("llama"), ids, ids, params=0.85, output_dir=out, config=cfg, progress=False)
+
+
+def test_starting_over_keeps_a_final_folder_whose_files_were_edited(tmp_path):
+    """``final/`` is never read back: once a file in it no longer has the content minitron wrote, it is
+    the user's, and starting the run over must not delete the folder."""
+    from minitron.distillation.run_dir import drop_weights
+    from minitron.outputs import write_output_dir
+    from minitron.owned import owned_dir
+
+    final = tmp_path / "final"
+    write_output_dir(final, "final", lambda tmp: (tmp / "config.json").write_text("{}"), overwrite=True)
+    assert owned_dir(final)
+    drop_weights(tmp_path)
+    assert not final.exists()  # minitron's own, unedited: removed
+
+    write_output_dir(final, "final", lambda tmp: (tmp / "config.json").write_text("{}"), overwrite=True)
+    (final / "config.json").write_text('{"edited by": "the user"}')
+    drop_weights(tmp_path)
+    assert (final / "config.json").read_text() == '{"edited by": "the user"}'

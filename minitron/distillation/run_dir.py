@@ -98,7 +98,8 @@ def drop_weights(output_dir: str | os.PathLike) -> None:
     ckpts = output_dir / CKPT_DIR
     if ckpts.is_dir() and not ckpts.is_symlink() and not any(ckpts.iterdir()):
         ckpts.rmdir()
-    if owned_dir(output_dir / "final", corrupt_ok=True):
+    # final/ is never read back: a file in it whose content is not what minitron wrote is the user's now
+    if owned_dir(output_dir / "final"):
         shutil.rmtree(output_dir / "final")
     entry = recorded(read_marker(output_dir)).get(LATEST)
     if entry is not None:
