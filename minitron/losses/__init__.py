@@ -34,6 +34,7 @@ from minitron.dispatch import Dispatch, check_device
 from minitron.losses.cross_entropy import linear_cross_entropy
 from minitron.losses.fused import KDConfig, linear_kd_loss_fused
 from minitron.losses.linear_kd import LinearKDLoss, fused_linear_kd_loss
+from minitron.losses.precision import outside_autocast
 from minitron.losses.intermediate import IntermediateProjections, dynamic_alpha, intermediate_state_loss
 from minitron.losses.reference import LOSSES, REDUCTIONS, keep_mask, linear_kd_loss_naive
 from minitron_kernels.fused_kl_reference import kd_chunk_reference, loss_kind
@@ -69,6 +70,7 @@ def check_impl_device(impl: str, device: torch.device, name: str = "impl") -> No
     check_device(impl, device, name=name, fallback="chunked")
 
 
+@outside_autocast
 def linear_kd_loss(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -139,19 +141,6 @@ def linear_kd_loss(
         raise ValueError(f"temperature={temperature} must be > 0")
     if student_hidden.shape[0] != teacher_hidden.shape[0]:
         raise ValueError(f"student has {student_hidden.shape[0]} tokens, teacher {teacher_hidden.shape[0]}")
-    dev = student_hidden.device.type
-    if torch.is_autocast_enabled(dev):
-        # autocast would run the logits GEMMs in its dtype with outputs rounded to it (and mixes dtypes
-        # in the in-place gradient GEMMs): cast the GEMM inputs the way autocast would, then run without it
-        amp = torch.get_autocast_dtype(dev)
-        with torch.autocast(dev, enabled=False):
-            return linear_kd_loss(
-                student_hidden.to(amp), student_weight.to(amp), teacher_hidden.to(amp), teacher_weight.to(amp),
-                student_bias=student_bias, teacher_bias=teacher_bias, mask=mask, labels=labels,
-                ignore_index=ignore_index, loss=loss, beta=beta, temperature=temperature, top_k=top_k,
-                reduction=reduction, impl=impl, chunk_size=chunk_size,
-                student_softcap=student_softcap, teacher_softcap=teacher_softcap,
-            )
     choice = KD_CHUNK.select(impl, student_hidden.device)
     name = choice.name
     if not torch.compiler.is_compiling():  # dynamo cannot trace ContextVar.set nor logging (graph breaks)

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from minitron.losses.cross_entropy import linear_cross_entropy_sum
+from minitron.losses.precision import outside_autocast
 
 __all__ = ["LinearKDLoss", "fused_linear_kd_loss", "shared_vocab_head"]
 
@@ -88,6 +89,7 @@ def _check_options(weight_hard_loss: float, weight_soft_loss: float, beta: float
         raise ValueError(f"chunk_size={chunk_size!r} must be an integer >= 1")
 
 
+@outside_autocast
 def fused_linear_kd_loss(
     student_input: torch.Tensor,
     student_weight: torch.Tensor,
@@ -145,19 +147,6 @@ def fused_linear_kd_loss(
         >>> loss.backward()
     """
     _check_options(weight_hard_loss, weight_soft_loss, beta, temperature, top_k, chunk_size)
-    dev = student_input.device.type
-    if torch.is_autocast_enabled(dev):
-        # autocast would round the CE logits to its dtype: cast the GEMM inputs as autocast would and run
-        # without it, so both terms keep fp32 logits (as linear_kd_loss does)
-        amp = torch.get_autocast_dtype(dev)
-        with torch.autocast(dev, enabled=False):
-            return fused_linear_kd_loss(
-                student_input.to(amp), student_weight.to(amp), teacher_input.to(amp), teacher_weight.to(amp),
-                true_labels, student_bias, teacher_bias, weight_hard_loss=weight_hard_loss,
-                weight_soft_loss=weight_soft_loss, beta=beta, temperature=temperature, ignore_index=ignore_index,
-                top_k=top_k, num_items_in_batch=num_items_in_batch, attention_mask=attention_mask,
-                student_softcap=student_softcap, teacher_softcap=teacher_softcap, tau_squared=tau_squared,
-                chunk_size=chunk_size, impl=impl, return_soft_hard_loss=return_soft_hard_loss)
     hs = _flat(student_input, "student_input", student_weight, "student_weight")  # (N, Hs)
     ht = _flat(teacher_input, "teacher_input", teacher_weight, "teacher_weight")  # (N, Ht)
     n = hs.shape[0]
