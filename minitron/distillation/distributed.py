@@ -55,8 +55,32 @@ def setup(cfg: DistillConfig) -> DistEnv:
     return DistEnv(mode, rank, world, device)
 
 
+def on_meta(module: nn.Module | None) -> bool:
+    """True if ``module`` has parameters on ``meta`` (a :func:`sharded_load.meta_model` not loaded yet)."""
+    from minitron.distillation.sharded_load import on_meta as _on_meta
+
+    return _on_meta(module)
+
+
+def to_device(module: nn.Module, device: torch.device) -> nn.Module:
+    """``module.to(device)``, leaving ``meta`` tensors (of :func:`sharded_load.meta_model` models) on ``meta``.
+
+    Those are given storage by :func:`wrap`, after sharding, so no rank ever holds them whole.
+    """
+    return module._apply(lambda t: t if t.is_meta else t.to(device))
+
+
 def wrap(module: nn.Module, env: DistEnv, models: Sequence[nn.Module]) -> nn.Module:
-    """``module`` under DDP or FSDP2 (decoder layers of ``models`` sharded first), or as is."""
+    """``module`` under DDP or FSDP2 (decoder layers of ``models`` sharded first), or as is.
+
+    Parameters still on ``meta`` (models built by :func:`sharded_load.meta_model`) are materialised
+    here: under FSDP after ``fully_shard``, each rank reading only the rows it owns from the
+    safetensors files; otherwise (one process, DDP) read whole before wrapping.
+    """
+    from minitron.distillation.sharded_load import materialise
+
+    if env.mode != "fsdp":
+        materialise(module, env.device)
     if env.mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -70,6 +94,7 @@ def wrap(module: nn.Module, env: DistEnv, models: Sequence[nn.Module]) -> nn.Mod
             for layer in base_decoder(m).layers:
                 fully_shard(layer, mesh=mesh)
         fully_shard(module, mesh=mesh)
+        materialise(module, env.device)
     return module
 
 
