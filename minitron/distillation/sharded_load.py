@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,7 +34,8 @@ from torch import nn
 from minitron.adapters import lm_head_params
 from minitron.validate import _all_finite
 
-__all__ = ["check_meta_teacher_padding", "materialise", "meta_model", "on_meta", "save_for_sharding"]
+__all__ = ["check_meta_teacher_padding", "load_run_model", "materialise", "meta_model", "on_meta",
+           "save_for_sharding", "sharded_run"]
 
 SOURCE_ATTR = "_minitron_checkpoint"  # the CheckpointReader a meta model is materialised from
 
@@ -65,6 +67,38 @@ def meta_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> n
     object.__setattr__(model, SOURCE_ATTR, reader)  # not a submodule, not in the state dict
     model.config._name_or_path = str(p)  # the run's inputs (an output_dir must avoid it), the tokenizer
     return model
+
+
+def sharded_run(parallel: str) -> bool:
+    """True when a run loads its models in shards: ``parallel="fsdp"`` under ``torchrun`` with 2+ processes."""
+    return parallel == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def load_run_model(source: str | os.PathLike, gguf_file: str | None = None, *, sharded: bool) -> tuple[nn.Module, Any]:
+    """``(model, tokenizer)`` of a distillation run: a :func:`meta_model` when ``sharded``, else loaded whole.
+
+    A GGUF source (incl. the built-in SmolLM2) cannot be read in shards: it is loaded whole on every
+    rank, as without sharding, and a line says how to convert it.
+
+    Args:
+        source: what :func:`minitron.load_model` accepts.
+        gguf_file: a GGUF file name inside ``source``.
+        sharded: :func:`sharded_run` of the run.
+    Returns:
+        The model (on ``meta`` when loaded sharded) and its tokenizer (``None`` if the folder has none).
+    Example:
+        >>> teacher, tok = load_run_model("llama/", sharded=sharded_run("fsdp"))
+    """
+    from minitron.models import load_model, resolve_model_source, resolve_tokenizer
+
+    kind, path = resolve_model_source(source, gguf_file)
+    if not sharded or kind == "gguf":
+        if sharded:
+            print(f"minitron: {path} is a GGUF model, loaded whole on every rank (it cannot be read in shards); for "
+                  "sharded loading convert it first: minitron.load_model(GGUF)[0].save_pretrained(DIR)")
+        return load_model(source, gguf_file=gguf_file)
+    model = meta_model(path)
+    return model, resolve_tokenizer(model)
 
 
 def on_meta(module: nn.Module | None) -> bool:
