@@ -46,6 +46,8 @@ SCRIPT = textwrap.dedent('''
         D.wrap = measured_wrap
         if mode == "sharded":
             student, teacher = meta_model(student_dir), meta_model(teacher_dir)
+        elif mode == "mixed":  # a student that exists only in memory (e.g. pruned in this process)
+            student, teacher = load_model(student_dir)[0], meta_model(teacher_dir)
         else:
             student, teacher = load_model(student_dir)[0], load_model(teacher_dir)[0]
         data = torch.randint(0, 512, (32, 16), generator=torch.Generator().manual_seed(0))
@@ -99,10 +101,15 @@ def _peak_rss(out: Path, key: str) -> list[int]:
     return [json.loads((out / f"rss_{r}.json").read_text())[key] * 1024 for r in range(2)]
 
 
-def test_sharded_loading_matches_todays_path_with_less_memory(folders, tmp_path):
+@pytest.fixture(scope="module")
+def full(folders, tmp_path_factory):
+    """Today's path: every rank loads both models whole, then fully_shard."""
+    return _torchrun(tmp_path_factory.mktemp("full"), *folders, "full")
+
+
+def test_sharded_loading_matches_todays_path_with_less_memory(folders, full, tmp_path):
     student, teacher = folders
     model_bytes = sum(f.stat().st_size for d in folders for f in d.glob("*.safetensors"))
-    full = _torchrun(tmp_path, student, teacher, "full")
     sharded = _torchrun(tmp_path, student, teacher, "sharded")
     # the same run: train losses and eval losses (before and after) agree to fp32 rounding
     torch.testing.assert_close(_losses(sharded), _losses(full), rtol=1e-4, atol=1e-5)
@@ -120,6 +127,11 @@ def test_sharded_loading_matches_todays_path_with_less_memory(folders, tmp_path)
     # sharded, half of them at most: at least half the models' bytes less per rank
     for f, s in zip(rss_full, rss_sharded):
         assert f - s > model_bytes / 2, (rss_full, rss_sharded, model_bytes)
+
+
+def test_in_memory_student_with_sharded_teacher(folders, full, tmp_path):
+    mixed = _torchrun(tmp_path, *folders, "mixed")
+    torch.testing.assert_close(_losses(mixed), _losses(full), rtol=1e-4, atol=1e-5)
 
 
 def load_file(folder: Path) -> dict[str, torch.Tensor]:
