@@ -178,3 +178,30 @@ def test_meta_teacher_with_nonzero_extra_rows_is_refused(tmp_path):
         teacher.lm_head.weight[500:] = 0
     teacher.save_pretrained(tmp_path / "t0")
     check_meta_teacher_padding(student, meta_model(tmp_path / "t0"))  # zero rows: padding, accepted
+    tied = _llama(64, 1, 0, tie=True)  # the rows are read from the embedding (no lm_head.weight in the file)
+    tied.save_pretrained(tmp_path / "tied")
+    with pytest.raises(ValueError, match="extra rows are not all zero"):
+        check_meta_teacher_padding(student, meta_model(tmp_path / "tied"))
+
+
+def test_cli_fsdp_under_torchrun_loads_sharded(folders, tmp_path):
+    """``torchrun -m minitron.cli.distill --parallel fsdp``: meta models, perplexities from the run's evaluations."""
+    from minitron import load_model, perplexity
+
+    student, teacher = folders
+    data, held = tmp_path / "train.pt", tmp_path / "eval.pt"
+    torch.save(torch.randint(0, 512, (16, 16), generator=torch.Generator().manual_seed(0)), data)
+    torch.save(torch.randint(0, 512, (4, 16), generator=torch.Generator().manual_seed(1)), held)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "minitron.cli.distill", "--student", str(student), "--teacher", str(teacher), "--data", str(data),
+           "--eval-data", str(held), "--steps", "1", "--batch-size", "4", "--parallel", "fsdp",
+           "--output-dir", str(tmp_path / "run"), "--no-progress", "--no-plot"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith('{"teacher"')))
+    blocks = torch.load(held)
+    # the run's own evaluation (sharded models) equals minitron.perplexity of the models loaded whole
+    assert report["teacher_ppl"] == pytest.approx(perplexity(load_model(teacher)[0], blocks, 4), rel=1e-4)
+    assert report["student_ppl_before"] == pytest.approx(perplexity(load_model(student)[0], blocks, 4), rel=1e-4)
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()

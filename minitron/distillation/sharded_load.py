@@ -212,9 +212,10 @@ def check_meta_teacher_padding(student: nn.Module, teacher: nn.Module) -> None:
     if vt <= vs:
         return
     reader = getattr(teacher, SOURCE_ATTR)
-    tied = teacher.get_output_embeddings().weight is teacher.get_input_embeddings().weight
-    key = "lm_head.weight" if "lm_head.weight" in reader.files or not tied else "model.embed_tokens.weight"
-    if key not in reader.files or bool((reader.read(key, vs, vt) != 0).any()):
+    head = lm_head_params(teacher)[0]
+    names = [n for n, p in teacher.named_parameters(remove_duplicate=False) if p is head]  # tied: embedding too
+    key = next((n for n in names if n in reader.files), None)
+    if key is None or bool((reader.read(key, vs, vt) != 0).any()):
         raise ValueError(f"the teacher's lm_head has {vt} rows, the student's {vs}, and the extra rows are not all "
                          "zero; whether they are real tokens is measured with a teacher forward, which sharded loading "
                          "cannot run before training: pass the teacher loaded in memory (minitron.load_model), or "
