@@ -66,7 +66,8 @@ SCRIPT = textwrap.dedent('''
 
 def _llama(hidden: int, layers: int, seed: int, tie: bool) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=hidden, intermediate_size=3 * hidden,
+    # odd vocabulary and FFN: rows that do not split evenly over 2 ranks (FSDP pads the last shard)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=515, hidden_size=hidden, intermediate_size=3 * hidden + 1,
                                         num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=4,
                                         max_position_embeddings=64, tie_word_embeddings=tie))
 

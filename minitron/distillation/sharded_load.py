@@ -17,8 +17,9 @@ No collective is needed to load, so gloo/CPU and NCCL behave alike; a NaN/inf ro
 raise (one all-reduced flag), never a hang. Tied embeddings stay one parameter (checked after the
 storage is allocated; ``lm_head.weight`` of a tied checkpoint is not in the file and is the
 embedding). A student that exists only in memory (e.g. pruned in this process) is not built on
-``meta``: it is trained as given (each rank holds it until ``fully_shard`` frees the unsharded
-tensors); :func:`save_for_sharding` writes it as a checkpoint folder to build a ``meta`` student from.
+``meta``: it is trained as given beside a ``meta`` teacher (each rank holds the whole student until
+``fully_shard`` replaces its tensors by shards; the full copies are then freed). To load it in shards
+as well, save it (``save_pretrained``) and pass :func:`meta_model` of that folder.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from minitron.adapters import lm_head_params
 from minitron.validate import _all_finite
 
 __all__ = ["check_meta_teacher_padding", "load_run_model", "materialise", "meta_model", "on_meta",
-           "save_for_sharding", "sharded_run"]
+           "sharded_run"]
 
 SOURCE_ATTR = "_minitron_checkpoint"  # the CheckpointReader a meta model is materialised from
 
@@ -123,8 +124,9 @@ def _owner(name: str, sources: list[tuple[str, object]]) -> tuple[object, str]:
 def _rows(p: torch.Tensor) -> tuple[torch.Tensor, int]:
     """The storage to fill for parameter ``p`` and the first checkpoint row it holds.
 
-    FSDP2 shards dim 0 over a 1-D mesh like ``torch.chunk``: every rank but the last holds
-    ``ceil(n / w)`` rows, the rest go to the last ranks (some may hold none).
+    FSDP2 shards dim 0 over a 1-D mesh like ``torch.chunk``: with ``c = ceil(n / w)`` rank ``r`` holds
+    rows ``[r * c, min(n, (r + 1) * c))``, so the last ranks may hold fewer rows or none (FSDP pads
+    its own storage; the unpadded view is what is filled here).
     """
     from torch.distributed.tensor import DTensor, Shard
 
@@ -221,21 +223,3 @@ def check_meta_teacher_padding(student: nn.Module, teacher: nn.Module) -> None:
                          "cannot run before training: pass the teacher loaded in memory (minitron.load_model), or "
                          "a student with the teacher's vocabulary")
 
-
-def save_for_sharding(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Write an in-memory ``model`` as a safetensors checkpoint folder and return its :func:`meta_model`.
-
-    For a student built in this process (e.g. pruned from the teacher) that should be loaded in
-    shards like one read from disk: one rank writes (``path`` must be visible to every rank), then
-    every rank calls :func:`meta_model` on ``path`` and drops its in-memory copy.
-
-    Args:
-        model: the Hugging Face causal LM to write.
-        path: a new folder.
-    Returns:
-        The model rebuilt on ``meta`` from ``path``.
-    Example:
-        >>> student = save_for_sharding(pruned, tmp / "student")
-    """
-    model.save_pretrained(path, safe_serialization=True)
-    return meta_model(path, dtype=next(model.parameters()).dtype)
