@@ -1,8 +1,9 @@
 """Process-group setup and collectives of a distillation run (single process, DDP, FSDP2).
 
 :func:`setup` reads the ``torchrun`` environment (and initialises the process group there);
-:func:`wrap` puts the one root module of the run under DDP or ``fully_shard``. Every helper is a
-no-op in a single process, so the trainer has one code path.
+:func:`wrap` puts the one root module of the run under DDP or ``fully_shard`` and fills the parameters
+of ``meta`` models (:mod:`minitron.distillation.sharded_load`: after ``fully_shard`` each rank reads only
+its own rows). Every helper is a no-op in a single process, so the trainer has one code path.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch import nn
 
 from minitron.adapters import base_decoder
 from minitron.distillation.config import DistillConfig
+from minitron.distillation.sharded_load import materialise, on_meta  # noqa: F401 - on_meta: the trainer's test
 
 
 @dataclass(frozen=True)
@@ -55,13 +57,6 @@ def setup(cfg: DistillConfig) -> DistEnv:
     return DistEnv(mode, rank, world, device)
 
 
-def on_meta(module: nn.Module | None) -> bool:
-    """True if ``module`` has parameters on ``meta`` (a :func:`sharded_load.meta_model` not loaded yet)."""
-    from minitron.distillation.sharded_load import on_meta as _on_meta
-
-    return _on_meta(module)
-
-
 def to_device(module: nn.Module, device: torch.device) -> nn.Module:
     """``module.to(device)``, leaving ``meta`` tensors (of :func:`sharded_load.meta_model` models) on ``meta``.
 
@@ -77,8 +72,6 @@ def wrap(module: nn.Module, env: DistEnv, models: Sequence[nn.Module]) -> nn.Mod
     here: under FSDP after ``fully_shard``, each rank reading only the rows it owns from the
     safetensors files; otherwise (one process, DDP) read whole before wrapping.
     """
-    from minitron.distillation.sharded_load import materialise
-
     if env.mode != "fsdp":
         materialise(module, env.device)
     if env.mode == "ddp":
