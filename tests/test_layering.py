@@ -184,3 +184,26 @@ print(json.dumps({{"errors": errors, "cli_loaded_by_library": cli_loaded}}))
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result == {"errors": {}, "cli_loaded_by_library": []}
     assert len(library) > 30 and {"minitron.cli.prune", "minitron.cli.distill", "minitron.cli.search"} <= set(cli)
+
+
+MAX_MODULE_LINES = 400  # small modules, one job each
+
+
+def test_no_module_over_400_lines():
+    files = [*MODULES.values(), *(PACKAGE_DIR.parent / "kernels" / "minitron_kernels").glob("*.py")]
+    long = {str(p.relative_to(PACKAGE_DIR.parent)): n for p in files
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_MODULE_LINES}
+    assert long == {}
+
+
+def test_one_home_per_helper():
+    """Names the review found defined twice (issue 24) are defined once in the package."""
+    defined: dict[str, list[str]] = {}
+    for name, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                defined.setdefault(node.name, []).append(name)
+    twice = {n: defined.get(n) for n in ("load_tokenizer", "check_device", "_layer_io", "layer_io", "layer_output",
+                                         "count_parameters", "target_parameters", "ParamCounter", "budget_of",
+                                         "default_hidden_divisor") if len(defined.get(n, [])) != 1}
+    assert twice == {"_layer_io": None}
