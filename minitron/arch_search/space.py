@@ -19,7 +19,6 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
-import torch
 from torch import nn
 
 from ..adapters import get_adapter, kv_heads_of, moe_sizes, moe_spec_of, sparse_layers
