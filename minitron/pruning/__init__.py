@@ -2,7 +2,9 @@
 
 Given importance scores (:mod:`minitron.importance`), a :class:`Target` (:mod:`.target`) is
 turned into a :class:`PrunePlan` of sorted keep-indices per axis (:mod:`.plan`), and the plan is
-applied to every weight (:mod:`.apply`).
+applied to every weight (:mod:`.apply`; in place, on the model's own tensors: :mod:`.inplace`).
+A ``params=`` budget becomes a :class:`Target` by measurement (:mod:`.budget`, candidates scored under
+:mod:`.masked_eval`) or by scaling (:mod:`.sizing`); every parameter count comes from :mod:`.params`.
 
 Axes (docs/method.md section 2):
 - hidden (embedding channels): one global selection for embed_tokens columns, all
