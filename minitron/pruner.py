@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .adapters import decoder_layers, get_adapter, head_dim_of, moe_sizes, sparse_layers
-from .budget import choose_budget_target
+from .pruning.budget import choose_budget_target
 from .data import load_text_blocks, resolve_seq_len
 from .heap import trim_heap, trimmed_layers
 from .importance.ablation import greedy_layer_removal
@@ -23,7 +23,8 @@ from .ops.mapped import release_unreferenced_pages
 from .pruning import (DEFAULT_DEPTH_METRIC, DEFAULT_HEAD_METRIC, DEFAULT_HEAD_RESIDUAL, DEFAULT_NORM_RESCALE, Target,
                       apply_plan, make_plan, random_plan)
 from .pruning.target import check_divisors
-from .sizing import budget_of, count_parameters, target_for_budget
+from .pruning.params import budget_of, count_parameters
+from .pruning.sizing import target_for_budget
 from .validate import check_count, check_finite_scores, check_finite_weights
 
 logger = logging.getLogger(__name__)
@@ -103,9 +104,9 @@ def prune(
             not needed when ``scores`` are given or ``method="random"``.
         target: the architecture to reach; ``None`` fields keep the model's value.
         params: instead of ``target``, a parameter budget (fraction <= 1 or absolute count). With
-            calibration data the shape is measured (:func:`minitron.budget.choose_budget_target`:
+            calibration data the shape is measured (:func:`minitron.pruning.budget.choose_budget_target`:
             hidden/FFN trade-offs, the lowest calibration loss after pruning wins); without it
-            (``scores`` only, or ``method="random"``) :func:`minitron.sizing.target_for_budget`
+            (``scores`` only, or ``method="random"``) :func:`minitron.pruning.sizing.target_for_budget`
             scales hidden and FFN by the same factor.
         tokenizer: tokenizer for text data (default: loaded from the model's local path).
         scores: precomputed :class:`ImportanceScores` (one calibration, many targets).
@@ -169,11 +170,7 @@ def prune(
         raise ValueError("give either target=Target(...) or params=<budget>, not both")
     if target is None and params is None:
         raise ValueError("nothing to prune: pass target=minitron.Target(...) or params=<fraction or count>")
-    if params is not None and adapter.moe is not None:
-        raise ValueError(f"params={params}: parameter budgets choose hidden/FFN splits of dense models; for the "
-                         f"mixture-of-experts {type(model).__name__} give target=minitron.Target(num_experts=..., "
-                         "expert_intermediate_size=..., ...) or let minitron.search rank candidates on the MoE axes")
-    if params is not None:  # a bad budget or divisor is refused before calibration, not after it
+    if params is not None:  # a bad budget or divisor (or a MoE model) is refused before calibration, not after it
         budget_of(model, params)
         check_divisors(divisors)
     if scores is not None:

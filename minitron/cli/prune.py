@@ -99,7 +99,7 @@ def run_prune(args: argparse.Namespace) -> int:
     from ..adapters import moe_sizes, moe_spec_of
     from ..pruner import loss_scores_for, pruning_summary
     from ..pruning.target import model_sizes
-    from ..sizing import budget_of
+    from ..pruning.params import budget_of
     from ..validate import check_device, check_finite_weights, is_importance_file
 
     started = time.time()
@@ -268,7 +268,7 @@ def _run_stream(args: argparse.Namespace, target: Any, params: float | None, sta
     """``minitron prune --stream``: :func:`minitron.prune_checkpoint` on the checkpoint folder ``--model``."""
     import minitron
     from ..models import resolve_model_source
-    from ..sizing import count_parameters
+    from ..pruning.params import count_parameters
     from ..streaming.checkpoint import CheckpointReader, skeleton
 
     clashes = [flag for flag, on in (("--inplace", args.inplace), ("--eval", args.eval is not None),

@@ -50,7 +50,6 @@ from minitron.owned import record_prefix, replace_owned, write_text_owned
 __all__ = ["Callback", "NonFiniteLossError", "TEACHER_OUTSIDE_MASS_LIMIT", "Trainer", "distill"]
 
 Callback = Callable[[int, dict, nn.Module], None]
-_DistillModule = DistillModule  # the name tests and older code import from here
 
 
 class NonFiniteLossError(ValueError, FloatingPointError):

@@ -30,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..adapters import get_adapter, head_dim_of, kv_heads_of, moe_sizes, moe_spec_of
-from ..evaluation import head_drop_losses, layer_drop_losses, layer_output, lm_loss
+from ..evaluation import head_drop_losses, layer_drop_losses, lm_loss
 from ..offload import check_loadable, execution_device, execution_devices
 from ..validate import check_token_ids
 from .aggregate import check_aggregation, finalize
@@ -251,11 +251,6 @@ def model_shape_meta(model: nn.Module) -> dict:
     if moe_spec_of(c) is not None:
         meta.update(moe_sizes(c))
     return meta
-
-
-def _layer_io(args: tuple, kwargs: dict, output) -> tuple[torch.Tensor, torch.Tensor]:
-    h_in = args[0] if args else kwargs["hidden_states"]
-    return h_in, layer_output(output)
 
 
 @torch.no_grad()
