@@ -9,7 +9,7 @@ scales them by the incoming scalar gradient (reduction ``mean``/``sum``); for
 ``reduction="none"`` the gradient depends on the per-token upstream gradient, so backward
 re-runs the loop with those row weights.
 
-The chunk op is either the pure-PyTorch :func:`minitron_kernels.fused_kl_reference.kd_chunk_reference`
+The chunk op is either the pure-PyTorch :func:`minitron.losses.kd.reference.kd_chunk_reference`
 (``impl="chunked"``) or the Triton :func:`minitron_kernels.fused_kl.kd_chunk_triton`
 (``impl="triton"``). Precision: logits and all accumulators are fp32. For bf16/fp16 inputs on
 CUDA the GEMMs run in the input dtype with fp32 output (``torch.mm(..., out_dtype=float32)``,
@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from minitron_kernels.fused_kl_reference import topk_mask_
+from minitron.losses.kd.reference import topk_mask_
 
 ChunkFn = Callable[..., tuple[torch.Tensor, "torch.Tensor | None"]]
 _HALF = (torch.float16, torch.bfloat16)
