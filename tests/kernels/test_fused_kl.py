@@ -289,7 +289,7 @@ def test_native_half_gemm_path(impl, acc_in_place, monkeypatch):
     chunk loop's half-precision plumbing is checked everywhere. Spies assert every GEMM got
     half inputs (nothing silently upcast) and that dW accumulated in fp32.
     """
-    from minitron.losses.kd import chunked as fused
+    from minitron.losses.kd import gemm as fused
 
     calls = {"mm": 0, "addmm": 0}
     dtype = torch.bfloat16
@@ -326,7 +326,7 @@ def test_native_half_gemm_path(impl, acc_in_place, monkeypatch):
 
 def test_native_support_probe_on_this_device():
     """The capability probe runs without raising; on CPU the fp32-output half GEMMs are absent."""
-    from minitron.losses.kd import chunked as fused
+    from minitron.losses.kd import gemm as fused
 
     ok_mm, ok_addmm = fused._native_support(DEVICE, torch.bfloat16)
     if not CUDA:

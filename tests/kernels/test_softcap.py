@@ -119,7 +119,7 @@ def test_kd_loss_softcap_on_the_native_half_gemm_path(impl, monkeypatch):
     """bf16 inputs on the CUDA-style path (fp32-output GEMMs, the logits gradient in a bf16 buffer): the
     soft-cap's chain rule is applied in fp32 and written back into that buffer. Off CUDA the half GEMMs
     are emulated as in tests/test_fused_kl.py."""
-    from minitron.losses.kd import chunked as fused
+    from minitron.losses.kd import gemm as fused
 
     if not torch.cuda.is_available():
         monkeypatch.setattr(fused, "_NATIVE_DEVICE_TYPES", ("cpu",))

@@ -161,7 +161,7 @@ def linear_kd_loss(
     keep = None
     if mask is not None or labels is not None:
         keep = keep_mask(student_hidden.shape[0], student_hidden.device, mask, labels, ignore_index)
-    cfg = KDConfig(loss_kind(loss, beta), beta, temperature, top_k, reduction, chunk_size, choice.fn,
+    cfg = KDConfig(loss_kind(loss, beta), beta, temperature, top_k, reduction, chunk_size, name == "triton",
                    student_softcap=student_softcap, teacher_softcap=teacher_softcap)
     out = linear_kd_loss_fused(
         student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, keep, cfg

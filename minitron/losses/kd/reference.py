@@ -15,7 +15,11 @@ Zero-probability entries (``-inf`` logits from vocab padding or top-k masking) c
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
+
+from minitron.losses.kd.workspace import workspace_for
 
 FORWARD_KL, REVERSE_KL, JSD = 0, 1, 2
 
@@ -50,26 +54,27 @@ def topk_mask_(s_logits: torch.Tensor, t_logits: torch.Tensor, top_k: int) -> No
     s_logits.masked_fill_(~keep[:, :vs], float("-inf"))
 
 
-def _pad(x: torch.Tensor, v: int) -> torch.Tensor:
-    """(c, Vx) -> (c, v) with -inf columns appended (no copy when Vx == v)."""
+def _pad(x: torch.Tensor, v: int, buf: Callable[[str], torch.Tensor], name: str) -> torch.Tensor:
+    """(c, Vx) -> (c, v) with -inf columns appended, in workspace buffer ``name`` (no copy when Vx == v)."""
     if x.shape[1] == v:
         return x
-    out = x.new_full((x.shape[0], v), float("-inf"))
+    out = buf(name).fill_(float("-inf"))
     out[:, : x.shape[1]] = x
     return out
 
 
-def _log_softmax_(x: torch.Tensor, inv_tau: float) -> torch.Tensor:
-    """In-place log_softmax(x * inv_tau) over the last dim (one (c, V) temporary inside logsumexp)."""
+def _log_softmax_(x: torch.Tensor, inv_tau: float, tmp: torch.Tensor) -> torch.Tensor:
+    """In-place log_softmax(x * inv_tau) over the last dim; ``tmp`` (c, V) holds exp(x - max)."""
     x.mul_(inv_tau)
-    return x.sub_(torch.logsumexp(x, dim=-1, keepdim=True))
+    m = x.amax(dim=-1, keepdim=True)  # (c, 1); finite for any row with one finite logit
+    lse = torch.sub(x, m, out=tmp).exp_().sum(dim=-1, keepdim=True).log_().add_(m)  # (c, 1)
+    return x.sub_(lse)
 
 
-def _xlog_(la: torch.Tensor, lb: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """New (c, V) buffer ``a * (la - lb)`` with 0 where a == 0 (no 0 * inf NaN)."""
-    out = torch.sub(la, lb)
-    out.mul_(a)
-    return out.masked_fill_(a == 0, 0.0)
+def _xlog_(la: torch.Tensor, lb: torch.Tensor, a: torch.Tensor, out: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """``a * (la - lb)`` into ``out`` with 0 where a == 0 (no 0 * inf NaN); ``zero`` (c, V) bool scratch."""
+    torch.sub(la, lb, out=out).mul_(a)
+    return out.masked_fill_(torch.le(a, 0.0, out=zero), 0.0)
 
 
 def kd_chunk_reference(
@@ -83,8 +88,9 @@ def kd_chunk_reference(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token loss (c,) and grad logits (c, Vs) (``row_scale``-weighted), computed in fp32.
 
-    Works in place on the chunk's logits buffers to keep the workspace at a few (c, V)
-    tensors (the chunked path owns them; pass clones to keep the inputs).
+    Works in place on the chunk's logits buffers (the chunked path owns them; pass clones to keep
+    the inputs); its (c, V) temporaries are reused buffers of :mod:`minitron.losses.kd.workspace`,
+    so a chunk allocates nothing of size (c, V) once the first one has run.
 
     Args:
         s_logits: student logits of the chunk, fp32 (may hold ``-inf`` from top-k masking).
@@ -101,25 +107,31 @@ def kd_chunk_reference(
         >>> loss, grad = kd_chunk_reference(s.clone(), t.clone(), torch.full((s.shape[0],), 1 / n))
     """
     vs, vt = s_logits.shape[-1], t_logits.shape[-1]
-    v = max(vs, vt)
+    c, v = s_logits.shape[0], max(vs, vt)
     inv_tau = 1.0 / temperature
     want = row_scale is not None
-    log_q = _log_softmax_(_pad(s_logits, v), inv_tau)  # (c, V) student
-    log_p = _log_softmax_(_pad(t_logits, v), inv_tau)  # (c, V) teacher
+    space = workspace_for(s_logits)
+
+    def buf(name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:  # (c, V) scratch, reused
+        return space.get(f"ref_{name}", (c, v), dtype, s_logits.device)
+
+    zero = buf("zero", torch.bool)
+    log_q = _log_softmax_(_pad(s_logits, v, buf, "pad_s"), inv_tau, buf("a"))  # (c, V) student
+    log_p = _log_softmax_(_pad(t_logits, v, buf, "pad_t"), inv_tau, buf("a"))  # (c, V) teacher
     if kind == FORWARD_KL:
-        p = log_p.exp()  # (c, V)
-        loss = _xlog_(log_p, log_q, p).sum(-1)  # (c,)
+        p = torch.exp(log_p, out=buf("a"))  # (c, V)
+        loss = _xlog_(log_p, log_q, p, buf("b"), zero).sum(-1)  # (c,)
         grad = log_q.exp_().sub_(p) if want else None  # Q - P, in the student buffer
     elif kind == REVERSE_KL:
-        q = log_q.exp()
-        grad = _xlog_(log_q, log_p, q)  # Q (log Q - log P)
+        q = torch.exp(log_q, out=buf("a"))
+        grad = _xlog_(log_q, log_p, q, buf("b"), zero)  # Q (log Q - log P)
         loss = grad.sum(-1)
         grad = grad.sub_(q.mul_(loss[:, None])) if want else None
     else:
-        p, q = log_p.exp(), log_q.exp()
-        log_m = torch.mul(p, beta).add_(q, alpha=1.0 - beta).log_()  # M = beta P + (1 - beta) Q
-        loss_p = _xlog_(log_p, log_m, p).sum(-1)
-        grad = _xlog_(log_q, log_m, q)  # Q (log Q - log M)
+        p, q = torch.exp(log_p, out=buf("a")), torch.exp(log_q, out=buf("b"))
+        log_m = torch.mul(p, beta, out=buf("m")).add_(q, alpha=1.0 - beta).log_()  # M = beta P + (1 - beta) Q
+        loss_p = _xlog_(log_p, log_m, p, buf("d"), zero).sum(-1)
+        grad = _xlog_(log_q, log_m, q, log_p, zero)  # Q (log Q - log M), in the teacher buffer
         kl_qm = grad.sum(-1)
         loss = beta * loss_p + (1.0 - beta) * kl_qm
         grad = grad.sub_(q.mul_(kl_qm[:, None])).mul_(1.0 - beta) if want else None
