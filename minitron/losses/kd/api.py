@@ -36,7 +36,7 @@ import logging
 import torch
 
 from minitron.dispatch import Dispatch, check_device
-from minitron.losses.kd.chunked import KDConfig, linear_kd_loss_fused
+from minitron.losses.kd.chunked import KDConfig, default_chunk_size, linear_kd_loss_fused
 from minitron.losses.precision import outside_autocast
 from minitron.losses.kd.naive import LOSSES, REDUCTIONS, keep_mask, linear_kd_loss_naive
 from minitron.losses.kd.reference import kd_chunk_reference, loss_kind
@@ -89,7 +89,7 @@ def linear_kd_loss(
     top_k: int | None = None,
     reduction: str = "mean",
     impl: str = "auto",
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
     student_softcap: float | None = None,
     teacher_softcap: float | None = None,
 ) -> torch.Tensor:
@@ -118,7 +118,8 @@ def linear_kd_loss(
         top_k: if set, divergence over the teacher's top-k tokens only, both sides renormalised.
         reduction: ``"mean"`` over counted tokens (0 if none) | ``"sum"`` | ``"none"`` (N,) fp32.
         impl: ``"auto"`` | ``"triton"`` | ``"chunked"`` | ``"naive"``.
-        chunk_size: tokens per chunk for the chunked / triton paths.
+        chunk_size: tokens per chunk for the chunked / triton paths; None: :func:`default_chunk_size`
+            (sized by the vocabulary, 1024 at V = 49152).
         student_softcap, teacher_softcap: final-logit soft-caps (``config.final_logit_softcapping``,
             Gemma 2): each side's logits become ``cap * tanh(logits / cap)`` before the softmax, as
             in the model's own forward; None for none.
@@ -142,6 +143,10 @@ def linear_kd_loss(
         raise ValueError(f"temperature={temperature} must be > 0")
     if student_hidden.shape[0] != teacher_hidden.shape[0]:
         raise ValueError(f"student has {student_hidden.shape[0]} tokens, teacher {teacher_hidden.shape[0]}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size={chunk_size!r} must be an integer >= 1, or None for the default")
+    if chunk_size is None:
+        chunk_size = default_chunk_size(max(student_weight.shape[0], teacher_weight.shape[0]), student_hidden.device)
     choice = KD_CHUNK.select(impl, student_hidden.device)
     name = choice.name
     if not torch.compiler.is_compiling():  # dynamo cannot trace ContextVar.set nor logging (graph breaks)

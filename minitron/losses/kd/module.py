@@ -30,6 +30,7 @@ from torch import nn
 
 from minitron.losses.cross_entropy import linear_cross_entropy_sum
 from minitron.losses.kd.api import linear_kd_loss
+from minitron.losses.kd.chunked import default_chunk_size
 from minitron.losses.precision import outside_autocast
 
 __all__ = ["LinearKDLoss", "fused_linear_kd_loss", "shared_vocab_head"]
@@ -76,7 +77,7 @@ def _per_token(x: torch.Tensor | None, name: str, n: int) -> torch.Tensor | None
 
 
 def _check_options(weight_hard_loss: float, weight_soft_loss: float, beta: float, temperature: float,
-                   top_k: int | None, chunk_size: int) -> None:
+                   top_k: int | None, chunk_size: int | None) -> None:
     for name, v in (("weight_hard_loss", weight_hard_loss), ("weight_soft_loss", weight_soft_loss)):
         if not isinstance(v, numbers.Real) or not v >= 0:
             raise ValueError(f"{name}={v!r} must be a number >= 0")
@@ -86,8 +87,9 @@ def _check_options(weight_hard_loss: float, weight_soft_loss: float, beta: float
         raise ValueError(f"temperature={temperature!r} must be > 0")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1):
         raise ValueError(f"top_k={top_k!r} must be an integer >= 1 or None")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size!r} must be an integer >= 1")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size={chunk_size!r} must be an integer >= 1, or None for the default")
 
 
 @outside_autocast
@@ -111,7 +113,7 @@ def fused_linear_kd_loss(
     student_softcap: float | None = None,
     teacher_softcap: float | None = None,
     tau_squared: bool = False,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
     impl: str = "auto",
     return_soft_hard_loss: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -136,7 +138,8 @@ def fused_linear_kd_loss(
         attention_mask: optional (N,) / (B, S); tokens where it is 0 do not count (padding).
         student_softcap, teacher_softcap: final-logit soft-caps ``cap * tanh(logits / cap)`` (Gemma 2).
         tau_squared: multiply the soft term by temperature^2 (Hinton; :func:`minitron.distill` does).
-        chunk_size: tokens per chunk (memory O(chunk_size * V)).
+        chunk_size: tokens per chunk (memory O(chunk_size * V)); None: sized by the vocabulary
+            (:func:`minitron.losses.kd.chunked.default_chunk_size`, 1024 at V = 49152).
         impl: ``"auto"`` | ``"triton"`` | ``"chunked"`` | ``"naive"`` path of the soft term.
         return_soft_hard_loss: also return the two weighted-before terms ``(loss, soft, hard)``.
     Returns:
@@ -151,6 +154,8 @@ def fused_linear_kd_loss(
     hs = _flat(student_input, "student_input", student_weight, "student_weight")  # (N, Hs)
     ht = _flat(teacher_input, "teacher_input", teacher_weight, "teacher_weight")  # (N, Ht)
     n = hs.shape[0]
+    if chunk_size is None:
+        chunk_size = default_chunk_size(max(student_weight.shape[0], teacher_weight.shape[0]), hs.device)
     if ht.shape[0] != n:
         raise ValueError(f"student_input has {n} tokens but teacher_input {ht.shape[0]}: run both models on the same "
                          f"batch and flatten them the same way")
@@ -206,7 +211,7 @@ class LinearKDLoss(nn.Module):
         beta: 0 forward KL, 1 reverse KL, between the generalised JSD (0.5).
         ignore_index: label value of tokens that do not count (-100).
         temperature: softmax temperature of the soft term (1.0).
-        chunk_size: tokens per chunk (1024).
+        chunk_size: tokens per chunk (None: sized by the vocabulary, 1024 at V = 49152).
         return_soft_hard_loss: return ``(loss, soft_loss, hard_loss)``.
         top_k: divergence over the teacher's top-k ids only (None: full vocabulary).
         tau_squared: multiply the soft term by temperature^2 (False, as Liger).
@@ -219,7 +224,7 @@ class LinearKDLoss(nn.Module):
     """
 
     def __init__(self, weight_hard_loss: float = 0.5, weight_soft_loss: float = 0.5, beta: float = 0.5,
-                 ignore_index: int = -100, temperature: float = 1.0, chunk_size: int = 1024,
+                 ignore_index: int = -100, temperature: float = 1.0, chunk_size: int | None = None,
                  return_soft_hard_loss: bool = False, *, top_k: int | None = None, tau_squared: bool = False,
                  student_softcap: float | None = None, teacher_softcap: float | None = None,
                  impl: str = "auto") -> None:
