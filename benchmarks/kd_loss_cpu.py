@@ -13,7 +13,8 @@ its default half-size student). Variants, each in a fresh subprocess (clean peak
 Per variant: seconds per forward+backward (median of the timed repeats), the GEMM floor (the loss's four
 GEMMs at the rate ``torch.mm`` reaches for each shape and dtype, measured in the same run with reused
 outputs) and the ratio, peak RSS, minor page faults per step (``getrusage`` ``ru_minflt``) and the load
-average. The floor of the bf16 row is the all-bf16 one (every GEMM at the bf16 rate).
+average. The floor of the bf16 row is the all-bf16 one (every GEMM at the bf16 rate); a second column gives
+the floor at the dtypes the path runs (fp32 logits GEMMs, bf16 gradient GEMMs).
 
 Usage:
     python benchmarks/kd_loss_cpu.py --quick      # 1 warm-up + 2 timed steps per variant
@@ -65,11 +66,14 @@ def _gemm_rate(m: int, k: int, n: int, dtype, reps: int) -> float:
     return 2 * m * k * n / best
 
 
-def floor_s(dtype, reps: int, chunk: int) -> float:
-    """Seconds of the loss's four GEMMs at measured rates: logits (s, t), d hidden, d weight."""
+def floor_s(dtypes, reps: int, chunk: int) -> float:
+    """Seconds of the loss's four GEMMs at measured rates: logits (s, t), d hidden, d weight.
+
+    ``dtypes``: the dtype of each of the four GEMMs, in that order.
+    """
     c = min(chunk, N)
     shapes = [(c, HS, V), (c, HT, V), (c, V, HS), (V, c, HS)]  # (m, k, n) per chunk
-    return sum((N / c) * 2 * m * k * n / _gemm_rate(m, k, n, dtype, reps) for m, k, n in shapes)
+    return sum((N / c) * 2 * m * k * n / _gemm_rate(m, k, n, dt, reps) for (m, k, n), dt in zip(shapes, dtypes))
 
 
 def worker(variant: str, reps: int, warm: int) -> dict:
@@ -105,9 +109,11 @@ def worker(variant: str, reps: int, warm: int) -> dict:
     times.sort()
     from minitron.losses.kd.chunked import default_chunk_size
 
-    chunk = 1024 if variant == "old fp32 chunked" else default_chunk_size(V, max(HS, HT), torch.device("cpu"))
-    fl = floor_s(dtype, max(reps, 3), N if variant == "naive" else chunk)
-    return dict(variant=variant, s=times[len(times) // 2], floor_s=fl, chunk=chunk,
+    chunk = {"naive": N, "old fp32 chunked": 1024}.get(variant) or default_chunk_size(V, "cpu")
+    r = max(reps, 3)
+    fl = floor_s((dtype,) * 4, r, chunk)  # every GEMM at the rate of the input dtype (all-bf16 for bf16)
+    own = floor_s((torch.float32, torch.float32, dtype, dtype), r, chunk)  # the dtypes this path runs
+    return dict(variant=variant, s=times[len(times) // 2], floor_s=fl, own_floor_s=own, chunk=chunk,
                 peak_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 faults=sorted(faults)[len(faults) // 2], threads=torch.get_num_threads())
 
@@ -133,10 +139,12 @@ def main() -> None:
         r["load"] = max(load0, os.getloadavg()[0])
         rows.append(r)
         print(f"{v:18s} {r['s']:.2f} s  floor {r['floor_s']:.2f} s  x{r['s'] / r['floor_s']:.2f}  "
+              f"own-dtype floor {r['own_floor_s']:.2f} s  "
               f"peak {r['peak_mb']:.0f} MB  {r['faults']} minflt/step  load {r['load']:.1f}", flush=True)
-    table = md_table(["variant", "chunk", "s / fwd+bwd", "GEMM floor s", "x floor", "peak RSS MB", "minor faults / step",
-                      "load avg"],
+    table = md_table(["variant", "chunk", "s / fwd+bwd", "GEMM floor s", "x floor", "floor at its own GEMM dtypes s",
+                      "peak RSS MB", "minor faults / step", "load avg"],
                      [[r["variant"], r["chunk"], f"{r['s']:.2f}", f"{r['floor_s']:.2f}", f"{r['s'] / r['floor_s']:.2f}",
+                       f"{r['own_floor_s']:.2f}",
                        f"{r['peak_mb']:.0f}", r["faults"], f"{r['load']:.1f}"] for r in rows])
     print(table)
     if not args.quick:

@@ -109,11 +109,11 @@ class Gemm:
         self.grad_dtype = weight.dtype if (self.native or (self.cpu_bf16 and grads)) else torch.float32
 
     def logits(self, h: torch.Tensor, bias: torch.Tensor | None, c_max: int) -> torch.Tensor:
-        """(c, H) hidden states -> (c, V) fp32 logits in the workspace buffer ``<name>_logits``."""
-        out = self.ws.get(f"{self.name}_logits", (c_max, self.w.shape[0]), torch.float32, h.device)[: h.shape[0]]
-        if self.native:
-            out.copy_(_mm_f32(h, self.w.t()))
+        """(c, H) hidden states -> (c, V) fp32 logits (in the workspace buffer ``<name>_logits`` off CUDA)."""
+        if self.native:  # CUDA: the caching allocator already reuses the block
+            out = _mm_f32(h, self.w.t())
         else:
+            out = self.ws.get(f"{self.name}_logits", (c_max, self.w.shape[0]), torch.float32, h.device)[: h.shape[0]]
             torch.mm(h.float(), self.w.t(), out=out)
         return out if bias is None else out.add_(bias.float())
 
