@@ -17,7 +17,8 @@ average. The floor of the bf16 row is the all-bf16 one (every GEMM at the bf16 r
 the floor at the dtypes the path runs (fp32 logits GEMMs, bf16 gradient GEMMs).
 
 Usage:
-    python benchmarks/kd_loss_cpu.py --quick      # 1 warm-up + 2 timed steps per variant
+    python benchmarks/kd_loss_cpu.py --quick      # 1 warm-up + 2 timed steps per variant (..._quick.md)
+    python benchmarks/kd_loss_cpu.py --errors-only  # the bf16-vs-fp32 gradient error table only
     python benchmarks/kd_loss_cpu.py              # 2 + 5, writes benchmarks/results/kd_loss_cpu.md
 """
 
@@ -76,6 +77,37 @@ def floor_s(dtypes, reps: int, chunk: int) -> float:
     return sum((N / c) * 2 * m * k * n / _gemm_rate(m, k, n, dt, reps) for (m, k, n), dt in zip(shapes, dtypes))
 
 
+def errors(close: bool) -> dict:
+    """Relative L2 error of dH, dW (and the loss) of the bf16 path vs the fp32 path on the same bf16 values.
+
+    ``close``: the teacher's logits are the student's plus 2% noise (late in distillation, where the
+    logits gradient Q - P is small and rounding matters most); else an unrelated teacher.
+    """
+    import torch
+
+    from minitron.losses import linear_kd_loss
+
+    g = torch.Generator().manual_seed(1)
+    hs = torch.randn(N, HS, generator=g)
+    ws = torch.randn(V, HS, generator=g) * 0.2  # logit std ~4
+    if close:
+        ht = torch.cat([hs, torch.randn(N, HT - HS, generator=g)], 1)
+        wt = torch.cat([ws + 0.004 * torch.randn(V, HS, generator=g), 0.01 * torch.randn(V, HT - HS, generator=g)], 1)
+    else:
+        ht, wt = torch.randn(N, HT, generator=g), torch.randn(V, HT, generator=g) * 0.17
+    out = {}
+    for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        h = hs.bfloat16().to(dt).requires_grad_()
+        w = ws.bfloat16().to(dt).requires_grad_()
+        loss = linear_kd_loss(h, w, ht.bfloat16().to(dt), wt.bfloat16().to(dt), impl="chunked")
+        loss.backward()
+        out[name] = (loss.item(), h.grad.float(), w.grad.float())
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+    (l32, h32, w32), (l16, h16, w16) = out["fp32"], out["bf16"]
+    return dict(teacher="close (logits + 2% noise)" if close else "unrelated", loss_rel=abs(l16 - l32) / abs(l32),
+                dh=rel(h16, h32), dw=rel(w16, w32))
+
+
 def worker(variant: str, reps: int, warm: int) -> dict:
     import torch
 
@@ -120,16 +152,28 @@ def worker(variant: str, reps: int, warm: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="1 warm-up + 2 timed steps, no results file")
+    ap.add_argument("--quick", action="store_true", help="1 warm-up + 2 timed steps (results/kd_loss_cpu_quick.md)")
+    ap.add_argument("--errors-only", action="store_true", help="only the bf16-vs-fp32 gradient error table")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--reps", type=int, default=None)
     args = ap.parse_args()
     reps, warm = (2, 1) if args.quick else (5, 2)
     reps = args.reps or reps
+    if args.worker == "errors":
+        print(json.dumps([errors(True), errors(False)]))
+        return
     if args.worker:
         print(json.dumps(worker(args.worker, reps, warm)))
         return
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'kernels'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    out = subprocess.run([sys.executable, __file__, "--worker", "errors"], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    err_table = md_table(["teacher", "loss rel. error", "dH rel. L2 error", "dW rel. L2 error"],
+                         [[e["teacher"], f"{e['loss_rel']:.1e}", f"{e['dh']:.1e}", f"{e['dw']:.1e}"]
+                          for e in json.loads(out.strip().splitlines()[-1])])
+    print(err_table, flush=True)
+    if args.errors_only:
+        return
     rows = []
     for v in VARIANTS:
         load0 = os.getloadavg()[0]
@@ -147,11 +191,13 @@ def main() -> None:
                        f"{r['own_floor_s']:.2f}",
                        f"{r['peak_mb']:.0f}", r["faults"], f"{r['load']:.1f}"] for r in rows])
     print(table)
-    if not args.quick:
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "kd_loss_cpu.md").write_text(
-            f"# KD loss on CPU at N={N}, Hs={HS}, Ht={HT}, V={V} ({rows[0]['threads']} threads)\n\n{table}\n\n"
-            f"Command: `python benchmarks/kd_loss_cpu.py`\n")
+    RESULTS.mkdir(exist_ok=True)
+    name = "kd_loss_cpu_quick.md" if args.quick else "kd_loss_cpu.md"
+    (RESULTS / name).write_text(
+        f"# KD loss on CPU at N={N}, Hs={HS}, Ht={HT}, V={V} ({rows[0]['threads']} threads)\n\n{table}\n\n"
+        f"Gradient error of the bf16 path (fp32 logits GEMMs, bf16 gradient GEMMs) vs the fp32 path on the same\n"
+        f"bf16 values (one fwd+bwd, default chunk):\n\n{err_table}\n\n"
+        f"Command: `python benchmarks/kd_loss_cpu.py{' --quick' if args.quick else ''}`\n")
 
 
 if __name__ == "__main__":
