@@ -31,18 +31,20 @@ def gemm_only_step(hs, ws, ht, wt, chunk: int) -> None:
     """The GEMMs of one fused fwd+bwd step, and nothing else (the lower bound of any chunked path)."""
     import torch
 
-    from minitron.losses.fused import _Gemm
+    from minitron.losses.kd.gemm import Gemm
+    from minitron.losses.kd.workspace import workspace_for
 
-    gs, gt = _Gemm(ws, hs.dtype), _Gemm(wt, ht.dtype)
+    space = workspace_for(hs)
+    gs, gt = Gemm(ws, hs.dtype, space, "s", grads=True), Gemm(wt, ht.dtype, space, "t")
     n, v = hs.shape[0], ws.shape[0]
     grad_h = torch.empty(hs.shape, dtype=torch.float32, device=hs.device)  # (N, Hs)
     grad_w = torch.zeros(ws.shape, dtype=torch.float32, device=hs.device)  # (V, Hs)
     g = torch.full((min(chunk, n), v), 1e-3, dtype=gs.grad_dtype, device=hs.device)  # stands for dL/dlogits
     for i in range(0, n, chunk):
         j = min(i + chunk, n)
-        h = gs.act(hs[i:j].detach())
-        gs.logits(h, None)  # (c, V) fp32
-        gt.logits(gt.act(ht[i:j]), None)
+        h = hs[i:j].detach()
+        gs.logits(h, None, chunk)  # (c, V) fp32
+        gt.logits(ht[i:j], None, chunk)
         grad_h[i:j] = gs.grad_act(g[: j - i])
         gs.acc_grad_weight_(grad_w, g[: j - i], h)
 

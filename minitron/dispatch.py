@@ -1,7 +1,7 @@
 """Which implementation of a kernel runs: the Triton kernel or its pure-PyTorch reference.
 
-Every Triton kernel of ``minitron_kernels`` has a reference beside it (``fused_kl`` /
-``fused_kl_reference``, ``importance`` / ``importance_reference``). :class:`Dispatch` names one
+Every Triton kernel of ``minitron_kernels`` has a pure-PyTorch reference (``fused_kl`` ->
+``minitron.losses.kd.reference``, ``importance`` / ``importance_reference``). :class:`Dispatch` names one
 such pair and :meth:`Dispatch.select` picks one for a requested ``impl`` and a device:
 
 * ``auto``: Triton for CUDA tensors when triton imports, else the reference;

@@ -1,6 +1,6 @@
 """Triton kernels of minitron (installed as ``minitron_kernels``), each with its pure-PyTorch reference.
 
-``fused_kl`` / ``fused_kl_reference``: one chunk of the fused linear + KD loss.
+``fused_kl``: one chunk of the fused linear + KD loss (its reference and the rest of the op: ``minitron.losses.kd``).
 ``importance`` / ``importance_reference``: activation and Block Importance accumulation.
 ``aot_compile``: ahead-of-time compile check of every kernel for a GPU architecture.
 """

@@ -1,6 +1,6 @@
 """Triton kernels for one chunk of the fused linear + KD loss (Liger style).
 
-The host loop (:mod:`minitron.losses.fused`) computes a chunk's logits with one fp32-output
+The host loop (:mod:`minitron.losses.kd.chunked`, through the custom op ``torch.ops.minitron.kd_chunk``) computes a chunk's logits with one fp32-output
 GEMM per model and calls :func:`kd_chunk_triton`, which runs one program per token row:
 
     pass 1  online softmax statistics (running max, sum-exp) of student AND teacher over
@@ -13,7 +13,7 @@ GEMM per model and calls :func:`kd_chunk_triton`, which runs one program per tok
 Everything is fp32. Columns beyond a side's vocab read as ``-inf`` (vocab padding, never
 zeros); ``0 * log 0`` terms are masked so padding never yields NaN. Memory: the (c, V)
 logits buffers of the chunk, nothing of size N x V. The reference is
-:func:`minitron_kernels.fused_kl_reference.kd_chunk_reference`.
+:func:`minitron.losses.kd.reference.kd_chunk_reference`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from minitron_kernels.fused_kl_reference import FORWARD_KL, JSD, REVERSE_KL  # noqa: F401
+FORWARD_KL, REVERSE_KL, JSD = 0, 1, 2  # kernel codes, as minitron.losses.kd.reference.loss_kind returns
 
 _NEG_BIG = -1.0e30  # finite "minus infinity" for running maxima (avoids inf - inf = NaN)
 

@@ -235,7 +235,7 @@ def test_triton_paths_in_interpreter_subprocess():
 
 
 def _chunk_fns():
-    from minitron_kernels.fused_kl_reference import kd_chunk_reference
+    from minitron.losses.kd.reference import kd_chunk_reference
 
     fns = [pytest.param(kd_chunk_reference, id="reference")]
     if TRITON_OK:
@@ -257,7 +257,7 @@ def test_chunk_grad_written_once_in_half(chunk_fn, kind, dtype):
     2^-8 -> 4e-3, fp16 2^-11 -> 5e-4), doubled for Triton in the CPU interpreter, whose numpy
     fp32 -> bf16 cast truncates (compiled Triton rounds to nearest even).
     """
-    from minitron_kernels.fused_kl_reference import kd_chunk_reference
+    from minitron.losses.kd.reference import kd_chunk_reference
 
     g = torch.Generator().manual_seed(kind)
     c, vs, vt = 13, 1003, 997  # odd rows; the smaller vocab is padded with -inf
@@ -290,7 +290,7 @@ def test_native_half_gemm_path(impl, acc_in_place, monkeypatch):
     chunk loop's half-precision plumbing is checked everywhere. Spies assert every GEMM got
     half inputs (nothing silently upcast) and that dW accumulated in fp32.
     """
-    from minitron.losses import fused
+    from minitron.losses.kd import gemm as fused
 
     calls = {"mm": 0, "addmm": 0}
     dtype = torch.bfloat16
@@ -327,7 +327,7 @@ def test_native_half_gemm_path(impl, acc_in_place, monkeypatch):
 
 def test_native_support_probe_on_this_device():
     """The capability probe runs without raising; on CPU the fp32-output half GEMMs are absent."""
-    from minitron.losses import fused
+    from minitron.losses.kd import gemm as fused
 
     ok_mm, ok_addmm = fused._native_support(DEVICE, torch.bfloat16)
     if not CUDA:

@@ -18,7 +18,7 @@ from minitron.distillation.module import DistillModule
 from minitron.evaluation import lm_loss
 from minitron.losses import linear_kd_loss
 from minitron.losses.cross_entropy import linear_cross_entropy, softcap_of
-from minitron.losses.reference import divergence_from_logits
+from minitron.losses.kd.naive import divergence_from_logits
 
 from tests.helpers import make_model
 
@@ -119,7 +119,7 @@ def test_kd_loss_softcap_on_the_native_half_gemm_path(impl, monkeypatch):
     """bf16 inputs on the CUDA-style path (fp32-output GEMMs, the logits gradient in a bf16 buffer): the
     soft-cap's chain rule is applied in fp32 and written back into that buffer. Off CUDA the half GEMMs
     are emulated as in tests/test_fused_kl.py."""
-    from minitron.losses import fused
+    from minitron.losses.kd import gemm as fused
 
     if not torch.cuda.is_available():
         monkeypatch.setattr(fused, "_NATIVE_DEVICE_TYPES", ("cpu",))

@@ -9,30 +9,54 @@ scales them by the incoming scalar gradient (reduction ``mean``/``sum``); for
 ``reduction="none"`` the gradient depends on the per-token upstream gradient, so backward
 re-runs the loop with those row weights.
 
-The chunk op is either the pure-PyTorch :func:`minitron_kernels.fused_kl_reference.kd_chunk_reference`
-(``impl="chunked"``) or the Triton :func:`minitron_kernels.fused_kl.kd_chunk_triton`
-(``impl="triton"``). Precision: logits and all accumulators are fp32. For bf16/fp16 inputs on
-CUDA the GEMMs run in the input dtype with fp32 output (``torch.mm(..., out_dtype=float32)``,
-logits never rounded to bf16) and the chunk op rounds the fp32 logits gradient once into a
-reused bf16/fp16 (c, Vs) buffer that feeds both gradient GEMMs; elsewhere the weights are
-upcast to fp32 once per call.
+The chunk op is ``torch.ops.minitron.kd_chunk`` (:mod:`minitron.losses.kd.op`): the pure-PyTorch
+:func:`minitron.losses.kd.reference.kd_chunk_reference` (``impl="chunked"``, what runs on CPU) or the
+Triton :func:`minitron_kernels.fused_kl.kd_chunk_triton` (``impl="triton"``). Precision of the four
+GEMMs per device and dtype, and the reused chunk buffers: :mod:`minitron.losses.kd.gemm`.
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
-from minitron_kernels.fused_kl_reference import topk_mask_
+from minitron.losses.kd import op  # noqa: F401 - defines torch.ops.minitron.kd_chunk
+from minitron.losses.kd.gemm import Gemm
+from minitron.losses.kd.workspace import workspace_for
+from minitron.losses.kd.reference import topk_mask_
 
-ChunkFn = Callable[..., tuple[torch.Tensor, "torch.Tensor | None"]]
-_HALF = (torch.float16, torch.bfloat16)
-# device types whose half-precision GEMMs with fp32 output are fast (CPU lacks mm.dtype kernels;
-# tests add "cpu" with emulated GEMMs to exercise this path)
-_NATIVE_DEVICE_TYPES = ("cuda",)
+#: CPU rule of :func:`default_chunk_size`: the chunk's workspace stays under this many bytes
+CHUNK_WORKSPACE_BYTES = 1 << 30
+# workspace bytes per row and vocabulary entry on CPU: student and teacher fp32 logits and two fp32
+# chunk-op temporaries (16), the bool mask (1), the bf16 logits gradient of the cpu_bf16 path (2)
+_BYTES_PER_ENTRY = 19
+
+
+def default_chunk_size(vocab: int, device: torch.device | str) -> int:
+    """Tokens per chunk when the caller gives none.
+
+    CPU: the largest power of two whose (chunk, vocab) workspace fits :data:`CHUNK_WORKSPACE_BYTES`
+    (1 GiB), between 64 and 4096 rows: 1024 at V = 49152 (SmolLM2), 256 at V = 128256 (Llama 3), 4096
+    for small vocabularies. Larger chunks amortise the per-chunk d-weight update (one (V, H) read and
+    write per chunk) and the per-op overhead of the elementwise pass; cache-sized row blocks of that
+    pass were measured 1.2x (256 rows) to 6.6x (16 rows) slower than one 1024-row block at V = 49152,
+    because the pure-PyTorch pass is several ops, each re-reading the tile anyway. CUDA: 1024 (the
+    Triton kernel is one program per row; the chunk only bounds memory).
+
+    Args:
+        vocab: the larger of the two vocabularies.
+        device: where the loss runs.
+    Returns:
+        The chunk size in tokens.
+    Example:
+        >>> default_chunk_size(49152, "cpu")
+        1024
+    """
+    if torch.device(device).type != "cpu":
+        return 1024
+    rows = max(CHUNK_WORKSPACE_BYTES // (_BYTES_PER_ENTRY * max(vocab, 1)), 1)
+    return int(min(4096, max(64, 1 << (rows.bit_length() - 1))))
 
 
 @dataclass
@@ -43,71 +67,9 @@ class KDConfig:
     top_k: int | None
     reduction: str
     chunk_size: int
-    chunk_fn: ChunkFn
+    use_triton: bool = False  # the chunk op's kernel: Triton, else the pure-PyTorch reference
     student_softcap: float | None = None  # final-logit soft-caps: logits -> cap * tanh(logits / cap)
     teacher_softcap: float | None = None
-
-
-def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(M, K) @ (K, N) half-precision inputs, fp32 output straight from the GEMM accumulator."""
-    return torch.mm(a, b, out_dtype=torch.float32)
-
-
-def _addmm_f32_(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``c += a @ b`` for fp32 ``c`` and half-precision ``a``, ``b``, accumulated in fp32."""
-    torch.addmm(c, a, b, out_dtype=torch.float32, out=c)
-
-
-@functools.lru_cache(maxsize=None)
-def _native_support(device: str, dtype: torch.dtype) -> tuple[bool, bool]:
-    """(fp32-output mm works, fp32 in-place addmm works) for half inputs on ``device``, probed once."""
-    a = torch.ones(16, 16, device=device, dtype=dtype)
-    try:
-        ok_mm = bool(_mm_f32(a, a)[0, 0] == 16)
-    except (RuntimeError, NotImplementedError, TypeError):
-        return False, False
-    c = torch.zeros(16, 16, device=device, dtype=torch.float32)
-    try:
-        _addmm_f32_(c, a, a)
-        ok_addmm = bool(c[0, 0] == 16)
-    except (RuntimeError, NotImplementedError, TypeError):
-        ok_addmm = False
-    return ok_mm, ok_addmm
-
-
-class _Gemm:
-    """fp32-output GEMMs against one (V, H) weight, without rounding logits to the input dtype.
-
-    ``native``: bf16/fp16 weight and activations on CUDA; the GEMMs run in that dtype on tensor
-    cores with fp32 output, and the logits gradient comes back from the chunk op already in
-    ``grad_dtype`` (rounded once). Otherwise the weight is upcast to fp32 once per call.
-    """
-
-    def __init__(self, weight: torch.Tensor, act_dtype: torch.dtype) -> None:
-        self.native = False
-        self.acc_in_place = False
-        if weight.device.type in _NATIVE_DEVICE_TYPES and weight.dtype in _HALF and act_dtype == weight.dtype:
-            self.native, self.acc_in_place = _native_support(str(weight.device), weight.dtype)
-        self.w = weight if (self.native or weight.dtype == torch.float32) else weight.float()  # (V, H)
-        self.grad_dtype = self.w.dtype if self.native else torch.float32
-
-    def act(self, h: torch.Tensor) -> torch.Tensor:
-        return h if self.native else h.float()
-
-    def logits(self, h: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        out = _mm_f32(h, self.w.t()) if self.native else h @ self.w.t()  # (c, V) fp32
-        return out if bias is None else out.add_(bias.float())
-
-    def grad_act(self, g: torch.Tensor) -> torch.Tensor:  # g (c, V) in grad_dtype -> (c, H) fp32
-        return _mm_f32(g, self.w) if self.native else g @ self.w
-
-    def acc_grad_weight_(self, gw: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> None:  # gw (V, H) fp32
-        if not self.native:
-            gw.addmm_(g.t(), h)
-        elif self.acc_in_place:  # half x half -> fp32 accumulate straight into gw (no V x H temporary)
-            _addmm_f32_(gw, g.t(), h)
-        else:  # torch builds whose addmm.dtype_out rejects an fp32 self: one (V, H) fp32 temporary
-            gw.add_(_mm_f32(g.t(), h))
 
 
 def kd_loop(
@@ -121,16 +83,19 @@ def kd_loop(
     """Run the chunk loop. Returns ``(per_token_loss (n,), grad_hidden (N, Hs), grad_weight, grad_bias)``."""
     n = hs.shape[0] if idx is None else idx.numel()
     dev = hs.device
-    gs, gt = _Gemm(ws, hs.dtype), _Gemm(wt, ht.dtype)
-    per_tok = torch.empty(n, dtype=torch.float32, device=dev)  # (n,)
     want = row_scale is not None
+    space = workspace_for(hs)
+    gs = Gemm(ws, hs.dtype, space, "s", grads=want)
+    gt = Gemm(wt, ht.dtype, space, "t")
+    c_max = max(min(cfg.chunk_size, n), 1)
+    per_tok = torch.empty(n, dtype=torch.float32, device=dev)  # (n,)
     gh = torch.zeros(hs.shape, dtype=torch.float32, device=dev) if want and need[0] else None  # (N, Hs)
     gw = torch.zeros(ws.shape, dtype=torch.float32, device=dev) if want and need[1] else None  # (Vs, Hs)
     gb = torch.zeros(ws.shape[0], dtype=torch.float32, device=dev) if want and need[2] and bs is not None else None
-    # native half GEMMs: the chunk op writes the logits gradient straight into this buffer
+    # half-precision gradient GEMMs: the chunk op writes the logits gradient straight into this buffer
     gbuf = None
     if want and gs.grad_dtype != torch.float32:
-        gbuf = torch.empty(min(cfg.chunk_size, n), ws.shape[0], dtype=gs.grad_dtype, device=dev)  # (c, Vs)
+        gbuf = space.get("g16", (c_max, ws.shape[0]), gs.grad_dtype, dev)  # (c, Vs)
     for i in range(0, n, cfg.chunk_size):
         j = min(i + cfg.chunk_size, n)
         if idx is None:
@@ -138,14 +103,14 @@ def kd_loop(
         else:
             rows = idx[i:j]
             h_s, h_t = hs.index_select(0, rows), ht.index_select(0, rows)
-        h_s = gs.act(h_s)
-        s_logits = gs.logits(h_s, bs)  # (c, Vs) fp32
-        t_logits = gt.logits(gt.act(h_t), bt)  # (c, Vt) fp32
+        s_logits = gs.logits(h_s, bs, c_max)  # (c, Vs) fp32, workspace
+        t_logits = gt.logits(h_t, bt, c_max)  # (c, Vt) fp32, workspace
         cap_grad = None  # d capped / d raw = 1 - tanh^2, taken before top-k masks logits to -inf
         if cfg.student_softcap:
             s_logits.div_(cfg.student_softcap).tanh_()
             if want:
-                cap_grad = 1.0 - s_logits.square()  # (c, Vs) fp32
+                cap_grad = torch.mul(s_logits, s_logits, out=space.get("cap", (c_max, ws.shape[0]), torch.float32,
+                                                                          dev)[: j - i]).neg_().add_(1.0)  # (c, Vs)
             s_logits.mul_(cfg.student_softcap)
         if cfg.teacher_softcap:
             t_logits.div_(cfg.teacher_softcap).tanh_().mul_(cfg.teacher_softcap)
@@ -154,18 +119,20 @@ def kd_loop(
         scale = None
         if want:
             scale = row_scale[i:j] if torch.is_tensor(row_scale) else torch.full((j - i,), float(row_scale), device=dev)
-        loss_c, g = cfg.chunk_fn(s_logits, t_logits, scale, cfg.kind, cfg.beta, cfg.temperature,
-                                 grad_out=None if gbuf is None else gbuf[: j - i])  # g (c, Vs) in grad_dtype
+        g_out = None if gbuf is None else gbuf[: j - i]
+        loss_c = torch.ops.minitron.kd_chunk(s_logits, t_logits, scale, g_out, cfg.kind, cfg.beta, cfg.temperature,
+                                             cfg.use_triton)
         per_tok[i:j] = loss_c
-        if g is None:
+        if not want:
             continue
+        g = s_logits if g_out is None else g_out  # (c, Vs) in grad_dtype
         if cap_grad is not None:  # chain rule through the soft-cap, in fp32, written back in g's dtype
-            g.copy_(cap_grad.mul_(g.float()))
+            g.copy_(cap_grad.mul_(g))
         if gh is not None:
             if idx is None:
                 gh[i:j] = gs.grad_act(g)
             else:
-                gh.index_copy_(0, rows, gs.grad_act(g))
+                gh.index_copy_(0, rows, gs.grad_act(g).float())
         if gw is not None:
             gs.acc_grad_weight_(gw, g, h_s)
         if gb is not None:
