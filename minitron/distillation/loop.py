@@ -27,7 +27,8 @@ from minitron.distillation.optim import make_optimizer
 from minitron.distillation.plotting import plot_loss_curve
 from minitron.distillation.precision import choose_precision, frozen_in_bf16
 from minitron.distillation.run_dir import METRICS, PLOT, RUN_FILE
-from minitron.distillation.runtime import load_average, physical_cores, warn
+from minitron.distillation import runtime
+from minitron.distillation.runtime import physical_cores, warn
 from minitron.distillation.teacher_cache import TeacherCache
 from minitron.distillation.time_budget import TimeBudget
 from minitron.outputs import write_output_dir
@@ -86,7 +87,7 @@ class Trainer:
         self.run_notes = {"precision": "bf16" if use_bf16 else "fp32", "precision_reason": why,
                           "teacher_weights": "bf16" if self.teacher_bf16 else "as loaded",
                           "threads": torch.get_num_threads(), "physical_cores": physical_cores(),
-                          "load_avg_1min": load_average()}
+                          "load_avg_1min": runtime.load_average()}
         self.budget: TimeBudget | None = None  # set by distill() when cfg.time_budget_s is given
         self.best_tok_s = 0.0
 
@@ -255,10 +256,12 @@ class Trainer:
                     g["lr"] = base * sched(self.step)
                 row["lr_horizon"] = sched.horizon
         tok_s = row["tokens_per_s"]
-        if self.step >= 3 and tok_s < 0.5 * self.best_tok_s and not self.run_notes.get("warned"):
+        load = runtime.load_average()  # a collapse (half the best tokens/s so far) on a loaded machine: it is shared
+        if (self.step >= 3 and tok_s < 0.5 * self.best_tok_s and load is not None and load > physical_cores()
+                and not self.run_notes.get("warned")):
             self.run_notes["warned"] = True
             row["warning"] = (f"tokens/s collapsed to {tok_s:.0f} from {self.best_tok_s:.0f} (load average "
-                              f"{load_average()}, {torch.get_num_threads()} threads on {physical_cores()} cores): "
+                              f"{load:.1f}, {torch.get_num_threads()} threads on {physical_cores()} cores): "
                               "the machine is probably shared and these figures mean nothing"
                               + ("; try --threads 1" if torch.get_num_threads() > 1 else ""))
             warn(row["warning"])
