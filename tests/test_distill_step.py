@@ -211,3 +211,13 @@ def test_collapsed_tokens_per_s_on_a_loaded_machine_warns(monkeypatch, teacher_a
     hook.remove()
     warned = [r for r in rows(tmp_path, "train") if "warning" in r]
     assert len(warned) == 1 and warned[0]["step"] == 5 and "mean nothing" in warned[0]["warning"]
+
+
+def test_default_threads_share_the_cores_among_local_ranks(monkeypatch):
+    monkeypatch.setattr(R, "physical_cores", lambda: 8)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert R.default_threads() == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
+    assert R.default_threads() == 1
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert R.default_threads() == 8

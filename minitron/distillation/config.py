@@ -74,7 +74,8 @@ class DistillConfig:
         log_every: write a metrics row every this many steps.
         threads: torch intra-op threads for the run (restored afterwards). None (default): the physical cores
             this process may use (affinity mask, hyper-thread siblings counted once, cgroup quota; see
-            :func:`minitron.distillation.runtime.physical_cores`). A warning is given when the 1-minute load
+            :func:`minitron.distillation.runtime.physical_cores`), divided among the ``LOCAL_WORLD_SIZE`` ranks of
+            a ``torchrun`` on this machine. A warning is given when the 1-minute load
             average exceeds those cores at the start, or when tokens/s collapses during the run.
         time_budget_s: wall-clock seconds for the run, counted from the call to ``distill``: between steps, a
             step is started only if it and the closing checkpoint + ``final/`` are predicted to fit; the run

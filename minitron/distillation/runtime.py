@@ -63,6 +63,25 @@ def physical_cores() -> int:
     return max(1, min(n, math.ceil(quota))) if quota else n
 
 
+def default_threads() -> int:
+    """Threads of a run without ``DistillConfig.threads``: the physical cores, shared by the ranks on this machine.
+
+    Under ``torchrun`` (``LOCAL_WORLD_SIZE`` ranks per machine) each rank gets ``cores // LOCAL_WORLD_SIZE``
+    (at least 1), so the ranks together use the physical cores once.
+
+    Returns:
+        The thread count, at least 1.
+    Example:
+        >>> default_threads() >= 1
+        True
+    """
+    try:
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local = 1
+    return max(1, physical_cores() // local)
+
+
 @lru_cache(maxsize=1)
 def fast_bf16_cpu() -> str | None:
     """How this CPU was found to have native bf16 matrix instructions, or None.

@@ -29,7 +29,7 @@ from minitron.distillation.config import DEFAULT_DISTILL_SEQ_LEN, DistillConfig
 from minitron.distillation.data import check_nonempty, load_blocks, resolve_tokenizer
 from minitron.distillation.loop import Callback, NonFiniteLossError, Trainer
 from minitron.distillation.module import TEACHER_OUTSIDE_MASS_LIMIT, DistillModule
-from minitron.distillation.runtime import oversubscription_warning, physical_cores, torch_threads, warn
+from minitron.distillation.runtime import default_threads, oversubscription_warning, torch_threads, warn
 from minitron.distillation.time_budget import TimeBudget
 from minitron.distillation.run_dir import check_run_dir, load_resumable, open_run_dir, run_fingerprint, start_over
 from minitron.distillation.teacher_cache import TeacherCache, as_teacher_cache, check_cached_run
@@ -108,7 +108,7 @@ def distill(
     cfg = config if config is not None else DistillConfig()
     if overrides:
         cfg = DistillConfig(**{**cfg.to_dict(), **overrides})
-    with torch_threads(cfg.threads or physical_cores()) as threads:
+    with torch_threads(cfg.threads or default_threads()) as threads:
         if (busy := oversubscription_warning(threads)) is not None:
             warn(busy)
         return _distill(student, teacher, train_data, eval_data, cfg, tokenizer, teacher_tokenizer, callbacks, started)
