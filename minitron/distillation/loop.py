@@ -242,6 +242,11 @@ class Trainer:
             getattr(self.budget, record)(time.perf_counter() - t0)
         return out
 
+    def rank0(self, value: float) -> float:
+        """Rank 0's ``value`` on every rank (a collective under torchrun): time-budget decisions must agree."""
+        t = torch.tensor([value if self.env.is_main else 0.0], dtype=torch.float64, device=self.env.device)
+        return float(D.all_sum(t, self.env.world).item())
+
     def note_step(self, row: dict, first: bool) -> None:
         """After a step: run notes on the first row, the time budget's LR plan, the collapse warning."""
         cfg, budget = self.cfg, self.budget
@@ -251,7 +256,8 @@ class Trainer:
         if budget is not None:
             budget.record_step(row["step_s"])
             if not sched.planned and self.step >= max(cfg.warmup_steps, 2) and self.step < cfg.steps:
-                sched.plan(min(cfg.steps, budget.steps_that_fit(self.step, self.eval_blocks is not None)))
+                fit = budget.steps_that_fit(self.step, self.eval_blocks is not None)
+                sched.plan(min(cfg.steps, int(self.rank0(float(fit)))))  # one horizon on every rank
                 for g, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):  # the next step's LR
                     g["lr"] = base * sched(self.step)
                 row["lr_horizon"] = sched.horizon
@@ -286,7 +292,7 @@ class Trainer:
                     evaluated_at = 0
                 stopped, first = None, True
                 while self.step < cfg.steps:
-                    if budget is not None and not budget.fits_next(with_eval):
+                    if budget is not None and self.rank0(float(not budget.fits_next(with_eval))):  # ranks agree
                         stopped = budget.stop_reason(self.step, with_eval)
                         break
                     row = self.train_step()
