@@ -180,6 +180,7 @@ def run(args: argparse.Namespace) -> int:
     import minitron
     from ..adapters import moe_spec_of
     from ..data import load_text_blocks, resolve_seq_len
+    from ..distillation.metrics import read_rows
     from ..distillation.run_dir import check_run_dir
     from ..distillation.trainer import distill
     from ..models import BUILTIN, input_paths, load_model, load_tokenizer, text_source
@@ -223,14 +224,18 @@ def run(args: argparse.Namespace) -> int:
         report["teacher_ppl"] = None if cache else round(minitron.perplexity(teacher, eval_blocks, cfg.batch_size), 3)
         report["student_ppl_before"] = round(minitron.perplexity(student, eval_blocks, cfg.batch_size), 3)
     if cfg.time_budget_s is not None:  # the budget covers the command so far too
-        cfg = dataclasses.replace(cfg, time_budget_s=max(1e-3, cfg.time_budget_s - (time.time() - started)))
+        spent = time.time() - started
+        cfg = dataclasses.replace(cfg, time_budget_s=max(1e-3, cfg.time_budget_s - spent))
+        print(f"--time-budget: {cfg.time_budget_s:.0f} s left for training after {spent:.0f} s of loading and setup")
     student = distill(student, teacher, data, eval_data, config=cfg, tokenizer=tokenizer,
                       teacher_tokenizer=teacher_tokenizer if args.student is not None else None)
+    done = max([r["step"] for r in read_rows(Path(cfg.output_dir) / "metrics.jsonl") if r.get("split") == "train"],
+               default=0)  # fewer than --steps when --time-budget stopped the run
     if eval_blocks is not None:
         report["student_ppl_after"] = round(minitron.perplexity(student, eval_blocks, cfg.batch_size), 3)
         print(f"held-out perplexity: teacher {report['teacher_ppl'] or float('nan'):.2f}; student {report['student_ppl_before']:.2f} "
-              f"-> {report['student_ppl_after']:.2f} after {cfg.steps} steps "
-              f"({cfg.steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len} tokens)")
+              f"-> {report['student_ppl_after']:.2f} after {done} steps "
+              f"({done * cfg.batch_size * cfg.grad_accum * cfg.seq_len} tokens)")
     report["seconds"] = round(time.time() - started, 1)
     print(json.dumps(report))
     print(f"distilled student written to {Path(cfg.output_dir) / 'final'} (loads with AutoModelForCausalLM.from_pretrained)")
