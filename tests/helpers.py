@@ -163,7 +163,7 @@ def rows(run_dir: Path, split: str) -> list[dict]:
 def quick_cfg(tmp: Path, **kw):
     from minitron.distillation import DistillConfig
 
-    base = dict(steps=8, seq_len=T, batch_size=8, lr=1e-2, min_lr=1e-3, warmup_steps=2, save_every=0, eval_every=0,
+    base = dict(steps=8, seq_len=T, batch_size=8, lr=1e-2, min_lr=1e-3, warmup_steps=2, save_every=0, eval_every=0, threads=1,
                 output_dir=str(tmp), progress=False, plot=False)
     return DistillConfig(**{**base, **kw})
 

@@ -253,7 +253,8 @@ student = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermedia
                                        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64))
 data = torch.load(sys.argv[2])
 distill(student, sys.argv[1], data, config=DistillConfig(steps=3, batch_size=4, grad_accum=2, lr=1e-2, warmup_steps=0,
-        save_every=0, eval_every=0, output_dir=sys.argv[3], parallel=sys.argv[4], progress=False, plot=False))
+        save_every=0, eval_every=0, output_dir=sys.argv[3], parallel=sys.argv[4], progress=False, plot=False,
+        mixed_precision="fp32"))  # fp32: the all-reduce vs one-process sums are compared at rtol 1e-4
 """
 
 

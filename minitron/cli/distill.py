@@ -29,11 +29,12 @@ from ..distillation.config import (
 
 _CHOICES = {"logits_loss": LOGITS_LOSSES, "intermediate_loss": INTERMEDIATE_LOSSES, "mixed_precision": MIXED_PRECISION,
             "loss_impl": LOSS_IMPLS, "parallel": PARALLEL}
-_SKIP = {"intermediate_layers", "adam_betas", "extra", "resume", "progress", "plot", "chat_template", "overwrite"}
+_SKIP = {"intermediate_layers", "adam_betas", "extra", "resume", "progress", "plot", "chat_template", "overwrite",
+         "time_budget_s"}
 BUILTIN_JOB = {"steps": 40, "seq_len": 256, "batch_size": 8, "lr": 2e-4, "min_lr": 2e-5, "warmup_steps": 4,
                "save_every": None, "eval_every": None, "output_dir": "out/minitron-distilled"}
 """Defaults of the built-in job (no ``--data``) for the fields the user did not set: minutes on 2 CPU cores."""
-_OPTIONAL_INT = {"seq_len", "top_k", "save_every", "eval_every", "eval_batches", "keep_checkpoints"}
+_OPTIONAL_INT = {"seq_len", "top_k", "save_every", "eval_every", "eval_batches", "keep_checkpoints", "threads"}
 
 
 def _pairs(text: str) -> list[tuple[int, int]]:
@@ -46,6 +47,10 @@ def _pairs(text: str) -> list[tuple[int, int]]:
 
 _DEFAULT_HELP = {"seq_len": f"the rows of a 2-D token-id .pt file, else {DEFAULT_DISTILL_SEQ_LEN} (or the models' "
                             "max_position_embeddings if smaller)"}
+
+
+_FLAG_HELP = {"threads": "torch threads for the training (default: the physical cores this process may use; "
+                         "--threads 1 on a shared machine)"}
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
@@ -74,6 +79,12 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    "written by minitron distill: the run's files are added, nothing else is touched")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
+                   help="wall-clock minutes for the whole command up to the end of training (loading, in-process "
+                   "pruning and the perplexity before included; the perplexity after is not): training stops cleanly "
+                   "with a final checkpoint and final/ when the next step would not fit, and the cosine LR schedule is "
+                   "laid out over the steps predicted to fit (or --steps if fewer); a later run with more budget "
+                   "resumes it")
     p.add_argument("--intermediate-layers", type=_pairs, default=None, help="e.g. '3:6,7:14' (student:teacher)")
     for f in dataclasses.fields(DistillConfig):
         if f.name in _SKIP:
@@ -84,7 +95,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                            help=f"default {_DEFAULT_HELP.get(f.name, f.default)} ({BUILTIN_JOB[f.name]} in the "
                            "built-in job)")
         elif f.name in _OPTIONAL_INT:
-            p.add_argument(flag, type=int, default=f.default)
+            p.add_argument(flag, type=int, default=f.default, help=_FLAG_HELP.get(f.name))
         elif isinstance(f.default, bool):
             p.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=f.default)
         elif isinstance(f.default, (int, float, str)) or f.default is None:
@@ -120,7 +131,11 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
                 kw[name] = job_value
             else:
                 kw.pop(name, None)  # DistillConfig's default
-    return DistillConfig(**kw, intermediate_layers=args.intermediate_layers, resume=not args.no_resume,
+    minutes = getattr(args, "time_budget", None)
+    if minutes is not None and not minutes > 0:
+        raise ValueError(f"--time-budget must be a number of minutes > 0, got {minutes}")
+    return DistillConfig(**kw, intermediate_layers=args.intermediate_layers,
+                         time_budget_s=None if minutes is None else 60.0 * minutes, resume=not args.no_resume,
                          progress=not args.no_progress, plot=not args.no_plot,
                          chat_template=getattr(args, "chat_template", False), overwrite=args.overwrite)
 
@@ -178,6 +193,7 @@ def run(args: argparse.Namespace) -> int:
     import minitron
     from ..adapters import moe_spec_of
     from ..data import load_text_blocks, resolve_seq_len
+    from ..distillation.metrics import read_rows
     from ..distillation.run_dir import check_run_dir
     from ..distillation.sharded_load import load_run_model, meta_model, sharded_run
     from ..distillation.trainer import distill
@@ -228,16 +244,22 @@ def run(args: argparse.Namespace) -> int:
         if not sharded:  # sharded: the run's own evaluations (before and after training) are reported
             report["teacher_ppl"] = None if cache else round(minitron.perplexity(teacher, eval_blocks, cfg.batch_size), 3)
             report["student_ppl_before"] = round(minitron.perplexity(student, eval_blocks, cfg.batch_size), 3)
+    if cfg.time_budget_s is not None:  # the budget covers the command so far too
+        spent = time.time() - started
+        cfg = dataclasses.replace(cfg, time_budget_s=max(1e-3, cfg.time_budget_s - spent))
+        print(f"--time-budget: {cfg.time_budget_s:.0f} s left for training after {spent:.0f} s of loading and setup")
     student = distill(student, teacher, data, eval_data, config=cfg, tokenizer=tokenizer,
                       teacher_tokenizer=teacher_tokenizer if args.student is not None else None)
+    done = max([r["step"] for r in read_rows(Path(cfg.output_dir) / "metrics.jsonl") if r.get("split") == "train"],
+               default=0)  # fewer than --steps when --time-budget stopped the run
     if eval_blocks is not None and sharded:
         report.update(_run_ppl(Path(cfg.output_dir), cache is not None))
     elif eval_blocks is not None:
         report["student_ppl_after"] = round(minitron.perplexity(student, eval_blocks, cfg.batch_size), 3)
     if eval_blocks is not None:
         print(f"held-out perplexity: teacher {report['teacher_ppl'] or float('nan'):.2f}; student {report['student_ppl_before']:.2f} "
-              f"-> {report['student_ppl_after']:.2f} after {cfg.steps} steps "
-              f"({cfg.steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len} tokens)")
+              f"-> {report['student_ppl_after']:.2f} after {done} steps "
+              f"({done * cfg.batch_size * cfg.grad_accum * cfg.seq_len} tokens)")
     report["seconds"] = round(time.time() - started, 1)
     print(json.dumps(report))
     print(f"distilled student written to {Path(cfg.output_dir) / 'final'} (loads with AutoModelForCausalLM.from_pretrained)")

@@ -9,7 +9,7 @@ from typing import Any
 
 LOGITS_LOSSES = ("forward_kl", "reverse_kl", "jsd")
 INTERMEDIATE_LOSSES = ("mse", "cosine")
-MIXED_PRECISION = ("auto", "bf16", "fp32")
+MIXED_PRECISION = ("auto", "bf16", "fp32", "no")
 LOSS_IMPLS = ("auto", "triton", "chunked", "naive")
 PARALLEL = ("auto", "none", "ddp", "fsdp")
 DEFAULT_DISTILL_SEQ_LEN = 1024  # training blocks when neither the user nor the data sets a length
@@ -60,7 +60,11 @@ class DistillConfig:
         max_grad_norm: gradient clipping norm (None/0 = no clipping).
         weight_decay: AdamW weight decay (not applied to biases and norm weights).
         adam_betas: AdamW betas.
-        mixed_precision: ``"auto"`` (bf16 autocast on CUDA, fp32 on CPU), ``"bf16"`` or ``"fp32"``.
+        mixed_precision: ``"auto"`` (bf16 on CUDA with bf16 support and on CPUs with native bf16, AMX-BF16 or
+            AVX512-BF16, read from /proc/cpuinfo; fp32 elsewhere), ``"bf16"``, or ``"fp32"`` / ``"no"`` (all fp32).
+            bf16 = ``torch.autocast`` for the forward/backward of teacher and student, fp32 master weights,
+            gradients and AdamW state, the frozen teacher's weights held in bf16 for the run (restored after);
+            the first metrics row says which precision ran and why (see :mod:`minitron.distillation.precision`).
         loss_impl: ``impl`` passed to :func:`minitron.losses.linear_kd_loss`.
         ce_chunk_size: tokens per chunk of the chunked cross-entropy (the CLM term).
         chat_template: render plain-text training/eval documents with the tokenizer's chat template
@@ -68,6 +72,16 @@ class DistillConfig:
         parallel: ``"auto"`` (DDP when torch.distributed is initialised / WORLD_SIZE > 1),
             ``"none"``, ``"ddp"`` or ``"fsdp"`` (FSDP2 ``fully_shard`` on student and teacher layers).
         log_every: write a metrics row every this many steps.
+        threads: torch intra-op threads for the run (restored afterwards). None (default): the physical cores
+            this process may use (affinity mask, hyper-thread siblings counted once, cgroup quota; see
+            :func:`minitron.distillation.runtime.physical_cores`), divided among the ``LOCAL_WORLD_SIZE`` ranks of
+            a ``torchrun`` on this machine. A warning is given when the 1-minute load
+            average exceeds those cores at the start, or when tokens/s collapses during the run.
+        time_budget_s: wall-clock seconds for the run, counted from the call to ``distill``: between steps, a
+            step is started only if it and the closing checkpoint + ``final/`` are predicted to fit; the run
+            then stops cleanly (resumable, like any run). The cosine schedule is laid out over the steps
+            predicted to fit or ``steps``, whichever is smaller (see :mod:`minitron.distillation.time_budget`).
+            None: no budget.
         progress: show a tqdm progress bar (rank 0 only).
         plot: write ``loss_curve.png`` after each evaluation and at the end.
     """
@@ -103,6 +117,8 @@ class DistillConfig:
     chat_template: bool = False
     parallel: str = "auto"
     log_every: int = 1
+    threads: int | None = None
+    time_budget_s: float | None = None
     progress: bool = True
     plot: bool = True
     overwrite: bool = False
@@ -124,7 +140,7 @@ class DistillConfig:
         for name, low in (("steps", 1), ("batch_size", 1), ("grad_accum", 1), ("warmup_steps", 0),
                           ("seed", 0), ("log_every", 1), ("ce_chunk_size", 1)):
             count(name, low)
-        for name, low in (("seq_len", 2), ("top_k", 1), ("save_every", 0), ("eval_every", 0), ("eval_batches", 1),
+        for name, low in (("seq_len", 2), ("top_k", 1), ("threads", 1), ("save_every", 0), ("eval_every", 0), ("eval_batches", 1),
                           ("keep_checkpoints", 1)):
             count(name, low, optional=True)
         for name in ("lr", "min_lr", "jsd_beta", "temperature", "clm_weight", "kd_weight", "weight_decay"):
@@ -134,6 +150,10 @@ class DistillConfig:
         need(self.max_grad_norm is None or (isinstance(self.max_grad_norm, numbers.Real) and self.max_grad_norm >= 0
                                             and math.isfinite(self.max_grad_norm)),
              f"max_grad_norm must be a finite number >= 0 or None, got {self.max_grad_norm!r}")
+        need(self.time_budget_s is None or (isinstance(self.time_budget_s, numbers.Real)
+                                            and not isinstance(self.time_budget_s, bool)
+                                            and math.isfinite(self.time_budget_s) and self.time_budget_s > 0),
+             f"time_budget_s must be a number of seconds > 0 or None, got {self.time_budget_s!r}")
         need(self.logits_loss in LOGITS_LOSSES, f"logits_loss={self.logits_loss!r}; allowed: {', '.join(LOGITS_LOSSES)}")
         need(self.intermediate_loss in INTERMEDIATE_LOSSES,
              f"intermediate_loss={self.intermediate_loss!r}; allowed: {', '.join(INTERMEDIATE_LOSSES)}")

@@ -7,6 +7,7 @@ and lm_heads are found through :mod:`minitron.adapters`; the losses are in :mod:
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import torch
@@ -15,10 +16,31 @@ from torch import nn
 from minitron.adapters import base_decoder, lm_head_params
 from minitron.distillation.config import DistillConfig
 from minitron.losses import linear_kd_loss
-from minitron.losses.cross_entropy import linear_cross_entropy, softcap_of
+from minitron.losses.cross_entropy import linear_cross_entropy as _linear_cross_entropy, softcap_of
 from minitron.losses.intermediate import IntermediateProjections, dynamic_alpha, intermediate_state_loss
-from minitron.losses.cached import topk_tail_kd_loss
+from minitron.losses.cached import topk_tail_kd_loss as _topk_tail_kd_loss
 from minitron.losses.linear_kd import shared_vocab_head
+
+
+def _autocast_off(fn: Callable) -> Callable:
+    """Run a loss that builds fp32 logits as ``h.float() @ w.float().t()`` with autocast off.
+
+    Under bf16 autocast that matmul would run in bf16 and round the logits (and the top-k + tail KL of
+    an offline teacher came out slightly negative). ``linear_kd_loss`` handles autocast itself
+    (:mod:`minitron.losses.precision`); the cross-entropy and cached-teacher losses are called through this.
+    """
+    @functools.wraps(fn)
+    def call(h: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not torch.is_autocast_enabled(h.device.type):
+            return fn(h, *args, **kwargs)
+        with torch.autocast(h.device.type, enabled=False):
+            return fn(h, *args, **kwargs)
+
+    return call
+
+
+linear_cross_entropy = _autocast_off(_linear_cross_entropy)
+topk_tail_kd_loss = _autocast_off(_topk_tail_kd_loss)
 
 
 def hidden_size(model: nn.Module) -> int:

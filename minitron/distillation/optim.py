@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -11,18 +11,44 @@ from torch import nn
 from minitron.distillation.config import DistillConfig
 
 
-def lr_lambda(cfg: DistillConfig) -> Callable[[int], float]:
-    """LR multiplier after ``step`` optimizer steps: warmup to 1, cosine down to ``min_lr / lr``."""
-    floor = cfg.min_lr / cfg.lr
+class CosineSchedule:
+    """LR multiplier after ``step`` optimizer steps: linear warmup to 1, cosine down to ``min_lr / lr``.
 
-    def f(step: int) -> float:  # step = optimizer steps done so far
-        if step < cfg.warmup_steps:
-            return (step + 1) / (cfg.warmup_steps + 1)
-        decay = max(1, cfg.steps - cfg.warmup_steps)
-        progress = min(1.0, (step - cfg.warmup_steps) / decay)
-        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    The cosine runs from ``warmup`` to ``horizon`` (``steps`` unless a time budget re-plans it, see
+    :meth:`plan`) and stays at the floor after it. Only numbers live in ``__dict__``: ``LambdaLR``
+    saves that dict in its state, so a resumed run gets the same horizon (and checkpoints stay
+    loadable with ``torch.load(weights_only=True)``).
 
-    return f
+    Args:
+        cfg: the run's config (``lr``, ``min_lr``, ``warmup_steps``, ``steps``).
+    Example:
+        >>> s = CosineSchedule(DistillConfig(steps=10, warmup_steps=0, lr=1.0, min_lr=0.1))
+        >>> round(s(0), 3), round(s(10), 3)
+        (1.0, 0.1)
+    """
+
+    def __init__(self, cfg: DistillConfig) -> None:
+        self.floor = cfg.min_lr / cfg.lr
+        self.warmup = cfg.warmup_steps
+        self.horizon = cfg.steps
+        self.planned = False  # set once by a time budget; never re-planned (resume keeps it)
+
+    def plan(self, horizon: int) -> None:
+        """Lay the cosine out over ``horizon`` steps (at least one step past warmup), once per run."""
+        self.horizon = max(int(horizon), self.warmup + 1)
+        self.planned = True
+
+    def __call__(self, step: int) -> float:  # step = optimizer steps done so far
+        if step < self.warmup:
+            return (step + 1) / (self.warmup + 1)
+        decay = max(1, self.horizon - self.warmup)
+        progress = min(1.0, (step - self.warmup) / decay)
+        return self.floor + (1.0 - self.floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def lr_lambda(cfg: DistillConfig) -> CosineSchedule:
+    """The schedule of ``cfg`` laid out over ``cfg.steps`` (see :class:`CosineSchedule`)."""
+    return CosineSchedule(cfg)
 
 
 def param_groups(params: Sequence[tuple[str, nn.Parameter]], wd: float) -> list[dict]:

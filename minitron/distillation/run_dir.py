@@ -36,7 +36,8 @@ RUN_OUTPUTS = (LATEST, CKPT_DIR, "final", METRICS, PLOT, RUN_FILE)
 IN_PLACE = tuple(n for n in RUN_OUTPUTS if n != CKPT_DIR)  # names replaced by name; checkpoints: check_run_dir
 # config fields a resumed run may change: they do not alter the trajectory up to the saved step
 RESUME_FREE = frozenset({"steps", "output_dir", "resume", "overwrite", "progress", "plot", "save_every", "eval_every",
-                         "eval_batches", "keep_checkpoints", "log_every", "loss_impl", "parallel", "extra"})
+                         "eval_batches", "keep_checkpoints", "log_every", "loss_impl", "parallel", "extra",
+                         "threads", "time_budget_s"})
 
 
 def open_run_dir(output_dir: str | os.PathLike) -> RunLock:

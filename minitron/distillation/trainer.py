@@ -16,44 +16,27 @@ is a pure function of ``(seed, s)`` (:func:`minitron.distillation.data.batch_ind
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import random
 import time
-from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
-import numpy as np
-import torch
 from torch import nn
 
 from minitron.distillation import distributed as D
-from minitron.distillation.checkpoint import last_good_checkpoint, rng_state, save_checkpoint, set_rng_state
 from minitron.distillation.checks import check_models, check_vocab, local_dir
 from minitron.data import resolve_seq_len
 from minitron.distillation.config import DEFAULT_DISTILL_SEQ_LEN, DistillConfig
-from minitron.distillation.data import batch_indices, check_nonempty, load_blocks, resolve_tokenizer
-from minitron.distillation.metrics import append_row, truncated_text
-from minitron.distillation.module import TEACHER_OUTSIDE_MASS_LIMIT, DistillModule, check_teacher_padding
-from minitron.distillation.optim import make_optimizer
-from minitron.distillation.plotting import plot_loss_curve
-from minitron.distillation.run_dir import (METRICS, PLOT, RUN_FILE, check_run_dir, load_resumable, open_run_dir,
-                                          run_fingerprint, start_over)
-from minitron.distillation.sharded_load import check_meta_teacher_padding
+from minitron.distillation.data import check_nonempty, load_blocks, resolve_tokenizer
+from minitron.distillation.loop import Callback, NonFiniteLossError, Trainer
+from minitron.distillation.module import TEACHER_OUTSIDE_MASS_LIMIT
+from minitron.distillation.runtime import default_threads, oversubscription_warning, torch_threads, warn
+from minitron.distillation.time_budget import TimeBudget
+from minitron.distillation.run_dir import check_run_dir, load_resumable, open_run_dir, run_fingerprint, start_over
 from minitron.distillation.teacher_cache import TeacherCache, as_teacher_cache, check_cached_run
 from minitron.losses import check_impl_device
-from minitron.outputs import write_output_dir
-from minitron.owned import record_prefix, replace_owned, write_text_owned
 
 __all__ = ["Callback", "NonFiniteLossError", "TEACHER_OUTSIDE_MASS_LIMIT", "Trainer", "distill"]
 
-Callback = Callable[[int, dict, nn.Module], None]
-
-
-class NonFiniteLossError(ValueError, FloatingPointError):
-    """The training loss became NaN/inf; the run stopped before the optimizer step."""
 
 
 def distill(
@@ -120,9 +103,18 @@ def distill(
         >>> student = distill(student, teacher, ["some text", ...], config=DistillConfig(
         ...     steps=1000, seq_len=1024, batch_size=8, output_dir="run/"), tokenizer=tok)
     """
+    started = time.perf_counter()  # the time budget counts from here
     cfg = config if config is not None else DistillConfig()
     if overrides:
         cfg = DistillConfig(**{**cfg.to_dict(), **overrides})
+    with torch_threads(cfg.threads or default_threads()) as threads:
+        if (busy := oversubscription_warning(threads)) is not None:
+            warn(busy)
+        return _distill(student, teacher, train_data, eval_data, cfg, tokenizer, teacher_tokenizer, callbacks, started)
+
+
+def _distill(student: nn.Module, teacher: Any, train_data: Any, eval_data: Any, cfg: DistillConfig, tokenizer: Any,
+             teacher_tokenizer: Any, callbacks: Sequence[Callback] | None, started: float) -> nn.Module:
     cache = as_teacher_cache(teacher)  # an offline teacher: no model
     teacher = None if cache is not None else teacher
     env = D.setup(cfg)
@@ -159,237 +151,11 @@ def distill(
             start_over(out_dir)
         trainer = Trainer(student, teacher, cfg, train_blocks, eval_blocks, env, tokenizer=tokenizer,
                           callbacks=callbacks, run_info=run_info, cache=cache)
+        if cfg.time_budget_s is not None:
+            trainer.budget = TimeBudget(cfg.time_budget_s, start=started)
         return trainer.run(resumed)
     finally:
         if lock is not None:
             lock.release()
 
 
-# --------------------------------------------------------------------------------------------
-# the trainer
-
-_KEYS = ("loss", "kd_loss", "ce_loss", "is_loss", "alpha")  # training losses, averaged over micro-batches
-
-
-class Trainer:
-    """The training loop of :func:`distill`, after every check passed and the run directory is locked.
-
-    :meth:`run` = :meth:`resume` (or a fresh seed) -> ``steps`` x :meth:`train_step` (with :meth:`evaluate`
-    and :meth:`save` on their schedules) -> :meth:`save_final`. The batch of step ``s`` depends only on
-    ``(seed, s)``, and :meth:`save` stores optimizer, scheduler and every rank's RNG state, so a
-    resumed run continues exactly like the uninterrupted one.
-    """
-
-    def __init__(self, student: nn.Module, teacher: nn.Module | None, cfg: DistillConfig, train_blocks: torch.Tensor,
-                 eval_blocks: torch.Tensor | None, env: D.DistEnv, *, tokenizer: Any = None,
-                 callbacks: Sequence[Callback] | None = None, run_info: dict | None = None,
-                 cache: TeacherCache | None = None) -> None:
-        self.student, self.teacher, self.cfg, self.env, self.cache = student, teacher, cfg, env, cache
-        self.train_blocks, self.eval_blocks = train_blocks, eval_blocks  # (n, T) token ids
-        self.tokenizer, self.callbacks, self.run_info = tokenizer, list(callbacks or ()), run_info or {}
-        self.out_dir = Path(cfg.output_dir)
-        self.metrics_path = self.out_dir / METRICS
-        self.per_rank = cfg.batch_size // env.world
-        self.step = 0  # optimizer steps done
-        device = env.device
-        if teacher is not None:  # meta models (sharded_load.meta_model) stay on meta until D.wrap loads their shards
-            D.to_device(teacher.eval().requires_grad_(False), device)
-        student.train()
-        D.to_device(student, device)
-        if cfg.kd_weight > 0 and teacher is not None and D.on_meta(teacher):
-            check_meta_teacher_padding(student, teacher)
-        elif cfg.kd_weight > 0 and teacher is not None:  # before wrapping: a plain forward of the teacher, same on every rank
-            first = batch_indices(train_blocks.shape[0], cfg.seed, 0, 0, cfg.batch_size, cfg.grad_accum)
-            check_teacher_padding(student, teacher, train_blocks[first], cfg, device)
-        self.module = D.to_device(DistillModule(student, teacher, cfg), device)
-        self.wrapped = D.wrap(self.module, env, [m for m in (student, teacher) if m is not None])
-        # after wrapping: FSDP replaces the parameters by sharded ones
-        self.train_params = [(n, p) for n, p in self.module.named_parameters()
-                             if p.requires_grad and not n.startswith("teacher.")]
-        self.optimizer, self.scheduler = make_optimizer(self.train_params, cfg)
-        use_bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device.type == "cuda"
-                                                      and torch.cuda.is_bf16_supported())
-        self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
-
-    # ---- state ------------------------------------------------------------------------------
-
-    def resume(self, resumed: tuple[Path, dict, dict] | None) -> None:
-        """Load a checked checkpoint ``(path, trainer state, student tensors)``, or seed a fresh run."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
-
-        cfg, rank = self.cfg, self.env.rank
-        if resumed is not None:
-            ckpt, state, saved_student = resumed
-            full = {f"student.{k}": v for k, v in saved_student.items()}
-            if self.module.projections is not None:
-                if not isinstance(state.get("projections"), dict):
-                    raise ValueError(f"checkpoint {ckpt} has no intermediate-layer projections; it does not match this run")
-                full.update({f"projections.{k}": v for k, v in state["projections"].items()})
-            # strict=False: the teacher's tensors are not in the checkpoint (the student's were checked)
-            set_model_state_dict(self.module, full, options=StateDictOptions(full_state_dict=True, strict=False))
-            set_optimizer_state_dict(self.module, self.optimizer, state["optimizer"],
-                                     options=StateDictOptions(full_state_dict=True))
-            self.scheduler.load_state_dict(state["scheduler"])
-            self.step = int(state["step"])
-            rngs = state["rng"]
-            set_rng_state(rngs[rank] if len(rngs) == self.env.world else rngs[0])
-        else:
-            random.seed(cfg.seed + rank)
-            np.random.seed(cfg.seed + rank)
-            torch.manual_seed(cfg.seed + rank)
-        if self.env.is_main:
-            if resumed is not None:  # atomic: the rows up to the resumed step survive
-                write_text_owned(self.out_dir, METRICS, truncated_text(self.metrics_path, self.step))
-                record_prefix(self.out_dir, METRICS)
-            write_text_owned(self.out_dir, RUN_FILE,
-                             json.dumps({k: self.run_info[k] for k in ("config", "data")}, indent=2) + "\n")
-
-    def save(self) -> None:
-        """Write the checkpoint of the current step (a collective: every rank calls it)."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        cfg, env = self.cfg, self.env
-        student_state = D.full_state(self.student)  # collective under FSDP
-        proj_state = D.full_state(self.module.projections) if self.module.projections is not None else None
-        optim_state = get_optimizer_state_dict(self.module, self.optimizer,
-                                               options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        rngs = D.all_gather_objects(rng_state(), env.world)
-        if env.is_main:
-            save_checkpoint(self.out_dir, self.step, self.student, student_state, {
-                "step": self.step, "optimizer": optim_state, "scheduler": self.scheduler.state_dict(),
-                "projections": proj_state, "rng": rngs, "world_size": env.world,
-                "data": {"seed": cfg.seed, "n_blocks": int(self.train_blocks.shape[0]), "next_step": self.step},
-                "run": json.dumps(self.run_info)}, keep=cfg.keep_checkpoints)
-            record_prefix(self.out_dir, METRICS)  # the rows so far are this run's (the marker proves them)
-        D.barrier(env.world)
-
-    def save_final(self) -> None:
-        """Write ``output_dir/final`` (HF checkpoint + tokenizer; into a user's ``final/`` by name) and the plot."""
-        final_state = D.full_state(self.student)
-        if self.env.is_main:
-            def write_final(tmp: Path) -> None:
-                self.student.save_pretrained(tmp, state_dict=final_state)
-                if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
-                    self.tokenizer.save_pretrained(tmp)
-
-            write_output_dir(self.out_dir / "final", "final", write_final, overwrite=True)
-            self.plot()
-        D.barrier(self.env.world)
-
-    def plot(self) -> None:
-        """Redraw ``loss_curve.png`` (rank 0, when ``plot``) and record it as the run's."""
-        staged = self.out_dir / f".{PLOT}.tmp-{os.getpid()}"  # a crash leaves a temp name cleaned on resume
-        if self.env.is_main and self.cfg.plot and plot_loss_curve(self.metrics_path, staged):
-            replace_owned(self.out_dir, PLOT, staged)
-
-    # ---- steps ------------------------------------------------------------------------------
-
-    def log(self, row: dict) -> None:
-        if self.env.is_main:
-            append_row(self.metrics_path, row)
-
-    def evaluate(self) -> dict:
-        """Eval-set LM loss, perplexity, the teacher's LM loss and KL(teacher || student), token-exact."""
-        cfg, env, eval_blocks = self.cfg, self.env, self.eval_blocks
-        self.wrapped.eval()
-        sums = torch.zeros(5, dtype=torch.float64)
-        n_eval = eval_blocks.shape[0]
-        n_batches = math.ceil(n_eval / cfg.batch_size)
-        if cfg.eval_batches is not None:
-            n_batches = min(n_batches, cfg.eval_batches)
-        with torch.no_grad():
-            for b in range(n_batches):
-                glob = torch.arange(b * cfg.batch_size, min(n_eval, (b + 1) * cfg.batch_size))
-                local = glob[env.rank * self.per_rank : (env.rank + 1) * self.per_rank]
-                weight = 1.0 if local.numel() else 0.0  # every rank runs a forward (FSDP collectives)
-                x = eval_blocks[local if local.numel() else glob[:1]].to(env.device)
-                with self.autocast():
-                    o = self.wrapped(x, mode="eval")
-                sums += weight * torch.stack([o["lm_sum"], o["teacher_lm_sum"], o["kl_sum"], o["n_lm"], o["n_tok"]]
-                                             ).double().cpu()
-        sums = D.all_sum(sums.to(env.device), env.world).cpu()
-        self.wrapped.train()
-        lm = float(sums[0] / sums[3])
-        return {"split": "eval", "step": self.step, "lm_loss": lm, "ppl": math.exp(min(lm, 50.0)),
-                "teacher_lm_loss": float(sums[1] / sums[3]), "kl_to_teacher": float(sums[2] / sums[4])}
-
-    def train_step(self) -> dict:
-        """One optimizer step over ``grad_accum`` micro-batches; returns its metrics row.
-
-        Raises:
-            NonFiniteLossError: NaN/inf loss (before the optimizer update; the last checkpoint is kept).
-        """
-        cfg, env = self.cfg, self.env
-        t0 = time.perf_counter()
-        acc = torch.zeros(len(_KEYS), device=env.device)
-        for micro in range(cfg.grad_accum):
-            idx = batch_indices(self.train_blocks.shape[0], cfg.seed, self.step, micro, cfg.batch_size, cfg.grad_accum)
-            mine = idx[env.rank * self.per_rank : (env.rank + 1) * self.per_rank]
-            x = self.train_blocks[mine].to(env.device)  # (b, T)
-            cached = None if self.cache is None else [t.to(env.device) for t in self.cache.rows(mine)]
-            sync = micro == cfg.grad_accum - 1 or env.mode != "ddp"
-            with (nullcontext() if sync else self.wrapped.no_sync()), self.autocast():
-                out = self.wrapped(x, cached=cached)
-                (out["loss"] / cfg.grad_accum).backward()
-            acc += torch.stack([out[k].detach().float() for k in _KEYS]) / cfg.grad_accum
-        vals = dict(zip(_KEYS, D.all_mean(acc, env.world).cpu().tolist()))
-        if not math.isfinite(vals["loss"]):
-            last = last_good_checkpoint(self.out_dir)  # hashes checked: never a corrupted one
-            raise NonFiniteLossError(
-                f"non-finite training loss ({vals['loss']}) at step {self.step + 1} (kd={vals['kd_loss']}, "
-                f"ce={vals['ce_loss']}, is={vals['is_loss']}); stopped before the optimizer update. Last good "
-                f"checkpoint: {last if last is not None else 'none'}. Lower lr, check the data, or use fp32."
-            )
-        grad_norm = None  # not measured without clipping
-        if cfg.max_grad_norm:
-            gn = torch.nn.utils.clip_grad_norm_([p for _, p in self.train_params], cfg.max_grad_norm)
-            grad_norm = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
-        dt = time.perf_counter() - t0
-        return {"split": "train", "step": self.step, **vals, "lr": lr, "grad_norm": grad_norm,
-                "tokens": self.step * tokens_per_step, "tokens_per_s": tokens_per_step / max(dt, 1e-9)}
-
-    def run(self, resumed: tuple[Path, dict, dict] | None = None) -> nn.Module:
-        """Resume or seed, train to ``cfg.steps`` (logging, evaluating, saving), save ``final``; returns the student."""
-        cfg = self.cfg
-        bar = None
-        try:
-            self.resume(resumed)
-            if self.env.is_main and cfg.progress:
-                from tqdm.auto import tqdm
-
-                bar = tqdm(total=cfg.steps, initial=self.step, desc="distill", dynamic_ncols=True)
-            if self.eval_blocks is not None and self.step == 0 and cfg.steps > 0:  # baseline before training
-                self.log(self.evaluate())
-            while self.step < cfg.steps:
-                row = self.train_step()
-                if self.step % max(1, cfg.log_every) == 0:
-                    self.log(row)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
-                last_step = self.step == cfg.steps
-                if self.eval_blocks is not None and ((cfg.eval_every and self.step % cfg.eval_every == 0) or last_step):
-                    ev = self.evaluate()
-                    self.log(ev)
-                    row.update({f"eval_{k}": v for k, v in ev.items() if k not in ("split", "step")})
-                    self.plot()
-                if (cfg.save_every and self.step % cfg.save_every == 0) or last_step:
-                    self.save()
-                for cb in self.callbacks:
-                    cb(self.step, row, self.student)
-            if bar is not None:
-                bar.close()
-                bar = None
-            self.save_final()
-        finally:
-            if bar is not None:
-                bar.close()
-            self.module.remove_hooks()
-        self.student.eval()
-        return self.student
