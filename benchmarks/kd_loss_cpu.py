@@ -6,7 +6,9 @@ its default half-size student). Variants, each in a fresh subprocess (clean peak
 * ``naive``: full (N, V) fp32 logits and plain autograd (``impl="naive"``), fp32 inputs;
 * ``old fp32 chunked``: ``impl="chunked"``, fp32, chunk 1024, every chunk buffer freshly allocated
   (the loop before the workspace: emulated by a workspace that never reuses a buffer);
-* ``new fp32``: ``impl="chunked"``, fp32 inputs, default chunk size, reused workspace;
+* ``new fp32, reference pass``: ``impl="chunked"``, fp32 inputs, default chunk size, reused workspace,
+  the chunk's softmax/KL pass by the pure-PyTorch reference (``MINITRON_KD_CPU_KERNEL=0``);
+* ``new fp32``: the same with the fused C++ softmax/KL pass (``csrc/kd_cpu.cpp``, AVX-512);
 * ``new bf16``: the same with bf16 hidden states and lm_head weights (what CPU autocast hands the loss):
   fp32 logits GEMMs, bf16 gradient GEMMs (:mod:`minitron.losses.kd.gemm`).
 
@@ -38,7 +40,7 @@ from common import RESULTS, md_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 N, HS, HT, V = 2048, 432, 576, 49152
-VARIANTS = ("naive", "old fp32 chunked", "new fp32", "new bf16")
+VARIANTS = ("naive", "old fp32 chunked", "new fp32, reference pass", "new fp32", "new bf16")
 
 
 def _inputs(dtype):
@@ -115,6 +117,8 @@ def worker(variant: str, reps: int, warm: int) -> dict:
     from minitron.losses.kd import chunked, gemm
 
     dtype = torch.bfloat16 if variant == "new bf16" else torch.float32
+    if variant in ("old fp32 chunked", "new fp32, reference pass"):
+        os.environ["MINITRON_KD_CPU_KERNEL"] = "0"  # read at each call: the pure-PyTorch softmax/KL pass
     kw = dict(impl="naive") if variant == "naive" else dict(impl="chunked")
     if variant == "old fp32 chunked":
         class Fresh(gemm.Workspace):  # the loop before reuse: a new buffer for every request
@@ -142,12 +146,14 @@ def worker(variant: str, reps: int, warm: int) -> dict:
     from minitron.losses.kd.chunked import default_chunk_size
 
     chunk = {"naive": N, "old fp32 chunked": 1024}.get(variant) or default_chunk_size(V, "cpu")
+    from minitron.losses.kd.cpu_kernel import cpu_kernel
     r = max(reps, 3)
     fl = floor_s((dtype,) * 4, r, chunk)  # every GEMM at the rate of the input dtype (all-bf16 for bf16)
     own = floor_s((torch.float32, torch.float32, dtype, dtype), r, chunk)  # the dtypes this path runs
     return dict(variant=variant, s=times[len(times) // 2], floor_s=fl, own_floor_s=own, chunk=chunk,
                 peak_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                faults=sorted(faults)[len(faults) // 2], threads=torch.get_num_threads())
+                faults=sorted(faults)[len(faults) // 2], threads=torch.get_num_threads(),
+                cpu_kernel=variant != "naive" and cpu_kernel() is not None)
 
 
 def main() -> None:
@@ -185,9 +191,9 @@ def main() -> None:
         print(f"{v:18s} {r['s']:.2f} s  floor {r['floor_s']:.2f} s  x{r['s'] / r['floor_s']:.2f}  "
               f"own-dtype floor {r['own_floor_s']:.2f} s  "
               f"peak {r['peak_mb']:.0f} MB  {r['faults']} minflt/step  load {r['load']:.1f}", flush=True)
-    table = md_table(["variant", "chunk", "s / fwd+bwd", "GEMM floor s", "x floor", "floor at its own GEMM dtypes s",
+    table = md_table(["variant", "softmax/KL pass", "chunk", "s / fwd+bwd", "GEMM floor s", "x floor", "floor at its own GEMM dtypes s",
                       "peak RSS MB", "minor faults / step", "load avg"],
-                     [[r["variant"], r["chunk"], f"{r['s']:.2f}", f"{r['floor_s']:.2f}", f"{r['s'] / r['floor_s']:.2f}",
+                     [[r["variant"], "C++ (AVX-512)" if r.get("cpu_kernel") else "PyTorch", r["chunk"], f"{r['s']:.2f}", f"{r['floor_s']:.2f}", f"{r['s'] / r['floor_s']:.2f}",
                        f"{r['own_floor_s']:.2f}",
                        f"{r['peak_mb']:.0f}", r["faults"], f"{r['load']:.1f}"] for r in rows])
     print(table)

@@ -196,11 +196,22 @@ extern "C" __attribute__((visibility("default"), used)) const char minitron_ext_
 // gather_cuda.cpp, CUDA) kernels. Registering an impl before the schema exists is allowed.
 TORCH_LIBRARY_IMPL(minitron, CPU, m) { m.impl("compact_", &minitron::compact_cpu); }
 
+namespace minitron {  // kd_cpu.cpp
+torch::Tensor kd_forward_kl_chunk_cpu(torch::Tensor s, torch::Tensor t, c10::optional<torch::Tensor> row_scale,
+                                      double temperature);
+bool kd_forward_kl_fast_available();
+}  // namespace minitron
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "minitron C++/CUDA ops (in-place structured gather); ops live in torch.ops.minitron";
+  m.doc() = "minitron C++/CUDA ops (in-place structured gather: torch.ops.minitron; fused KD chunk on CPU)";
   m.def("shrink_storage_cpu_", &minitron::shrink_storage_cpu_,
         "Shrink a CPU tensor's storage to nbytes in place via realloc; False if not possible");
   m.def("plan_waves", &minitron::plan_waves, "Number of copy waves for a given geometry");
   m.def("cuda_kernels_compiled", &minitron::cuda_kernels_compiled);
+  m.def("kd_forward_kl_chunk_", &minitron::kd_forward_kl_chunk_cpu,
+        "Fused forward-KL pass of one KD chunk (fp32 CPU logits); the gradient overwrites s",
+        pybind11::arg("s"), pybind11::arg("t"), pybind11::arg("row_scale"), pybind11::arg("temperature"));
+  m.def("kd_forward_kl_fast_available", &minitron::kd_forward_kl_fast_available,
+        "Whether this CPU runs kd_forward_kl_chunk_ (AVX-512)");
   m.attr("EXT_ABI") = MINITRON_EXT_ABI;
 }

@@ -12,14 +12,14 @@ from pathlib import Path
 
 NAME = "minitron._C"  # the prebuilt module (setup.py)
 JIT_NAME = "minitron_C_jit"  # the JIT-built module (minitron.ops._loader)
-CPU_SOURCES = ("gather_cpu.cpp",)
+CPU_SOURCES = ("gather_cpu.cpp", "kd_cpu.cpp", "kd_cpu_avx512.cpp")
 CUDA_SOURCES = ("gather_cuda.cpp", "gather_cuda_kernel.cu")
 HEADERS = ("gather_plan.h",)
 CUDA_DEFINE = "MINITRON_WITH_CUDA"  # set when the CUDA sources are compiled in
 # Version of what the library registers. Bump it whenever the registrations change: a prebuilt
 # minitron._C from other sources (e.g. one that still defined the op schema itself) would abort the
 # process when loaded, so the loader reads this tag from the binary first and skips a mismatch.
-EXT_ABI = 2
+EXT_ABI = 3  # 3: kd_forward_kl_chunk_ (csrc/kd_cpu.cpp)
 EXT_ABI_TAG = f"minitron-ext-abi={EXT_ABI};"  # the string gather_cpu.cpp embeds
 CXX_FLAGS = ("-O3", f"-DMINITRON_EXT_ABI={EXT_ABI}")  # the C++ standard is chosen by torch.utils.cpp_extension
 NVCC_FLAGS = ("-O3",)

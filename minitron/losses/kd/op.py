@@ -3,8 +3,9 @@
 One registered op (so ``torch.compile`` sees a single opaque node with a fake kernel instead of
 tracing into Python or graph-breaking on Triton) with two kernels:
 
-* the pure-PyTorch :func:`minitron.losses.kd.reference.kd_chunk_reference`: what runs on CPU (and
-  for ``impl="chunked"`` anywhere);
+* the pure-PyTorch :func:`minitron.losses.kd.reference.kd_chunk_reference` (``impl="chunked"``), except
+  that forward KL on CPU runs the fused C++ kernel of :mod:`minitron.losses.kd.cpu_kernel` (same
+  contract, tested against the reference) where it is built and the CPU has AVX-512;
 * the Triton kernel :func:`minitron_kernels.fused_kl.kd_chunk_triton` (``use_triton=True``: CUDA, or
   the CPU under ``TRITON_INTERPRET=1``), imported on first use, so CPU-only installs without triton
   import this module unchanged.
@@ -22,6 +23,7 @@ from typing import Optional
 
 import torch
 
+from minitron.losses.kd.cpu_kernel import cpu_kernel, cpu_kernel_applies
 from minitron.losses.kd.reference import kd_chunk_reference
 
 __all__ = ["kd_chunk", "triton_chunk_fn"]
@@ -55,6 +57,11 @@ def kd_chunk(s_logits: torch.Tensor, t_logits: torch.Tensor, row_scale: Optional
     Example:
         >>> loss = torch.ops.minitron.kd_chunk(s.clone(), t.clone(), None, None, 0, 0.5, 1.0, False)
     """
+    if not use_triton and cpu_kernel_applies(s_logits, t_logits, kind):
+        loss = cpu_kernel()(s_logits, t_logits, row_scale, temperature)  # gradient over s_logits
+        if row_scale is not None and grad is not None:
+            grad.copy_(s_logits)  # rounded once to the gradient GEMMs' dtype
+        return loss
     fn = triton_chunk_fn() if use_triton else kd_chunk_reference
     if fn is None:
         raise ImportError("impl='triton' needs the triton package (pip install triton)")
