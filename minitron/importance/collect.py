@@ -19,6 +19,7 @@ saves to and loads from a safetensors file.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from tqdm.auto import tqdm
 from ..adapters import get_adapter, head_dim_of, kv_heads_of, moe_sizes, moe_spec_of
 from ..evaluation import head_drop_losses, layer_drop_losses, layer_output, lm_loss
 from ..offload import check_loadable, execution_device, execution_devices
-from ..validate import check_token_ids
+from ..validate import check_count, check_token_ids
 from .aggregate import check_aggregation, finalize
 from .heads import DEFAULT_HEAD_METRIC, check_head_metric
 
@@ -58,7 +59,9 @@ class ImportanceConfig:
         head_loss_blocks: calibration blocks used for the per-head loss passes.
         head_output: also score query heads by their contribution after ``o_proj`` (the default
             ``head_metric="output"``; a (hd, hd) product per head and token, ~5% of a calibration
-            pass on SmolLM2-135M). ``minitron.prune`` switches it on when the target prunes heads.
+            pass on SmolLM2-135M). ``None`` (default): on in :func:`collect_importance` (so its
+            scores serve ``minitron.prune``'s default head criterion on any later target), and in
+            ``minitron.prune`` only when the target prunes heads.
         sink_tokens: leading positions of every block left out of the activation statistics
             (attention sinks: the first tokens carry outsized activations in real models).
     """
@@ -70,16 +73,19 @@ class ImportanceConfig:
     ppl_max_blocks: int = 32
     head_loss: bool = False
     head_loss_blocks: int = 8
-    head_output: bool = False
+    head_output: bool | None = None
     sink_tokens: int = 0
 
     def __post_init__(self) -> None:
         check_aggregation(self.batch_agg, self.seq_agg)
-        for name in ("batch_size", "ppl_max_blocks", "head_loss_blocks"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.sink_tokens < 0:
-            raise ValueError(f"sink_tokens must be >= 0, got {self.sink_tokens}")
+        for name in ("batch_size", "ppl_max_blocks", "head_loss_blocks"):  # a bool or a float is refused too
+            check_count(name, getattr(self, name))
+        check_count("sink_tokens", self.sink_tokens, low=0)
+        for name in ("depth_ppl", "head_loss"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.head_output is not None and not isinstance(self.head_output, bool):
+            raise ValueError(f"head_output must be True, False or None (automatic), got {self.head_output!r}")
 
 
 @dataclass
@@ -289,6 +295,8 @@ def collect_importance(
         >>> scores.mlp().shape  # (num_layers, intermediate_size)
     """
     config = config or ImportanceConfig()
+    if config.head_output is None:  # automatic: on, so the scores fit prune's default head criterion later
+        config = dataclasses.replace(config, head_output=True)
     adapter = get_adapter(model)
     check_blocks(model, blocks, config)
     check_loadable(model, "minitron.collect_importance")
