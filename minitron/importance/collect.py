@@ -24,6 +24,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -348,3 +349,21 @@ def check_blocks(model: nn.Module, blocks: torch.Tensor, config: ImportanceConfi
     check_token_ids(model, blocks, "calibration data")
     if config.sink_tokens >= blocks.shape[1]:
         raise ValueError(f"sink_tokens={config.sink_tokens} leaves no position of the {blocks.shape[1]}-token blocks")
+
+
+def is_importance_file(path: Any) -> bool:
+    """Whether ``path`` is a readable minitron importance file (a previous ``save_scores`` / ``--save-scores``).
+
+    Args:
+        path: a file path.
+    Returns:
+        True when :meth:`ImportanceScores.load` reads it.
+    Example:
+        >>> is_importance_file("scores.safetensors")
+        True
+    """
+    try:
+        ImportanceScores.load(path)
+    except (ValueError, OSError):
+        return False
+    return True
