@@ -145,3 +145,17 @@ def test_bad_options_refused_before_loading(tmp_path, capsys, prune_calls):
                  *FAST]) == 2
     assert "--depth-rounds=2 needs --depth-metric ppl" in capsys.readouterr().err
     assert prune_calls == [] and not (tmp_path / "o").exists()
+
+
+def test_search_axes_take_the_target_field_names():
+    from minitron.arch_search import SearchConfig
+    from minitron.cli import build_parser
+
+    by_field = SearchConfig(axes=("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers"))
+    assert by_field.axes == SearchConfig(axes=("hidden", "ffn", "heads", "layers")).axes
+    assert SearchConfig(axes=("num_experts", "expert_intermediate_size", "shared_expert_intermediate_size")).axes == \
+        ("experts", "expert_ffn", "shared_ffn")
+    args = build_parser().parse_args(["search", "--out", "x", "--calib", "a.txt", "--train", "b.txt", "--eval", "c.txt"])
+    assert (args.output_dir, args.data, args.train_data, args.eval_data) == ("x", "a.txt", "b.txt", "c.txt")
+    help_text = build_parser()._subparsers._group_actions[0].choices["search"].format_help()
+    assert "minitron.SearchConfig's default: 100" in help_text  # --retrain-steps: the API's default is said
