@@ -1,9 +1,9 @@
 """``minitron prune --inplace`` vs ``minitron.prune(..., inplace=True)``: the same peak RSS (issue #24).
 
 A Llama-shaped model with random weights (hidden 768, 8 layers, FFN 2048, 12/4 heads, the built-in
-model's 4096-token vocabulary, untied; ~62M parameters, fp32) is saved with ``save_pretrained`` and the
+model's 4096-token vocabulary, untied; 56.6M parameters, fp32) is saved with ``save_pretrained`` and the
 built-in tokenizer. Each run is a fresh subprocess that loads it with :func:`minitron.load_model` (what
-the command does), prunes it in place to ``hidden 512, FFN 1024`` on 16 x 128 tokens of the built-in text
+the command does), prunes it in place to ``hidden 576, FFN 1024`` on 16 x 128 tokens of the built-in text
 and writes the pruned checkpoint: once through the command line (``minitron.cli.main``), once through the
 API (``minitron.prune`` + ``save_pretrained``). Peak = the process's ``ru_maxrss`` minus its RSS after the
 imports (before loading), over the model's bytes. ``--code DIR`` runs the command line of another checkout
@@ -29,7 +29,7 @@ from common import RESULTS, md_table, status_kb, write_result
 HERE = Path(__file__).resolve().parent
 SHAPE = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=12,
              num_key_value_heads=4, vocab_size=4096, max_position_embeddings=512, tie_word_embeddings=False)
-TARGET = dict(hidden_size=512, intermediate_size=1024)
+TARGET = dict(hidden_size=576, intermediate_size=1024)
 SAMPLES, SEQ = 16, 128
 
 
@@ -37,14 +37,13 @@ def worker_make(out: str) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from minitron.models import BUILTIN_TINY, load_tokenizer
     from minitron.data import BUILTIN_MODEL
+    from minitron.models import load_tokenizer
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**SHAPE))
     model.save_pretrained(out)
     load_tokenizer(BUILTIN_MODEL).save_pretrained(out)
-    del BUILTIN_TINY
     return {"params": sum(p.numel() for p in model.parameters()),
             "model_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
 
