@@ -57,6 +57,7 @@ def worker_prune(ckpt: str, out: str, via: str) -> dict:
     gather_backend("cpu")  # the C++ extension loaded before the baseline, in both runs
     base_kb = status_kb("VmRSS")
     if via == "cli":
+        # the older flag names (deprecated aliases now), which both checkouts of a --code comparison take
         flags = ["--hidden-size", str(TARGET["hidden_size"]), "--ffn", str(TARGET["intermediate_size"])]
         rc = main(["prune", "--model", ckpt, "--calib", "builtin", "--num-samples", str(SAMPLES), "--seq-len", str(SEQ),
                    *flags, "--inplace", "--no-progress", "--out", out])
