@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 
 import minitron
-from minitron.budget import budget_candidates, choose_budget_target
+from minitron.pruning.budget import budget_candidates, choose_budget_target
 from minitron.data import builtin_text, load_text_blocks
 from minitron.importance.ablation import greedy_layer_removal
 from minitron.pruning import apply_plan, norm_scales, random_plan

@@ -19,7 +19,8 @@ from .pruner import prune
 from .streaming import prune_checkpoint
 from .arch_search import SearchConfig, SearchResult, search
 from .pruning import PruneConfig, PrunePlan, Target, apply_plan, make_plan, random_plan
-from .sizing import count_parameters, target_for_budget, target_parameters
+from .pruning.params import count_parameters, target_parameters
+from .pruning.sizing import target_for_budget
 
 __version__ = "0.1.0"
 

@@ -21,6 +21,7 @@ MoE models may keep dense MLP layers (``mlp_only_layers`` / ``decoder_sparse_ste
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -251,3 +252,32 @@ def lm_head_params(model: nn.Module):
     if head is None:
         raise ValueError(f"{type(model).__name__} has no output embeddings (lm_head)")
     return head.weight, getattr(head, "bias", None)
+
+
+def layer_output(output) -> Any:
+    """The hidden states a decoder layer returns (a tensor, or the first element of a tuple).
+
+    Args:
+        output: what a decoder layer's forward returned.
+    Returns:
+        The (B, S, D) hidden states.
+    Example:
+        >>> layer_output((h, None)) is h
+        True
+    """
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def layer_io(args: tuple, kwargs: dict, output) -> tuple[Any, Any]:
+    """A decoder layer's (input, output) hidden states, as a ``with_kwargs=True`` forward hook sees them.
+
+    Args:
+        args / kwargs: the layer's positional and keyword arguments (``hidden_states`` either way).
+        output: what its forward returned.
+    Returns:
+        ``(h_in, h_out)``, both (B, S, D).
+    Example:
+        >>> layer.register_forward_hook(lambda m, a, kw, out: print(*layer_io(a, kw, out)), with_kwargs=True)
+    """
+    h_in = args[0] if args else kwargs["hidden_states"]
+    return h_in, layer_output(output)

@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["Choice", "Dispatch", "check_device", "interpreter_on"]
+__all__ = ["Choice", "Dispatch", "check_impl_device", "interpreter_on"]
 
 
 def interpreter_on() -> bool:
@@ -32,7 +32,7 @@ def interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def check_device(impl: str, device: torch.device | str, name: str = "impl", fallback: str = "reference") -> None:
+def check_impl_device(impl: str, device: torch.device | str, name: str = "impl", fallback: str = "reference") -> None:
     """Raise if ``impl="triton"`` cannot run on ``device`` (no CUDA GPU and no Triton interpreter).
 
     Args:
@@ -89,7 +89,7 @@ class Dispatch:
         """The path for ``impl`` on ``device`` (see the module docstring)."""
         if impl not in self.impls:
             raise ValueError(f"unknown {name}={impl!r}; allowed values: {', '.join(self.impls)}")
-        check_device(impl, device, name=name, fallback=self.reference_names[0])
+        check_impl_device(impl, device, name=name, fallback=self.reference_names[0])
         if impl == "auto":
             fn = self.triton_fn() if torch.device(device).type == "cuda" else None
             return Choice("triton", fn) if fn is not None else Choice(self.reference_names[0], self.reference)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters import FamilyAdapter, decoder_layers, get_adapter
+from .adapters import FamilyAdapter, decoder_layers, get_adapter, layer_output
 from .losses.cross_entropy import cross_entropy_sum_vocab_tiled, softcap_of
 from .offload import execution_device, onloaded
 from .validate import check_token_ids
@@ -111,11 +111,6 @@ def perplexity(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8) -> f
 
 class _StopForward(Exception):
     """Raised by a hook to end a forward pass once what it needs is captured."""
-
-
-def layer_output(output) -> torch.Tensor:
-    """The hidden states a decoder layer returns (a tensor, or the first element of a tuple)."""
-    return output[0] if isinstance(output, (tuple, list)) else output
 
 
 class DecoderStream:

@@ -148,16 +148,3 @@ def load_causal_lm(path: str | os.PathLike, flag: str = "--model", **kwargs: Any
         return from_pretrained(AutoModelForCausalLM, path, flag, **kwargs)
     except (OSError, KeyError) as e:
         raise ValueError(f"{flag} {path} could not be loaded as a causal LM ({e})") from None
-
-
-def load_tokenizer(path: str | os.PathLike, flag: str = "--tokenizer") -> Any:
-    """``AutoTokenizer`` of a local folder (see :func:`from_pretrained`) with clear errors."""
-    from transformers import AutoTokenizer
-
-    require_local_dir(path, flag)
-    try:
-        return from_pretrained(AutoTokenizer, path, flag)
-    except CustomCodeError:
-        raise
-    except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f"{flag} {path}: no usable tokenizer there ({e})") from None

@@ -36,7 +36,7 @@ from torch import nn
 
 from .data import BUILTIN_MODEL as BUILTIN_TINY_DIR
 from .gguf_cache import check_gguf_file, gguf_cache_dir, read_cache, write_cache
-from .local import CustomCodeError
+from .local import CustomCodeError, require_local_dir
 
 logger = logging.getLogger(__name__)
 
@@ -181,12 +181,11 @@ def _load_checkpoint(path: Path, dtype: torch.dtype) -> tuple[nn.Module, Any]:
     Local-only, with a corrupt ``config.json`` / safetensors file named in the error (:mod:`minitron.local`).
     """
     from .local import load_causal_lm
-    from .local import load_tokenizer as load_local_tokenizer
 
     model = load_causal_lm(path, "--model", dtype=dtype)
     tokenizer = None
     if any((path / name).is_file() for name in _TOKENIZER_FILES):
-        tokenizer = load_local_tokenizer(path, "--model")
+        tokenizer = load_tokenizer(path, flag="--model")
     return model, tokenizer
 
 
@@ -265,8 +264,24 @@ def load_model(
     return model.to(device).eval(), tokenizer
 
 
-def load_tokenizer(source: str | os.PathLike, gguf_file: str | None = None) -> Any:
-    """The tokenizer of a model source accepted by :func:`load_model` (local-only, no checkpoint code)."""
+def load_tokenizer(source: str | os.PathLike, gguf_file: str | None = None, flag: str = "--tokenizer") -> Any:
+    """The tokenizer of any model source :func:`load_model` accepts, local-only, no checkpoint code.
+
+    The one tokenizer loader: a checkpoint or tokenizer folder, a ``.gguf`` file (its tokenizer, cached
+    beside the dequantised weights once converted) or a built-in name.
+
+    Args:
+        source: a folder, a ``.gguf`` file, a folder with ``gguf_file``, or a built-in name.
+        gguf_file: name of a GGUF file inside the folder ``source``.
+        flag: how the caller names the option, for the messages (``--tokenizer``, ``--model``).
+    Returns:
+        The tokenizer.
+    Raises:
+        ValueError: no such source, or no usable tokenizer there (the message names ``flag`` and the path);
+            :class:`~minitron.local.CustomCodeError` when the tokenizer needs its own code (never run).
+    Example:
+        >>> tok = load_tokenizer("path/to/checkpoint")
+    """
     from transformers import AutoTokenizer
 
     from .local import from_pretrained
@@ -274,10 +289,16 @@ def load_tokenizer(source: str | os.PathLike, gguf_file: str | None = None) -> A
     kind, path = resolve_model_source(source, gguf_file)
     if kind == "gguf":
         cached = gguf_cache_dir(path)
-        if (cached / "tokenizer_config.json").is_file():
-            return from_pretrained(AutoTokenizer, cached, "--model")
-        return from_pretrained(AutoTokenizer, path.parent, "--model", gguf_file=path.name)
-    return from_pretrained(AutoTokenizer, path, "--model")
+        folder, kwargs = (cached, {}) if (cached / "tokenizer_config.json").is_file() else \
+            (path.parent, {"gguf_file": path.name})
+    else:
+        folder, kwargs = require_local_dir(path, flag), {}
+    try:
+        return from_pretrained(AutoTokenizer, folder, flag, **kwargs)
+    except CustomCodeError:
+        raise
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"{flag} {path}: no usable tokenizer there ({e})") from None
 
 
 def resolve_tokenizer(model: nn.Module, tokenizer: Any = None, *, required: bool = False) -> Any:

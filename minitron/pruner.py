@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .adapters import decoder_layers, get_adapter, head_dim_of, moe_sizes, sparse_layers
-from .budget import choose_budget_target
+from .pruning.budget import choose_budget_target
 from .data import load_text_blocks, resolve_seq_len
 from .heap import trim_heap, trimmed_layers
 from .importance.ablation import greedy_layer_removal
@@ -23,7 +23,8 @@ from .offload import refuse_offloaded
 from .ops.mapped import release_unreferenced_pages
 from .pruning import Target, apply_plan, make_plan, random_plan
 from .pruning.config import PruneConfig, config_from_legacy
-from .sizing import budget_of, count_parameters, target_for_budget
+from .pruning.params import budget_of, count_parameters
+from .pruning.sizing import target_for_budget
 from .validate import check_finite_scores, check_finite_weights
 
 logger = logging.getLogger(__name__)
@@ -86,17 +87,13 @@ def check_prune_request(model: nn.Module, target: Target | None, params: float |
     Example:
         >>> check_prune_request(model, None, 2.0, PruneConfig())  # raises: a count under 1% of the model
     """
-    adapter = get_adapter(model)
+    get_adapter(model)  # an unsupported family is named first
     refuse_offloaded(model, "minitron.prune")  # before any work: never a half-pruned model
     if target is not None and params is not None:
         raise ValueError("give either target=Target(...) or params=<budget>, not both")
     if target is None and params is None:
         raise ValueError("nothing to prune: pass target=minitron.Target(...) or params=<fraction or count>")
-    if params is not None and adapter.moe is not None:
-        raise ValueError(f"params={params}: parameter budgets choose hidden/FFN splits of dense models; for the "
-                         f"mixture-of-experts {type(model).__name__} give target=minitron.Target(num_experts=..., "
-                         "expert_intermediate_size=..., ...) or let minitron.search rank candidates on the MoE axes")
-    if params is not None:  # a bad budget is refused before calibration, not after it
+    if params is not None:  # a bad budget (or one on a MoE model) is refused before calibration, not after it
         budget_of(model, params)
     if scores is not None:  # scores of another model: named first, whatever the target
         scores.check_matches(model)
@@ -130,9 +127,9 @@ def prune(
             not needed when ``scores`` are given or ``config.method="random"``.
         target: the architecture to reach; ``None`` fields keep the model's value.
         params: instead of ``target``, a parameter budget (fraction <= 1 or absolute count; dense models).
-            With calibration data the shape is measured (:func:`minitron.budget.choose_budget_target`:
+            With calibration data the shape is measured (:func:`minitron.pruning.budget.choose_budget_target`:
             hidden/FFN trade-offs, the lowest calibration loss after pruning wins); without it
-            (``scores`` only, or ``method="random"``) :func:`minitron.sizing.target_for_budget`
+            (``scores`` only, or ``method="random"``) :func:`minitron.pruning.sizing.target_for_budget`
             scales hidden and FFN by the same factor.
         config: how to calibrate and rank (:class:`minitron.PruneConfig`; default ``PruneConfig()``).
         tokenizer: tokenizer for text data (default: loaded from the model's local path).

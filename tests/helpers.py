@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -189,20 +190,30 @@ def triton_runnable() -> bool:
     return isinstance(tl.zeros, InterpretedFunction)
 
 
-def rerun_in_interpreter(test_file: str, keyword: str, allow_skips: bool = True) -> None:
+def rerun_in_interpreter(test_file: str, keyword: str, allowed_skips: str | None = None) -> None:
     """Run ``test_file``'s tests matching ``keyword`` in a fresh pytest process with TRITON_INTERPRET=1.
 
     For a process that imported triton before the interpreter flag was set (the flag is read at
-    import). Fails with the end of the child's output unless it passed (and, when
-    ``allow_skips`` is False, skipped nothing).
+    import). The child imports triton with the flag set, so its Triton tests can run and must not
+    skip: this fails with the end of the child's output unless it passed and every skip's reason
+    matches the regex ``allowed_skips`` (``None``: no skip at all), e.g. an optional third-party
+    comparison whose package is absent.
     """
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file, "-k", keyword]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", test_file, "-k", keyword]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=Path(__file__).resolve().parents[1])
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert " passed" in r.stdout
-    if not allow_skips:
-        assert " skipped" not in r.stdout, r.stdout[-4000:]
+    check_skips(r.stdout, allowed_skips)
+
+
+def check_skips(pytest_output: str, allowed: str | None) -> None:
+    """Raise unless every ``SKIPPED`` line of a ``pytest -rs`` output has a reason matching ``allowed``."""
+    reasons = re.findall(r"^SKIPPED \[\d+\] \S+?:\d+: (.*)$", pytest_output, flags=re.M)
+    if " skipped" in pytest_output and not reasons:
+        raise AssertionError("skipped tests without a reported reason (run pytest with -rs)")
+    bad = [x for x in reasons if allowed is None or not re.search(allowed, x)]
+    assert not bad, f"tests skipped in the Triton interpreter run: {bad}\n{pytest_output[-4000:]}"
 
 
 # ---- tiny GGUF files ---------------------------------------------------------------------------

@@ -269,7 +269,7 @@ def test_params_budget_says_how_it_is_read(model, calib_ids, monkeypatch):
                           (float("nan"), r"params=nan must be a fraction in \(0, 1\]"), (0, "params=0 must be")):
         with pytest.raises(ValueError, match=match):
             minitron.prune(model, calib_ids, params=params, seq_len=16, verbose=False)
-    from minitron.sizing import budget_count
+    from minitron.pruning.params import budget_count
 
     assert budget_count(0.5, 1000) == 500 and budget_count(300, 1000) == 300 and budget_count(1, 1000) == 1000
 

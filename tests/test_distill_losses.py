@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from minitron.distillation import DistillConfig, IntermediateProjections, dynamic_alpha, intermediate_state_loss, linear_cross_entropy
-from minitron.distillation.trainer import _DistillModule
+from minitron.distillation.module import DistillModule
 
 
 def _tiny(vocab=128, hidden=32, layers=2, heads=4, kv=2, inter=64, tie=False, seed=0):
@@ -95,7 +95,7 @@ def test_trainer_kd_loss_equals_direct_logits_kl(temperature, top_k, vs, kind):
     student = _tiny(vocab=vs, hidden=16, layers=1, heads=2, kv=1, inter=32, tie=True, seed=2)
     cfg = DistillConfig(steps=1, seq_len=8, batch_size=2, temperature=temperature, top_k=top_k, warmup_steps=0,
                         logits_loss=kind)
-    mod = _DistillModule(student, teacher.eval().requires_grad_(False), cfg)
+    mod = DistillModule(student, teacher.eval().requires_grad_(False), cfg)
     x = torch.randint(0, 128, (2, 8))
     got = mod(x)["kd_loss"]
     params = [p for p in student.parameters()]

@@ -446,9 +446,25 @@ def test_student_with_padded_vocab_refuses_reverse_kl_and_trains_otherwise(teach
 
 
 def test_bf16_mixed_precision_on_cpu(teacher_and_data, tmp_path):
+    """mixed_precision="bf16" on CPU: the student's GEMMs run in bf16 (autocast on), its master weights stay
+    fp32 and train, and the first step's loss is the fp32 run's to bf16 precision (close, not equal: bf16 ran)."""
     teacher, train, _ = teacher_and_data
-    distill(small_student(), teacher, train, config=quick_cfg(tmp_path, steps=2, mixed_precision="bf16"))
-    assert all(isinstance(r["loss"], float) and r["loss"] == r["loss"] for r in rows(tmp_path, "train"))
+    first_loss, gemm_dtypes = {}, {}
+    for mp in ("fp32", "bf16"):
+        student = small_student()
+        before = [p.detach().clone() for p in student.parameters()]
+        dtypes = gemm_dtypes.setdefault(mp, set())
+        hook = student.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, a, out: dtypes.add(out.dtype))
+        trained = distill(student, teacher, train, config=quick_cfg(tmp_path / mp, steps=2, mixed_precision=mp))
+        hook.remove()
+        losses = [r["loss"] for r in rows(tmp_path / mp, "train")]
+        assert len(losses) == 2 and all(math.isfinite(x) for x in losses), losses
+        assert all(p.dtype == torch.float32 for p in trained.parameters())  # fp32 master weights
+        assert any(not torch.equal(p, b) for p, b in zip(trained.parameters(), before))  # and they trained
+        first_loss[mp] = losses[0]
+    assert gemm_dtypes == {"fp32": {torch.float32}, "bf16": {torch.bfloat16}}
+    assert first_loss["bf16"] != first_loss["fp32"]
+    assert abs(first_loss["bf16"] - first_loss["fp32"]) <= 0.02 * first_loss["fp32"], first_loss
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")

@@ -7,9 +7,9 @@ import torch
 from tests.helpers import make_model
 
 import minitron
-from minitron.budget import choose_budget_target
+from minitron.pruning.budget import choose_budget_target
 from minitron.evaluation import lm_loss
-from minitron.masked_eval import masked_plan
+from minitron.pruning.masked_eval import masked_plan
 from minitron.pruning import PrunePlan, Target, apply_plan, make_plan
 
 TARGETS = [
@@ -69,11 +69,11 @@ def test_budget_candidates_score_the_same_masked_or_copied(calib_ids):
 def test_params_prune_builds_no_candidate_copy(calib_ids, monkeypatch, inplace):
     """prune(params=...) scores its candidate shapes without a pruned copy (the peak stays at model +
     result) and lands on the same model as scoring copies does."""
-    import minitron.budget
+    import minitron.pruning.budget
     import minitron.pruner
 
     with monkeypatch.context() as m:  # the reference: candidates scored as pruned copies
-        original = minitron.budget.choose_budget_target
+        original = minitron.pruning.budget.choose_budget_target
         m.setattr(minitron.pruner, "choose_budget_target",
                   lambda *a, **k: original(*a, **{**k, "masked": False}))
         expected = minitron.prune(make_model("llama"), calib_ids, params=0.6, seq_len=16, verbose=False)
@@ -82,7 +82,7 @@ def test_params_prune_builds_no_candidate_copy(calib_ids, monkeypatch, inplace):
     def no_copy(*args, **kwargs):
         raise AssertionError("a budget candidate was built as a pruned copy")
 
-    monkeypatch.setattr(minitron.budget, "apply_plan", no_copy)
+    monkeypatch.setattr(minitron.pruning.budget, "apply_plan", no_copy)
     pruned = minitron.prune(model, calib_ids, params=0.6, seq_len=16, inplace=inplace, verbose=False)
     assert (pruned is model) == inplace and pruned.config.hidden_size == expected.config.hidden_size
     torch.testing.assert_close(pruned(calib_ids).logits, expected(calib_ids).logits, atol=1e-5, rtol=1e-4)

@@ -433,7 +433,7 @@ def test_params_budget_on_moe_asks_for_an_explicit_target(calib_ids):
 
 
 def test_masked_plan_refuses_moe_models_instead_of_emulating_them_wrongly():
-    from minitron.masked_eval import masked_plan
+    from minitron.pruning.masked_eval import masked_plan
 
     with pytest.raises(ValueError, match="mixture-of-experts"):
         with masked_plan(make_moe_model("mixtral"), PrunePlan(hidden=torch.arange(40))):

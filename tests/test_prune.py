@@ -431,7 +431,7 @@ def test_head_residual_equals_original_with_dropped_heads_replaced_by_their_grou
 
 
 def test_params_budget_shape_is_the_lowest_calibration_loss(calib_ids):
-    from minitron.budget import budget_candidates, choose_budget_target
+    from minitron.pruning.budget import budget_candidates, choose_budget_target
 
     model = make_model("llama")
     total = minitron.count_parameters(model)

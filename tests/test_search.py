@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 import minitron
 from minitron.cli import build_parser, main
 from minitron.arch_search import ParamCounter, SearchConfig, SearchResult, enumerate_candidates, search
-from minitron.sizing import target_parameters
+from minitron.pruning.params import target_parameters
 
 from tests.helpers import COMMON, make_model
 

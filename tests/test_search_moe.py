@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 import minitron
 from minitron.arch_search import ParamCounter, SearchConfig, default_divisors, enumerate_candidates, model_axes, search
 from minitron.pruning.target import model_sizes
-from minitron.sizing import target_parameters
+from minitron.pruning.params import target_parameters
 
 from tests.helpers import MOE_COMMON, MOE_FAMILY_NAMES, make_model, make_moe_model
 

@@ -113,3 +113,20 @@ def test_every_from_pretrained_goes_through_the_local_only_loader():
                     and node.func.attr == "from_pretrained":
                 offenders.append(f"{path.relative_to(root)}:{node.lineno}")
     assert not offenders, f"direct from_pretrained calls (use minitron.local.from_pretrained): {offenders}"
+
+
+def test_one_tokenizer_loader_for_every_source(tmp_path):
+    """models.load_tokenizer is the only loader: a checkpoint folder gives its tokenizer, a folder without one
+    (named by the flag) and a missing folder are refused with the path (local.py has no second copy)."""
+    import minitron.local
+
+    assert not hasattr(minitron.local, "load_tokenizer")
+    d = save_checkpoint(tmp_path / "ckpt")
+    assert load_tokenizer(d)("hello world")["input_ids"]
+    empty = tmp_path / "no_tokenizer"
+    empty.mkdir()
+    (empty / "config.json").write_text((d / "config.json").read_text())
+    with pytest.raises(ValueError, match=rf"--tokenizer {empty}: no usable tokenizer there"):
+        load_tokenizer(empty)
+    with pytest.raises(FileNotFoundError, match=r"not found locally: .*missing; .*nothing is downloaded"):
+        load_tokenizer(tmp_path / "missing", flag="--teacher")

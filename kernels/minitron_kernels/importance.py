@@ -10,7 +10,8 @@ When B * cdiv(D, BLOCK_D) programs are too few to fill the GPU (small calibratio
 narrow activations), ``mean`` and ``l2`` split S as well (split-K style): grid
 (B, cdiv(D, BLOCK_D), splits), each program adds its partial sum of |a| or a^2 into a (B, D)
 fp32 scratch with atomics, and three small ops on that scratch finish x_b. ``var`` never splits.
-Reference: :func:`minitron_kernels.importance_reference.accumulate_reference`.
+Reference: :func:`minitron_kernels.importance_reference.accumulate_reference`, the code that runs on
+CPU (the calibration hooks call its pieces), and what the kernel tests compare against.
 
 ``block_cos_sum_triton``: Block Importance (ShortGPT) numerator. Each program takes BLOCK_R
 rows of (h_in, h_out) (N, D), loops over D, computes cos per row in fp32 and atomically adds
@@ -26,7 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-SEQ_AGG_CODES = {"mean": 0, "l2": 1, "var": 2}
+from .importance_reference import SEQ_AGGREGATIONS, check_seq_agg
+
+SEQ_AGG_CODES = {name: code for code, name in enumerate(SEQ_AGGREGATIONS)}  # mean 0, l2 1, var 2
 
 
 @triton.jit
@@ -157,8 +160,7 @@ def accumulate_triton(
         >>> sx, sx2 = torch.zeros(64, device="cuda"), torch.zeros(64, device="cuda")
         >>> accumulate_triton(sx, sx2, torch.randn(2, 16, 64, device="cuda", dtype=torch.bfloat16))
     """
-    if seq_agg not in SEQ_AGG_CODES:
-        raise ValueError(f"unknown seq_agg={seq_agg!r}; allowed values: {', '.join(SEQ_AGG_CODES)}")
+    check_seq_agg(seq_agg)
     if act.dim() == 2:
         act = act.unsqueeze(0)
     if act.dim() != 3:

@@ -33,7 +33,7 @@ from ..importance.collect import ImportanceConfig, ImportanceScores, collect_imp
 from ..models import resolve_tokenizer
 from ..pruner import loss_scores_for, prune
 from ..pruning import DEFAULT_DEPTH_METRIC, DEFAULT_HEAD_METRIC, Target
-from ..sizing import count_parameters
+from ..pruning.params import count_parameters
 from ..validate import check_finite_scores, check_finite_weights
 from .config import SearchConfig
 from .report import SEARCH_OUTPUTS, SearchResult, write_report

@@ -3,12 +3,12 @@
 count lies in the budget window.
 
 Parameter counts are exact: the model is instantiated on the meta device with one and with two
-layers for each distinct (hidden, FFN, heads) width (:func:`minitron.sizing.target_parameters`),
+layers for each distinct (hidden, FFN, heads) width (:func:`minitron.pruning.params.target_parameters`),
 and every layer count follows linearly (decoder layers of one model have equal sizes). On
 mixture-of-experts models a one-layer model is split into the parts outside the layers, the layer
 without its MLP, and the MLP (sparse or dense); the sparse MLP's count is bilinear in (experts, expert
 FFN) plus linear in the shared-expert FFN, fitted from a few meta models per hidden size and
-checked on one more point (:class:`ParamCounter`).
+checked on one more point (:class:`minitron.pruning.params.ParamCounter`, re-exported here).
 """
 
 from __future__ import annotations
@@ -19,13 +19,11 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
-import torch
 from torch import nn
 
 from ..adapters import get_adapter, kv_heads_of, moe_sizes, moe_spec_of, sparse_layers
-from ..pruning import Target
-from ..pruning.target import MOE_WIDTH_MULTIPLE
-from ..sizing import budget_count, count_config_parameters, target_parameters
+from ..pruning.params import ParamCounter, budget_count
+from ..pruning.target import MOE_WIDTH_MULTIPLE, Target
 
 __all__ = ["ALL_AXES", "AXES", "AXIS_FIELDS", "MOE_AXES", "Candidate", "ParamCounter", "axis_values",
            "default_divisors", "enumerate_candidates", "model_axes"]
@@ -192,165 +190,6 @@ def axis_values(current: int, max_prune: float, divisor: int, searched: bool) ->
     low = current * (1 - max_prune) - 1e-9
     values = {current} | {v for v in range(divisor, current, divisor) if v >= low}
     return sorted(values, reverse=True)
-
-
-class ParamCounter:
-    """Exact parameter counts of pruned configs, cached per width (meta device, 1- and 2-layer models).
-
-    Mixture-of-experts models are counted by parts (:class:`_MoECounter`): the parts outside the
-    decoder layers, a layer without its MLP, and a sparse or dense MLP; a model whose layers mix
-    sparse and dense MLPs (Qwen ``mlp_only_layers``) is counted for the layers ``kept_layers`` names
-    (default: the first ``num_hidden_layers``, as :meth:`minitron.Target.config_for` builds).
-
-    Args:
-        model: the unpruned model (only its class and config are read).
-
-    Example:
-        >>> counter = ParamCounter(model)
-        >>> counter(Target(192, 576, 8, 7)) == target_parameters(model, Target(192, 576, 8, 7))
-        True
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.config = model.config
-        self._cache: dict[tuple[int, int, int], tuple[int, int]] = {}
-        self._moe = _MoECounter(model) if moe_spec_of(self.config) is not None else None
-
-    def __call__(self, target: Target, kept_layers: Sequence[int] | None = None) -> int:
-        return self._count(target.resolved(self.config), kept_layers)
-
-    def bounds(self, target: Target) -> tuple[int, int]:
-        """(fewest, most) parameters of ``target`` over every choice of kept layers.
-
-        Equal unless the model mixes sparse and dense MLP layers and ``target`` drops layers: which
-        kind the depth ranking drops is known only after calibration.
-        """
-        return self._bounds(target.resolved(self.config))
-
-    def _count(self, t: Target, kept_layers: Sequence[int] | None = None) -> int:
-        """The count of an already resolved target (every field set)."""
-        if self._moe is not None:
-            kept = range(t.num_hidden_layers) if kept_layers is None else kept_layers
-            return self._moe.count(t, sum(self._moe.sparse[l] for l in kept), len(kept))
-        key = (t.hidden_size, t.intermediate_size, t.num_attention_heads)
-        if key not in self._cache:
-            one = target_parameters(self.model, Target(*key, num_hidden_layers=1))
-            if self.config.num_hidden_layers >= 2:
-                per_layer = target_parameters(self.model, Target(*key, num_hidden_layers=2)) - one
-            else:  # a one-layer model: difference to the layer-less model
-                per_layer = one - _zero_layer_params(self.model, key)
-            self._cache[key] = (one - per_layer, per_layer)
-        base, per_layer = self._cache[key]
-        return base + t.num_hidden_layers * per_layer
-
-    def _bounds(self, t: Target) -> tuple[int, int]:
-        if self._moe is None:
-            n = self._count(t)
-            return n, n
-        n_sparse = sum(self._moe.sparse)
-        n_dense = len(self._moe.sparse) - n_sparse
-        keep = t.num_hidden_layers
-        counts = [self._moe.count(t, s, keep) for s in (max(0, keep - n_dense), min(n_sparse, keep))]
-        return min(counts), max(counts)
-
-
-class _MoECounter:
-    """Parameter counts of a mixture-of-experts model by parts, from one-layer meta models.
-
-    ``count(t, n_sparse, n_layers) = outside(hidden) + n_layers * layer_rest(hidden, heads)
-    + n_sparse * sparse_mlp(hidden, experts, expert FFN, shared FFN) + n_dense * dense_mlp(hidden, FFN)``.
-    ``sparse_mlp`` is fitted per hidden size as ``c0 + c1 E + c2 E x + c3 s`` (router rows, fused
-    expert tensors, shared expert) from four meta models and checked against a fifth; if the check
-    fails (a family whose MLP does not follow that form) every point is measured.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        self.cls, self.config = type(model), model.config
-        adapter = get_adapter(model)
-        self.sparse = sparse_layers(self.config)
-        self.layer_prefix = f"{adapter.layers}.0."
-        self.mlp_prefix = self.layer_prefix + adapter.moe.router.split(".")[0] + "."
-        self.first = {kind: next((l for l, s in enumerate(self.sparse) if s == kind), None) for kind in (True, False)}
-        self._outside: dict[int, int] = {}
-        self._rest: dict[tuple[int, int], int] = {}
-        self._dense: dict[tuple[int, int], int] = {}
-        self._sparse_fit: dict[int, tuple[int, int, int, int] | None] = {}
-        self._sparse: dict[tuple, int] = {}
-
-    def _measure(self, t: Target, sparse: bool) -> tuple[int, int, int]:
-        """(outside the layers, layer without MLP, MLP) parameters of a one-layer model of layer kind ``sparse``."""
-        layer = self.first[sparse]
-        config = Target(t.hidden_size, t.intermediate_size, t.num_attention_heads, 1, num_experts=t.num_experts,
-                        expert_intermediate_size=t.expert_intermediate_size,
-                        shared_expert_intermediate_size=t.shared_expert_intermediate_size,
-                        ).config_for(self.config, kept_layers=[layer])
-        outside = rest = mlp = 0
-        with torch.device("meta"):
-            model = self.cls(config)
-        for name, p in model.named_parameters():  # tied weights once (named_parameters drops duplicates)
-            if name.startswith(self.mlp_prefix):
-                mlp += p.numel()
-            elif name.startswith(self.layer_prefix):
-                rest += p.numel()
-            else:
-                outside += p.numel()
-        self._outside.setdefault(t.hidden_size, outside)
-        self._rest.setdefault((t.hidden_size, t.num_attention_heads), rest)
-        return outside, rest, mlp
-
-    def _sparse_mlp(self, t: Target) -> int:
-        h, e, x, s = t.hidden_size, t.num_experts, t.expert_intermediate_size, t.shared_expert_intermediate_size or 0
-        if h not in self._sparse_fit:
-            self._sparse_fit[h] = self._fit(t)
-        fit = self._sparse_fit[h]
-        if fit is not None:
-            c0, c1, c2, c3 = fit
-            return c0 + c1 * e + c2 * e * x + c3 * s
-        key = (h, e, x, s)
-        if key not in self._sparse:
-            self._sparse[key] = self._measure(t, True)[2]
-        return self._sparse[key]
-
-    def _fit(self, t: Target) -> tuple[int, int, int, int] | None:
-        shared = t.shared_expert_intermediate_size is not None
-
-        def mlp(e: int, x: int, s: int | None) -> int:
-            return self._measure(dataclasses.replace(t, num_experts=e, expert_intermediate_size=x,
-                                                     shared_expert_intermediate_size=s if shared else None), True)[2]
-
-        e, x, s = t.num_experts, t.expert_intermediate_size, t.shared_expert_intermediate_size or 0
-        p = mlp(e, x, s)
-        c3 = mlp(e, x, s + 1) - p if shared else 0
-        dx = mlp(e, x + 1, s) - p  # = c2 * e
-        if dx % e:
-            return None
-        c2 = dx // e
-        c1 = mlp(e + 1, x, s) - p - c2 * x
-        c0 = p - c1 * e - c2 * e * x - c3 * s
-        e2, x2, s2 = e + 2, x + 3, s + 2
-        if mlp(e2, x2, s2) != c0 + c1 * e2 + c2 * e2 * x2 + c3 * (s2 if shared else 0):
-            return None
-        return c0, c1, c2, c3
-
-    def count(self, t: Target, n_sparse: int, n_layers: int) -> int:
-        h, a = t.hidden_size, t.num_attention_heads
-        kind = self.first[True] is not None
-        if h not in self._outside or (h, a) not in self._rest:
-            self._measure(t, kind)
-        total = self._outside[h] + n_layers * self._rest[(h, a)]
-        if n_sparse:
-            total += n_sparse * self._sparse_mlp(t)
-        if n_layers - n_sparse:
-            key = (h, t.intermediate_size)
-            if key not in self._dense:
-                self._dense[key] = self._measure(t, False)[2]
-            total += (n_layers - n_sparse) * self._dense[key]
-        return total
-
-
-def _zero_layer_params(model: nn.Module, key: tuple[int, int, int]) -> int:
-    return count_config_parameters(type(model), Target(*key, num_hidden_layers=0).config_for(model.config))
 
 
 def _valid(model: nn.Module, target: Target) -> bool:

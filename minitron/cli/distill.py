@@ -153,6 +153,19 @@ def _cache_seq_len(cache: str | None) -> int | None:
     return int(TeacherCache(cache).manifest["seq_len"])
 
 
+def _run_ppl(out_dir: Any, cached: bool) -> dict:
+    """Teacher / student perplexity before and after from a run's first and last eval rows (``metrics.jsonl``)."""
+    import json
+    import math
+
+    from ..distillation.run_dir import METRICS
+
+    rows = [r for r in map(json.loads, (out_dir / METRICS).read_text(encoding="utf-8").splitlines())
+            if r["split"] == "eval"]
+    return {"teacher_ppl": None if cached else round(math.exp(rows[0]["teacher_lm_loss"]), 3),
+            "student_ppl_before": round(rows[0]["ppl"], 3), "student_ppl_after": round(rows[-1]["ppl"], 3)}
+
+
 def run(args: argparse.Namespace) -> int:
     """Load student/teacher/tokenizer from local sources and run :func:`minitron.distillation.distill`.
 
@@ -167,8 +180,9 @@ def run(args: argparse.Namespace) -> int:
     from ..adapters import moe_spec_of
     from ..data import load_text_blocks, resolve_seq_len
     from ..distillation.run_dir import check_run_dir
+    from ..distillation.sharded_load import load_run_model, meta_model, sharded_run
     from ..distillation.trainer import distill
-    from ..models import BUILTIN, input_paths, load_model, load_tokenizer, text_source
+    from ..models import BUILTIN, input_paths, load_tokenizer, resolve_model_source, text_source
 
     started = time.time()
     cfg = config_from_args(args)
@@ -180,7 +194,9 @@ def run(args: argparse.Namespace) -> int:
     inputs = input_paths(None if cache else args.teacher, args.teacher_gguf, args.data, args.eval_data, cache)
     inputs += input_paths(args.student, args.student_gguf) + input_paths(args.tokenizer, None)
     check_run_dir(cfg.output_dir, inputs=inputs, overwrite=cfg.overwrite, flag="--output-dir", fix="--overwrite")
-    teacher, teacher_tokenizer = (cache, None) if cache else load_model(args.teacher, gguf_file=args.teacher_gguf)
+    sharded = sharded_run(cfg.parallel)  # fsdp under torchrun: folders are built on meta, each rank reads its shards
+    teacher, teacher_tokenizer = (cache, None) if cache else load_run_model(
+        args.teacher, args.teacher_gguf, sharded=sharded and args.student is not None)  # pruning needs it whole
     if args.student is None and moe_spec_of(teacher.config) is not None:
         raise ValueError(f"no --student given: the in-process student is pruned to --params, a budget that "
                          f"chooses dense shapes; for the mixture-of-experts {type(teacher).__name__} prune it first "
@@ -189,8 +205,12 @@ def run(args: argparse.Namespace) -> int:
         student = _pruned_student(teacher, teacher_tokenizer, args.params, args.num_samples, cfg.chat_template,
                                   cfg.progress)
         tokenizer = teacher_tokenizer
+        kind, teacher_dir = resolve_model_source(args.teacher, args.teacher_gguf)
+        if sharded and kind != "gguf":  # the pruned student stays in memory; the teacher is re-read in shards
+            del teacher
+            teacher = meta_model(teacher_dir)
     else:
-        student, tokenizer = load_model(args.student, gguf_file=args.student_gguf)
+        student, tokenizer = load_run_model(args.student, args.student_gguf, sharded=sharded)
     if args.tokenizer:
         tokenizer = load_tokenizer(args.tokenizer)
     data = text_source(BUILTIN) if builtin_job else args.data
@@ -206,12 +226,16 @@ def run(args: argparse.Namespace) -> int:
         eval_blocks = load_text_blocks(eval_data, tokenizer, cfg.seq_len, chat_template=cfg.chat_template)
         if builtin_job:
             eval_data = eval_blocks = eval_blocks[:16]  # minutes, not tens of minutes, on 2 CPU cores
-        report["teacher_ppl"] = None if cache else round(minitron.perplexity(teacher, eval_blocks, cfg.batch_size), 3)
-        report["student_ppl_before"] = round(minitron.perplexity(student, eval_blocks, cfg.batch_size), 3)
+        if not sharded:  # sharded: the run's own evaluations (before and after training) are reported
+            report["teacher_ppl"] = None if cache else round(minitron.perplexity(teacher, eval_blocks, cfg.batch_size), 3)
+            report["student_ppl_before"] = round(minitron.perplexity(student, eval_blocks, cfg.batch_size), 3)
     student = distill(student, teacher, data, eval_data, config=cfg, tokenizer=tokenizer,
                       teacher_tokenizer=teacher_tokenizer if args.student is not None else None)
-    if eval_blocks is not None:
+    if eval_blocks is not None and sharded:
+        report.update(_run_ppl(Path(cfg.output_dir), cache is not None))
+    elif eval_blocks is not None:
         report["student_ppl_after"] = round(minitron.perplexity(student, eval_blocks, cfg.batch_size), 3)
+    if eval_blocks is not None:
         print(f"held-out perplexity: teacher {report['teacher_ppl'] or float('nan'):.2f}; student {report['student_ppl_before']:.2f} "
               f"-> {report['student_ppl_after']:.2f} after {cfg.steps} steps "
               f"({cfg.steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len} tokens)")

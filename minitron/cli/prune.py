@@ -308,7 +308,7 @@ def _run_stream(args: argparse.Namespace, target: Any, params: float | None, con
     """``minitron prune --stream``: :func:`minitron.prune_checkpoint` on the checkpoint folder ``--model``."""
     import minitron
     from ..models import resolve_model_source
-    from ..sizing import count_parameters
+    from ..pruning.params import count_parameters
     from ..streaming.checkpoint import CheckpointReader, skeleton
 
     clashes = [flag for flag, on in (("--inplace", args.inplace), ("--eval-data", args.eval_data is not None),

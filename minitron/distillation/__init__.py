@@ -7,6 +7,7 @@ Example:
 """
 
 from minitron.distillation.config import DistillConfig
+from minitron.distillation.sharded_load import meta_model
 from minitron.distillation.teacher_cache import TeacherCache, cache_teacher_logits
 from minitron.distillation.trainer import NonFiniteLossError, Trainer, distill
 from minitron.losses.cross_entropy import linear_cross_entropy
@@ -23,4 +24,5 @@ __all__ = [
     "dynamic_alpha",
     "intermediate_state_loss",
     "linear_cross_entropy",
+    "meta_model",
 ]

@@ -27,7 +27,7 @@ def check_models(student: nn.Module, teacher: nn.Module | None, cfg: DistillConf
     checks the student alone.
     """
     if teacher is None:
-        check_finite_weights(student, "student")
+        _check_finite(student, "student")
     else:
         _check_teacher(student, teacher, cfg)
     for name, m in (("student", student), ("teacher", teacher)):
@@ -46,6 +46,12 @@ def check_models(student: nn.Module, teacher: nn.Module | None, cfg: DistillConf
                 )
 
 
+def _check_finite(model: nn.Module, name: str) -> None:
+    """NaN/inf weights refused; a ``meta`` model (sharded loading) is checked as its rows are read instead."""
+    if not any(p.is_meta for p in model.parameters()):
+        check_finite_weights(model, name)
+
+
 def _check_teacher(student: nn.Module, teacher: nn.Module, cfg: DistillConfig) -> None:
     shared = {id(p) for p in teacher.parameters()}.intersection(id(p) for p in student.parameters())
     if student is teacher or shared:
@@ -53,7 +59,7 @@ def _check_teacher(student: nn.Module, teacher: nn.Module, cfg: DistillConfig) -
         raise ValueError(f"the student and the teacher are {same}; the teacher is frozen, so pass a separate student "
                          "(a pruned model, or copy.deepcopy(teacher))")
     for name, m in (("teacher", teacher), ("student", student)):
-        check_finite_weights(m, name)
+        _check_finite(m, name)
     vs, vt = int(lm_head_params(student)[0].shape[0]), int(lm_head_params(teacher)[0].shape[0])
     reverse = cfg.logits_loss == "reverse_kl" or (cfg.logits_loss == "jsd" and cfg.jsd_beta == 1)
     if vs > vt and reverse and cfg.kd_weight > 0:  # the teacher is padded with -inf logits up to vs

@@ -1,8 +1,9 @@
 """Process-group setup and collectives of a distillation run (single process, DDP, FSDP2).
 
 :func:`setup` reads the ``torchrun`` environment (and initialises the process group there);
-:func:`wrap` puts the one root module of the run under DDP or ``fully_shard``. Every helper is a
-no-op in a single process, so the trainer has one code path.
+:func:`wrap` puts the one root module of the run under DDP or ``fully_shard`` and fills the parameters
+of ``meta`` models (:mod:`minitron.distillation.sharded_load`: after ``fully_shard`` each rank reads only
+its own rows). Every helper is a no-op in a single process, so the trainer has one code path.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch import nn
 
 from minitron.adapters import base_decoder
 from minitron.distillation.config import DistillConfig
+from minitron.distillation.sharded_load import materialise, on_meta  # noqa: F401 - on_meta: the trainer's test
 
 
 @dataclass(frozen=True)
@@ -55,8 +57,23 @@ def setup(cfg: DistillConfig) -> DistEnv:
     return DistEnv(mode, rank, world, device)
 
 
+def to_device(module: nn.Module, device: torch.device) -> nn.Module:
+    """``module.to(device)``, leaving ``meta`` tensors (of :func:`sharded_load.meta_model` models) on ``meta``.
+
+    Those are given storage by :func:`wrap`, after sharding, so no rank ever holds them whole.
+    """
+    return module._apply(lambda t: t if t.is_meta else t.to(device))
+
+
 def wrap(module: nn.Module, env: DistEnv, models: Sequence[nn.Module]) -> nn.Module:
-    """``module`` under DDP or FSDP2 (decoder layers of ``models`` sharded first), or as is."""
+    """``module`` under DDP or FSDP2 (decoder layers of ``models`` sharded first), or as is.
+
+    Parameters still on ``meta`` (models built by :func:`sharded_load.meta_model`) are materialised
+    here: under FSDP after ``fully_shard``, each rank reading only the rows it owns from the
+    safetensors files; otherwise (one process, DDP) read whole before wrapping.
+    """
+    if env.mode != "fsdp":
+        materialise(module, env.device)
     if env.mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -70,6 +87,7 @@ def wrap(module: nn.Module, env: DistEnv, models: Sequence[nn.Module]) -> nn.Mod
             for layer in base_decoder(m).layers:
                 fully_shard(layer, mesh=mesh)
         fully_shard(module, mesh=mesh)
+        materialise(module, env.device)
     return module
 
 

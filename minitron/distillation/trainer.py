@@ -41,6 +41,7 @@ from minitron.distillation.optim import make_optimizer
 from minitron.distillation.plotting import plot_loss_curve
 from minitron.distillation.run_dir import (METRICS, PLOT, RUN_FILE, check_run_dir, load_resumable, open_run_dir,
                                           run_fingerprint, start_over)
+from minitron.distillation.sharded_load import check_meta_teacher_padding
 from minitron.distillation.teacher_cache import TeacherCache, as_teacher_cache, check_cached_run
 from minitron.losses import check_impl_device
 from minitron.outputs import write_output_dir
@@ -49,7 +50,6 @@ from minitron.owned import record_prefix, replace_owned, write_text_owned
 __all__ = ["Callback", "NonFiniteLossError", "TEACHER_OUTSIDE_MASS_LIMIT", "Trainer", "distill"]
 
 Callback = Callable[[int, dict, nn.Module], None]
-_DistillModule = DistillModule  # the name tests and older code import from here
 
 
 class NonFiniteLossError(ValueError, FloatingPointError):
@@ -192,14 +192,16 @@ class Trainer:
         self.per_rank = cfg.batch_size // env.world
         self.step = 0  # optimizer steps done
         device = env.device
-        if teacher is not None:
-            teacher.eval().requires_grad_(False).to(device)
+        if teacher is not None:  # meta models (sharded_load.meta_model) stay on meta until D.wrap loads their shards
+            D.to_device(teacher.eval().requires_grad_(False), device)
         student.train()
-        student.to(device)
-        if cfg.kd_weight > 0 and teacher is not None:  # before wrapping: a plain forward of the teacher, same on every rank
+        D.to_device(student, device)
+        if cfg.kd_weight > 0 and teacher is not None and D.on_meta(teacher):
+            check_meta_teacher_padding(student, teacher)
+        elif cfg.kd_weight > 0 and teacher is not None:  # before wrapping: a plain forward of the teacher, same on every rank
             first = batch_indices(train_blocks.shape[0], cfg.seed, 0, 0, cfg.batch_size, cfg.grad_accum)
             check_teacher_padding(student, teacher, train_blocks[first], cfg, device)
-        self.module = DistillModule(student, teacher, cfg).to(device)
+        self.module = D.to_device(DistillModule(student, teacher, cfg), device)
         self.wrapped = D.wrap(self.module, env, [m for m in (student, teacher) if m is not None])
         # after wrapping: FSDP replaces the parameters by sharded ones
         self.train_params = [(n, p) for n, p in self.module.named_parameters()

@@ -19,7 +19,8 @@ Batch aggregations (over the samples' sequence aggregates x_b):
 
 ``accumulate_`` and ``block_importance_update_`` run the Triton kernels of
 :mod:`minitron_kernels.importance` or their references in
-:mod:`minitron_kernels.importance_reference` (re-exported here), as :mod:`minitron.dispatch` picks.
+:mod:`minitron_kernels.importance_reference` (re-exported here; the same code the calibration hooks run
+on CPU), as :mod:`minitron.dispatch` picks.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from minitron_kernels.importance_reference import (  # noqa: F401 - re-exported
     SEQ_AGGREGATIONS,
     accumulate_reference,
     block_importance_reference,
-    sequence_aggregate,
+    check_seq_agg,
 )
 
 ACCUMULATE = Dispatch("minitron_kernels.importance:accumulate_triton", accumulate_reference)
@@ -45,8 +46,8 @@ def check_aggregation(batch_agg: str, seq_agg: str | None = None) -> None:
     """Raise ``ValueError`` naming the field when an aggregation is unknown (``seq_agg=None``: not checked)."""
     if batch_agg not in BATCH_AGGREGATIONS:
         raise ValueError(f"unknown batch_agg={batch_agg!r}; allowed values: {', '.join(BATCH_AGGREGATIONS)}")
-    if seq_agg is not None and seq_agg not in SEQ_AGGREGATIONS:
-        raise ValueError(f"unknown seq_agg={seq_agg!r}; allowed values: {', '.join(SEQ_AGGREGATIONS)}")
+    if seq_agg is not None:
+        check_seq_agg(seq_agg)
 
 
 def finalize(sum_x: torch.Tensor, sum_x2: torch.Tensor, count: int, batch_agg: str = "l2") -> torch.Tensor:

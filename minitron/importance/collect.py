@@ -29,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..adapters import get_adapter
-from ..evaluation import layer_output, lm_loss
+from ..evaluation import lm_loss
 from .ablation import head_drop_losses, layer_drop_losses
 from ..offload import check_loadable, execution_device, execution_devices
 from ..validate import check_token_ids
@@ -41,9 +41,6 @@ __all__ = ["DEFAULT_DEPTH_METRIC", "DEPTH_METRICS", "ImportanceConfig", "Importa
 
 logger = logging.getLogger(__name__)
 
-def _layer_io(args: tuple, kwargs: dict, output) -> tuple[torch.Tensor, torch.Tensor]:
-    h_in = args[0] if args else kwargs["hidden_states"]
-    return h_in, layer_output(output)
 
 
 @torch.no_grad()

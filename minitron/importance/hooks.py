@@ -16,7 +16,7 @@ Cost (why the hooked pass stays close to a plain one). The statistic of a site i
 over the sequence of ``|a|`` (or ``a^2``); done naively (``a.float().abs().mean(1)``) it
 allocates an activation-sized temporary and reads the activation three times. Here:
 
-- the element-wise part runs over sample-sized chunks (<= ``CHUNK_BYTES``) into one reused
+- the element-wise part runs over sample-sized chunks (<= ``importance_reference.CHUNK_BYTES``) into one reused
   scratch buffer that stays in cache, so each activation is read from memory once and no
   activation-sized temporary exists (the hooks add ~1 MiB to the pass's peak, not one
   activation per site);
@@ -34,112 +34,27 @@ allocates an activation-sized temporary and reads the activation three times. He
   layer's output is kept and reused as the norm of the next layer's input (the same tensor), and
   the dot product is chunked like the sites.
 
-On CUDA with Triton the per-site updates go to the fused kernels of
-:mod:`minitron_kernels.importance` instead (one pass each, no host sync).
+The reductions themselves (chunked sequence aggregates, their fold, the row cosines) are those of
+:mod:`minitron_kernels.importance_reference`, the one reference the Triton kernels are tested
+against; the hooks only call them on slices of their fused buffers. On CUDA with Triton the
+per-site updates go to the kernels of :mod:`minitron_kernels.importance` instead (one pass each,
+no host sync).
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
-from ..adapters import FamilyAdapter, decoder_layers, sparse_layers
+from minitron_kernels.importance_reference import Scratch, cosine_sum_, fold_aggregates_, seq_aggregate_into
+
+from ..adapters import FamilyAdapter, decoder_layers, layer_io, sparse_layers
 from ..offload import execution_device, onloaded
-from .experts import routed_experts_forward
 from .aggregate import ACCUMULATE, accumulate_, block_importance_update_, check_aggregation
-
-CHUNK_BYTES = 1 << 20  # scratch per element-wise step: fits a typical L2 cache
-EPS = 1e-8  # cosine denominator clamp, as torch.nn.functional.cosine_similarity
-
-
-def _layer_io(args: tuple, kwargs: dict, output) -> tuple[torch.Tensor, torch.Tensor]:
-    h_in = args[0] if args else kwargs["hidden_states"]
-    h_out = output[0] if isinstance(output, (tuple, list)) else output
-    return h_in, h_out
-
-
-class _Scratch:
-    """One reusable buffer, allocated before the forward pass, viewed as any float dtype.
-
-    Every chunk is at most ``CHUNK_BYTES`` or one row, so ``reserve(max_row_elems)`` sizes it
-    once; ``get`` only grows it if a caller asks for more (not on the hooks' paths).
-    """
-
-    def __init__(self) -> None:
-        self._buf: torch.Tensor | None = None  # fp32 storage
-
-    def reserve(self, max_row_elems: int, device: torch.device) -> None:
-        n = max(CHUNK_BYTES // 4, max_row_elems)
-        if self._buf is None or self._buf.numel() < n or self._buf.device != device:
-            self._buf = torch.empty(n, dtype=torch.float32, device=device)
-
-    def get(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        n = math.prod(shape)
-        if dtype.itemsize > 4:
-            return torch.empty(shape, dtype=dtype, device=device)
-        per = 4 // dtype.itemsize  # elements of `dtype` per fp32 slot
-        if self._buf is None or self._buf.numel() * per < n or self._buf.device != device:
-            self._buf = torch.empty(max(CHUNK_BYTES // 4, -(-n // per)), dtype=torch.float32, device=device)
-        return self._buf.view(dtype)[:n].view(shape)
-
-
-def seq_aggregate_into(out: torch.Tensor, act: torch.Tensor, seq_agg: str, scratch: _Scratch) -> None:
-    """Write the per-sample sequence statistic of ``act`` (B, S, D) into ``out`` (B, D) fp32.
-
-    ``mean``: ``sum_s |a|`` (the caller divides by S); ``l2``: ``sum_s a^2`` (the caller takes
-    the square root); ``var``: the population variance over S (final). The element-wise step runs
-    on chunks of whole samples (or of sequence rows when one sample is larger than
-    ``CHUNK_BYTES``) in a reused scratch buffer.
-    """
-    B, S, D = act.shape
-    if seq_agg == "var":  # rare option: the plain formula, sample by sample to bound the fp32 copy
-        for b in range(B):
-            out[b] = act[b].float().var(dim=0, unbiased=False)
-        return
-    fp32 = act.dtype == torch.float32
-    row_bytes = D * 4
-    rows = max(1, CHUNK_BYTES // row_bytes)  # sequence rows per chunk
-    samples = max(1, rows // S)  # whole samples per chunk when a sample fits
-    if samples > 1 or rows >= S:
-        windows = [(b, min(B, b + samples), 0, S) for b in range(0, B, samples)]
-    else:
-        windows = [(b, b + 1, s, min(S, s + rows)) for b in range(B) for s in range(0, S, rows)]
-    for b0, b1, s0, s1 in windows:
-        chunk = act[b0:b1, s0:s1]  # (b, s, D)
-        if seq_agg == "mean":
-            # |a| in the activation's own dtype is exact; the sum accumulates in fp32
-            tmp = scratch.get(tuple(chunk.shape), act.dtype, act.device)
-            torch.abs(chunk, out=tmp)
-        else:  # l2: square in fp32
-            tmp = scratch.get(tuple(chunk.shape), torch.float32, act.device)
-            if fp32:
-                torch.mul(chunk, chunk, out=tmp)
-            else:
-                tmp.copy_(chunk).square_()
-        if s0 == 0:
-            torch.sum(tmp, dim=1, dtype=torch.float32, out=out[b0:b1])
-        else:
-            out[b0:b1] += tmp.sum(dim=1, dtype=torch.float32)
-
-
-def row_dot(a: torch.Tensor, b: torch.Tensor, scratch: _Scratch, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Row-wise dot product of two (N, D) tensors in fp32 -> ``out`` (N,), chunked through ``scratch``."""
-    N, D = a.shape
-    out = torch.empty(N, dtype=torch.float32, device=a.device) if out is None else out
-    rows = max(1, CHUNK_BYTES // (D * 4))
-    for r0 in range(0, N, rows):
-        r1 = min(N, r0 + rows)
-        tmp = scratch.get((r1 - r0, D), torch.float32, a.device)
-        if a.dtype == torch.float32 and b.dtype == torch.float32:
-            torch.mul(a[r0:r1], b[r0:r1], out=tmp)
-        else:
-            tmp.copy_(a[r0:r1]).mul_(b[r0:r1])
-        torch.sum(tmp, dim=1, out=out[r0:r1])
-    return out
+from .experts import routed_experts_forward
 
 
 class CalibrationHooks:
@@ -225,7 +140,7 @@ class CalibrationHooks:
         self.counts = {site: 0 for site in self.offsets}
         self.bi_cos_sum = torch.zeros(len(self.layers), dtype=torch.float32, device=self.device)
         self.bi_count = 0
-        self._scratch = _Scratch()
+        self._scratch = Scratch()
         # per-batch buffers, allocated by begin_batch() BEFORE the forward pass and reused: a tensor
         # allocated inside the pass and kept alive across layers would sit between the layers'
         # big activations on the heap and stop glibc from reusing their space (with the dynamic
@@ -290,12 +205,10 @@ class CalibrationHooks:
             n_in = cached[1]
         else:
             n_in = torch.linalg.vector_norm(a, dim=-1, dtype=torch.float32, out=self._rows[(index + 1) % 2, :N])
-        n_out = torch.linalg.vector_norm(b, dim=-1, dtype=torch.float32, out=self._rows[index % 2, :N])
+        # rows slots: |h_out| alternates between 0 and 1 so that it survives as the next layer's |h_in|
+        n_out = cosine_sum_(self.bi_cos_sum[index : index + 1], a, b, self._scratch, n_in=n_in,
+                            n_out=self._rows[index % 2, :N], dot=self._rows[2, :N])
         self._norm_cache = (h_out, n_out)  # the next layer's input is this very tensor
-        # cos = a.b / (max(|a|, eps) * max(|b|, eps)), as torch.nn.functional.cosine_similarity
-        cos = row_dot(a, b, self._scratch, out=self._rows[2, :N])
-        cos.div_(n_in.clamp_min(EPS).mul_(n_out.clamp_min(EPS)))
-        self.bi_cos_sum[index] += cos.sum()
 
     def _expert_forward(self, layer: int, experts: nn.Module, hidden_states: torch.Tensor,
                         top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -350,7 +263,7 @@ class CalibrationHooks:
                 self._handles.append(module.register_forward_hook(hook))
         for l, layer in enumerate(self.layers):
             def block_hook(m, args, kwargs, output, l=l):
-                self._block(l, *_layer_io(args, kwargs, output))
+                self._block(l, *layer_io(args, kwargs, output))
             self._handles.append(layer.register_forward_hook(block_hook, with_kwargs=True))
         return self
 
@@ -388,13 +301,8 @@ class CalibrationHooks:
         else:  # some sites did not fire (a layer skipped by another hook): only those that did
             sites = [self.offsets[s] for s in self._fired]
         for offset, dim in sites:
-            part = x[:, offset : offset + dim]
-            if self.seq_agg == "mean":
-                part.div_(self._seq_len)  # sum_s |a| -> mean_s |a|
-            elif self.seq_agg == "l2":
-                part.sqrt_()  # sum_s a^2 -> ||a||_2 over the sequence
-            self.sum_x[offset : offset + dim] += part.sum(dim=0)
-            self.sum_x2[offset : offset + dim] += part.square().sum(dim=0)
+            fold_aggregates_(self.sum_x[offset : offset + dim], self.sum_x2[offset : offset + dim],
+                             x[:, offset : offset + dim], self.seq_agg, self._seq_len)
         self._fired.clear()
 
     def site_sums(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

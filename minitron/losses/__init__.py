@@ -30,7 +30,8 @@ import logging
 
 import torch
 
-from minitron.dispatch import Dispatch, check_device
+from minitron.dispatch import Dispatch
+from minitron.dispatch import check_impl_device as _check_impl_device
 from minitron.losses.cross_entropy import linear_cross_entropy
 from minitron.losses.fused import KDConfig, linear_kd_loss_fused
 from minitron.losses.linear_kd import LinearKDLoss, fused_linear_kd_loss
@@ -67,7 +68,7 @@ def check_impl_device(impl: str, device: torch.device, name: str = "impl") -> No
         device: where the loss runs.
         name: how the caller names the option, for the message (``impl``, ``loss_impl``).
     """
-    check_device(impl, device, name=name, fallback="chunked")
+    _check_impl_device(impl, device, name=name, fallback="chunked")
 
 
 @outside_autocast

@@ -2,7 +2,9 @@
 
 Given importance scores (:mod:`minitron.importance`), a :class:`Target` (:mod:`.target`) is
 turned into a :class:`PrunePlan` of sorted keep-indices per axis (:mod:`.plan`), and the plan is
-applied to every weight (:mod:`.apply`).
+applied to every weight (:mod:`.apply`; in place, on the model's own tensors: :mod:`.inplace`).
+A ``params=`` budget becomes a :class:`Target` by measurement (:mod:`.budget`, candidates scored under
+:mod:`.masked_eval`) or by scaling (:mod:`.sizing`); every parameter count comes from :mod:`.params`.
 
 Axes (docs/method.md section 2):
 - hidden (embedding channels): one global selection for embed_tokens columns, all
@@ -24,14 +26,13 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
-
 from ..importance.collect import DEFAULT_DEPTH_METRIC
 from ..importance.heads import DEFAULT_HEAD_METRIC
 from .apply import apply_plan, fold_dropped_heads, pruned_config, tied_embeddings
 from .plan import (DEFAULT_HEAD_RESIDUAL, DEFAULT_NORM_RESCALE, DEPTH_MODES, PrunePlan, make_plan, norm_scales,
                    random_plan, select_layers)
 from .config import PruneConfig
+from .params import count_parameters
 from .target import Target, nearest_multiples
 
 __all__ = [
@@ -40,12 +41,3 @@ __all__ = [
     "norm_scales", "pruned_config", "random_plan", "select_layers", "tied_embeddings",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    """``count_parameters`` lives in :mod:`minitron.sizing` (which imports :mod:`.target`); it is re-exported
-    here on first access so that importing this package never imports ``sizing`` (no import cycle)."""
-    if name == "count_parameters":
-        from ..sizing import count_parameters
-
-        return count_parameters
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,7 +6,7 @@ of their KV group first (the paper's head residual) and RMSNorm weights are resc
 factors. The result is an ordinary model of the same class with a smaller config (``head_dim``
 written explicitly, layers renumbered, tied embeddings re-tied), built on the meta device and
 filled with the gathered tensors, so no module attribute can disagree with the config. With
-``inplace=True`` the model's own parameters are compacted instead (:mod:`minitron.inplace`).
+``inplace=True`` the model's own parameters are compacted instead (:mod:`minitron.pruning.inplace`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..adapters import FamilyAdapter, get_adapter, head_dim_of, kv_heads_of, moe_sizes, sparse_layers
-from ..inplace import apply_plan_inplace
+from .inplace import apply_plan_inplace
 from ..offload import refuse_offloaded
 from ..ops.expert_gather import compact_any_, select_any
 from .plan import PrunePlan
@@ -263,7 +263,7 @@ def apply_plan(model: nn.Module, plan: PrunePlan, inplace: bool = False) -> nn.M
     Args:
         model: a supported causal LM.
         plan: keep-indices from :func:`make_plan` (or :func:`random_plan`).
-        inplace: prune the model itself (:func:`minitron.inplace.apply_plan_inplace`): the
+        inplace: prune the model itself (:func:`minitron.pruning.inplace.apply_plan_inplace`): the
             same model, submodule and parameter objects, their tensors compacted (peak memory
             ~1x model, also for a memory-mapped ``from_pretrained`` checkpoint); otherwise the
             input is left untouched and new tensors are allocated.
@@ -276,7 +276,7 @@ def apply_plan(model: nn.Module, plan: PrunePlan, inplace: bool = False) -> nn.M
     refuse_offloaded(model, "minitron.apply_plan")  # meta / offloaded weights: never a half-pruned model
     config = model.config
     ops = _weight_ops(adapter, config, plan)
-    if inplace:  # same objects, parameters compacted and re-pointed (minitron/inplace.py)
+    if inplace:  # same objects, parameters compacted and re-pointed (minitron/pruning/inplace.py)
         edits = _scalar_edits(model, adapter, plan)
         layer_prefix = adapter.layers + "."
         _fold_and_rescale_(model, adapter, plan, {k: v for k, v in edits.items() if k.startswith(layer_prefix)})

@@ -23,7 +23,8 @@ from ..importance.ranks import world
 from ..outputs import check_output_dir, check_output_file, write_output_dir
 from ..pruning import (DEFAULT_DEPTH_METRIC, DEFAULT_HEAD_METRIC, DEFAULT_HEAD_RESIDUAL, DEFAULT_NORM_RESCALE, Target,
                        make_plan, pruned_config, random_plan)
-from ..sizing import count_parameters, target_for_budget
+from ..pruning.params import count_parameters
+from ..pruning.sizing import target_for_budget
 from ..validate import check_count, check_finite_scores
 from .calibrate import streamed_importance
 from .checkpoint import CheckpointReader, skeleton
@@ -150,7 +151,7 @@ def prune_checkpoint(
     hidden states per layer, plus the ``lm_head``) stays under ``ppl_memory``; otherwise it falls back
     to Block Importance (``bi``) with a warning. The head-drop loss (``head_metric="loss"``) falls
     back to ``output``. Given ``scores`` holding them are used as they are. A ``params`` budget picks the shape by
-    :func:`minitron.sizing.target_for_budget` (hidden and FFN scaled by one factor), not by the
+    :func:`minitron.pruning.sizing.target_for_budget` (hidden and FFN scaled by one factor), not by the
     calibration loss of candidate shapes (which needs the model in memory).
 
     Args:
@@ -208,7 +209,7 @@ def prune_checkpoint(
     if target is None:
         target = target_for_budget(model, params)
         logger.warning("minitron: params=%s with the streamed prune: shape %s scaled by one factor "
-                       "(minitron.sizing.target_for_budget), not measured by calibration loss", params, target)
+                       "(minitron.pruning.sizing.target_for_budget), not measured by calibration loss", params, target)
     target.validate(config, divisors)
 
     if method == "random":

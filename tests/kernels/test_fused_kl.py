@@ -230,7 +230,8 @@ def test_liger_fused_linear_jsd(impl, beta, tau):
 @pytest.mark.skipif(CUDA or TRITON_OK or not have_triton(), reason="Triton tests already ran in-process")
 def test_triton_paths_in_interpreter_subprocess():
     """Run this file's Triton and Liger tests in a fresh process with TRITON_INTERPRET=1."""
-    rerun_in_interpreter(__file__, "triton or liger")  # Liger tests skip when liger_kernel is absent
+    # no Triton test may skip there; only the Liger comparisons when liger_kernel is absent, and this test itself
+    rerun_in_interpreter(__file__, "triton or liger", allowed_skips=r"could not import 'liger_kernel'|already ran in-process")
 
 
 def _chunk_fns():

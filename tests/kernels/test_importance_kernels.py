@@ -143,4 +143,4 @@ def test_reference_paths_and_dispatch():
 @pytest.mark.skipif(CUDA or TRITON_OK or not have_triton(), reason="kernel tests already ran in-process")
 def test_kernels_in_interpreter_subprocess():
     """Run this file's Triton tests in a fresh process with TRITON_INTERPRET=1."""
-    rerun_in_interpreter(__file__, "triton", allow_skips=False)
+    rerun_in_interpreter(__file__, "triton")

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from minitron.distillation import DistillConfig
-from minitron.distillation.trainer import _DistillModule
+from minitron.distillation.module import DistillModule
 from minitron.evaluation import lm_loss
 from minitron.losses import linear_kd_loss
 from minitron.losses.cross_entropy import linear_cross_entropy, softcap_of
@@ -100,7 +100,7 @@ def test_distillation_losses_are_those_of_the_capped_models(calib_ids):
     for m in (teacher, student):
         with torch.no_grad():
             m.get_output_embeddings().weight.mul_(20.0)
-    module = _DistillModule(student, teacher, DistillConfig(loss_impl="chunked"))
+    module = DistillModule(student, teacher, DistillConfig(loss_impl="chunked"))
     with torch.no_grad():
         out = module(calib_ids, mode="eval")
         s_logits = student(input_ids=calib_ids, use_cache=False).logits.float()

@@ -31,9 +31,9 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from .adapters import decoder_layers, get_adapter
-from .ops.expert_gather import compact_any_
-from .ops.mapped import release_pages_
+from ..adapters import decoder_layers, get_adapter
+from ..ops.expert_gather import compact_any_
+from ..ops.mapped import release_pages_
 
 _SCALARS = (int, float, bool, str, type(None))
 

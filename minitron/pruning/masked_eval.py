@@ -28,8 +28,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .adapters import decoder_layers, get_adapter, head_dim_of
-from .importance.norms import is_rms_norm, norm_eps
+from ..adapters import decoder_layers, get_adapter, head_dim_of
+from ..importance.norms import is_rms_norm, norm_eps
 
 
 def _mask(size: int, keep: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:

@@ -9,26 +9,27 @@ few calibration blocks right after pruning (as the architecture search ranks bef
 retraining); the lowest loss wins. Cost: one prune and ``len(blocks) / batch_size`` forwards per
 candidate.
 
-Without calibration data, :func:`minitron.sizing.target_for_budget` (hidden and FFN scaled by
+Without calibration data, :func:`minitron.pruning.sizing.target_for_budget` (hidden and FFN scaled by
 the same factor) is the fallback.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
-from .evaluation import lm_loss
-from .heap import trim_heap
-from .importance.collect import ImportanceScores
+from ..evaluation import lm_loss
+from ..heap import trim_heap
+from ..importance.collect import ImportanceScores
+from .apply import apply_plan
 from .masked_eval import masked_plan
-from .pruning import Target, apply_plan, make_plan
-from .sizing import budget_of, target_parameters
+from .params import budget_of, default_hidden_divisor, target_parameters
+from .plan import make_plan
+from .target import Target
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ def budget_candidates(
         hidden_fractions: hidden sizes tried, as fractions of the current one (rounded down to
             ``hidden_divisor``).
         hidden_divisor: hidden_size stays a multiple of this (default: lcm of the head count and
-            64 for hidden >= 1024, else 8, as :func:`minitron.sizing.target_for_budget`).
+            64 for hidden >= 1024, else 8, as :func:`minitron.pruning.sizing.target_for_budget`).
         ffn_divisor: intermediate_size stays a multiple of this (default: 2x hidden_divisor).
         num_attention_heads / num_hidden_layers: prune these axes too, to the given size, in every
             candidate (default: kept).
@@ -97,7 +98,7 @@ def budget_candidates(
     """
     config = model.config
     budget = budget_of(model, params)
-    hidden_divisor = hidden_divisor or math.lcm(64 if config.hidden_size >= 1024 else 8, config.num_attention_heads)
+    hidden_divisor = hidden_divisor or default_hidden_divisor(config)
     ffn_divisor = ffn_divisor or 2 * hidden_divisor
     hidden_sizes = sorted({min(config.hidden_size, max(hidden_divisor, int(config.hidden_size * f) // hidden_divisor
                                                        * hidden_divisor)) for f in hidden_fractions}, reverse=True)
@@ -149,7 +150,7 @@ def choose_budget_target(
             the candidates (:func:`budget_candidates`).
         batch_size: blocks per forward.
         plan_options: keyword arguments of :func:`minitron.pruning.make_plan` (criteria, norm rescale).
-        masked: score each candidate on ``model`` itself under :func:`minitron.masked_eval.masked_plan`
+        masked: score each candidate on ``model`` itself under :func:`minitron.pruning.masked_eval.masked_plan`
             (default: the same loss with no pruned copy, so the peak stays at the model plus
             activations; a copy per candidate would add ~``params`` x the model's bytes to the
             peak of ``prune()``, in place or not). ``False`` scores pruned copies (narrower forwards).
