@@ -18,14 +18,14 @@ from .importance.collect import ImportanceConfig, ImportanceScores, collect_impo
 from .pruner import prune
 from .streaming import prune_checkpoint
 from .arch_search import SearchConfig, SearchResult, search
-from .pruning import PrunePlan, Target, apply_plan, make_plan, random_plan
+from .pruning import PruneConfig, PrunePlan, Target, apply_plan, make_plan, random_plan
 from .pruning.params import count_parameters, target_parameters
 from .pruning.sizing import target_for_budget
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "DistillConfig", "ImportanceConfig", "NonFiniteLossError", "cache_teacher_logits", "distill", "ImportanceScores", "PrunePlan", "Target", "apply_plan", "collect_importance",
+    "DistillConfig", "ImportanceConfig", "NonFiniteLossError", "cache_teacher_logits", "distill", "ImportanceScores", "PruneConfig", "PrunePlan", "Target", "apply_plan", "collect_importance",
     "count_parameters", "lm_loss", "load_model", "load_text_blocks", "make_plan", "perplexity", "prune", "prune_checkpoint", "random_plan", "search", "SearchConfig", "SearchResult",
     "target_for_budget", "target_parameters",
 ]

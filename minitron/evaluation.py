@@ -1,4 +1,4 @@
-"""Evaluation: the LM loss of a model on token blocks, and the loss with one layer or one head removed.
+"""Evaluation: the LM loss of a model on token blocks, and the decoder stream the ablations re-run.
 
 Every loss here runs the decoder stack and then the chunked cross-entropy of
 :mod:`minitron.losses.cross_entropy` (:func:`~minitron.losses.cross_entropy.next_token_loss_sum`):
@@ -12,8 +12,8 @@ batch and only the layers from the ablated one onward are re-run.
 Cost on ``n`` blocks of an ``L``-layer model, counted in forwards of the whole model over those
 blocks (``F``), lm_head included in each count:
 - :func:`lm_loss`: 1 F;
-- one layer dropped at a time (:func:`layer_drop_losses`): ~``L / 2 + 1`` F;
-- one head dropped at a time (:func:`head_drop_losses`): ~``n_heads * L / 2`` F.
+- one layer dropped at a time (:func:`minitron.importance.ablation.layer_drop_losses`): ~``L / 2 + 1`` F;
+- one head dropped at a time (:func:`minitron.importance.ablation.head_drop_losses`): ~``n_heads * L / 2`` F.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters import FamilyAdapter, decoder_layers, get_adapter, head_dim_of, layer_output
+from .adapters import FamilyAdapter, decoder_layers, get_adapter, layer_output
 from .losses.cross_entropy import cross_entropy_sum_vocab_tiled, softcap_of
 from .offload import execution_device, onloaded
 from .validate import check_token_ids
@@ -38,7 +38,7 @@ from .validate import check_token_ids
 # still read once per 4096 tokens)
 EVAL_TILE_BYTES = 4 << 20
 
-__all__ = ["DecoderStream", "eval_mode", "head_drop_losses", "heads_zeroed", "layer_drop_losses", "layer_output", "lm_loss",
+__all__ = ["DecoderStream", "eval_mode", "layer_output", "lm_loss",
            "perplexity"]
 
 
@@ -232,82 +232,6 @@ def _identity_layers(layers: nn.ModuleList) -> Iterator[None]:
     finally:
         for layer, forward in zip(layers, originals):
             layer.forward = forward
-
-
-@contextmanager
-def heads_zeroed(model: nn.Module, layer: int, heads: Sequence[int]) -> Iterator[None]:
-    """Zero the ``o_proj`` input of query ``heads`` of decoder ``layer`` (their contribution is removed).
-
-    Args:
-        model: a supported causal LM.
-        layer: decoder layer index.
-        heads: query-head indices; head h owns ``o_proj`` input columns ``h*head_dim .. (h+1)*head_dim - 1``.
-    Example:
-        >>> with heads_zeroed(model, 0, [1, 2]):
-        ...     loss = lm_loss(model, blocks)
-    """
-    adapter = get_adapter(model)
-    o_proj = decoder_layers(model, adapter)[layer].get_submodule(adapter.o_proj)
-    head_dim = head_dim_of(model.config)
-    mask = torch.ones(o_proj.in_features, device=execution_device(o_proj), dtype=o_proj.weight.dtype)
-    for h in heads:
-        mask[h * head_dim : (h + 1) * head_dim] = 0.0
-    handle = o_proj.register_forward_pre_hook(lambda module, args: (args[0] * mask, *args[1:]))
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-@torch.no_grad()
-def layer_drop_losses(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8, progress: bool = False) -> torch.Tensor:
-    """LM loss with each decoder layer removed in turn.
-
-    Args:
-        model: a supported causal LM (left unchanged).
-        blocks: LongTensor (n, S) calibration ids.
-        batch_size: blocks per forward.
-        progress: tqdm bar.
-    Returns:
-        (L,) fp32 losses; higher means the layer matters more.
-    Example:
-        >>> layer_drop_losses(model, blocks[:32]).argsort()[:4]  # the 4 least important layers
-    """
-    with eval_mode(model):
-        stream = DecoderStream(model, blocks, batch_size)
-        n = len(stream.layers)
-        losses = []
-        for l in tqdm(range(n), desc="depth (ppl)", disable=not progress):
-            losses.append(stream.tail_loss(range(l + 1, n)))
-            stream.advance(l)
-    return torch.tensor(losses, dtype=torch.float32)
-
-
-@torch.no_grad()
-def head_drop_losses(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8, progress: bool = False) -> torch.Tensor:
-    """LM loss with each query head removed in turn (its ``o_proj`` input zeroed; K/V untouched).
-
-    Args:
-        model: a supported causal LM (left unchanged).
-        blocks: LongTensor (n, S) calibration ids.
-        batch_size: blocks per forward.
-        progress: tqdm bar.
-    Returns:
-        (L, n_heads) fp32 losses; higher means the head matters more.
-    Example:
-        >>> head_drop_losses(model, blocks[:4]).shape  # (num_hidden_layers, num_attention_heads)
-    """
-    n_heads = model.config.num_attention_heads
-    with eval_mode(model):
-        stream = DecoderStream(model, blocks, batch_size)
-        n = len(stream.layers)
-        losses = torch.zeros(n, n_heads, dtype=torch.float32)
-        for l in tqdm(range(n), desc="heads (loss)", disable=not progress):
-            for h in range(n_heads):
-                with heads_zeroed(model, l, [h]):
-                    losses[l, h] = stream.tail_loss(range(l, n))
-            stream.advance(l)
-    return losses
 
 
 @contextmanager

@@ -12,6 +12,8 @@ the model's bytes where its live memory peaks at 1.06x.
 that is allocated moves or changes). It is a no-op returning ``False`` where glibc is absent
 (macOS, Windows, musl). :func:`trimmed_layers` calls it before every decoder layer's forward,
 which bounds what one pass leaves resident to about one layer's freed activations.
+:func:`released_chunks` walks a tensor in slices and drops a memory-mapped tensor's file pages
+behind it, so a full read (a NaN/inf scan) does not leave the whole checkpoint file resident.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ import sys
 from contextlib import contextmanager
 from typing import Iterator
 
+import torch
 from torch import nn
 
-__all__ = ["trim_heap", "trimmed_layers"]
+__all__ = ["released_chunks", "trim_heap", "trimmed_layers"]
 
 _TRIM: list = []  # [malloc_trim function or None], resolved on first use
 
@@ -86,3 +89,30 @@ def trimmed_layers(layers) -> Iterator[None]:
     finally:
         for h in handles:
             h.remove()
+
+
+def released_chunks(t: torch.Tensor, chunk: int = 1 << 20) -> Iterator[torch.Tensor]:
+    """The flat ``chunk``-element slices of ``t``, each slice's file pages dropped once the caller moves on.
+
+    For a weight memory-mapped from a safetensors file (stock ``from_pretrained``) the pages a slice
+    faulted in are clean, so dropping them loses nothing (a later read faults them back in from the page
+    cache); for any other tensor the slices are plain views.
+
+    Args:
+        t: the tensor to walk (contiguous or not; it is read through ``reshape(-1)``).
+        chunk: elements per slice (1M: a few MiB, next to the ``abs()`` copy and bool masks a check builds).
+    Returns:
+        An iterator of 1-D views.
+    Example:
+        >>> all(bool(torch.isfinite(part).all()) for part in released_chunks(weight))
+        True
+    """
+    from .ops.mapped import page_releaser
+
+    flat = t.reshape(-1)
+    release = page_releaser(t)
+    for i in range(0, flat.numel(), chunk):
+        part = flat[i : i + chunk]
+        yield part
+        if release is not None:
+            release(part)

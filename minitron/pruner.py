@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,17 +17,15 @@ from .pruning.budget import choose_budget_target
 from .data import load_text_blocks, resolve_seq_len
 from .heap import trim_heap, trimmed_layers
 from .importance.ablation import greedy_layer_removal
-from .importance.aggregate import check_aggregation
 from .importance.collect import ImportanceConfig, ImportanceScores, collect_importance
 from .models import resolve_tokenizer
 from .offload import refuse_offloaded
 from .ops.mapped import release_unreferenced_pages
-from .pruning import (DEFAULT_DEPTH_METRIC, DEFAULT_HEAD_METRIC, DEFAULT_HEAD_RESIDUAL, DEFAULT_NORM_RESCALE, Target,
-                      apply_plan, make_plan, random_plan)
-from .pruning.target import check_divisors
+from .pruning import Target, apply_plan, make_plan, random_plan
+from .pruning.config import PruneConfig, config_from_legacy
 from .pruning.params import budget_of, count_parameters
 from .pruning.sizing import target_for_budget
-from .validate import check_count, check_finite_scores, check_finite_weights
+from .validate import check_finite_scores, check_finite_weights
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +48,9 @@ def loss_scores_for(importance: ImportanceConfig, target: Target, config, depth_
         importance,
         depth_ppl=importance.depth_ppl or (depth_metric == "ppl" and t.num_hidden_layers < config.num_hidden_layers),
         head_loss=importance.head_loss or (head_metric == "loss" and t.num_attention_heads < config.num_attention_heads),
-        head_output=importance.head_output or (head_metric == "output"
-                                               and t.num_attention_heads < config.num_attention_heads),
+        # None (automatic) or False: only when the target prunes heads by their output norms
+        head_output=bool(importance.head_output) or (head_metric == "output"
+                                                     and t.num_attention_heads < config.num_attention_heads),
     )
 
 
@@ -70,71 +71,72 @@ def _iterative_depth_scores(model: nn.Module, scores: ImportanceScores, target: 
     return dataclasses.replace(scores, ppl_loss=ranked)
 
 
+def check_prune_request(model: nn.Module, target: Target | None, params: float | None, config: PruneConfig,
+                        scores: ImportanceScores | None = None) -> None:
+    """Every check of a :func:`prune` call that needs no data and no forward pass (``prune`` runs it first).
+
+    Args:
+        model: the model to prune.
+        target / params: what to reach (exactly one of them).
+        config: the (already validated) options; its ``divisors`` are checked against ``target``.
+        scores: precomputed statistics, checked against the model's shapes.
+    Raises:
+        ValueError: both or neither of ``target`` and ``params``, a budget on a mixture-of-experts model,
+            a budget that prunes nothing or reads as an implausible count, a target the model cannot take,
+            scores of another model, or a model with offloaded / ``meta`` weights.
+    Example:
+        >>> check_prune_request(model, None, 2.0, PruneConfig())  # raises: a count under 1% of the model
+    """
+    get_adapter(model)  # an unsupported family is named first
+    refuse_offloaded(model, "minitron.prune")  # before any work: never a half-pruned model
+    if target is not None and params is not None:
+        raise ValueError("give either target=Target(...) or params=<budget>, not both")
+    if target is None and params is None:
+        raise ValueError("nothing to prune: pass target=minitron.Target(...) or params=<fraction or count>")
+    if params is not None:  # a bad budget (or one on a MoE model) is refused before calibration, not after it
+        budget_of(model, params)
+    if scores is not None:  # scores of another model: named first, whatever the target
+        scores.check_matches(model)
+    if target is not None:
+        target.validate(model.config, config.divisors)
+
+
 def prune(
     model: nn.Module,
     calib_data: Any = None,
     target: Target | None = None,
     *,
     params: float | None = None,
+    config: PruneConfig | None = None,
     tokenizer: Any = None,
     scores: ImportanceScores | None = None,
-    importance: ImportanceConfig | None = None,
-    seq_len: int | None = None,
-    num_samples: int = 1024,
-    batch_agg: str | None = None,
-    depth_metric: str = DEFAULT_DEPTH_METRIC,
-    depth_mode: str = "scattered",
-    depth_rounds: int = 1,
-    head_metric: str = DEFAULT_HEAD_METRIC,
-    norm_rescale: bool = DEFAULT_NORM_RESCALE,
-    head_residual: bool = DEFAULT_HEAD_RESIDUAL,
-    budget_blocks: int = 8,
-    method: str = "activation",
-    seed: int = 0,
-    divisors: dict[str, int] | None = None,
+    save_scores: str | Path | None = None,
     inplace: bool = False,
     progress: bool = True,
     verbose: bool = True,
+    **legacy: Any,
 ) -> nn.Module:
     """Prune a Hugging Face causal LM Minitron-style.
 
+    Supported families (:mod:`minitron.adapters`): Llama, Mistral, Qwen2, Qwen3, Starcoder2, Gemma 2,
+    Gemma 3 text, Phi-3, and the mixture-of-experts Mixtral, Qwen2-MoE and Qwen3-MoE.
+
     Args:
-        model: a supported ``*ForCausalLM`` (Llama, Mistral, Qwen2, Qwen3, Starcoder2).
+        model: a ``*ForCausalLM`` of a supported family.
         calib_data: calibration text (Dataset, list of strings, .txt/.jsonl path) or token ids;
-            not needed when ``scores`` are given or ``method="random"``.
+            not needed when ``scores`` are given or ``config.method="random"``.
         target: the architecture to reach; ``None`` fields keep the model's value.
-        params: instead of ``target``, a parameter budget (fraction <= 1 or absolute count). With
-            calibration data the shape is measured (:func:`minitron.pruning.budget.choose_budget_target`:
+        params: instead of ``target``, a parameter budget (fraction <= 1 or absolute count; dense models).
+            With calibration data the shape is measured (:func:`minitron.pruning.budget.choose_budget_target`:
             hidden/FFN trade-offs, the lowest calibration loss after pruning wins); without it
             (``scores`` only, or ``method="random"``) :func:`minitron.pruning.sizing.target_for_budget`
             scales hidden and FFN by the same factor.
+        config: how to calibrate and rank (:class:`minitron.PruneConfig`; default ``PruneConfig()``).
         tokenizer: tokenizer for text data (default: loaded from the model's local path).
-        scores: precomputed :class:`ImportanceScores` (one calibration, many targets).
-        importance: aggregation / batching options for calibration.
-        seq_len: calibration block length in tokens. Default: a 2-D token-id tensor ``(B, S)`` is used as
-            B blocks of S tokens; other data is packed into blocks of 256 tokens (fewer when the model's
-            ``max_position_embeddings`` is smaller).
-        num_samples: calibration blocks used (official default 1024).
-        batch_agg: batch aggregation override (``l2`` | ``mean`` | ``var``).
-        depth_metric: ``ppl`` (LM loss with the layer dropped; default, ~L/2 extra forwards over
-            ``importance.ppl_max_blocks`` blocks when layers are pruned) or ``bi`` (Block Importance,
-            the paper's; free).
-        depth_mode: ``scattered`` or ``contiguous`` layer removal.
-        depth_rounds: with ``depth_metric="ppl"``, remove the layers over this many rounds, re-scoring
-            the shrunk model by layer-drop loss between rounds
-            (:func:`minitron.importance.ablation.greedy_layer_removal`; needs ``calib_data``). 1
-            (default) is one-shot. Costs ~``depth_rounds`` times the one-shot layer-drop passes;
-            on SmolLM2-135M, 30 -> 15 layers in 5 rounds gave held-out ppl 229 vs 342 one-shot.
-        head_metric: ``output`` (each head's contribution after o_proj; default), ``input`` (the
-            paper's o_proj-input criterion) or ``loss`` (LM loss with the head dropped).
-        norm_rescale: after hidden pruning, scale RMSNorm weights by the calibrated kept/full RMS
-            ratio (default on).
-        head_residual: the paper's head residual: fold dropped heads' o_proj columns into the kept
-            heads of their KV group (default on).
-        budget_blocks: calibration blocks that score each ``params`` candidate shape.
-        method: ``activation`` (Minitron importance) or ``random`` (baseline of the same size).
-        seed: seed of the random baseline.
-        divisors: optional required divisors per target field, e.g. ``{"hidden_size": 64}``.
+        scores: precomputed :class:`ImportanceScores` (one calibration, many targets; the defaults of
+            :func:`minitron.collect_importance` hold what the default criteria need, except the
+            layer-drop losses of ``depth_metric="ppl"``: ``ImportanceConfig(depth_ppl=True)``).
+        save_scores: write the importance statistics this call calibrates to this safetensors file.
         inplace: prune the input model itself and return it. The model, every kept submodule
             and every ``nn.Parameter`` stay the same Python objects (references held by hooks,
             accelerate or PEFT wrappers see the pruned weights; registered hooks keep firing);
@@ -149,52 +151,43 @@ def prune(
             model is left untouched and the pruned one is new memory (peak: model + pruned).
         progress: tqdm bars during calibration.
         verbose: log the one-line parameter summary (:func:`pruning_summary`) at INFO (else DEBUG).
+        **legacy: the keyword arguments ``prune`` took before :class:`PruneConfig` (``importance``,
+            ``seq_len``, ``num_samples``, ``batch_agg``, ``depth_metric``, ``depth_mode``, ``depth_rounds``,
+            ``head_metric``, ``norm_rescale``, ``head_residual``, ``budget_blocks``, ``method``, ``seed``,
+            ``divisors``): still accepted, as overrides of the matching ``config`` field, with a
+            DeprecationWarning.
     Returns:
         The pruned model, a standard model of the same class (``save_pretrained`` works).
     Raises:
-        ValueError: bad target/budget, ``seq_len`` beyond ``max_position_embeddings``, ``num_samples`` < 1,
-            NaN/inf in the weights or the importance statistics, token ids outside the vocabulary, a model
-            with accelerate-offloaded (cpu/disk) or ``meta`` weights (prune its checkpoint folder with
-            :func:`minitron.prune_checkpoint` instead).
+        ValueError: bad target/budget/option (all checked before the first forward pass), ``seq_len``
+            beyond ``max_position_embeddings``, NaN/inf in the weights or the importance statistics,
+            token ids outside the vocabulary, a model with accelerate-offloaded (cpu/disk) or ``meta``
+            weights (prune its checkpoint folder with :func:`minitron.prune_checkpoint` instead).
 
     Example:
         >>> small = minitron.prune(model, ["text ..."], minitron.Target(hidden_size=192, intermediate_size=512),
-        ...                        tokenizer=tok)
+        ...                        tokenizer=tok, config=minitron.PruneConfig(num_samples=64))
         >>> small.save_pretrained("out/")
     """
+    if legacy:
+        warnings.warn(f"minitron.prune({', '.join(sorted(legacy))}=...): pass these as "
+                      "config=minitron.PruneConfig(...) (batch_agg: PruneConfig(importance=ImportanceConfig("
+                      "batch_agg=...))); the keywords still override config's fields",
+                      DeprecationWarning, stacklevel=2)
+    cfg = config_from_legacy(config, legacy)  # every option checked here, before any data is read
+    check_prune_request(model, target, params, cfg, scores)
     adapter = get_adapter(model)
-    refuse_offloaded(model, "minitron.prune")  # before any work: never a half-pruned model
-    if method not in ("activation", "random"):
-        raise ValueError(f"unknown method={method!r}; allowed values: activation, random")
-    if target is not None and params is not None:
-        raise ValueError("give either target=Target(...) or params=<budget>, not both")
-    if target is None and params is None:
-        raise ValueError("nothing to prune: pass target=minitron.Target(...) or params=<fraction or count>")
-    if params is not None:  # a bad budget or divisor (or a MoE model) is refused before calibration, not after it
-        budget_of(model, params)
-        check_divisors(divisors)
-    if scores is not None:
-        scores.check_matches(model)
     check_finite_weights(model)
     # pages of the checkpoint file the loader read and converted (MoE experts) but no parameter maps
     release_unreferenced_pages([*model.parameters(), *model.buffers()])
-    if target is not None:  # cheap checks before any data is read
-        target.validate(model.config, divisors)
-    if importance is not None and batch_agg is None:
-        batch_agg = importance.batch_agg
-    if batch_agg is not None:  # checked even when the target prunes no width axis (where it is unused)
-        check_aggregation(batch_agg)
-    options = dict(batch_agg=batch_agg, depth_metric=depth_metric, depth_mode=depth_mode, head_metric=head_metric,
-                   norm_rescale=norm_rescale, head_residual=head_residual)
-    if depth_rounds < 1 or (depth_rounds > 1 and (depth_metric != "ppl" or depth_mode != "scattered")):
-        raise ValueError(f"depth_rounds={depth_rounds}: must be >= 1, and > 1 only with depth_metric='ppl' and "
-                         "depth_mode='scattered' (iterative removal re-scores by layer-drop loss)")
+    options = cfg.plan_options()
+    iterative = cfg.depth_rounds > 1
     blocks = None
-    if method == "activation" and calib_data is not None and (scores is None or target is None or depth_rounds > 1):
-        check_count("num_samples", num_samples)
-        seq_len = resolve_seq_len(calib_data, seq_len, [model])
+    if cfg.method == "activation" and calib_data is not None and (scores is None or target is None or iterative):
+        seq_len = resolve_seq_len(calib_data, cfg.seq_len, [model])
         text_tokenizer = None if isinstance(calib_data, torch.Tensor) else resolve_tokenizer(model, tokenizer)
-        blocks = load_text_blocks(calib_data, text_tokenizer, seq_len, num_samples)
+        blocks = load_text_blocks(calib_data, text_tokenizer, seq_len, cfg.num_samples,
+                                  chat_template=cfg.chat_template)
     if target is None:
         if blocks is None:
             target = target_for_budget(model, params)
@@ -203,18 +196,20 @@ def prune(
             # and once calibration is over, a pass leaves about one layer's freed activations behind
             # instead of ~0.1-0.2x the model (135M), the same on every run (heap.py)
             with trimmed_layers(decoder_layers(model, adapter)):
-                scores = scores or collect_importance(model, blocks, importance or ImportanceConfig(),
-                                                      progress=progress)
+                if scores is None:  # Target(): hidden/FFN only, no loss-based or head-output scores
+                    scores = _calibrate(model, blocks, loss_scores_for(cfg.importance, Target(), model.config,
+                                                                       cfg.depth_metric, cfg.head_metric),
+                                        save_scores, progress)
                 trim_heap()
                 # candidates are scored on the model itself (masked): no pruned copy raises the peak
                 # scored 2 blocks per forward: the candidates' activations stay small next to the model
                 # (calibration has just released its own), so the call's peak stays near the model's bytes
-                target, _ = choose_budget_target(model, params, scores, blocks[:budget_blocks], plan_options=options,
-                                                 batch_size=min(2, (importance or ImportanceConfig()).batch_size))
-        target.validate(model.config, divisors)
+                target, _ = choose_budget_target(model, params, scores, blocks[:cfg.budget_blocks],
+                                                 plan_options=options, batch_size=min(2, cfg.importance.batch_size))
+        target.validate(model.config, cfg.divisors)
 
-    if method == "random":
-        plan = random_plan(model.config, target, seed)
+    if cfg.method == "random":
+        plan = random_plan(model.config, target, cfg.seed)
     else:
         if scores is None:
             if blocks is None:
@@ -222,13 +217,14 @@ def prune(
             # loss-based scores cost extra passes: computed only when this target prunes that axis
             # (a copy: the caller's config stays as given)
             # (iterative removal computes its own layer-drop losses)
-            importance = loss_scores_for(importance or ImportanceConfig(), target, model.config,
-                                         "bi" if depth_rounds > 1 else depth_metric, head_metric)
+            importance = loss_scores_for(cfg.importance, target, model.config,
+                                         "bi" if iterative else cfg.depth_metric, cfg.head_metric)
             with trimmed_layers(decoder_layers(model, adapter)):
-                scores = collect_importance(model, blocks, importance, progress=progress)
+                scores = _calibrate(model, blocks, importance, save_scores, progress)
         check_finite_scores(scores)
-        if depth_rounds > 1 and target.resolved(model.config).num_hidden_layers < model.config.num_hidden_layers:
-            scores = _iterative_depth_scores(model, scores, target, blocks, depth_rounds, importance, progress)
+        if iterative and target.resolved(model.config).num_hidden_layers < model.config.num_hidden_layers:
+            scores = _iterative_depth_scores(model, scores, target, blocks, cfg.depth_rounds, cfg.importance,
+                                             progress)
         plan = make_plan(scores, target, model.config, **options)
 
     before = count_parameters(model)
@@ -236,6 +232,16 @@ def prune(
     pruned = apply_plan(model, plan, inplace=inplace)
     logger.log(logging.INFO if verbose else logging.DEBUG, "%s", pruning_summary(before, pruned))
     return pruned
+
+
+def _calibrate(model: nn.Module, blocks: torch.Tensor, importance: ImportanceConfig, save_scores: Any,
+               progress: bool) -> ImportanceScores:
+    """:func:`collect_importance` on ``blocks``, saved to ``save_scores`` when given."""
+    scores = collect_importance(model, blocks, importance, progress=progress)
+    if save_scores is not None:
+        scores.save(save_scores)
+        logger.info("importance statistics written to %s", save_scores)
+    return scores
 
 
 def pruning_summary(params_before: int, pruned: nn.Module) -> str:

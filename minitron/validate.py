@@ -1,37 +1,17 @@
-"""Input checks shared by ``prune``, ``search`` and their CLIs; each raises a one-line ValueError.
+"""The library's input checks; each raises a one-line ValueError naming the problem and the fix.
 
-Counts (argparse types), devices, sequence length vs the model's positions, finiteness of
-weights and importance statistics, and token ids vs the vocabulary.
+Counts, devices, sequence length vs the model's positions, finiteness of weights and importance
+statistics, and token ids vs the vocabulary. (The command line's argparse types live in
+:mod:`minitron.cli.common`; whether a file is an importance file, in :mod:`minitron.importance.collect`.)
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 from typing import Any
 
 import torch
 from torch import nn
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    return _int_at_least(text, 1)
-
-
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    return _int_at_least(text, 0)
-
-
-def _int_at_least(text: str, low: int) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
-    if value < low:
-        raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
-    return value
 
 
 def check_count(name: str, value: Any, low: int = 1, allow_none: bool = False) -> None:
@@ -73,23 +53,13 @@ def check_seq_len(model: nn.Module, seq_len: int, flag: str = "seq_len") -> None
                          f"most {mpe}")
 
 
-def _all_finite(t: torch.Tensor, chunk: int = 1 << 20) -> bool:
+def _all_finite(t: torch.Tensor) -> bool:
     """``torch.isfinite(t).all()`` over 1M-element slices: isfinite builds an ``abs()`` copy and bool
-    masks of its input, which for a whole embedding would be ~1.3x that weight's bytes at once. The
-    slices of a large memory-mapped weight (a stock ``from_pretrained`` checkpoint) have their file
-    pages dropped again once checked, so the check does not leave the whole file resident (clean
-    pages: later reads fault them back in from the page cache)."""
-    from .ops.mapped import page_releaser
+    masks of its input, which for a whole embedding would be ~1.3x that weight's bytes at once; a
+    memory-mapped weight's file pages are dropped behind the scan (:func:`minitron.heap.released_chunks`)."""
+    from .heap import released_chunks
 
-    flat = t.reshape(-1)
-    release = page_releaser(t)
-    for i in range(0, flat.numel(), chunk):
-        part = flat[i : i + chunk]
-        if not bool(torch.isfinite(part).all()):
-            return False
-        if release is not None:
-            release(part)
-    return True
+    return all(bool(torch.isfinite(part).all()) for part in released_chunks(t))
 
 
 def check_finite_weights(model: nn.Module, what: str = "model") -> None:
@@ -151,14 +121,3 @@ def check_token_ids(model: nn.Module, blocks: torch.Tensor, what: str = "data") 
         bad = hi if hi >= vocab else lo
         raise ValueError(f"{what} holds token id {bad} but the model's vocabulary has {vocab} entries (ids 0..{vocab - 1});"
                          " tokenise it with the model's own tokenizer")
-
-
-def is_importance_file(path: Any) -> bool:
-    """Whether ``path`` is a readable minitron importance file (a previous ``--save-scores``)."""
-    from .importance.collect import ImportanceScores
-
-    try:
-        ImportanceScores.load(path)
-    except (ValueError, OSError):
-        return False
-    return True

@@ -293,3 +293,73 @@ def test_non_causal_checkpoint_gets_the_family_list(tmp_path):
     (tmp_path / "t5" / "config.json").write_text(json.dumps({"model_type": "no-such-model"}), encoding="utf-8")
     with pytest.raises(ValueError, match=r"model_type='no-such-model' \(unknown to transformers\); minitron supports"):
         minitron.load_model(tmp_path / "t5")
+
+
+class ForwardCounter:
+    """Counts forward calls of every decoder layer (a forward pass anywhere in the model runs layer 0)."""
+
+    def __init__(self, model):
+        self.calls = 0
+        self.handle = model.model.layers[0].register_forward_pre_hook(self._count)
+
+    def _count(self, *args):
+        self.calls += 1
+
+
+def test_every_option_is_refused_before_the_first_forward(model, calib_ids):
+    seen = ForwardCounter(model)
+    heads = minitron.Target(num_attention_heads=4)  # prunes neither layers nor (here) hidden
+    cases = [
+        (dict(params=1.0), r"params=1.0 gives a budget of \d+ >= the model's"),
+        (dict(params=2.0), r"params=2 is read as an absolute parameter count"),
+        (dict(target=heads, config=minitron.PruneConfig(), depth_metric="foo"), r"unknown depth_metric='foo'; allowed"),
+        (dict(target=heads, head_metric="bar"), r"unknown head_metric='bar'"),
+        (dict(target=heads, method="magic"), r"unknown method='magic'"),
+        (dict(target=heads, depth_rounds=0), r"depth_rounds must be an integer >= 1"),
+        (dict(target=heads, budget_blocks=2.5), r"budget_blocks must be an integer >= 1"),
+        (dict(target=heads, divisors={"hidden": 8}), r"unknown divisor key 'hidden'"),
+        (dict(target=heads, norm_rescale="yes"), r"norm_rescale must be True or False"),
+        (dict(target=heads, bogus=1), r"unknown keyword argument\(s\) bogus"),
+    ]
+    for kwargs, match in cases:
+        with pytest.warns(DeprecationWarning) if set(kwargs) - {"params", "target", "config"} else _no_warning():
+            with pytest.raises(ValueError, match=match):
+                minitron.prune(model, calib_ids, **kwargs, progress=False, verbose=False)
+    assert seen.calls == 0
+    for bad in (True, 2.5, 0):
+        with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+            minitron.ImportanceConfig(batch_size=bad)
+    with pytest.raises(ValueError, match="ppl_max_blocks must be an integer >= 1"):
+        minitron.ImportanceConfig(ppl_max_blocks=1.5)
+    with pytest.raises(ValueError, match="unknown depth_metric='foo'"):
+        minitron.PruneConfig(depth_metric="foo")
+
+
+def _no_warning():
+    import contextlib
+    import warnings
+
+    @contextlib.contextmanager
+    def ctx():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DeprecationWarning)
+            yield
+
+    return ctx()
+
+
+def test_legacy_keywords_still_work_with_a_deprecation_warning(model, calib_ids):
+    import copy
+
+    target = minitron.Target(hidden_size=36, num_hidden_layers=3)
+    with pytest.warns(DeprecationWarning, match=r"minitron.prune\(batch_agg, depth_metric, seq_len=...\)"):
+        old = minitron.prune(copy.deepcopy(model), calib_ids, target, seq_len=16, depth_metric="bi",
+                             batch_agg="mean", progress=False, verbose=False)
+    config = minitron.PruneConfig(seq_len=16, depth_metric="bi", importance=minitron.ImportanceConfig(batch_agg="mean"))
+    new = minitron.prune(copy.deepcopy(model), calib_ids, target, config=config, progress=False, verbose=False)
+    assert all(torch.equal(a, b) for a, b in zip(old.state_dict().values(), new.state_dict().values()))
+    # a keyword overrides the config's field
+    with pytest.warns(DeprecationWarning):
+        over = minitron.prune(copy.deepcopy(model), calib_ids, target, config=minitron.PruneConfig(seq_len=16),
+                              depth_metric="bi", batch_agg="mean", progress=False, verbose=False)
+    assert all(torch.equal(a, b) for a, b in zip(over.state_dict().values(), new.state_dict().values()))

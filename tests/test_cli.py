@@ -125,11 +125,31 @@ def test_distill_builtin_job_defaults_run(tmp_path, capsys):
     assert (out / "final" / "tokenizer.json").exists()
 
 
-def test_prune_criteria_flags(tmp_path, capsys):
-    assert main(["prune", "--heads", "4", "--hidden-size", "192", "--head-metric", "loss", "--head-residual",
-                 "--no-norm-rescale", "--depth-metric", "bi", "--out", str(tmp_path / "h"), *FAST]) == 0
+def test_prune_criteria_flags(tmp_path, capsys, monkeypatch):
+    import minitron
+    from minitron.data import BUILTIN_MODEL
+
+    seen = []
+    real = minitron.prune
+    monkeypatch.setattr(minitron, "prune", lambda *a, **k: seen.append(k["config"]) or real(*a, **k))
+    scores = tmp_path / "scores.safetensors"
+    assert main(["prune", "--heads", "4", "--hidden-size", "192", "--layers", "7", "--head-metric", "loss",
+                 "--no-head-residual", "--no-norm-rescale", "--depth-metric", "bi", "--depth-mode", "contiguous",
+                 "--save-scores", str(scores), "--out", str(tmp_path / "h"), *FAST]) == 0
     config = last_json(capsys.readouterr().out)["config"]
-    assert (config["num_attention_heads"], config["hidden_size"]) == (4, 192)
+    assert (config["num_attention_heads"], config["hidden_size"], config["num_hidden_layers"]) == (4, 192, 7)
+    cfg = seen[0]
+    assert (cfg.head_metric, cfg.head_residual, cfg.norm_rescale, cfg.depth_metric, cfg.depth_mode) == \
+        ("loss", False, False, "bi", "contiguous")
+    # and their effects: head-drop losses calibrated (--head-metric loss), no layer-drop losses (--depth-metric bi)
+    saved = minitron.ImportanceScores.load(scores)
+    assert saved.head_loss is not None and saved.ppl_loss is None
+    # no norm rescale and no head residual: every kept weight value is an original one, unscaled and unfolded
+    original = AutoModelForCausalLM.from_pretrained(BUILTIN_MODEL)
+    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "h")
+    assert torch.isin(pruned.model.norm.weight, original.model.norm.weight).all()
+    kept = pruned.model.layers[0].self_attn.o_proj.weight
+    assert torch.isin(kept, torch.cat([l.self_attn.o_proj.weight.flatten() for l in original.model.layers])).all()
 
 
 def test_prune_depth_rounds_flag(tmp_path, capsys):

@@ -101,7 +101,7 @@ def test_prune_moe_refusals_before_calibration(tmp_path, capsys):
     # no target: the default --params budget does not apply to mixture-of-experts models
     assert main(base) == 2
     err = capsys.readouterr().err
-    assert "--params (the default when no target is given)" in err and "--experts, --expert-ffn" in err
+    assert "--params (the default when no target is given)" in err and "--num-experts, --expert-intermediate-size" in err
     assert main([*base, "--params", "0.5"]) == 2
     assert "give explicit targets" in capsys.readouterr().err
     assert main([*base, "--experts", "1"]) == 2  # top-2 routing
@@ -125,7 +125,7 @@ def test_distill_without_student_refuses_moe_teacher(tmp_path, capsys):
     model_dir = moe_checkpoint(tmp_path / "model", "mixtral")
     assert main(["distill", "--teacher", str(model_dir), "--output-dir", str(tmp_path / "run"), "--steps", "1",
                  "--no-progress"]) == 2
-    assert "prune it first (`minitron prune --experts N" in capsys.readouterr().err
+    assert "prune it first (`minitron prune --num-experts N" in capsys.readouterr().err
 
 
 def test_search_cli_on_moe_checkpoint(tmp_path, capsys):

@@ -216,7 +216,7 @@ def test_sink_tokens_drop_leading_positions(calib_ids):
 
 
 def test_greedy_layer_removal_equals_rescoring_by_hand(calib_ids):
-    from minitron.evaluation import layer_drop_losses
+    from minitron.importance.ablation import layer_drop_losses
     from minitron.importance.ablation import greedy_layer_removal
 
     model = make_model("qwen3")

@@ -270,6 +270,20 @@ def test_scores_roundtrip_one_calibration_many_targets(calib_ids, tmp_path):
         minitron.prune(make_model("llama"), target=Target(hidden_size=32), scores=loaded, verbose=False)
 
 
+def test_default_calibration_serves_the_default_head_criterion(calib_ids):
+    """README's "one calibration, many targets": collect_importance's defaults fit prune's defaults on heads."""
+    model = make_model("llama")
+    scores = minitron.collect_importance(model, calib_ids, progress=False)  # every default
+    small = minitron.prune(model, target=Target(num_attention_heads=4), scores=scores, verbose=False)
+    # the same heads as a prune that calibrates by itself (where prune switches the output norms on)
+    direct = minitron.prune(model, calib_ids, Target(num_attention_heads=4), verbose=False,
+                            config=minitron.PruneConfig(seq_len=16))
+    torch.testing.assert_close(logits(small, calib_ids), logits(direct, calib_ids), atol=0, rtol=0)
+    # a prune that calibrates for a target that prunes no head does not pay for the head-output norms
+    assert minitron.pruner.loss_scores_for(minitron.ImportanceConfig(), Target(hidden_size=32), model.config,
+                                           "ppl", "output").head_output is False
+
+
 def test_params_budget(calib_ids):
     model = make_model("llama")
     total = minitron.count_parameters(model)

@@ -87,7 +87,7 @@ def test_streamed_prune_equals_in_memory_prune(tmp_path, family, calib_ids, smal
 
 @pytest.mark.parametrize("family", ["llama_mha_untied", "gemma2"])
 def test_streamed_layer_drop_losses_equal_the_in_memory_ones(tmp_path, family, calib_ids, small_chunks):
-    from minitron.evaluation import layer_drop_losses
+    from minitron.importance.ablation import layer_drop_losses
     from minitron.streaming.depth import streamed_layer_drop_losses
 
     src = checkpoint(tmp_path, family)

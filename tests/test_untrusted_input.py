@@ -91,7 +91,7 @@ def test_prune_cli_on_a_folder_without_tokenizer_writes_the_model(tmp_path, caps
     # text calibration needs the tokenizer the folder lacks: refused before calibration, in CLI terms
     assert main(["prune", "--model", str(d), "--layers", "3", "--out", str(tmp_path / "out2"), *FAST]) == 2
     err = capsys.readouterr().err
-    assert "--calib is text and --model" in err and "no tokenizer files" in err and "tokenizer=" not in err
+    assert "--data is text and --model" in err and "no tokenizer files" in err and "tokenizer=" not in err
     assert not (tmp_path / "out2").exists()
 
 

@@ -7,6 +7,7 @@ from typing import Any, Sequence
 
 from ..importance.collect import ImportanceConfig
 from ..validate import check_count
+from .space import AXIS_FIELDS
 
 __all__ = ["SearchConfig"]
 
@@ -27,8 +28,10 @@ class SearchConfig:
             expert-FFN and shared-FFN axes of mixture-of-experts models are width axes.
         max_depth_prune: largest fraction of layers removed (official 0.2).
         axes: axes searched (``hidden``, ``ffn``, ``heads``, ``layers``; mixture-of-experts models also
-            ``experts``, ``expert_ffn``, ``shared_ffn``). None (default): every axis the model has
-            (:func:`minitron.arch_search.model_axes`).
+            ``experts``, ``expert_ffn``, ``shared_ffn``), each also accepted under the :class:`minitron.Target`
+            field it sets (``hidden_size``, ``intermediate_size``, ``num_attention_heads``, ``num_hidden_layers``,
+            ``num_experts``, ``expert_intermediate_size``, ``shared_expert_intermediate_size``; stored as the
+            short axis name). None (default): every axis the model has (:func:`minitron.arch_search.model_axes`).
         seed: seed of distillation (data order, RNG).
         seq_len: tokens per block for calibration, retraining and evaluation (default: the rows of a 2-D
             token-id tensor of ``train_data``, else 256 or the model's ``max_position_embeddings`` if smaller).
@@ -71,4 +74,6 @@ class SearchConfig:
         check_count("seq_len", self.seq_len, allow_none=True)
         check_count("num_samples", self.num_samples)
         check_count("eval_blocks", self.eval_blocks, allow_none=True)
-        self.axes = None if self.axes is None else tuple(self.axes)
+        # a Target field names its axis (one vocabulary: README's table of names)
+        field_axes = {name: axis for axis, name in AXIS_FIELDS.items()}
+        self.axes = None if self.axes is None else tuple(field_axes.get(a, a) for a in self.axes)

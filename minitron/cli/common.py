@@ -1,11 +1,10 @@
-"""Arguments and helpers shared by the ``minitron`` subcommands (model flags, devices, integer types)."""
+"""Arguments and helpers shared by the ``minitron`` subcommands (model flags, devices, argparse integer types)."""
 
 from __future__ import annotations
 
 import argparse
 
 from ..models import BUILTIN, BUILTIN_TINY, SMOLLM2, input_paths, text_source
-from ..validate import non_negative_int, positive_int
 
 __all__ = ["BUILTIN", "add_model_arguments", "default_device", "input_paths", "non_negative_int", "positive_int",
            "text_source"]
@@ -40,3 +39,39 @@ def default_device() -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     except Exception:  # noqa: BLE001
         return "cpu"
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1.
+
+    Args:
+        text: the flag's value as typed.
+    Returns:
+        The integer.
+    Raises:
+        argparse.ArgumentTypeError: not an integer, or below 1 (argparse prints it and exits with status 2).
+    Example:
+        >>> positive_int("8")
+        8
+    """
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (see :func:`positive_int`).
+
+    Example:
+        >>> non_negative_int("0")
+        0
+    """
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+    return value

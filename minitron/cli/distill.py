@@ -55,7 +55,7 @@ _FLAG_HELP = {"threads": "torch threads for the training (default: the physical 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     from ..models import DEFAULT_MODEL
-    from .common import add_model_arguments
+    from .common import add_model_arguments, positive_int
 
     add_model_arguments(p, None, "--student", "student (default: the teacher pruned to --params of its "
                         "parameters in this process)")
@@ -64,8 +64,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    "instead of a teacher model (needs --student; no teacher is loaded)")
     p.add_argument("--params", type=float, default=0.5, help="budget of the in-process pruned student when "
                    "--student is not given")
-    p.add_argument("--num-samples", type=int, default=64, help="calibration blocks (256 tokens of the built-in "
-                   "text) of the in-process pruning when --student is not given")
+    p.add_argument("--num-samples", type=positive_int, default=64, help="calibration blocks (of the built-in text, "
+                   "as `minitron prune --num-samples`; the Python API's PruneConfig default is 1024) of the in-process "
+                   "pruning when --student is not given")
     p.add_argument("--data", default=None, help=".txt / .jsonl (field 'text' or 'messages') / .pt (LongTensor of "
                    "token ids); default: the built-in English text, with the built-in job's step defaults")
     p.add_argument("--eval-data", default=None, help="held-out text (default: the built-in held-out split "
@@ -142,19 +143,19 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
 
 def _pruned_student(teacher: Any, tokenizer: Any, params: float, num_samples: int, chat_template: bool,
                     progress: bool) -> Any:
-    """The ``minitron prune`` default applied to the teacher: ``num_samples`` blocks of 256 built-in-text tokens."""
+    """The ``minitron prune`` default applied to the teacher by :func:`minitron.prune` (``num_samples`` blocks of the
+    built-in text, at the library's default block length)."""
     import minitron
-    from ..data import load_text_blocks
     from ..models import BUILTIN, text_source
     from ..pruner import pruning_summary
 
-    if num_samples < 1:
-        raise ValueError(f"--num-samples must be >= 1, got {num_samples}")
-    blocks = load_text_blocks(text_source(BUILTIN), tokenizer, 256, num_samples, chat_template=chat_template)
+    config = minitron.PruneConfig(num_samples=num_samples, chat_template=chat_template)
     print(f"minitron distill: no --student given: pruning the teacher to params={params} (calibration: "
-          f"{blocks.shape[0]} x 256 tokens of the built-in text)")
-    student = minitron.prune(teacher, blocks, params=params, progress=progress, verbose=False)
-    print(pruning_summary(minitron.count_parameters(teacher), student))
+          f"{num_samples} blocks of the built-in text)")
+    before = minitron.count_parameters(teacher)
+    student = minitron.prune(teacher, text_source(BUILTIN), params=params, config=config, tokenizer=tokenizer,
+                             progress=progress, verbose=False)
+    print(pruning_summary(before, student))
     return student
 
 
@@ -215,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
     if args.student is None and moe_spec_of(teacher.config) is not None:
         raise ValueError(f"no --student given: the in-process student is pruned to --params, a budget that "
                          f"chooses dense shapes; for the mixture-of-experts {type(teacher).__name__} prune it first "
-                         "(`minitron prune --experts N --expert-ffn N ...`) and pass that as --student")
+                         "(`minitron prune --num-experts N --expert-intermediate-size N ...`) and pass that as --student")
     if args.student is None:
         student = _pruned_student(teacher, teacher_tokenizer, args.params, args.num_samples, cfg.chat_template,
                                   cfg.progress)

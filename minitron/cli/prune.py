@@ -19,35 +19,44 @@ DENSE_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_
 MOE_FIELDS = ("num_experts", "expert_intermediate_size", "shared_expert_intermediate_size")
 
 def _add_prune_arguments(p: argparse.ArgumentParser) -> None:
+    from ..importance.aggregate import BATCH_AGGREGATIONS, SEQ_AGGREGATIONS
     from ..importance.heads import HEAD_METRICS
     from ..models import DEFAULT_MODEL
     from ..pruning import DEFAULT_DEPTH_METRIC, DEFAULT_HEAD_METRIC, DEFAULT_HEAD_RESIDUAL, DEFAULT_NORM_RESCALE
 
     add_model_arguments(p, DEFAULT_MODEL)
-    p.add_argument("--calib", default=BUILTIN, help=".txt/.jsonl calibration text (default: built-in corpus)")
-    p.add_argument("--eval", default=None, help=".txt/.jsonl text for perplexity before/after "
-                   "(default: the built-in held-out split when --model is a built-in model)")
+    p.add_argument("--data", "--calib", dest="data", default=BUILTIN, help=".txt/.jsonl calibration text (default: "
+                   "built-in corpus; --calib: deprecated alias)")
+    p.add_argument("--eval-data", "--eval", dest="eval_data", default=None, help=".txt/.jsonl text for perplexity "
+                   "before/after (default: the built-in held-out split when --model is a built-in model; --eval: "
+                   "deprecated alias)")
     p.add_argument("--eval-samples", type=int, default=16, help="held-out blocks of --seq-len tokens for the "
                    "perplexity before/after (default 16; 0 = all)")
     p.add_argument("--chat-template", action="store_true", help="render calibration/eval text with the "
                    "tokenizer's chat template (chat / instruct models; 'messages' records always are)")
-    p.add_argument("--out", default="out/minitron-pruned", help="output directory of the pruned checkpoint (a new or "
-                   "empty directory, or a previous `minitron prune` output, which is replaced)")
-    p.add_argument("--overwrite", action="store_true", help="allow --out / --save-scores to be an existing directory "
+    p.add_argument("--output-dir", "--out", dest="output_dir", default="out/minitron-pruned", help="output directory "
+                   "of the pruned checkpoint (a new or empty directory, or a previous `minitron prune` output, which is "
+                   "replaced; --out: deprecated alias)")
+    p.add_argument("--overwrite", action="store_true", help="allow --output-dir / --save-scores to be an existing directory "
                    "or file not written by minitron: minitron's files replace same-named ones, nothing else is deleted")
-    g = p.add_argument_group("target (any subset; or --params)")
+    g = p.add_argument_group("target (any subset; or --params); each flag is the minitron.Target field of that name, "
+                             "the short flags are deprecated aliases")
     g.add_argument("--hidden-size", type=int, help="embedding channels to keep")
-    g.add_argument("--ffn", type=int, help="MLP neurons to keep (intermediate_size; Mixtral: the experts' FFN, "
-                   "as --expert-ffn; Qwen-MoE: the dense MLP layers')")
-    g.add_argument("--heads", type=int, help="query heads to keep (multiple of the KV heads)")
-    g.add_argument("--layers", type=int, help="decoder layers to keep")
-    g.add_argument("--kv-heads", type=int, help="KV groups to keep (explicit opt-in: the Minitron recipe keeps "
-                   "every K/V head; needs --heads)")
-    g.add_argument("--experts", type=int, help="mixture of experts: experts to keep in every sparse layer (ranked "
-                   "per layer by router-weighted output norm; at least num_experts_per_tok)")
-    g.add_argument("--expert-ffn", type=int, help="mixture of experts: FFN neurons every kept expert keeps (each "
-                   "expert its own most important ones)")
-    g.add_argument("--shared-expert-ffn", type=int, help="Qwen2-MoE: FFN neurons of the shared expert to keep")
+    g.add_argument("--intermediate-size", "--ffn", dest="intermediate_size", type=int, help="MLP neurons to keep "
+                   "(Mixtral: the experts' FFN, as --expert-intermediate-size; Qwen-MoE: the dense MLP layers')")
+    g.add_argument("--num-attention-heads", "--heads", dest="num_attention_heads", type=int,
+                   help="query heads to keep (multiple of the KV heads)")
+    g.add_argument("--num-hidden-layers", "--layers", dest="num_hidden_layers", type=int, help="decoder layers to keep")
+    g.add_argument("--num-key-value-heads", "--kv-heads", dest="num_key_value_heads", type=int, help="KV groups to "
+                   "keep (explicit opt-in: the Minitron recipe keeps every K/V head; needs --num-attention-heads)")
+    g.add_argument("--num-experts", "--experts", dest="num_experts", type=int, help="mixture of experts: experts to "
+                   "keep in every sparse layer (ranked per layer by router-weighted output norm; at least "
+                   "num_experts_per_tok)")
+    g.add_argument("--expert-intermediate-size", "--expert-ffn", dest="expert_intermediate_size", type=int,
+                   help="mixture of experts: FFN neurons every kept expert keeps (each expert its own most important "
+                   "ones)")
+    g.add_argument("--shared-expert-intermediate-size", "--shared-expert-ffn", dest="shared_expert_intermediate_size",
+                   type=int, help="Qwen2-MoE: FFN neurons of the shared expert to keep")
     g.add_argument("--params", type=float, help="parameter budget: a fraction in (0, 1] or an absolute count "
                    "(values > 1 are counts; width first; default 0.5 when no target is given)")
     i = p.add_argument_group("importance")
@@ -64,16 +73,16 @@ def _add_prune_arguments(p: argparse.ArgumentParser) -> None:
     i.add_argument("--depth-mode", choices=("scattered", "contiguous"), default="scattered")
     i.add_argument("--depth-rounds", type=positive_int, default=1, help="with --depth-metric ppl: remove layers over "
                    "this many rounds, re-scoring between rounds (costs ~N x the one-shot passes; default 1)")
-    i.add_argument("--batch-agg", choices=("l2", "mean", "var"), default="l2")
-    i.add_argument("--seq-agg", choices=("mean", "l2", "var"), default="mean")
+    i.add_argument("--batch-agg", choices=BATCH_AGGREGATIONS, default="l2")
+    i.add_argument("--seq-agg", choices=SEQ_AGGREGATIONS, default="mean")
     i.add_argument("--method", choices=("activation", "random"), default="activation")
     i.add_argument("--num-samples", type=positive_int, default=64, help="calibration blocks of --seq-len tokens "
                    "(default 64 = 16k tokens, about a minute for 135M parameters on 2 CPU cores; the official "
-                   "recipe and the Python API use 1024)")
+                   "recipe and the Python API (PruneConfig.num_samples) use 1024)")
     i.add_argument("--seq-len", type=positive_int, default=None,
                    help="tokens per calibration / held-out block (default: the rows of a 2-D token-id .pt file, "
                    "else 256, or the model's max_position_embeddings if smaller)")
-    i.add_argument("--batch-size", type=positive_int, default=8)
+    i.add_argument("--batch-size", type=positive_int, default=8, help="calibration blocks per forward pass")
     i.add_argument("--save-scores", help="write importance statistics here (safetensors)")
     i.add_argument("--load-scores", help="reuse importance statistics instead of calibrating")
     p.add_argument("--device", default=default_device())
@@ -90,31 +99,63 @@ def _add_prune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
-def run_prune(args: argparse.Namespace) -> int:
-    """Execute ``minitron prune``; prints a before/after summary and writes ``args.out``."""
+TARGET_FLAGS = {  # minitron.Target field -> its flag (the deprecated short alias in parentheses)
+    "hidden_size": "--hidden-size", "intermediate_size": "--intermediate-size (--ffn)",
+    "num_attention_heads": "--num-attention-heads (--heads)", "num_hidden_layers": "--num-hidden-layers (--layers)",
+    "num_key_value_heads": "--num-key-value-heads (--kv-heads)", "num_experts": "--num-experts (--experts)",
+    "expert_intermediate_size": "--expert-intermediate-size (--expert-ffn)",
+    "shared_expert_intermediate_size": "--shared-expert-intermediate-size (--shared-expert-ffn)",
+}
+
+
+def prune_config(args: argparse.Namespace) -> Any:
+    """The :class:`minitron.PruneConfig` the ``minitron prune`` flags describe (validated on construction).
+
+    Args:
+        args: the parsed ``minitron prune`` arguments.
+    Returns:
+        A ``PruneConfig``.
+    Example:
+        >>> prune_config(build_parser().parse_args(["prune", "--depth-metric", "bi"])).depth_metric
+        'bi'
+    """
     import minitron
-    from ..data import load_text_blocks, resolve_seq_len
+
+    try:
+        return minitron.PruneConfig(
+            importance=minitron.ImportanceConfig(seq_agg=args.seq_agg, batch_agg=args.batch_agg,
+                                                 batch_size=args.batch_size),
+            num_samples=args.num_samples, seq_len=args.seq_len, chat_template=args.chat_template,
+            depth_metric=args.depth_metric, depth_mode=args.depth_mode, depth_rounds=args.depth_rounds,
+            head_metric=args.head_metric, norm_rescale=args.norm_rescale, head_residual=args.head_residual,
+            method=args.method)
+    except ValueError as e:  # the library names its fields; the command line names its flags
+        if str(e).startswith("depth_rounds="):
+            raise ValueError(f"--depth-rounds={args.depth_rounds} needs --depth-metric ppl and --depth-mode "
+                             "scattered (iterative removal re-scores by layer-drop loss)") from None
+        raise
+
+
+def run_prune(args: argparse.Namespace) -> int:
+    """Execute ``minitron prune``: parse the flags into a ``Target``/``PruneConfig``, call :func:`minitron.prune`
+    (or :func:`minitron.prune_checkpoint` with ``--stream``), print the report and write ``args.output_dir``."""
+    import minitron
+    from ..adapters import moe_sizes, moe_spec_of
     from ..models import is_builtin_model, load_model
     from ..outputs import check_output_dir, check_output_file, write_output_dir
-    from ..adapters import moe_sizes, moe_spec_of
-    from ..pruner import loss_scores_for, pruning_summary
+    from ..pruner import check_prune_request, pruning_summary
     from ..pruning.target import model_sizes
-    from ..pruning.params import budget_of
-    from ..validate import check_device, check_finite_weights, is_importance_file
+    from ..importance.collect import is_importance_file
+    from ..validate import check_device
 
     started = time.time()
-    fields = {"hidden_size": args.hidden_size, "intermediate_size": args.ffn,
-              "num_attention_heads": args.heads, "num_hidden_layers": args.layers,
-              "num_key_value_heads": args.kv_heads, "num_experts": args.experts,
-              "expert_intermediate_size": args.expert_ffn, "shared_expert_intermediate_size": args.shared_expert_ffn}
+    fields = {name: getattr(args, name) for name in TARGET_FLAGS}
     target = minitron.Target(**fields) if any(v is not None for v in fields.values()) else None
     if target is not None and args.params is not None:
-        raise ValueError("--params cannot be combined with --hidden-size/--ffn/--heads/--layers/--kv-heads/--experts/"
-                         "--expert-ffn/--shared-expert-ffn; give either a parameter budget or explicit targets")
+        raise ValueError("--params cannot be combined with " + "/".join(f.split()[0] for f in TARGET_FLAGS.values())
+                         + "; give either a parameter budget or explicit targets")
     params = args.params if args.params is not None or target is not None else 0.5
-    if args.depth_rounds > 1 and (args.depth_metric != "ppl" or args.depth_mode != "scattered"):
-        raise ValueError(f"--depth-rounds={args.depth_rounds} needs --depth-metric ppl and --depth-mode scattered "
-                         "(iterative removal re-scores by layer-drop loss)")
+    config = prune_config(args)  # every option checked before any loading
     check_device(args.device)
     if not args.stream:
         reason = _does_not_fit(args)
@@ -122,65 +163,41 @@ def run_prune(args: argparse.Namespace) -> int:
             print(f"minitron: {reason}: pruning the checkpoint layer by layer instead (--stream)", file=sys.stderr)
             args.stream = True
     if args.stream:
-        return _run_stream(args, target, params, started)
-    inputs = input_paths(args.model, args.model_gguf, args.calib, args.eval, args.load_scores)
-    check_output_dir(args.out, "prune", inputs=inputs, overwrite=args.overwrite)  # before any long work
+        return _run_stream(args, target, params, config, started)
+    inputs = input_paths(args.model, args.model_gguf, args.data, args.eval_data, args.load_scores)
+    check_output_dir(args.output_dir, "prune", inputs=inputs, overwrite=args.overwrite, flag="--output-dir")  # first
     if args.save_scores:
-        check_output_file(args.save_scores, inputs=inputs, outside_of=[("--out", args.out)], overwrite=args.overwrite,
-                          is_ours=is_importance_file)
+        check_output_file(args.save_scores, inputs=inputs, outside_of=[("--output-dir", args.output_dir)],
+                          overwrite=args.overwrite, is_ours=is_importance_file)
     scores = minitron.ImportanceScores.load(args.load_scores) if args.load_scores else None
     model, tokenizer = load_model(args.model, gguf_file=args.model_gguf, device=args.device,
                                   dtype=args.dtype or "float32")
-    if target is not None:  # before calibration: a target the model cannot take (e.g. --experts on a dense model)
-        target.validate(model.config)
-    elif moe_spec_of(model.config) is not None:
+    if target is None and moe_spec_of(model.config) is not None:  # the library's refusal, in the command's words
         raise ValueError(f"--params{'' if args.params is not None else ' (the default when no target is given)'}: "
                          "parameter budgets choose hidden/FFN shapes of dense models; for the mixture-of-experts "
-                         f"{type(model).__name__} give explicit targets (--experts, --expert-ffn"
-                         f"{', --shared-expert-ffn' if moe_sizes(model.config)['shared_expert_intermediate_size'] else ''}"
-                         ", --hidden-size, --heads, --layers) or rank candidates with `minitron search`")
-    else:
-        budget_of(model, params)  # before the perplexity and the calibration passes
-    check_finite_weights(model)
-    args.seq_len = resolve_seq_len(text_source(args.calib), args.seq_len, [model], flag="--seq-len")
-
-    def blocks_of(source: Any, n: int | None, flag: str) -> Any:
-        try:
-            return load_text_blocks(source, tokenizer, args.seq_len, n, chat_template=args.chat_template)
-        except ValueError as e:  # the library's message names tokenizer=, which the CLI does not have
-            if tokenizer is None and str(e).startswith("text data needs a tokenizer"):
-                raise ValueError(f"{flag} is text and --model {args.model} has no tokenizer files; pass token ids "
-                                 f"({flag} ids.pt) or a checkpoint folder that holds its tokenizer") from None
-            raise
+                         f"{type(model).__name__} give explicit targets (--num-experts, --expert-intermediate-size"
+                         f"{', --shared-expert-intermediate-size' if moe_sizes(model.config)['shared_expert_intermediate_size'] else ''}"
+                         ", --hidden-size, --num-attention-heads, --num-hidden-layers) or rank candidates with "
+                         "`minitron search`")
+    # the checks of minitron.prune that need no data, before the perplexity pass below
+    check_prune_request(model, target, None if target is not None else params, config, scores)
 
     eval_blocks = None
-    builtin_model = is_builtin_model(args.model, args.model_gguf)
-    eval_source = text_source(BUILTIN, "valid") if args.eval is None and builtin_model else args.eval
+    eval_source = (text_source(BUILTIN, "valid") if args.eval_data is None and is_builtin_model(args.model, args.model_gguf)
+                   else args.eval_data)
     if eval_source is not None:
-        eval_blocks = blocks_of(eval_source, args.eval_samples or None, "--eval")
+        eval_blocks = _text_blocks(args, eval_source, tokenizer, args.eval_samples or None, "--eval-data", model)
         before_ppl = minitron.perplexity(model, eval_blocks, args.batch_size)
     before_params = minitron.count_parameters(model)
-
-    blocks = None
-    if args.method == "activation":  # calibration, and the measurement of --params shapes
-        blocks = blocks_of(text_source(args.calib), args.num_samples, "--calib")
-    importance = loss_scores_for(
-        minitron.ImportanceConfig(seq_agg=args.seq_agg, batch_agg=args.batch_agg, batch_size=args.batch_size),
-        target or minitron.Target(), model.config, "bi" if args.depth_rounds > 1 else args.depth_metric,
-        args.head_metric)
-    if scores is None and args.method == "activation":
-        scores = minitron.collect_importance(model, blocks, importance, progress=not args.no_progress)
-        if args.save_scores:
-            scores.save(args.save_scores)
-            print(f"importance statistics written to {args.save_scores}")
-    pruned = minitron.prune(
-        model, blocks, target=target, params=params if target is None else None, scores=scores, importance=importance,
-        seq_len=args.seq_len, num_samples=args.num_samples,
-        depth_metric=args.depth_metric, depth_mode=args.depth_mode, depth_rounds=args.depth_rounds,
-        head_metric=args.head_metric,
-        norm_rescale=args.norm_rescale, head_residual=args.head_residual, method=args.method,
-        inplace=args.inplace, progress=not args.no_progress, verbose=False,
-    )
+    calib = text_source(args.data) if args.method == "activation" else None
+    try:
+        pruned = minitron.prune(model, calib, target=target, params=params if target is None else None, config=config,
+                                tokenizer=tokenizer, scores=scores, save_scores=args.save_scores, inplace=args.inplace,
+                                progress=not args.no_progress, verbose=False)
+    except ValueError as e:
+        raise _in_flag_words(e, args, tokenizer, "--data") from None
+    if args.save_scores and scores is None and args.method == "activation":
+        print(f"importance statistics written to {args.save_scores}")
     print(pruning_summary(before_params, pruned))
 
     def write(tmp: Path) -> None:
@@ -188,17 +205,18 @@ def run_prune(args: argparse.Namespace) -> int:
         if tokenizer is not None:  # a checkpoint folder without tokenizer files, calibrated on token ids
             tokenizer.save_pretrained(tmp)
 
-    write_output_dir(args.out, "prune", write, overwrite=args.overwrite)
+    write_output_dir(args.output_dir, "prune", write, overwrite=args.overwrite)
     if tokenizer is None:
-        print(f"note: {args.model} has no tokenizer, so {args.out} holds none (token-id calibration needs none); "
-              "copy the original tokenizer files into it to use it on text")
+        print(f"note: {args.model} has no tokenizer, so {args.output_dir} holds none (token-id calibration needs "
+              "none); copy the original tokenizer files into it to use it on text")
     sizes = model_sizes(pruned.config)  # mixture-of-experts sizes under minitron's names, only when present
-    config = {k: getattr(pruned.config, k) for k in (*DENSE_FIELDS, "head_dim")}
-    config.update({k: sizes[k] for k in MOE_FIELDS if sizes[k] is not None})
+    config_report = {k: getattr(pruned.config, k) for k in (*DENSE_FIELDS, "head_dim")}
+    config_report.update({k: sizes[k] for k in MOE_FIELDS if sizes[k] is not None})
     if sizes["num_experts"] is not None:
-        config["num_experts_per_tok"] = pruned.config.num_experts_per_tok
-    report = {"model": str(args.model), "out": str(args.out), "params_before": before_params,
-              "params_after": minitron.count_parameters(pruned), "config": config}
+        config_report["num_experts_per_tok"] = pruned.config.num_experts_per_tok
+    report = {"model": str(args.model), "out": str(args.output_dir), "params_before": before_params,
+              "params_after": minitron.count_parameters(pruned), "config": config_report,
+              "inplace": pruned is model, "dtype": str(next(pruned.parameters()).dtype).removeprefix("torch.")}
     if eval_blocks is not None:
         report["ppl_before"] = round(before_ppl, 3)
         report["ppl_after"] = round(minitron.perplexity(pruned, eval_blocks, args.batch_size), 3)
@@ -206,8 +224,30 @@ def run_prune(args: argparse.Namespace) -> int:
               "(before retraining; `minitron distill` recovers it)")
     report["seconds"] = round(time.time() - started, 1)
     print(json.dumps(report))
-    print(f"pruned checkpoint written to {args.out} (loads with AutoModelForCausalLM.from_pretrained)")
+    print(f"pruned checkpoint written to {args.output_dir} (loads with AutoModelForCausalLM.from_pretrained)")
     return 0
+
+
+def _text_blocks(args: argparse.Namespace, source: Any, tokenizer: Any, n: int | None, flag: str, model: Any) -> Any:
+    """``source`` as token blocks of ``--seq-len`` (the held-out text of the before/after perplexity)."""
+    from ..data import load_text_blocks, resolve_seq_len
+
+    try:
+        seq_len = resolve_seq_len(text_source(args.data), args.seq_len, [model], flag="--seq-len")
+        return load_text_blocks(source, tokenizer, seq_len, n, chat_template=args.chat_template)
+    except ValueError as e:
+        raise _in_flag_words(e, args, tokenizer, flag) from None
+
+
+def _in_flag_words(err: ValueError, args: argparse.Namespace, tokenizer: Any, flag: str) -> ValueError:
+    """The library's message about ``tokenizer=`` / ``seq_len=``, reworded with the command's flags."""
+    text = str(err)
+    if tokenizer is None and text.startswith("text data needs a tokenizer"):
+        return ValueError(f"{flag} is text and --model {args.model} has no tokenizer files; pass token ids "
+                          f"({flag} ids.pt) or a checkpoint folder that holds its tokenizer")
+    if text.startswith("seq_len="):
+        return ValueError("--seq-len" + text[len("seq_len"):].replace("lower seq_len", "lower --seq-len"))
+    return err
 
 
 def _available_bytes(device: str) -> int | None:
@@ -239,7 +279,7 @@ def _does_not_fit(args: argparse.Namespace) -> str | None:
     from ..models import resolve_model_source
     from ..streaming.checkpoint import CheckpointReader
 
-    if args.inplace or args.eval is not None or args.depth_rounds > 1:
+    if args.inplace or args.eval_data is not None or args.depth_rounds > 1:
         return None
     try:
         kind, path = resolve_model_source(args.model, args.model_gguf)
@@ -264,14 +304,14 @@ def _does_not_fit(args: argparse.Namespace) -> str | None:
     return f"--model {args.model} needs ~{size(need)} in {args.dtype or 'float32'} but {size(available)} are available"
 
 
-def _run_stream(args: argparse.Namespace, target: Any, params: float | None, started: float) -> int:
+def _run_stream(args: argparse.Namespace, target: Any, params: float | None, config: Any, started: float) -> int:
     """``minitron prune --stream``: :func:`minitron.prune_checkpoint` on the checkpoint folder ``--model``."""
     import minitron
     from ..models import resolve_model_source
     from ..pruning.params import count_parameters
     from ..streaming.checkpoint import CheckpointReader, skeleton
 
-    clashes = [flag for flag, on in (("--inplace", args.inplace), ("--eval", args.eval is not None),
+    clashes = [flag for flag, on in (("--inplace", args.inplace), ("--eval-data", args.eval_data is not None),
                                      ("--depth-rounds", args.depth_rounds > 1)) if on]
     if clashes:
         raise ValueError(f"--stream cannot be combined with {', '.join(clashes)} (each needs the whole model in "
@@ -281,14 +321,14 @@ def _run_stream(args: argparse.Namespace, target: Any, params: float | None, sta
         raise ValueError(f"--stream reads a safetensors checkpoint folder, but --model {args.model} is a GGUF file; "
                          "convert it first (minitron prune without --stream loads GGUF files)")
     scores = minitron.ImportanceScores.load(args.load_scores) if args.load_scores else None
-    importance = minitron.ImportanceConfig(seq_agg=args.seq_agg, batch_agg=args.batch_agg, batch_size=args.batch_size)
     out = minitron.prune_checkpoint(
-        path, args.out, text_source(args.calib) if args.method == "activation" else None, target,
-        params=params if target is None else None, scores=scores, importance=importance, seq_len=args.seq_len,
-        num_samples=args.num_samples, depth_metric=args.depth_metric, depth_mode=args.depth_mode,
-        head_metric=args.head_metric, norm_rescale=args.norm_rescale, head_residual=args.head_residual,
-        method=args.method, dtype=args.dtype, device=args.device, save_scores=args.save_scores,
-        chat_template=args.chat_template, overwrite=args.overwrite, progress=not args.no_progress)
+        path, args.output_dir, text_source(args.data) if config.method == "activation" else None, target,
+        params=params if target is None else None, scores=scores, importance=config.importance,
+        seq_len=config.seq_len, num_samples=config.num_samples, depth_metric=config.depth_metric,
+        depth_mode=config.depth_mode, head_metric=config.head_metric, norm_rescale=config.norm_rescale,
+        head_residual=config.head_residual, method=config.method, dtype=args.dtype, device=args.device,
+        save_scores=args.save_scores, chat_template=config.chat_template, overwrite=args.overwrite,
+        progress=not args.no_progress)
     before = skeleton(path, None, CheckpointReader(path))
     after = skeleton(out, None, CheckpointReader(out))
     report = {"model": str(args.model), "out": str(out), "streamed": True,

@@ -14,6 +14,16 @@ from ..arch_search import ALL_AXES
 from ..models import BUILTIN_TINY
 from .common import BUILTIN, add_model_arguments, default_device, input_paths, non_negative_int, positive_int, text_source
 
+def api(name: str, shown: str | None = None) -> str:
+    """`` (Python API: SearchConfig.<name> = <default>)``: where the command's default differs from the API's."""
+    from dataclasses import fields
+
+    from ..arch_search import SearchConfig
+
+    default = next(f.default for f in fields(SearchConfig) if f.name == name)
+    return f" (minitron.SearchConfig's default: {shown or default}; this command's is sized for a CPU run)"
+
+
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``search`` subcommand to an argparse ``subparsers`` object.
 
@@ -27,34 +37,40 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "search", help="architecture search within a parameter budget (prune + short KD per candidate)",
         description="Minitron architecture search. With no arguments: the built-in model at 50%% of its parameters, "
-                    "retraining the 4 best candidates for 50 steps each (a few minutes on CPU).")
+                    "retraining the 4 best candidates for 50 steps each (a few minutes on CPU). Defaults that differ "
+                    "from minitron.SearchConfig's are named in each flag's help.")
     add_model_arguments(p, BUILTIN_TINY, what="model to search (default: the 7M built-in model, minutes on CPU; "
                         "smollm2-135m takes hours there)")
-    p.add_argument("--calib", default="builtin", help=".txt/.jsonl calibration text (default: built-in corpus)")
-    p.add_argument("--train", default="builtin", help=".txt/.jsonl retraining text (default: built-in corpus)")
-    p.add_argument("--eval", default=None, help=".txt/.jsonl validation text (default: the built-in held-out "
-                   "split for the built-in model, else the tail of --train)")
-    p.add_argument("--out", default="out/minitron-search", help="output directory (a new or empty directory, or a "
-                   "previous `minitron search` output)")
-    p.add_argument("--overwrite", action="store_true", help="allow --out to be a non-empty directory not written by "
-                   "minitron search: the search's files replace same-named ones, nothing else is deleted")
+    p.add_argument("--data", "--calib", dest="data", default=BUILTIN, help=".txt/.jsonl calibration text (default: "
+                   "built-in corpus; --calib: deprecated alias)")
+    p.add_argument("--train-data", "--train", dest="train_data", default=BUILTIN, help=".txt/.jsonl retraining text "
+                   "(default: built-in corpus; --train: deprecated alias)")
+    p.add_argument("--eval-data", "--eval", dest="eval_data", default=None, help=".txt/.jsonl validation text "
+                   "(default: the built-in held-out split for the built-in model, else the tail of --train-data; "
+                   "--eval: deprecated alias)")
+    p.add_argument("--output-dir", "--out", dest="output_dir", default="out/minitron-search", help="output directory "
+                   "(a new or empty directory, or a previous `minitron search` output; --out: deprecated alias)")
+    p.add_argument("--overwrite", action="store_true", help="allow --output-dir to be a non-empty directory not "
+                   "written by minitron search: the search's files replace same-named ones, nothing else is deleted")
     p.add_argument("--params", type=float, default=0.5, help="budget: a fraction in (0, 1] or an absolute count "
                    "(values > 1 are counts)")
     p.add_argument("--tolerance", type=float, default=0.05)
-    p.add_argument("--retrain-steps", type=non_negative_int, default=50)
+    p.add_argument("--retrain-steps", type=non_negative_int, default=50, help=f"distillation steps per retrained "
+                   f"candidate{api('retrain_steps')}")
     p.add_argument("--top", type=non_negative_int, default=4,
-                   help="retrain this many best-after-pruning candidates (0 = all)")
+                   help=f"retrain this many best-after-pruning candidates (0 = all){api('top', 'all')}")
     p.add_argument("--axes", default=None, help="comma-separated subset of hidden,ffn,heads,layers and, on "
-                   "mixture-of-experts models, experts,expert_ffn,shared_ffn (default: every axis the model has; "
-                   "Mixtral's ffn is its expert_ffn)")
+                   "mixture-of-experts models, experts,expert_ffn,shared_ffn, or the minitron.Target fields they "
+                   "stand for (hidden_size, intermediate_size, num_attention_heads, ...; the README's table) "
+                   "(default: every axis the model has; Mixtral's ffn is its expert_ffn)")
     p.add_argument("--max-width-prune", type=float, default=0.4)
     p.add_argument("--max-depth-prune", type=float, default=0.2)
     for axis in ALL_AXES:
         p.add_argument(f"--{axis.replace('_', '-')}-divisor", type=positive_int, default=None, help=f"grid step of {axis}")
-    p.add_argument("--seq-len", type=positive_int, default=128)
-    p.add_argument("--num-samples", type=positive_int, default=64, help="calibration blocks")
-    p.add_argument("--eval-blocks", type=positive_int, default=32)
-    p.add_argument("--batch-size", type=positive_int, default=4)
+    p.add_argument("--seq-len", type=positive_int, default=128, help=f"tokens per block{api('seq_len', '256')}")
+    p.add_argument("--num-samples", type=positive_int, default=64, help=f"calibration blocks{api('num_samples')}")
+    p.add_argument("--eval-blocks", type=positive_int, default=32, help=f"validation blocks{api('eval_blocks')}")
+    p.add_argument("--batch-size", type=positive_int, default=4, help=f"blocks per batch{api('batch_size')}")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--loss-impl", default="auto", choices=("auto", "triton", "chunked", "naive"))
     p.add_argument("--seed", type=int, default=0)
@@ -68,7 +84,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Execute ``minitron search``; prints the candidate table and writes ``args.out``.
+    """Execute ``minitron search``; prints the candidate table and writes ``args.output_dir``.
 
     Returns:
         Exit status 0 (errors raise ValueError, reported by ``minitron.cli.main``).
@@ -82,9 +98,9 @@ def run(args: argparse.Namespace) -> int:
     from ..validate import check_device
 
     check_device(args.device)
-    check_output_dir(args.out, "search", inputs=input_paths(args.model, args.model_gguf, args.calib, args.train,
-                                                             args.eval, args.load_scores), overwrite=args.overwrite,
-                     writes=SEARCH_OUTPUTS)
+    check_output_dir(args.output_dir, "search", inputs=input_paths(args.model, args.model_gguf, args.data,
+                                                                    args.train_data, args.eval_data, args.load_scores),
+                     overwrite=args.overwrite, writes=SEARCH_OUTPUTS, flag="--output-dir")
     tiny = args.model == BUILTIN_TINY and args.model_gguf is None
     threads = args.threads if args.threads is not None else (1 if tiny and args.device == "cpu" else 0)
     if threads:
@@ -92,8 +108,9 @@ def run(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(threads)
     model, tokenizer = load_model(args.model, gguf_file=args.model_gguf, device=args.device)
-    train = text_source(args.train)
-    eval_data = text_source(BUILTIN, "valid") if args.eval is None and args.train == BUILTIN else args.eval
+    train = text_source(args.train_data)
+    eval_data = (text_source(BUILTIN, "valid") if args.eval_data is None and args.train_data == BUILTIN
+                 else args.eval_data)
     divisors = {a: getattr(args, f"{a}_divisor") for a in ALL_AXES if getattr(args, f"{a}_divisor")}
     distill_config = DistillConfig(steps=max(args.retrain_steps, 1), lr=args.lr, min_lr=args.lr / 10,
                                    warmup_steps=max(1, args.retrain_steps // 10), seq_len=args.seq_len,
@@ -106,9 +123,9 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed, seq_len=args.seq_len,
         num_samples=args.num_samples, eval_blocks=args.eval_blocks, batch_size=args.batch_size, distill=distill_config)
     result = search(
-        model, text_source(args.calib), train, params=args.params, config=config, eval_data=eval_data,
+        model, text_source(args.data), train, params=args.params, config=config, eval_data=eval_data,
         tokenizer=tokenizer, scores=ImportanceScores.load(args.load_scores) if args.load_scores else None,
-        output_dir=args.out, overwrite=args.overwrite, progress=not args.no_progress)
+        output_dir=args.output_dir, overwrite=args.overwrite, progress=not args.no_progress)
     print(result.markdown())
     print(f"best: {result.best.name} ({result.best.params:,} parameters) -> {result.files['best']} "
           f"({result.seconds:.0f} s)")

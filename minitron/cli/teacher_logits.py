@@ -33,7 +33,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     add_model_arguments(p, None, "--teacher", "teacher (required)")
     p.add_argument("--data", required=True, help="training data, as for minitron distill (.txt / .jsonl / .pt)")
     p.add_argument("--top-k", type=positive_int, required=True, help="logits kept per token")
-    p.add_argument("--out", required=True, help="new or empty cache directory")
+    p.add_argument("--output-dir", "--out", dest="output_dir", required=True, help="new or empty cache directory "
+                   "(--out: deprecated alias)")
     p.add_argument("--seq-len", type=positive_int, default=None, help="tokens per block (default: the rows of a "
                    "2-D token-id .pt file, else 1024 or the teacher's max_position_embeddings if smaller); use the "
                    "same value for minitron distill")
@@ -60,11 +61,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--teacher is required: the model whose logits are cached")
     started = time.time()
     inputs = input_paths(args.teacher, args.teacher_gguf, args.data) + input_paths(args.tokenizer, None)
-    check_output_dir(args.out, "teacher-logits", inputs=inputs, overwrite=False, flag="--out")
+    check_output_dir(args.output_dir, "teacher-logits", inputs=inputs, overwrite=False, flag="--output-dir")
     teacher, tokenizer = load_model(args.teacher, gguf_file=args.teacher_gguf)
     if args.tokenizer:
         tokenizer = load_tokenizer(args.tokenizer)
-    out = cache_teacher_logits(teacher, args.data, args.out, top_k=args.top_k, tokenizer=tokenizer,
+    out = cache_teacher_logits(teacher, args.data, args.output_dir, top_k=args.top_k, tokenizer=tokenizer,
                                seq_len=args.seq_len, temperature=args.temperature, vocab_size=args.vocab_size,
                                batch_size=args.batch_size, chat_template=args.chat_template)
     man = json.loads((out / MANIFEST).read_text(encoding="utf-8"))

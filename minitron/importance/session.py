@@ -12,7 +12,7 @@ from torch import nn
 
 from ..adapters import decoder_layers, get_adapter
 from ..offload import onloaded
-from .collect import ImportanceConfig, ImportanceScores, model_shape_meta
+from .scores import ImportanceConfig, ImportanceScores, model_shape_meta
 from .heads import head_output_norms
 from .hooks import CalibrationHooks
 from .norms import is_rms_norm, norm_eps, normalized_square_sum

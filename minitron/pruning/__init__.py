@@ -31,12 +31,13 @@ from ..importance.heads import DEFAULT_HEAD_METRIC
 from .apply import apply_plan, fold_dropped_heads, pruned_config, tied_embeddings
 from .plan import (DEFAULT_HEAD_RESIDUAL, DEFAULT_NORM_RESCALE, DEPTH_MODES, PrunePlan, make_plan, norm_scales,
                    random_plan, select_layers)
+from .config import PruneConfig
 from .params import count_parameters
 from .target import Target, nearest_multiples
 
 __all__ = [
     "DEFAULT_DEPTH_METRIC", "DEFAULT_HEAD_METRIC", "DEFAULT_HEAD_RESIDUAL", "DEFAULT_NORM_RESCALE", "DEPTH_MODES",
-    "PrunePlan", "Target", "apply_plan", "count_parameters", "fold_dropped_heads", "make_plan", "nearest_multiples",
+    "PruneConfig", "PrunePlan", "Target", "apply_plan", "count_parameters", "fold_dropped_heads", "make_plan", "nearest_multiples",
     "norm_scales", "pruned_config", "random_plan", "select_layers", "tied_embeddings",
 ]
 

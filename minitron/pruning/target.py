@@ -157,7 +157,7 @@ class Target:
                     and self.intermediate_size != config.intermediate_size and all(sparse_layers(config)):
                 raise ValueError(f"intermediate_size={self.intermediate_size}: every layer of this "
                                  f"{type(config).__name__} is a mixture-of-experts layer, so no dense MLP has that width; "
-                                 "prune the experts' FFN with expert_intermediate_size (CLI: --expert-ffn)")
+                                 "prune the experts' FFN with expert_intermediate_size (CLI: --expert-intermediate-size)")
             top_k = int(getattr(config, "num_experts_per_tok", 1) or 1)
             if t.num_experts is not None and t.num_experts < top_k:
                 raise ValueError(f"num_experts={t.num_experts} is fewer than num_experts_per_tok={top_k}: every token "

@@ -1,6 +1,6 @@
 """Layer-drop losses (the ``ppl`` depth criterion) of a checkpoint with one decoder layer in memory.
 
-:func:`minitron.evaluation.layer_drop_losses` re-runs the tail of the loaded model once per dropped
+:func:`minitron.importance.ablation.layer_drop_losses` re-runs the tail of the loaded model once per dropped
 layer (~L/2 passes over the weights). Streamed, the weights are read once instead: every "layer l
 dropped" variant is a *branch* of hidden states carried alongside the main stream. When layer ``j``
 is in memory it is applied to every open branch (``l < j``), then branch ``j`` opens with layer
@@ -71,7 +71,7 @@ def streamed_layer_drop_losses(reader: CheckpointReader, model: nn.Module, block
         progress: tqdm bar over the layers.
     Returns:
         ``(base_loss, losses (L,) fp32)``: :func:`minitron.lm_loss` and
-        :func:`minitron.evaluation.layer_drop_losses` of the loaded model.
+        :func:`minitron.importance.ablation.layer_drop_losses` of the loaded model.
     Example:
         >>> base, losses = streamed_layer_drop_losses(reader, skeleton(path, None, reader), blocks[:32], 8)
     """

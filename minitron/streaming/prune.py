@@ -18,14 +18,14 @@ from typing import Any
 import torch
 
 from ..data import is_token_file, load_text_blocks, resolve_seq_len
-from ..importance.collect import ImportanceConfig, ImportanceScores
+from ..importance.collect import ImportanceConfig, ImportanceScores, is_importance_file
 from ..importance.ranks import world
 from ..outputs import check_output_dir, check_output_file, write_output_dir
 from ..pruning import (DEFAULT_DEPTH_METRIC, DEFAULT_HEAD_METRIC, DEFAULT_HEAD_RESIDUAL, DEFAULT_NORM_RESCALE, Target,
                        make_plan, pruned_config, random_plan)
 from ..pruning.params import count_parameters
 from ..pruning.sizing import target_for_budget
-from ..validate import check_count, check_finite_scores, is_importance_file
+from ..validate import check_count, check_finite_scores
 from .calibrate import streamed_importance
 from .checkpoint import CheckpointReader, skeleton
 from .depth import layer_drop_bytes, streamed_layer_drop_losses
