@@ -183,13 +183,17 @@ def test_time_budget_stops_cleanly_and_resumes(teacher_and_data, tmp_path):
 
 
 def test_cli_flags():
-    from minitron.cli.distill import _add_arguments, config_from_args
+    from minitron.cli.distill import BUDGET_BOUND_STEPS, BUILTIN_JOB, _add_arguments, config_from_args
 
     p = argparse.ArgumentParser()
     _add_arguments(p)
     cfg = config_from_args(p.parse_args(["--time-budget", "1.5", "--threads", "1", "--mixed-precision", "no"]))
     assert (cfg.time_budget_s, cfg.threads, cfg.mixed_precision) == (90.0, 1, "no")
     assert config_from_args(p.parse_args([])).threads is None
+    # a budget with no --steps is bounded by the budget alone; an explicit --steps still caps it
+    assert cfg.steps == BUDGET_BOUND_STEPS
+    assert config_from_args(p.parse_args(["--time-budget", "1.5", "--steps", "7"])).steps == 7
+    assert config_from_args(p.parse_args([])).steps == BUILTIN_JOB["steps"]
     with pytest.raises(ValueError, match="--time-budget must be a number of minutes > 0"):
         config_from_args(p.parse_args(["--time-budget", "0"]))
 
