@@ -41,12 +41,10 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from common import RESULTS, reset_hwm, status_kb
+from common import RESULTS, reset_hwm, run_worker, status_kb
 
 HERE = Path(__file__).resolve().parent
 
@@ -330,14 +328,8 @@ WORKERS = {"make": worker_make, "hooks": worker_hooks, "memory": worker_memory, 
 
 
 def _run(worker: str, threads: int, timeout: float = 3600, **spec) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads),
-           "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, __file__, "--worker", worker, "--spec", json.dumps(spec), "--threads", str(threads)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    for line in reversed(r.stdout.strip().splitlines()):
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    raise RuntimeError(f"worker {worker} failed: {r.stderr.strip()[-2000:]}")
+    return run_worker(__file__, worker, spec, args=("--threads", str(threads)),
+                      env={"OMP_NUM_THREADS": str(threads)}, timeout=timeout)
 
 
 def checkpoint(name: str, root: Path, threads: int) -> str:

@@ -19,12 +19,10 @@ import argparse
 import json
 import os
 import resource
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-from common import RESULTS, md_table, status_kb, write_result
+from common import RESULTS, md_table, run_worker, status_kb, write_result
 
 HERE = Path(__file__).resolve().parent
 SHAPE = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=12,
@@ -83,13 +81,7 @@ def _config_kwargs(minitron) -> dict:
 
 
 def _run(worker: str, code: Path, **spec) -> dict:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(code), os.environ.get("PYTHONPATH", "")])}
-    r = subprocess.run([sys.executable, __file__, "--worker", worker, "--spec", json.dumps(spec)],
-                       capture_output=True, text=True, timeout=3600, env=env, cwd=code)
-    for line in reversed(r.stdout.strip().splitlines()):
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    raise RuntimeError(f"worker {worker} failed: {r.stderr.strip()[-2000:]}")
+    return run_worker(__file__, worker, spec, code=code, cwd=code)
 
 
 def main() -> None:

@@ -7,9 +7,12 @@ import time, so subprocess workers stay cheap to start.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import resource
+import subprocess
+import sys
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -113,3 +116,20 @@ def write_result(path: str | os.PathLike, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
     return path
+
+
+# ---- subprocess workers -----------------------------------------------------------------------
+
+
+def run_worker(script: str | os.PathLike, worker: str, spec: dict, *, code: str | os.PathLike = HERE.parent,
+               cwd: str | os.PathLike | None = None, args: Sequence[str] = (), env: dict | None = None,
+               timeout: float = 3600) -> dict:
+    """Run ``script --worker WORKER --spec JSON [args]`` in a fresh process (clean peak RSS) and return its
+    last ``RESULT {json}`` line; ``code`` goes first on ``PYTHONPATH`` (the checkout measured)."""
+    env = {**os.environ, **(env or {}), "PYTHONPATH": os.pathsep.join([str(code), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, str(script), "--worker", worker, "--spec", json.dumps(spec), *args],
+                       capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
+    for line in reversed(r.stdout.strip().splitlines()):
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise RuntimeError(f"worker {worker} failed: {r.stderr.strip()[-2000:]}")

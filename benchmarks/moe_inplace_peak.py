@@ -18,13 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import RESULTS, md_table, reset_hwm, status_kb, write_result
+from common import RESULTS, md_table, reset_hwm, run_worker, status_kb, write_result
 
 HERE = Path(__file__).resolve().parent
 SHAPE = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
@@ -98,13 +96,7 @@ def worker_prune(ckpt: str, inplace: bool, phase: str) -> dict:
 
 
 def _run(worker: str, **spec) -> dict:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
-    r = subprocess.run([sys.executable, __file__, "--worker", worker, "--spec", json.dumps(spec)],
-                       capture_output=True, text=True, timeout=3600, env=env)
-    for line in reversed(r.stdout.strip().splitlines()):
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    raise RuntimeError(f"worker {worker} failed: {r.stderr.strip()[-2000:]}")
+    return run_worker(__file__, worker, spec)
 
 
 def main() -> None:
