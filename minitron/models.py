@@ -345,20 +345,26 @@ def resolve_tokenizer(model: nn.Module, tokenizer: Any = None, *, required: bool
                      "that holds its tokenizer, or pass token ids)")
 
 
+BUILTIN_DATA = {"builtin": ("pydoc",), "builtin-commons": ("commons",), "builtin-mix": ("pydoc", "commons")}
+"""Data names for the shipped texts: the Python manual (``builtin``, what prune/search calibrate on by
+default), the House of Commons speeches, and both (what the built-in distillation job trains on)."""
+
+
 def text_source(name: Any, split: str = "train") -> Any:
-    """A data argument with the built-in corpus resolved: ``"builtin"`` -> ``[builtin_text(split)]``.
+    """A data argument with a built-in text resolved: ``"builtin"`` -> ``[builtin_text(split)]``.
 
     Args:
-        name: ``"builtin"``, or any data source :func:`minitron.data.load_text_blocks` accepts (returned as is).
-        split: ``train`` or ``valid`` split of the built-in text.
+        name: a name from :data:`BUILTIN_DATA` (``"builtin"``, ``"builtin-commons"``, ``"builtin-mix"``),
+            or any data source :func:`minitron.data.load_text_blocks` accepts (returned as is).
+        split: ``train`` or ``valid`` split of the built-in texts.
     Returns:
-        The data to pass on.
+        The data to pass on: for a built-in name, a list of documents.
     Example:
         >>> text_source("builtin")[0][:20]
     """
-    from .data import builtin_text
+    from .data import builtin_documents
 
-    return [builtin_text(split)] if isinstance(name, str) and name == BUILTIN else name
+    return builtin_documents(split, BUILTIN_DATA[name]) if isinstance(name, str) and name in BUILTIN_DATA else name
 
 
 def is_builtin_model(source: Any, gguf_file: str | None = None) -> bool:
@@ -372,7 +378,7 @@ def input_paths(model: Any, model_gguf: str | None, *data: Any) -> list[Any]:
     Args:
         model: a model source (or ``None``); resolved to its local file/directory.
         model_gguf: a GGUF file name inside ``model``.
-        data: data sources; ``"builtin"`` means the shipped corpus file.
+        data: data sources; a :data:`BUILTIN_DATA` name means the shipped text files.
     Returns:
         Paths (and data objects) to keep outputs away from.
     Raises:
@@ -380,7 +386,10 @@ def input_paths(model: Any, model_gguf: str | None, *data: Any) -> list[Any]:
     Example:
         >>> input_paths("builtin-tiny", None, "builtin")
     """
-    from .data import BUILTIN_TEXT
+    from .data import BUILTIN_CORPORA
 
     paths: list[Any] = [] if model is None else [resolve_model_source(model, model_gguf)[1]]
-    return paths + [BUILTIN_TEXT if isinstance(d, str) and d == BUILTIN else d for d in data]
+    for d in data:
+        builtin = isinstance(d, str) and d in BUILTIN_DATA
+        paths += [BUILTIN_CORPORA[c] for c in BUILTIN_DATA[d]] if builtin else [d]
+    return paths
