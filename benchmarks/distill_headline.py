@@ -1,15 +1,16 @@
 """The recovery headline of ``minitron distill``: held-out perplexity vs the teacher after a wall-clock budget.
 
 Runs ``minitron distill --time-budget MINUTES`` (the built-in job: teacher SmolLM2-135M-Instruct, student
-the teacher pruned to half its parameters in the same process, data the built-in English text) as a
-user would, in a subprocess, then scores the teacher and the written student on the **whole** built-in
-held-out split (the CLI's own report uses its first 16 blocks). Records the exact command, wall time,
+the teacher pruned to half its parameters in the same process, data the built-in texts) as a user would,
+in a subprocess, then scores the teacher and the written student on the **whole** held-out split of each
+built-in text (the CLI's own report uses 8 blocks of each) and, with ``--offdomain``, on general text from
+outside the repo. Records the exact command, wall time,
 the child's peak RSS, the thread count and the load average before and after (figures measured while
 other jobs run mean nothing: run it alone).
 
 Usage (results in benchmarks/results/distill_headline.{md,json})::
 
-    python benchmarks/distill_headline.py --minutes 60 [-- extra minitron distill flags]
+    python benchmarks/distill_headline.py --minutes 60 [--offdomain news.txt] [-- extra minitron distill flags]
 """
 
 from __future__ import annotations
@@ -28,16 +29,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, cpu_name, md_table, write_result  # noqa: E402
 
 
-def held_out_ppl(model_dir: str | None) -> tuple[float, int]:
-    """Perplexity of the teacher (``None``) or a written student folder on the whole held-out split."""
+EVAL_SETS = {"manual": "builtin", "Commons": "builtin-commons"}  # name -> built-in data name (held-out split)
+
+
+def held_out_ppl(model_dir: str | None, offdomain: str | None = None) -> dict[str, tuple[float, int]]:
+    """Perplexity (and tokens) of the teacher (``None``) or a written student folder on each whole held-out
+    split of the built-in texts, and on ``offdomain`` (a text file from outside the repo) if given."""
     import minitron
-    from minitron.data import builtin_text, load_text_blocks
-    from minitron.models import load_model
+    from minitron.data import load_text_blocks
+    from minitron.models import load_model, text_source
 
     teacher, tok = load_model("smollm2-135m")
     model = teacher if model_dir is None else load_model(model_dir)[0]
-    valid = load_text_blocks([builtin_text("valid")], tok, 256)  # (n, 256)
-    return minitron.perplexity(model, valid, 8), int(valid.numel())
+    sets = {k: text_source(v, "valid") for k, v in EVAL_SETS.items()}
+    if offdomain:
+        sets["off-domain"] = offdomain
+    out = {}
+    for name, data in sets.items():
+        blocks = load_text_blocks(data, tok, 256)  # (n, 256)
+        out[name] = (minitron.perplexity(model, blocks, 8), int(blocks.numel()))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--minutes", type=float, default=60.0)
     p.add_argument("--work", default="out/bench-distill-headline")
     p.add_argument("--name", default="distill_headline")
+    p.add_argument("--offdomain", default=None, help="a text file from outside the repo also scored "
+                   "(benchmarks/offdomain_news.py writes one)")
     p.add_argument("extra", nargs="*", help="extra `minitron distill` flags (after --)")
     args = p.parse_args(argv)
     out_dir = Path(args.work)
@@ -64,8 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     report = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])
     rows = [json.loads(ln) for ln in (out_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     train = [r for r in rows if r.get("split") == "train"]
-    teacher_ppl, n_tok = held_out_ppl(None)
-    student_ppl, _ = held_out_ppl(str(out_dir / "final"))
+    teacher_sets = held_out_ppl(None, args.offdomain)
+    student_sets = held_out_ppl(str(out_dir / "final"), args.offdomain)
+    (teacher_ppl, n_tok), (student_ppl, _) = teacher_sets["manual"], student_sets["manual"]
     peak_rss_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
     res = {
         "command": "minitron distill " + shlex.join(cmd[3:]), "cpu": cpu_name(), "cores": os.cpu_count(),
@@ -73,18 +87,24 @@ def main(argv: list[str] | None = None) -> int:
         "steps": train[-1]["step"] if train else 0, "tokens": train[-1]["tokens"] if train else 0,
         "teacher_ppl": teacher_ppl, "student_ppl": student_ppl, "ratio": student_ppl / teacher_ppl,
         "student_ppl_before_16_blocks": report.get("student_ppl_before"), "eval_tokens": n_tok,
-        "peak_rss_gb": round(peak_rss_gb, 2), "report": report,
+        "peak_rss_gb": round(peak_rss_gb, 2), "report": report, "offdomain": args.offdomain,
+        "sets": {k: {"teacher_ppl": teacher_sets[k][0], "student_ppl": student_sets[k][0],
+                     "ratio": student_sets[k][0] / teacher_sets[k][0], "tokens": teacher_sets[k][1]}
+                 for k in teacher_sets},
     }
     Path(RESULTS).mkdir(exist_ok=True)
     (Path(RESULTS) / f"{args.name}.json").write_text(json.dumps(res, indent=1) + "\n")
-    table = md_table(["teacher ppl", "student ppl", "x teacher", "steps", "tokens", "wall", "peak RSS",
-                      "load before/after"],
-                     [[f"{teacher_ppl:.2f}", f"{student_ppl:.2f}", f"{res['ratio']:.2f}", res["steps"],
-                       res["tokens"], f"{wall / 60:.1f} min", f"{peak_rss_gb:.2f} GB",
-                       f"{load_before[0]:.2f} / {load_after[0]:.2f}"]], "rrrrrrrl")
+    run = md_table(["steps", "tokens", "wall", "peak RSS", "load before/after"],
+                   [[res["steps"], res["tokens"], f"{wall / 60:.1f} min", f"{peak_rss_gb:.2f} GB",
+                     f"{load_before[0]:.2f} / {load_after[0]:.2f}"]], "rrrrl")
+    table = md_table(["held-out text", "tokens", "teacher ppl", "student ppl", "x teacher"],
+                     [[k, v["tokens"], f"{v['teacher_ppl']:.2f}", f"{v['student_ppl']:.2f}", f"{v['ratio']:.2f}"]
+                      for k, v in res["sets"].items()], "lrrrr")
+    where = (" and on a text from outside the repo (off-domain: news articles written by "
+             "`benchmarks/offdomain_news.py`)" if args.offdomain else "")
     write_result(Path(RESULTS) / f"{args.name}.md",
-                 f"`{res['command']}` on {res['cpu']} ({res['cores']} cores); perplexity on the whole built-in "
-                 f"held-out split ({n_tok} tokens, never trained on).\n\n{table}\n")
+                 f"`{res['command']}` on {res['cpu']} ({res['cores']} cores). Perplexity on the whole held-out "
+                 f"split of each built-in text (never trained on){where}.\n\n{run}\n\n{table}\n")
     print(json.dumps({k: res[k] for k in ("teacher_ppl", "student_ppl", "ratio", "steps", "tokens", "wall_s")}))
     return 0
 
