@@ -271,6 +271,42 @@ def owned_dir(path: str | os.PathLike, corrupt_ok: bool = False) -> bool:
     return corrupt_ok or all(matches(path / rel, files[rel]) for rel in present)
 
 
+def remove_owned_dir(path: str | os.PathLike) -> bool:
+    """Delete what a folder's marker proves minitron wrote: each recorded file whose content still has the
+    recorded hash, then the marker and the emptied sub-folders once nothing else is left; True if the
+    folder is gone.
+
+    A file whose content changed, a file the marker does not name and anything behind a symbolic link
+    stay where they are (with the marker, so the folder still says what was minitron's): a forged or
+    stale marker can never make minitron delete a user's file.
+
+    Args:
+        path: a folder minitron writes as a unit (a checkpoint, ``final/``).
+    Returns:
+        Whether ``path`` no longer exists.
+    Example:
+        >>> remove_owned_dir(run / "checkpoints" / "step_100")
+        True
+    """
+    path = Path(path)
+    try:
+        if not stat.S_ISDIR(os.lstat(path).st_mode):
+            return False
+    except FileNotFoundError:
+        return True
+    for rel, entry in recorded(read_marker(path)).items():
+        unlink_owned(path, rel, entry)  # only a regular file with the recorded content, no symlink on the way
+    left = [Path(d, n) for d, _, names in os.walk(path) for n in names if Path(d, n) != path / MARKER]
+    if left or any(os.path.islink(Path(d, x)) for d, dirs, _ in os.walk(path) for x in dirs):
+        return False
+    marker = path / MARKER
+    if marker.is_file() and not marker.is_symlink():
+        marker.unlink()
+    for dirpath, _, _ in sorted(os.walk(path), key=lambda w: -len(w[0])):  # deepest first: all empty now
+        os.rmdir(dirpath)
+    return True
+
+
 def unlink_owned(root: str | os.PathLike, rel: str, entry: Any) -> bool:
     """Delete ``root/rel`` only if it is the file ``entry`` recorded (no symlink on the way); True if deleted."""
     path = safe_join(root, rel)

@@ -285,3 +285,51 @@ def test_starting_over_keeps_a_final_folder_whose_files_were_edited(tmp_path):
     (final / "config.json").write_text('{"edited by": "the user"}')
     drop_weights(tmp_path)
     assert (final / "config.json").read_text() == '{"edited by": "the user"}'
+
+
+def test_a_forged_marker_never_deletes_a_users_files(tmp_path):
+    """Trimming old checkpoints and starting over delete only files whose recorded hash still matches: a
+    folder named like a checkpoint, with a marker listing the user's files under made-up hashes, is kept."""
+    import json
+
+    from minitron.distillation.checkpoint import CKPT_DIR
+    from minitron.distillation.run_dir import drop_weights
+    from minitron.owned import MARKER, remove_owned_dir, seal
+
+    forged = tmp_path / CKPT_DIR / "step_000001"
+    (forged / "student").mkdir(parents=True)
+    (forged / "student" / "thesis.tex").write_text("years of work")
+    (forged / "notes.txt").write_text("mine")
+    (forged / MARKER).write_text(json.dumps({"kind": "checkpoint", "files": {
+        "student/thesis.tex": "0" * 64, "notes.txt": "1" * 64}}))
+    drop_weights(tmp_path)
+    assert (forged / "student" / "thesis.tex").read_text() == "years of work"
+    assert (forged / "notes.txt").read_text() == "mine"
+
+    # a real checkpoint with one file edited afterwards: minitron's files go, the edited one stays
+    real = tmp_path / "real"
+    (real / "student").mkdir(parents=True)
+    (real / "student" / "model.safetensors").write_bytes(b"weights")
+    (real / "trainer_state.pt").write_bytes(b"state")
+    seal(real, "checkpoint")
+    (real / "trainer_state.pt").write_bytes(b"edited")
+    assert remove_owned_dir(real) is False
+    assert not (real / "student" / "model.safetensors").exists()
+    assert (real / "trainer_state.pt").read_bytes() == b"edited" and (real / MARKER).exists()
+    (real / "trainer_state.pt").unlink()
+    assert remove_owned_dir(real) is True and not real.exists()
+
+
+def test_a_symlink_inside_a_checkpoint_is_never_followed(tmp_path):
+    from minitron.owned import remove_owned_dir, seal
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("keep")
+    ckpt = tmp_path / "step_000001"
+    ckpt.mkdir()
+    (ckpt / "a.bin").write_bytes(b"a")
+    seal(ckpt, "checkpoint")
+    (ckpt / "link").symlink_to(outside, target_is_directory=True)
+    assert remove_owned_dir(ckpt) is False
+    assert (outside / "keep.txt").read_text() == "keep" and (ckpt / "link").is_symlink()

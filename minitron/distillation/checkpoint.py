@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 import random
 import re
-import shutil
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_write_dir, atomic_write_text  # noqa: F401 - re-exported
-from ..owned import MARKER, matches, owned_dir, read_marker, recorded, seal, write_text_owned
+from ..owned import MARKER, matches, owned_dir, read_marker, recorded, remove_owned_dir, seal, write_text_owned
 
 LATEST = "latest"
 CKPT_DIR = "checkpoints"
@@ -147,13 +147,17 @@ def save_checkpoint(
     target = output_dir / CKPT_DIR / name
     if target.exists() and not owned_dir(target, corrupt_ok=True):  # checked before the run: a late arrival
         raise ValueError(f"{target} exists and was not written by minitron; move it away and resume")
+    if target.exists() and not remove_owned_dir(target):  # a step redone after a corrupt checkpoint
+        aside = target.with_name(f"corrupt-{name}-{os.getpid()}-{int(time.time())}")
+        os.replace(target, aside)  # its changed files may be the user's now: moved, never deleted
+        warnings.warn(f"{target} held files whose content is not what minitron wrote (corrupted or edited); "
+                      f"they were moved to {aside}, not deleted")
     path = atomic_write_dir(target, write)
     write_text_owned(output_dir, LATEST, name + "\n")
     if keep is not None and keep > 0:
         old = [p for p in step_checkpoints(output_dir) if p.name != name]  # oldest first
         for p in old[: max(0, len(old) - (keep - 1))]:
-            if owned_dir(p, corrupt_ok=True):  # never a folder minitron did not write
-                shutil.rmtree(p, ignore_errors=True)
+            remove_owned_dir(p)  # only files whose recorded hash still matches: never a user's file
     return path
 
 

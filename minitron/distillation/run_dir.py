@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -26,7 +25,7 @@ from minitron.atomic import clean_stale_temps
 from minitron.distillation.checkpoint import CKPT_DIR, LATEST, step_checkpoints
 from minitron.distillation.config import DistillConfig
 from minitron.outputs import check_output_dir, mark_output_dir
-from minitron.owned import owned_dir, read_marker, record_prefix, recorded, unlink_owned
+from minitron.owned import owned_dir, read_marker, record_prefix, recorded, remove_owned_dir, unlink_owned
 from minitron.runlock import RunLock, acquire
 
 RUN_FILE = "minitron_run.json"  # the run's config and fingerprint; never a Hugging Face file name
@@ -94,14 +93,13 @@ def drop_weights(output_dir: str | os.PathLike) -> None:
     """
     output_dir = Path(output_dir)
     for path in step_checkpoints(output_dir):
-        if owned_dir(path, corrupt_ok=True):
-            shutil.rmtree(path)
+        remove_owned_dir(path)  # a file whose content changed stays: it may be the user's now
     ckpts = output_dir / CKPT_DIR
     if ckpts.is_dir() and not ckpts.is_symlink() and not any(ckpts.iterdir()):
         ckpts.rmdir()
     # final/ is never read back: a file in it whose content is not what minitron wrote is the user's now
     if owned_dir(output_dir / "final"):
-        shutil.rmtree(output_dir / "final")
+        remove_owned_dir(output_dir / "final")
     entry = recorded(read_marker(output_dir)).get(LATEST)
     if entry is not None:
         unlink_owned(output_dir, LATEST, entry)
