@@ -22,8 +22,10 @@ Numerics per row: the K entries of the logits buffer are read (gather, (c, k)) a
 one pass gives m_t = max over the tail and e_j = exp(u_j - m_t) (0 on K), summed to
 ``lse_tail = m_t + log(sum e)`` with no 1 - sum cancellation; ``lse = logaddexp(lse_tail, logsumexp(u_K))``.
 The tail gradient is then ``e_j * (S exp(m_t - lse) - P_t exp(m_t - lse_tail))``: both exponents are <= 0,
-so no ratio of tiny masses can overflow. When k covers V there is no tail and no (c, V) pass but the
-scatter of the K gradients.
+so no ratio of tiny masses can overflow. The per-row statistics ((c, k) and (c,) tensors) are taken in
+float64, so the loss of a student close to its teacher (a small difference of O(1) terms) carries only the
+rounding of the fp32 tail sum. When k covers V there is no tail and no (c, V) pass but the scatter of the K
+gradients, computed in fp32 exactly as the online forward-KL chunk computes Q - P.
 """
 
 from __future__ import annotations
@@ -67,32 +69,39 @@ def tail_chunk_(
     Example:
         >>> kl = tail_chunk_(u.clone(), ids, log_p, log_p_tail, 1.0)
     """
-    u_k = u.gather(1, ids)  # (c, k)
+    # per-row statistics in float64: (c, k) and (c,) only, so the loss carries no extra fp32 rounding of
+    # the log-normaliser beyond the fp32 sum over the tail (the KL of a student close to its teacher is a
+    # small difference of O(1) terms)
+    u_k = u.gather(1, ids).double()  # (c, k)
     lse_k = u_k.logsumexp(-1)  # (c,) log of the student's unnormalised mass on K
+    log_p = log_p.double()
     p_k = log_p.exp()  # (c, k)
     if log_p_tail is None:  # k covers V: plain KL over the k ids, nothing outside them
         log_q_k = u_k - lse_k[:, None]
         kl = _xlogy_diff(p_k, log_p, log_q_k).sum(-1)
-        if scale is not None:
-            vals = (log_q_k.exp_().mul_(p_k.sum(-1, keepdim=True)).sub_(p_k)).mul_(scale)  # (c, k)
+        if scale is not None:  # fp32 here, as the online forward-KL chunk computes Q - P for the same case
+            u32, p32 = u_k.float(), p_k.float()
+            log_q32 = u32 - u32.logsumexp(-1, keepdim=True)
+            vals = (log_q32.exp_().mul_(p32.sum(-1, keepdim=True)).sub_(p32)).mul_(scale)  # (c, k)
             u.scatter_(1, ids, vals)  # ids cover every column
-        return kl
+        return kl.float()
     u.scatter_(1, ids, float("-inf"))  # the tail only; K entries give exp(-inf) = 0 below
     m_t = u.amax(-1, keepdim=True)  # (c, 1); NaN rows stay NaN
     sum_t = u.sub_(m_t).exp_().sum(-1)  # (c,); u holds e_j = exp(u_j - m_t)
-    m_t = m_t.squeeze(-1)
-    lse_tail = sum_t.log_().add_(m_t)  # (c,)
+    m_t = m_t.squeeze(-1).double()
+    lse_tail = sum_t.double().log_().add_(m_t)  # (c,)
     lse = torch.logaddexp(lse_tail, lse_k)  # (c,) the student's full log-normaliser
     log_q_k = u_k - lse[:, None]  # (c, k)
     log_q_tail = lse_tail - lse  # (c,)
+    log_p_tail = log_p_tail.double()
     p_t = log_p_tail.exp()
     kl = _xlogy_diff(p_k, log_p, log_q_k).sum(-1) + _xlogy_diff(p_t, log_p_tail, log_q_tail)
     if scale is not None:
         s_sum = p_k.sum(-1) + p_t  # (c,) S, 1 up to rounding
         coef = (s_sum * (m_t - lse).exp() - p_t * (m_t - lse_tail).exp()).mul_(scale)  # (c,)
         vals = (log_q_k.exp_().mul_(s_sum[:, None]).sub_(p_k)).mul_(scale)  # (c, k)
-        u.mul_(coef[:, None]).scatter_(1, ids, vals)
-    return kl
+        u.mul_(coef.float()[:, None]).scatter_(1, ids, vals.float())
+    return kl.float()
 
 
 def cached_kd_loop(

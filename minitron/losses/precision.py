@@ -37,7 +37,7 @@ def outside_autocast(fn: F, operands: int = GEMM_OPERANDS) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        first = args[0] if args else kwargs[operands[0]]
+        first = args[0] if args else kwargs[names[0]]
         device = first.device.type
         if not torch.is_autocast_enabled(device):
             return fn(*args, **kwargs)
