@@ -3,7 +3,6 @@
 The fast path :func:`minitron.losses.cached.topk_tail_kd_loss` computes the same loss with its gradient
 in the forward pass; this module keeps the plain-autograd version as the ground truth of its tests.
 
-
 An offline teacher (:mod:`minitron.distillation.teacher_cache`) stores per token its top-k logits
 ``z_k`` and ids, and ``lse = logsumexp(z / tau)`` over its whole vocabulary. That gives the teacher's
 exact probabilities of the k ids, ``p_k = exp(z_k / tau - lse)``, and the exact mass of everything
