@@ -18,7 +18,7 @@ from minitron.distillation.config import DistillConfig
 from minitron.losses import linear_kd_loss
 from minitron.losses.cross_entropy import linear_cross_entropy as _linear_cross_entropy, softcap_of
 from minitron.losses.intermediate import IntermediateProjections, dynamic_alpha, intermediate_state_loss
-from minitron.losses.cached import topk_tail_kd_loss as _topk_tail_kd_loss
+from minitron.losses.cached import topk_tail_kd_loss
 from minitron.losses.linear_kd import shared_vocab_head
 
 
@@ -26,8 +26,9 @@ def _autocast_off(fn: Callable) -> Callable:
     """Run a loss that builds fp32 logits as ``h.float() @ w.float().t()`` with autocast off.
 
     Under bf16 autocast that matmul would run in bf16 and round the logits (and the top-k + tail KL of
-    an offline teacher came out slightly negative). ``linear_kd_loss`` handles autocast itself
-    (:mod:`minitron.losses.precision`); the cross-entropy and cached-teacher losses are called through this.
+    an offline teacher came out slightly negative). ``linear_kd_loss`` and ``topk_tail_kd_loss`` handle
+    autocast themselves (:mod:`minitron.losses.precision`: fp32 logits, bf16 gradient GEMMs where the CPU
+    has native bf16); the cross-entropy loss is called through this.
     """
     @functools.wraps(fn)
     def call(h: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -40,7 +41,6 @@ def _autocast_off(fn: Callable) -> Callable:
 
 
 linear_cross_entropy = _autocast_off(_linear_cross_entropy)
-topk_tail_kd_loss = _autocast_off(_topk_tail_kd_loss)
 
 
 def hidden_size(model: nn.Module) -> int:

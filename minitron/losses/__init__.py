@@ -5,7 +5,9 @@
   :func:`fused_linear_kd_loss` with Liger's ``LigerFusedLinearJSDLoss`` contract.
 * :mod:`minitron.losses.cross_entropy`: chunked next-token CE from hidden states.
 * :mod:`minitron.losses.intermediate`: intermediate-state loss and its dynamic weight.
-* :mod:`minitron.losses.cached`: KD against an offline teacher's cached top-k logits.
+* :mod:`minitron.losses.cached`: KD against an offline teacher's cached top-k logits (top-k + tail bucket;
+  :mod:`~minitron.losses.cached_chunked` computes it with the gradient in forward,
+  :mod:`~minitron.losses.cached_reference` is its autograd reference).
 """
 
 from __future__ import annotations
