@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 FORWARD_KL, REVERSE_KL, JSD = 0, 1, 2  # kernel codes, as minitron.losses.kd.reference.loss_kind returns
 
@@ -149,7 +150,7 @@ def kd_chunk_triton(
     if block_v is not None:
         cfg["BLOCK_V"] = block_v
     scale = row_scale.float().contiguous() if has_grad else loss  # dummy pointer when unused
-    _kd_chunk_kernel[(c,)](
+    wrap_triton(_kd_chunk_kernel)[(c,)](
         s_logits, t_logits, g, loss, scale,
         s_logits.stride(0), t_logits.stride(0), g.stride(0),
         vs, vt, max(vs, vt),

@@ -46,11 +46,11 @@ def _interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _check_triton(device: torch.device) -> None:
-    """One clear error when the Triton path is asked for where it cannot run."""
+def _check_triton(device: torch.device | None) -> None:
+    """One clear error when the Triton path is asked for where it cannot run (``device=None``: any device)."""
     if not HAVE_TRITON:
         raise ImportError("use_triton=True needs the triton package (pip install triton), or use_triton=False")
-    if device.type == "cpu" and not _interpreter_on():
+    if device is not None and device.type == "cpu" and not _interpreter_on():
         raise ValueError("use_triton=True on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported; "
                          "use use_triton=False (the reference) on CPU")
 
@@ -75,7 +75,7 @@ def importance_accumulate_(sum_x: torch.Tensor, sum_x2: torch.Tensor, act: torch
         (2.0, 2.0)
     """
     if use_triton:
-        _check_triton(act.device)
+        _check_triton(None)
         accumulate_triton(sum_x, sum_x2, act, seq_agg)
     else:
         accumulate_reference(sum_x, sum_x2, act, seq_agg)
@@ -97,15 +97,16 @@ def block_cos_sum_(sum_cos: torch.Tensor, h_in: torch.Tensor, h_out: torch.Tenso
         10.0
     """
     if use_triton:
-        _check_triton(h_in.device)
+        _check_triton(None)
         block_cos_sum_triton(sum_cos, h_in, h_out)
     else:
         block_importance_reference(sum_cos, h_in, h_out)
 
 
-if not HAVE_TRITON:  # triton_op's fake kernel is its body; custom_op needs one (the body allocates nothing)
-    importance_accumulate_.register_fake(lambda sum_x, sum_x2, act, seq_agg, use_triton: None)
-    block_cos_sum_.register_fake(lambda sum_cos, h_in, h_out, use_triton: None)
+# Fake kernels: the ops only update their inputs in place. (triton_op's default fake kernel is its body;
+# a no-op spares tracing a reference pass, and custom_op has none.)
+importance_accumulate_.register_fake(lambda sum_x, sum_x2, act, seq_agg, use_triton: None)
+block_cos_sum_.register_fake(lambda sum_cos, h_in, h_out, use_triton: None)
 
 
 @importance_accumulate_.register_kernel("cpu")

@@ -14,20 +14,14 @@ test_importance_kernels.py; torch.compile vs eager: rtol 1e-5 (inductor may reor
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from minitron_kernels import importance_op  # noqa: F401 - registers the ops
 from minitron_kernels.importance_reference import accumulate_reference, block_importance_reference
-from tests.helpers import have_triton, rerun_in_interpreter, triton_runnable
+from tests.helpers import have_triton, python_subprocess, rerun_in_interpreter, triton_runnable
 
-ROOT = Path(__file__).resolve().parents[2]
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=1e-5, atol=1e-5),
        torch.float16: dict(rtol=1e-5, atol=1e-5)}
 DTYPES = list(TOL)
@@ -55,32 +49,6 @@ def test_the_ops_are_registered_in_place_on_their_accumulators():
     assert "Tensor(a0!) sum_cos, Tensor h_in, Tensor h_out, bool use_triton" in str(cos._schema)
     assert acc.has_kernel_for_dispatch_key("CPU") and cos.has_kernel_for_dispatch_key("CPU")
     assert importance_op.HAVE_TRITON == have_triton()
-
-
-def _python(code: str, **env) -> tuple[str, str]:
-    """Run ``code`` in a fresh interpreter from the checkout root: (stdout, stderr); fails with its stderr."""
-    env = {**os.environ, **env, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r.stdout, r.stderr
-
-
-@pytest.mark.skipif(not have_triton(), reason="triton is not installed: the ops are custom ops")
-def test_triton_op_found_the_wrap_triton_launches():
-    """Without the interpreter: triton_op records the kernels its body launches through wrap_triton, and
-    use_triton=True on CPU tensors is one clear error naming the fix."""
-    code = ("import torch\n"
-            "from minitron_kernels import importance_op\n"
-            "from torch._library.triton import get_triton_kernels_for_op as k\n"
-            "for op in ('minitron::importance_accumulate_', 'minitron::block_cos_sum_'):\n"
-            "    print(sorted(f.fn.__name__ for f in k(op)))\n"
-            "try:\n"
-            "    torch.ops.minitron.block_cos_sum_(torch.zeros(1), torch.ones(1, 2, 5), torch.ones(1, 2, 5), True)\n"
-            "except ValueError as e:\n"
-            "    print(e)\n")
-    out = _python(code, TRITON_INTERPRET="0")[0].strip().splitlines()
-    assert out[-3:-1] == ["['_seq_agg_kernel', '_seq_sum_split_kernel']", "['_block_cos_kernel']"]
-    assert "needs TRITON_INTERPRET=1" in out[-1] and "use use_triton=False" in out[-1]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -221,6 +189,6 @@ def test_without_triton_minitron_imports_and_the_ops_are_custom_ops():
         "f(sx, sx2, a)\n"
         "print('OK')\n"
     )
-    out, err = _python(code)
+    out, err = python_subprocess(code)
     assert out.strip().splitlines()[-1] == "OK"
     assert "triton" not in err.lower(), err[-2000:]  # quiet: no "Triton not available" log from torch
