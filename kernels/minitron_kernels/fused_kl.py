@@ -1,7 +1,8 @@
 """Triton kernels for one chunk of the fused linear + KD loss (Liger style).
 
-The host loop (:mod:`minitron.losses.kd.chunked`, through the custom op ``torch.ops.minitron.kd_chunk``) computes a chunk's logits with one fp32-output
-GEMM per model and calls :func:`kd_chunk_triton`, which runs one program per token row:
+The host loop (:mod:`minitron.losses.kd.chunked`, through the registered op ``torch.ops.minitron.kd_chunk``,
+a ``triton_op``: the kernel is launched through ``torch.library.wrap_triton``) computes a chunk's logits
+with one fp32-output GEMM per model and calls :func:`kd_chunk_triton`, which runs one program per token row:
 
     pass 1  online softmax statistics (running max, sum-exp) of student AND teacher over
             vocab tiles, in one sweep                          -> lse_s, lse_t

@@ -17,6 +17,11 @@ CPU (the calibration hooks call its pieces), and what the kernel tests compare a
 rows of (h_in, h_out) (N, D), loops over D, computes cos per row in fp32 and atomically adds
 the block's sum into ``sum_cos`` (1,). O(N) extra memory at most, never N x N.
 Reference: :func:`minitron_kernels.importance_reference.block_importance_reference`.
+
+Every kernel is launched through ``torch.library.wrap_triton(kernel)[grid](...)``: inside the registered
+ops of :mod:`minitron_kernels.importance_op` (``triton_op``) that lets torch.compile trace the launch
+into its graph; in eager it is a direct launch there (and a small dispatch detour when the launchers are
+called on their own).
 """
 
 from __future__ import annotations
@@ -242,4 +247,5 @@ def block_cos_sum_triton(sum_cos: torch.Tensor, h_in: torch.Tensor, h_out: torch
     if n == 0:
         return
     cfg = block_cos_launch_config(d)
-    wrap_triton(_block_cos_kernel)[(triton.cdiv(n, cfg["BLOCK_R"]),)](x, y, sum_cos, n, d, x.stride(0), y.stride(0), eps, **cfg)
+    grid = (triton.cdiv(n, cfg["BLOCK_R"]),)
+    wrap_triton(_block_cos_kernel)[grid](x, y, sum_cos, n, d, x.stride(0), y.stride(0), eps, **cfg)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from minitron.dispatch import Dispatch
-from minitron_kernels import importance_op  # noqa: F401 - registers torch.ops.minitron.importance_accumulate_ / block_cos_sum_
+from minitron_kernels import importance_op  # noqa: F401 - registers the ops called below
 from minitron_kernels.importance_reference import (  # noqa: F401 - re-exported
     SEQ_AGGREGATIONS,
     accumulate_reference,

@@ -111,7 +111,7 @@ def _(s_logits, t_logits, row_scale, grad, kind, beta, temperature, use_triton):
     return s_logits.new_empty(s_logits.shape[0])  # (c,) fp32
 
 
-if kd_chunk_triton is not None:  # triton_op: torch.compile inlines the Triton launch; every other path stays one opaque node
+if kd_chunk_triton is not None:  # triton_op: compile inlines the Triton launch, other paths stay one opaque node
     def _decompose_triton_only(mode, op, types, args, kwargs):
         """AOTAutograd's functionalization: decompose the call into the body (the wrap_triton launch)
         only for ``use_triton=True``; the reference and the CPU kernels (the fused C++ kernel is not
