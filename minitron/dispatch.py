@@ -10,7 +10,9 @@ such pair and :meth:`Dispatch.select` picks one for a requested ``impl`` and a d
 * a reference name (``reference``, or ``chunked`` / ``naive`` for the KD loss): the reference.
 
 ``select`` returns a :class:`Choice` whose ``name`` is the path that runs, which callers report
-(``accumulate_`` returns it; ``linear_kd_loss`` sets it on the loss). The native C++/CUDA op
+(``accumulate_`` returns it; ``linear_kd_loss`` sets it on the loss) and pass to the registered op as
+``use_triton`` (``torch.ops.minitron.importance_accumulate_`` / ``block_cos_sum_`` / ``kd_chunk``: one
+entry point per kernel, see docs/architecture.md "Registered ops"). The native C++/CUDA op
 ``torch.ops.minitron.compact_`` needs no choice here: the torch dispatcher picks its CPU or CUDA
 kernel, and its pure-PyTorch implementation otherwise (see :mod:`minitron.ops`).
 """

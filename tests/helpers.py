@@ -207,6 +207,19 @@ def rerun_in_interpreter(test_file: str, keyword: str, allowed_skips: str | None
     check_skips(r.stdout, allowed_skips)
 
 
+def python_subprocess(code: str, **env: str) -> tuple[str, str]:
+    """Run ``code`` in a fresh interpreter from the checkout root with extra ``env``: (stdout, stderr).
+
+    For what depends on import-time state (``TRITON_INTERPRET``, a missing package); fails with the
+    child's stderr unless it exits 0.
+    """
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, **env, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd=root)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout, r.stderr
+
+
 def check_skips(pytest_output: str, allowed: str | None) -> None:
     """Raise unless every ``SKIPPED`` line of a ``pytest -rs`` output has a reason matching ``allowed``."""
     reasons = re.findall(r"^SKIPPED \[\d+\] \S+?:\d+: (.*)$", pytest_output, flags=re.M)

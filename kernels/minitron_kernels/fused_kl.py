@@ -1,7 +1,8 @@
 """Triton kernels for one chunk of the fused linear + KD loss (Liger style).
 
-The host loop (:mod:`minitron.losses.kd.chunked`, through the custom op ``torch.ops.minitron.kd_chunk``) computes a chunk's logits with one fp32-output
-GEMM per model and calls :func:`kd_chunk_triton`, which runs one program per token row:
+The host loop (:mod:`minitron.losses.kd.chunked`, through the registered op ``torch.ops.minitron.kd_chunk``,
+a ``triton_op``: the kernel is launched through ``torch.library.wrap_triton``) computes a chunk's logits
+with one fp32-output GEMM per model and calls :func:`kd_chunk_triton`, which runs one program per token row:
 
     pass 1  online softmax statistics (running max, sum-exp) of student AND teacher over
             vocab tiles, in one sweep                          -> lse_s, lse_t
@@ -21,6 +22,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 FORWARD_KL, REVERSE_KL, JSD = 0, 1, 2  # kernel codes, as minitron.losses.kd.reference.loss_kind returns
 
@@ -149,7 +151,7 @@ def kd_chunk_triton(
     if block_v is not None:
         cfg["BLOCK_V"] = block_v
     scale = row_scale.float().contiguous() if has_grad else loss  # dummy pointer when unused
-    _kd_chunk_kernel[(c,)](
+    wrap_triton(_kd_chunk_kernel)[(c,)](
         s_logits, t_logits, g, loss, scale,
         s_logits.stride(0), t_logits.stride(0), g.stride(0),
         vs, vt, max(vs, vt),

@@ -17,6 +17,11 @@ CPU (the calibration hooks call its pieces), and what the kernel tests compare a
 rows of (h_in, h_out) (N, D), loops over D, computes cos per row in fp32 and atomically adds
 the block's sum into ``sum_cos`` (1,). O(N) extra memory at most, never N x N.
 Reference: :func:`minitron_kernels.importance_reference.block_importance_reference`.
+
+Every kernel is launched through ``torch.library.wrap_triton(kernel)[grid](...)``: inside the registered
+ops of :mod:`minitron_kernels.importance_op` (``triton_op``) that lets torch.compile trace the launch
+into its graph; in eager it is a direct launch there (and a small dispatch detour when the launchers are
+called on their own).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from .importance_reference import SEQ_AGGREGATIONS, check_seq_agg
 
@@ -175,14 +181,14 @@ def accumulate_triton(
         splits = seq_splits(b, s, d, seq_agg, _programs_to_fill(act.device))
     if splits <= 1 or seq_agg == "var":
         grid = (b, triton.cdiv(d, cfg["BLOCK_D"]))
-        _seq_agg_kernel[grid](
+        wrap_triton(_seq_agg_kernel)[grid](
             act, sum_x, sum_x2, s, d, act.stride(0), act.stride(1), act.stride(2), AGG=SEQ_AGG_CODES[seq_agg], **cfg,
         )
         return
     rows = triton.cdiv(triton.cdiv(s, splits), cfg["BLOCK_S"]) * cfg["BLOCK_S"]  # per split, whole tiles
     partial = torch.zeros(b, d, dtype=torch.float32, device=act.device)  # (B, D) sum_s |a| or sum_s a^2
     grid = (b, triton.cdiv(d, cfg["BLOCK_D"]), triton.cdiv(s, rows))
-    _seq_sum_split_kernel[grid](
+    wrap_triton(_seq_sum_split_kernel)[grid](
         act, partial, s, d, rows, act.stride(0), act.stride(1), act.stride(2), AGG=SEQ_AGG_CODES[seq_agg], **cfg,
     )
     x = partial.div_(s) if seq_agg == "mean" else partial.sqrt_()  # (B, D) per-sample aggregate x_b
@@ -241,4 +247,5 @@ def block_cos_sum_triton(sum_cos: torch.Tensor, h_in: torch.Tensor, h_out: torch
     if n == 0:
         return
     cfg = block_cos_launch_config(d)
-    _block_cos_kernel[(triton.cdiv(n, cfg["BLOCK_R"]),)](x, y, sum_cos, n, d, x.stride(0), y.stride(0), eps, **cfg)
+    grid = (triton.cdiv(n, cfg["BLOCK_R"]),)
+    wrap_triton(_block_cos_kernel)[grid](x, y, sum_cos, n, d, x.stride(0), y.stride(0), eps, **cfg)

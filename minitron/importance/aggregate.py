@@ -17,10 +17,11 @@ Sequence aggregations (per sample b, channel d, over the S positions):
 Batch aggregations (over the samples' sequence aggregates x_b):
     mean: sum_b x_b / n       l2: sqrt(sum_b x_b^2)        var: sum x^2/n - (sum x/n)^2
 
-``accumulate_`` and ``block_importance_update_`` run the Triton kernels of
-:mod:`minitron_kernels.importance` or their references in
+``accumulate_`` and ``block_importance_update_`` call the registered ops
+``torch.ops.minitron.importance_accumulate_`` / ``block_cos_sum_`` (:mod:`minitron_kernels.importance_op`),
+which run the Triton kernels of :mod:`minitron_kernels.importance` or their references in
 :mod:`minitron_kernels.importance_reference` (re-exported here; the same code the calibration hooks run
-on CPU), as :mod:`minitron.dispatch` picks.
+on CPU), as :mod:`minitron.dispatch` picks; they return the name of the path that ran.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from minitron.dispatch import Dispatch
+from minitron_kernels import importance_op  # noqa: F401 - registers the ops called below
 from minitron_kernels.importance_reference import (  # noqa: F401 - re-exported
     SEQ_AGGREGATIONS,
     accumulate_reference,
@@ -102,7 +104,7 @@ def accumulate_(
         The name of the path that ran.
     """
     choice = ACCUMULATE.select(impl, act.device)
-    choice.fn(sum_x, sum_x2, act, seq_agg)
+    torch.ops.minitron.importance_accumulate_(sum_x, sum_x2, act.detach(), seq_agg, choice.name == "triton")
     return choice.name
 
 
@@ -128,5 +130,5 @@ def block_importance_update_(sum_cos: torch.Tensor, h_in: torch.Tensor, h_out: t
     if h_in.shape != h_out.shape:
         raise ValueError(f"h_in {tuple(h_in.shape)} and h_out {tuple(h_out.shape)} differ")
     choice = BLOCK_COS.select(impl, h_in.device)
-    choice.fn(sum_cos, h_in.detach(), h_out.detach())
+    torch.ops.minitron.block_cos_sum_(sum_cos, h_in.detach(), h_out.detach(), choice.name == "triton")
     return choice.name
