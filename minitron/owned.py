@@ -296,9 +296,9 @@ def remove_owned_dir(path: str | os.PathLike) -> bool:
         return True
     for rel, entry in recorded(read_marker(path)).items():
         unlink_owned(path, rel, entry)  # only a regular file with the recorded content, no symlink on the way
-    left = [Path(d, n) for d, _, names in os.walk(path) for n in names if Path(d, n) != path / MARKER]
-    if left or any(os.path.islink(Path(d, x)) for d, dirs, _ in os.walk(path) for x in dirs):
-        return False
+    for dirpath, dirs, names in os.walk(path):  # symlinked folders are listed in dirs, never entered
+        if any(os.path.islink(Path(dirpath, d)) for d in dirs) or any(Path(dirpath, n) != path / MARKER for n in names):
+            return False  # something minitron cannot prove it wrote is left
     marker = path / MARKER
     if marker.is_file() and not marker.is_symlink():
         marker.unlink()
