@@ -1,17 +1,20 @@
 """Atomic writes: a crash at any point leaves either the old file/directory or the new one.
 
 Directories are written into a hidden temp directory next to the target
-(``.minitron-tmp-<name>-<pid>``, holding a ``.minitron-partial`` sentinel while it is being
-filled), fsynced, then renamed into place; a replaced directory is first moved aside to
-``.minitron-old-<name>-<pid>``. Files go through a fsynced temp file and ``os.replace``.
-A crash can leave those temp entries behind; :func:`clean_stale_temps` removes them on the
-next start (only entries with these names, of processes that are no longer running).
+(``.minitron-tmp-<name>-<pid>.<random>``, holding a ``.minitron-partial`` sentinel while it is
+being filled), fsynced, then renamed into place; a replaced directory is first moved aside to
+``.minitron-old-<name>-<pid>.<random>``. Files go through a fsynced temp file
+(``.<name>.tmp-<pid>.<random>``, created exclusively) and ``os.replace``. Every temp name is new:
+an entry that already exists under a name of this pattern (a user's, or another writer's) is never
+reused, emptied or overwritten. A crash can leave those temp entries behind; :func:`clean_stale_temps`
+removes them on the next start (only entries with these names, of processes that are no longer running).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import secrets
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -19,8 +22,31 @@ from typing import Callable
 TMP_PREFIX = ".minitron-tmp-"
 OLD_PREFIX = ".minitron-old-"
 PARTIAL = ".minitron-partial"  # sentinel inside a temp directory that is still being written
-_STALE = re.compile(r"^(\.minitron-tmp-|\.minitron-old-)(?P<name>.+)-(?P<pid>\d+)$")
-_STALE_FILE = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)$")  # temp files of atomic_write_text
+# ``.<random>`` is 8 hex digits (names without it, of older minitron versions, are still recognised)
+_STALE = re.compile(r"^(\.minitron-tmp-|\.minitron-old-)(?P<name>.+)-(?P<pid>\d+)(\.[0-9a-f]{8})?$")
+_STALE_FILE = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)(\.[0-9a-f]{8})?(\.[A-Za-z0-9]+)?$")  # temp files
+
+
+def fresh_temp_name(directory: str | os.PathLike, stem: str, suffix: str = "") -> Path:
+    """A path ``directory/<stem><pid>.<8 random hex digits><suffix>`` that does not exist yet.
+
+    Every temp entry of this module and of :mod:`minitron.owned` is named by it, so a write never
+    reuses (and so never empties or overwrites) an entry that is already there, whoever made it.
+
+    Args:
+        directory: where the entry will be created.
+        stem: the name up to the process id, e.g. ``".minitron-tmp-final-"`` or ``".loss_curve.png.tmp-"``.
+        suffix: appended after the random part (e.g. ``".png"`` for a file a library names by extension).
+    Returns:
+        The path (not created: create it exclusively, or rename onto it).
+    Example:
+        >>> fresh_temp_name("out", ".latest.tmp-").name  # doctest: +SKIP
+        '.latest.tmp-4242.9f86d081'
+    """
+    while True:
+        path = Path(directory) / f"{stem}{os.getpid()}.{secrets.token_hex(4)}{suffix}"
+        if not os.path.lexists(path):
+            return path
 
 
 def fsync_tree(root: Path) -> None:
@@ -113,8 +139,7 @@ def atomic_write_dir(target: str | os.PathLike, writer: Callable[[Path], None]) 
     tmp = fill_temp_dir(target, writer)
     try:
         if target.exists():  # rename() cannot replace a non-empty directory: move the old one aside
-            trash = target.parent / f"{OLD_PREFIX}{target.name}-{os.getpid()}"
-            shutil.rmtree(trash, ignore_errors=True)
+            trash = fresh_temp_name(target.parent, f"{OLD_PREFIX}{target.name}-")
             os.replace(target, trash)
             os.replace(tmp, target)
             shutil.rmtree(trash, ignore_errors=True)
@@ -135,9 +160,13 @@ def fill_temp_dir(target: Path, writer: Callable[[Path], None]) -> Path:
     Returns:
         The temp directory (the caller renames it into place); removed again if ``writer`` fails.
     """
-    tmp = target.parent / f"{TMP_PREFIX}{target.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    while True:
+        tmp = fresh_temp_name(target.parent, f"{TMP_PREFIX}{target.name}-")
+        try:
+            tmp.mkdir()  # exclusive: a name another writer took in between is not shared
+            break
+        except FileExistsError:
+            continue
     try:
         (tmp / PARTIAL).touch()
         writer(tmp)
@@ -152,8 +181,8 @@ def fill_temp_dir(target: Path, writer: Callable[[Path], None]) -> Path:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` via a fsynced temp file and ``os.replace``."""
     path = Path(path)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8", newline="") as f:  # the bytes are the text's (hashes recorded)
+    tmp = fresh_temp_name(path.parent, f".{path.name}.tmp-")
+    with open(tmp, "x", encoding="utf-8", newline="") as f:  # the bytes are the text's (hashes recorded)
         f.write(text)
         f.flush()
         os.fsync(f.fileno())

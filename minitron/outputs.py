@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .atomic import OLD_PREFIX, PARTIAL, clean_stale_temps, fill_temp_dir, fsync_dir
+from .atomic import OLD_PREFIX, PARTIAL, clean_stale_temps, fill_temp_dir, fresh_temp_name, fsync_dir
 from .owned import (LOCK, MARKER, digest_tree, has_file_table, owned_dir, read_marker, recorded, safe_join,
                     unlink_owned, unowned, write_marker)
 
@@ -276,8 +276,7 @@ def write_output_dir(target: str | os.PathLike, kind: str, writer: Callable[[Pat
         if not target.exists():
             os.replace(tmp, target)
         elif target.is_dir() and _replaceable(target, kind):
-            trash = target.parent / f"{OLD_PREFIX}{target.name}-{os.getpid()}"
-            shutil.rmtree(trash, ignore_errors=True)
+            trash = fresh_temp_name(target.parent, f"{OLD_PREFIX}{target.name}-")
             os.replace(target, trash)  # everything in it was written by the previous run (checked above)
             os.replace(tmp, target)
             shutil.rmtree(trash, ignore_errors=True)

@@ -322,9 +322,9 @@ def write_text_owned(directory: str | os.PathLike, rel: str, text: str) -> None:
     The new digest is recorded first, next to the old one if the old file was minitron's, so a
     crash between the two writes leaves a file the marker still proves.
     """
-    from .atomic import atomic_write_text
+    from .atomic import atomic_write_text, fresh_temp_name
 
-    staged = Path(directory) / f".{rel}.tmp-{os.getpid()}"
+    staged = fresh_temp_name(directory, f".{rel}.tmp-")
     atomic_write_text(staged, text)
     replace_owned(directory, rel, staged)
 

@@ -333,3 +333,36 @@ def test_a_symlink_inside_a_checkpoint_is_never_followed(tmp_path):
     (ckpt / "link").symlink_to(outside, target_is_directory=True)
     assert remove_owned_dir(ckpt) is False
     assert (outside / "keep.txt").read_text() == "keep" and (ckpt / "link").is_symlink()
+
+
+def test_temp_names_never_reuse_an_existing_entry(tmp_path):
+    """A folder or file already named like this process's temp entries (a user's, or one a crash left) is
+    neither emptied, reused nor overwritten by an atomic write: every temp name is new."""
+    from minitron.atomic import atomic_write_dir, atomic_write_text, clean_stale_temps
+
+    pid = os.getpid()
+    squatters = [tmp_path / f".minitron-tmp-o-{pid}", tmp_path / f".minitron-old-o-{pid}",
+                 tmp_path / f".minitron-tmp-c-{pid}", tmp_path / f".minitron-old-c-{pid}"]
+    for d in squatters:
+        d.mkdir()
+        (d / "mine.txt").write_text("user data")
+    user_file = tmp_path / f".f.txt.tmp-{pid}"
+    user_file.write_text("user file")
+    before = digest(tmp_path)
+
+    out = tmp_path / "o"
+    write_output_dir(out, "prune", lambda d: (d / "a.txt").write_text("v1"))
+    write_output_dir(out, "prune", lambda d: (d / "a.txt").write_text("v2"))  # swaps via a trash folder
+    atomic_write_dir(tmp_path / "c", lambda d: (d / "x").write_text("1"))
+    atomic_write_dir(tmp_path / "c", lambda d: (d / "x").write_text("2"))  # moves the old one aside
+    atomic_write_text(tmp_path / "f.txt", "text")
+    assert (out / "a.txt").read_text() == "v2" and (tmp_path / "c" / "x").read_text() == "2"
+    assert {k: v for k, v in digest(tmp_path).items() if k in before} == before  # every squatter kept as it was
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted(["o", "c", "f.txt", user_file.name, *(d.name for d in squatters)])  # no temp left over
+    # a crash of a writer of this version leaves `<name>-<pid>.<random>`: recognised and cleaned as before
+    stale = tmp_path / ".minitron-tmp-o-999999999.0123abcd"
+    stale.mkdir()
+    (stale / ".minitron-partial").touch()
+    assert clean_stale_temps(tmp_path, "o") == [stale]
+    assert all(d.is_dir() for d in squatters)  # this process's pid is alive: its names are never cleaned

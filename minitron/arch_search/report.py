@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from typing import Any
 from torch import nn
 
 from ..outputs import write_output_dir
+from ..atomic import fresh_temp_name
 from ..owned import replace_owned, write_text_owned
 from .space import Candidate
 
@@ -148,7 +148,7 @@ def write_report(result: SearchResult, tokenizer: Any = None) -> dict[str, str]:
         "best": result.best.name, "seconds": result.seconds, "timings": result.timings,
         "candidates": rows}, indent=2))
     write_text_owned(out, "candidates.md", result.markdown() + "\n")
-    staged = out / f".losses.tmp-{os.getpid()}.png"
+    staged = fresh_temp_name(out, ".losses.tmp-", ".png")
     _plot(result.candidates, result.original_loss, staged)
     replace_owned(out, "losses.png", staged)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
 from contextlib import nullcontext
@@ -33,6 +32,7 @@ from minitron.distillation.runtime import physical_cores, warn
 from minitron.distillation.teacher_cache import TeacherCache
 from minitron.distillation.time_budget import TimeBudget
 from minitron.outputs import write_output_dir
+from minitron.atomic import fresh_temp_name
 from minitron.owned import record_prefix, replace_owned, write_text_owned
 
 __all__ = ["Callback", "NonFiniteLossError", "Trainer"]
@@ -161,7 +161,7 @@ class Trainer:
 
     def plot(self) -> None:
         """Redraw ``loss_curve.png`` (rank 0, when ``plot``) and record it as the run's."""
-        staged = self.out_dir / f".{PLOT}.tmp-{os.getpid()}"  # a crash leaves a temp name cleaned on resume
+        staged = fresh_temp_name(self.out_dir, f".{PLOT}.tmp-")  # a crash leaves a temp name cleaned on resume
         if self.env.is_main and self.cfg.plot and plot_loss_curve(self.metrics_path, staged):
             replace_owned(self.out_dir, PLOT, staged)
 
