@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, cpu_name, md_table, write_result  # noqa: E402
 
 
-EVAL_SETS = {"manual": "builtin", "Commons": "builtin-commons"}  # name -> built-in data name (held-out split)
+EVAL_SETS = {"manual": "builtin", "Commons": "builtin-commons", "Wikipedia": "builtin-wiki"}  # name -> data name (held-out split)
 
 
 def held_out_ppl(model_dir: str | None, offdomain: str | None = None) -> dict[str, tuple[float, int]]:
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_before": load_before, "load_after": load_after, "wall_s": round(wall, 1),
         "steps": train[-1]["step"] if train else 0, "tokens": train[-1]["tokens"] if train else 0,
         "teacher_ppl": teacher_ppl, "student_ppl": student_ppl, "ratio": student_ppl / teacher_ppl,
-        "student_ppl_before_16_blocks": report.get("student_ppl_before"), "eval_tokens": n_tok,
+        "student_ppl_before_cli_blocks": report.get("student_ppl_before"), "eval_tokens": n_tok,
         "peak_rss_gb": round(peak_rss_gb, 2), "report": report, "offdomain": args.offdomain,
         "sets": {k: {"teacher_ppl": teacher_sets[k][0], "student_ppl": student_sets[k][0],
                      "ratio": student_sets[k][0] / teacher_sets[k][0], "tokens": teacher_sets[k][1]}

@@ -1,7 +1,7 @@
 """Distillation recovery on a real pretrained model: SmolLM2-135M-Instruct pruned to half, retrained on CPU.
 
 Runs, each with the same budget and the same optimiser schedule, on a built-in English text (training
-split; ``--data builtin`` the Python manual, ``builtin-mix`` the manual and House of Commons speeches),
+split; ``--data builtin`` the Python manual, ``builtin-mix`` the built-in texts; calibration: the manual),
 evaluated on held-out splits (never used for calibration or training) and, with ``--offdomain FILE``, on
 a text from outside the repo. The budget is equal tokens (``--steps`` x ``--batch-size`` x ``--seq-len``)
 or, with ``--minutes M``, equal wall time: each run trains for M minutes (``DistillConfig.time_budget_s``,
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
 
     teacher, tok = load_model("smollm2-135m")
-    calib = load_text_blocks([builtin_text("train")], tok, args.seq_len)  # (n, S), the CLI's calibration text
+    calib = load_text_blocks([builtin_text("train")], tok, args.seq_len)  # (n, S): the manual, as its results were measured
     train = load_text_blocks(text_source(args.data), tok, args.seq_len)  # (n, S)
     sets = {"pydoc": text_source("builtin", "valid")}  # held out
     if args.data == "builtin-mix":

