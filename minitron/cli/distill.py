@@ -40,9 +40,11 @@ BUILTIN_JOB = {"steps": 40, "seq_len": 256, "batch_size": 8, "lr": 8e-4, "min_lr
 The learning rate was measured: after 40 steps of 4 x 256 tokens of SmolLM2-135M -> its half, held-out
 perplexity 41.5 at lr 2e-4, 31.3 at 8e-4 and 59.1 at 2e-3 (benchmarks/results/distill_recipe.md)."""
 BUILTIN_JOB_DATA = "builtin-mix"
-"""What the built-in job trains on: the Python manual alone left the student 6.3x the teacher's perplexity on
-held-out House of Commons speeches (246 vs 39.1) and 12.0x on news articles after 35 minutes, while 1.36x on the
-manual; with both texts, 60 minutes give 1.41x / 1.67x / 3.90x (benchmarks/results/distill_headline_mix.md)."""
+"""What the built-in job calibrates its pruning on and trains on: the Python manual alone left the student 6.3x the
+teacher's perplexity on held-out House of Commons speeches (246 vs 39.1) and 12.0x on news articles after 35
+minutes, while 1.36x on the manual; manual + speeches, 60 minutes: 1.41x / 1.67x / 3.90x; manual + speeches +
+Wikipedia articles, calibrated on them too, 60 minutes: 1.55x / 1.64x / 2.98x on manual / speeches / news
+(benchmarks/results/distill_headline_wiki.md)."""
 BUILTIN_JOB_EVAL = ("builtin", "builtin-commons", "builtin-wiki")
 """The built-in job's held-out score: the first 8 blocks of each built-in text's held-out split."""
 BUDGET_BOUND_STEPS = 1_000_000
