@@ -6,8 +6,10 @@ being filled), fsynced, then renamed into place; a replaced directory is first m
 ``.minitron-old-<name>-<pid>.<random>``. Files go through a fsynced temp file
 (``.<name>.tmp-<pid>.<random>``, created exclusively) and ``os.replace``. Every temp name is new:
 an entry that already exists under a name of this pattern (a user's, or another writer's) is never
-reused, emptied or overwritten. A crash can leave those temp entries behind; :func:`clean_stale_temps`
-removes them on the next start (only entries with these names, of processes that are no longer running).
+reused, emptied or overwritten, and a temp folder is deleted only while it is still this write's (not
+after it was renamed into place). A crash can leave those temp entries behind; :func:`clean_stale_temps`
+removes them on the next start: entries with these names, of processes that are no longer running, and
+outside a locked run directory only the files their marker proves minitron wrote.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 import re
 import secrets
 import shutil
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -84,19 +87,23 @@ def pid_alive(pid: int) -> bool:
 
 
 def clean_stale_temps(directory: str | os.PathLike, name: str | None = None, owned: bool = False,
-                      signatures: tuple[str, ...] = (PARTIAL,)) -> list[Path]:
+                      remove_proven: Callable[[Path], bool] | None = None) -> list[Path]:
     """Remove temp entries that an interrupted atomic write of this module left in ``directory``.
 
     Only ``.minitron-tmp-<name>-<pid>`` / ``.minitron-old-<name>-<pid>`` directories are considered,
-    plus ``.<name>.tmp-<pid>`` files when ``owned``. Unless ``owned`` (the caller holds the
-    directory's run lock, so no writer can be alive), an entry is removed only if its process is no
-    longer running and it holds one of the ``signatures`` files (it was written by minitron).
+    plus ``.<name>.tmp-<pid>`` files when ``owned`` (the caller holds the directory's run lock: its temp
+    names are the run directory's own, and no writer can be alive). Elsewhere (a user's folder, next to an
+    output) an entry of a process that is no longer running is handed to ``remove_proven``, which deletes only
+    what it can prove minitron wrote (:func:`minitron.owned.remove_owned_dir`: each file its marker records
+    with a hash that still matches); a folder it cannot empty, such as a write interrupted before its marker,
+    stays and is named in a warning. This module sits below :mod:`minitron.owned`, hence the argument.
 
     Args:
         directory: folder to clean (missing: nothing to do).
         name: only entries of this target name (None = any name).
         owned: the caller owns the directory (a locked run directory).
-        signatures: file names that prove a directory entry was written by minitron.
+        remove_proven: deletes a folder's proven files, True if the folder is gone (None: keep every entry
+            of a not-owned directory).
     Returns:
         The paths removed.
     """
@@ -111,9 +118,14 @@ def clean_stale_temps(directory: str | os.PathLike, name: str | None = None, own
             continue
         if not owned:
             pid = int(m.group("pid"))
-            if pid == os.getpid() or pid_alive(pid) or not any((entry / s).exists() for s in signatures):
+            if pid == os.getpid() or pid_alive(pid):
                 continue
-        if is_dir:
+            if remove_proven is None or not remove_proven(entry):
+                warnings.warn(f"{entry} is named like the temp folder of an interrupted minitron write (process {pid} "
+                              "is gone), but no marker proves all its files are minitron's, so it was left in place; "
+                              "delete it yourself if nothing in it is yours")
+                continue
+        elif is_dir:  # owned: the locked run directory's own temp names
             shutil.rmtree(entry, ignore_errors=True)
         else:
             entry.unlink(missing_ok=True)
@@ -137,17 +149,21 @@ def atomic_write_dir(target: str | os.PathLike, writer: Callable[[Path], None]) 
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = fill_temp_dir(target, writer)
+    placed = False
     try:
         if target.exists():  # rename() cannot replace a non-empty directory: move the old one aside
             trash = fresh_temp_name(target.parent, f"{OLD_PREFIX}{target.name}-")
             os.replace(target, trash)
             os.replace(tmp, target)
+            placed = True
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(tmp, target)
+            placed = True
         fsync_dir(target.parent)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not placed:  # once renamed, the temp name is free: whatever takes it later is not this write's
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -24,11 +24,12 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Callable, Iterable
 
 from .atomic import OLD_PREFIX, PARTIAL, clean_stale_temps, fill_temp_dir, fresh_temp_name, fsync_dir
-from .owned import (LOCK, MARKER, digest_tree, has_file_table, owned_dir, read_marker, recorded, safe_join,
+from .owned import (LOCK, MARKER, digest_tree, has_file_table, owned_dir, read_marker, recorded, remove_owned_dir, safe_join,
                     unlink_owned, unowned, write_marker)
 
 _IGNORED = {MARKER, LOCK}  # bookkeeping files that do not make a directory "used"
@@ -261,7 +262,7 @@ def write_output_dir(target: str | os.PathLike, kind: str, writer: Callable[[Pat
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_temps(target.parent, target.name, signatures=(PARTIAL, MARKER))
+    clean_stale_temps(target.parent, target.name, remove_proven=remove_owned_dir)
     files: dict[str, str] = {}
 
     def fill(tmp: Path) -> None:
@@ -270,16 +271,21 @@ def write_output_dir(target: str | os.PathLike, kind: str, writer: Callable[[Pat
         write_marker(tmp, kind, files)  # the hashes that later prove these files are minitron's
 
     tmp = fill_temp_dir(target, fill)
+    placed = False
     try:
         if target.is_dir() and not any(target.iterdir()):
             target.rmdir()
         if not target.exists():
             os.replace(tmp, target)
+            placed = True
         elif target.is_dir() and _replaceable(target, kind):
             trash = fresh_temp_name(target.parent, f"{OLD_PREFIX}{target.name}-")
             os.replace(target, trash)  # everything in it was written by the previous run (checked above)
             os.replace(tmp, target)
-            shutil.rmtree(trash, ignore_errors=True)
+            placed = True
+            if not remove_owned_dir(trash):  # only the files its marker proves: one that arrived since stays
+                warnings.warn(f"{target}'s previous output was moved to {trash}, where files minitron did not write "
+                              "were found; they were left there")
         elif target.is_dir() and overwrite:
             _merge(tmp, target, kind, files)
         else:
@@ -287,5 +293,6 @@ def write_output_dir(target: str | os.PathLike, kind: str, writer: Callable[[Pat
                              "output any more); nothing was written to it")
         fsync_dir(target.parent)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not placed:  # the temp folder this write made, still holding only what it wrote
+            shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -124,21 +124,35 @@ def test_prune_replaces_own_output_and_keeps_foreign_files(model_dir, tmp_path, 
 
 
 def test_failed_write_keeps_previous_output_and_stale_temps_are_cleaned(tmp_path):
+    """A crashed writer's temp folder goes only as far as its marker proves its files; one without (a write
+    interrupted before its marker, or a user's folder of that name) stays, named in a warning."""
+    from minitron.owned import digest_tree, write_marker
+
     out = tmp_path / "o"
     write_output_dir(out, "prune", lambda d: (d / "a.txt").write_text("v1"))
-    stale = tmp_path / ".minitron-tmp-o-999999999"  # a crashed writer's temp dir (no such pid)
+    stale = tmp_path / ".minitron-tmp-o-999999999"  # a crashed writer's temp dir (no such pid), no marker yet
     stale.mkdir()
     (stale / ".minitron-partial").touch()
     (stale / "big.bin").write_bytes(b"0" * 1000)
+    proven = tmp_path / ".minitron-old-o-999999998.0123abcd"  # a crash after its marker: every file recorded
+    proven.mkdir()
+    (proven / "model.bin").write_bytes(b"1" * 1000)
+    write_marker(proven, "prune", digest_tree(proven))
 
     def crash(d: Path) -> None:
         (d / "a.txt").write_text("v2")
         raise RuntimeError("disk full")
 
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError), pytest.warns(UserWarning, match="no marker proves all its files"):
         write_output_dir(out, "prune", crash)
     assert (out / "a.txt").read_text() == "v1"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]  # the stale temp dir and the failed one are gone
+    # the proven stale dir and the failed write's own temp dir are gone; the unproven one is kept, untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == [stale.name, "o"]
+    assert (stale / "big.bin").read_bytes() == b"0" * 1000
+    stale.rename(tmp_path / "moved-away")  # the user decides; then the next write's folder is clean
+    (tmp_path / "moved-away" / "big.bin").unlink()
+    (tmp_path / "moved-away" / ".minitron-partial").unlink()
+    (tmp_path / "moved-away").rmdir()
     write_output_dir(out, "prune", lambda d: (d / "b.txt").write_text("v3"))
     assert sorted(p.name for p in out.iterdir()) == [MARKER, "b.txt"]  # the old output replaced as a whole
 
@@ -360,9 +374,13 @@ def test_temp_names_never_reuse_an_existing_entry(tmp_path):
     assert {k: v for k, v in digest(tmp_path).items() if k in before} == before  # every squatter kept as it was
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == sorted(["o", "c", "f.txt", user_file.name, *(d.name for d in squatters)])  # no temp left over
-    # a crash of a writer of this version leaves `<name>-<pid>.<random>`: recognised and cleaned as before
+    # a crash of a writer of this version leaves `<name>-<pid>.<random>`: recognised, and cleaned as far as its
+    # marker proves (here: every file)
+    from minitron.owned import digest_tree, remove_owned_dir, write_marker
+
     stale = tmp_path / ".minitron-tmp-o-999999999.0123abcd"
     stale.mkdir()
-    (stale / ".minitron-partial").touch()
-    assert clean_stale_temps(tmp_path, "o") == [stale]
+    (stale / "model.bin").write_text("weights")
+    write_marker(stale, "prune", digest_tree(stale))
+    assert clean_stale_temps(tmp_path, "o", remove_proven=remove_owned_dir) == [stale] and not stale.exists()
     assert all(d.is_dir() for d in squatters)  # this process's pid is alive: its names are never cleaned
